@@ -33,7 +33,6 @@ turns pushing off), overrides it. ``HETLORA_PUSHGATEWAY_TIMEOUT_S`` sets the HTT
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -174,8 +173,6 @@ def push_client_metrics(
     """
     key = {"run": _label("run", run), "round": _round_label(rnd), "client": _label("client", client)}
     tier = _label("tier", tier)
-    if rank_after > rank_before:
-        raise ValueError(f"metrics: rank_after ({rank_after}) exceeds rank_before ({rank_before}); pruning only shrinks")
     if not pushgateway_url(cfg):
         return False
     reg = CollectorRegistry()
@@ -250,30 +247,33 @@ def delete_run_groups(
     """Delete the run's ``{run, round}`` and ``{run, round, client}`` groups; keep ``{run}``.
 
     Rounds ``0 .. rounds-1`` and every key of ``clients_by_round`` are deleted (deleting a group that
-    does not exist is harmless). Returns the number of groups deleted; failures are warnings.
+    does not exist is harmless). Returns the number of groups deleted; a failure is a warning and
+    stops the deletion (the gateway is then unreachable; the groups stay until the next cleanup).
     """
     url = pushgateway_url(cfg)
     run = _label("run", run)
     if not url:
         return 0
-    round_ids = sorted({int(r) for r in range(int(rounds))} | {int(float(r)) for r in clients_by_round})
+    # Keys may come back from JSON/KFP as "3" or 3.0: normalise them to ints.
+    by_round: dict[int, list[str]] = {}
+    for r, clients in clients_by_round.items():
+        by_round.setdefault(int(_round_label(float(r))), []).extend(clients)
     keys: list[dict[str, str]] = []
-    for r in round_ids:
-        for c in clients_by_round.get(r, clients_by_round.get(float(r), ())):  # type: ignore[call-overload]
-            keys.append({"run": run, "round": _round_label(r), "client": _label("client", c)})
-        keys.append({"run": run, "round": _round_label(r)})
+    for r in sorted(set(range(int(rounds))) | set(by_round)):
+        for c in dict.fromkeys(by_round.get(r, ())):
+            keys.append({"run": run, "round": str(r), "client": _label("client", c)})
+        keys.append({"run": run, "round": str(r)})
     deleted = 0
     timeout = _timeout()
     for key in keys:
         try:
             delete_from_gateway(url, job=cfg.job, grouping_key=key, timeout=timeout)
         except Exception as e:  # noqa: BLE001 - best effort, like pushing
-            log.warning("metrics: could not delete group %s at %s: %s: %s", key, url, type(e).__name__, e)
-            continue
+            # Deleting a group that does not exist succeeds, so a failure means the gateway is
+            # unreachable or broken: stop instead of waiting out one timeout per remaining group.
+            log.warning("metrics: could not delete group %s at %s (%d of %d groups left undeleted): %s: %s",
+                        key, url, len(keys) - deleted, len(keys), type(e).__name__, e)
+            break
         deleted += 1
     return deleted
 
-
-def _finite_or_none(x: float | None) -> float | None:
-    """Helper for callers: NaN/inf become None (left out) rather than a misleading sample."""
-    return None if x is None or not math.isfinite(x) else x

@@ -99,6 +99,10 @@ def _build_cached_folder(final: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         build(tmp)
+        # mkdtemp makes the folder private (0700); the cache is shared by every task and user.
+        os.chmod(tmp, 0o755)
+        for f in tmp.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -158,6 +162,11 @@ def _load_smollm2() -> PreTrainedModel:
 
         def build(tmp: Path) -> None:
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            # The weights are already dequantized to float32, but transformers still marks the model
+            # as GGUF-quantized and refuses to save it; drop the marks so it saves as a plain model.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                delattr(model.config, "quantization_config")
             model.save_pretrained(str(tmp))  # safetensors by default
 
         _build_cached_folder(folder, build)

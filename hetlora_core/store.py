@@ -91,7 +91,7 @@ def validate_key(key: str, *, what: str = "key") -> str:
     """Return ``key`` if it is a safe relative ``a/b/c`` key, else raise ``ValueError``."""
     if not isinstance(key, str) or not key:
         raise ValueError(f"store {what} must be a non-empty string, got {key!r}")
-    if key.startswith("/") or "\\" in key or (len(key) > 1 and key[1] == ":"):
+    if key.startswith("/") or "\\" in key or re.match(r"^[A-Za-z]:(/|$)", key):
         raise ValueError(f"store {what} {key!r} must be a relative path like 'exp/round-0000/x' (absolute path rejected)")
     if any(ord(c) < 32 or c == "\x7f" for c in key) or len(key) > 1024:
         raise ValueError(f"store {what} {key!r} contains control characters or is longer than 1024 characters")

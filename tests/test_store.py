@@ -1,0 +1,343 @@
+"""hetlora_core.store: LocalStore and S3Store (a real MinIO), manifests, the commit protocol."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pickle
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from minio_server import MinioServer, free_port
+
+from hetlora_core import store as st
+from hetlora_core.config import StoreConfig
+from hetlora_core.store import (
+    ChecksumMismatch, InvalidManifest, LocalStore, NotFound, Store, StoreAuthError, StoreUnavailable,
+    client_prefix, get_artifact, get_manifest, global_prefix, last_committed_round, list_client_prefixes,
+    open_store, put_artifact, round_prefix,
+)
+
+BAD_KEYS = ["../escape", "a/../../escape", "/etc/passwd", "a//b", "a/./b", "a/..", "", "a\\..\\b", "C:/x",
+            "a/\x00b", "a/.hetlora-tmp-x"]
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.minio)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    if request.param == "local":
+        return open_store(StoreConfig(kind="local", root=str(tmp_path / "store")))
+    return open_store(request.getfixturevalue("minio_store_config"))
+
+
+def s3(cfg: StoreConfig, **changes: object) -> st.S3Store:
+    return open_store(dataclasses.replace(cfg, **changes))  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- both stores
+
+
+def test_round_trip(store: Store) -> None:
+    store.put_bytes("exp/a.bin", b"\x00\x01payload")
+    store.put_bytes("exp/empty", b"")
+    assert store.get_bytes("exp/a.bin") == b"\x00\x01payload"
+    assert store.get_bytes("exp/empty") == b""
+    assert store.exists("exp/a.bin") and not store.exists("exp/missing") and not store.exists("exp")
+    with pytest.raises(NotFound, match="exp/missing"):
+        store.get_bytes("exp/missing")
+
+
+def test_list_is_sorted_and_directory_scoped(store: Store) -> None:
+    for key in ["e/r/z", "e/r/a", "e/r/sub/m", "e/rx/a", "f/a"]:
+        store.put_bytes(key, b"x")
+    assert store.list("e/r") == ["e/r/a", "e/r/sub/m", "e/r/z"]  # never e/rx/*
+    assert store.list("e/r/") == store.list("e/r")
+    assert store.list("e") == ["e/r/a", "e/r/sub/m", "e/r/z", "e/rx/a"]
+    assert store.list("") == ["e/r/a", "e/r/sub/m", "e/r/z", "e/rx/a", "f/a"]
+    assert store.list("nothing/here") == []
+
+
+def test_idempotent_overwrite(store: Store) -> None:
+    store.put_bytes("e/k", b"first")
+    store.put_bytes("e/k", b"second, longer")
+    assert store.get_bytes("e/k") == b"second, longer"
+    m1 = put_artifact(store, "e/art", b"v1", {"round": 1})
+    m2 = put_artifact(store, "e/art", b"v2-bytes", {"round": 1})
+    assert store.list("e/art") == ["e/art/adapter.safetensors", "e/art/manifest.json"]
+    assert m1["sha256"] != m2["sha256"]
+    assert get_artifact(store, "e/art") == (b"v2-bytes", m2)
+
+
+def test_delete_prefix(store: Store) -> None:
+    for key in ["e/r/a", "e/r/b/c", "e/rx/a"]:
+        store.put_bytes(key, b"x")
+    store.delete_prefix("e/r")
+    assert store.list("e") == ["e/rx/a"]
+    store.delete_prefix("e/absent")  # no-op
+    with pytest.raises(ValueError, match="non-empty prefix"):
+        store.delete_prefix("")
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_path_traversal_rejected(store: Store, key: str, tmp_path: Path) -> None:
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for call in (lambda: store.put_bytes(key, b"x"), lambda: store.get_bytes(key), lambda: store.exists(key)):
+        with pytest.raises(ValueError, match="store key"):
+            call()
+    if key:  # '' as a prefix means "everything" for list
+        with pytest.raises(ValueError):
+            store.list(key + "/sub")
+        with pytest.raises(ValueError):
+            store.delete_prefix(key + "/sub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written beside the store
+
+
+def test_artifact_manifest(store: Store) -> None:
+    payload = os.urandom(3000)
+    m = put_artifact(store, "e/round-0000/global", payload, {"round": 0, "rank": 8}, filename="a.safetensors")
+    assert m == {"round": 0, "rank": 8, "object": "a.safetensors", "size": 3000,
+                 "sha256": hashlib.sha256(payload).hexdigest()}
+    assert json.loads(store.get_bytes("e/round-0000/global/manifest.json")) == m
+    assert get_artifact(store, "e/round-0000/global") == (payload, m)
+    assert get_manifest(store, "e/round-0000/global") == m
+    assert get_manifest(store, "e/round-0001/global") is None
+    with pytest.raises(NotFound, match="not committed"):
+        get_artifact(store, "e/round-0001/global")
+    with pytest.raises(ValueError):
+        put_artifact(store, "e/x", b"", {}, filename="manifest.json")
+    with pytest.raises(ValueError):
+        put_artifact(store, "e/x", b"", {}, filename="../evil")
+
+
+def test_atomic_commit(store: Store) -> None:
+    exp = "exp"
+    assert last_committed_round(store, exp) == -1
+    put_artifact(store, global_prefix(exp, 0), b"g0", {"round": 0})
+    for cid in ("c1", "c2"):
+        put_artifact(store, client_prefix(exp, 1, cid), b"u-" + cid.encode(), {"client": cid})
+    store.put_bytes(client_prefix(exp, 1, "c3") + "/adapter.safetensors", b"half-written client")
+    # Round 1's global adapter is there but its manifest (the commit) is not: round 1 is invisible.
+    store.put_bytes(global_prefix(exp, 1) + "/adapter.safetensors", b"g1")
+    put_artifact(store, global_prefix("exp2", 7), b"other experiment", {})
+    put_artifact(store, global_prefix("exp-longer", 9), b"prefix-sharing experiment", {})
+    assert last_committed_round(store, exp) == 0
+    assert list_client_prefixes(store, exp, 1) == ["exp/round-0001/clients/c1", "exp/round-0001/clients/c2"]
+    assert list_client_prefixes(store, exp, 2) == []
+    put_artifact(store, global_prefix(exp, 1), b"g1", {"round": 1})
+    assert last_committed_round(store, exp) == 1
+    assert last_committed_round(store, "exp2") == 7
+
+
+def test_layout_helpers() -> None:
+    assert round_prefix("e", 3) == "e/round-0003"
+    assert global_prefix("e", 12) == "e/round-0012/global"
+    assert client_prefix("e", 0, "hamlet-7") == "e/round-0000/clients/hamlet-7"
+    for bad in (lambda: round_prefix("e", -1), lambda: round_prefix("a/b", 0), lambda: client_prefix("e", 0, "../x"),
+                lambda: client_prefix("e", 0, "a/b"), lambda: round_prefix("..", 0)):
+        with pytest.raises(ValueError):
+            bad()
+
+
+@pytest.mark.parametrize("corrupt", ["same-size", "truncated"])
+def test_checksum_mismatch_detected(store: Store, corrupt: str) -> None:
+    payload = b"A" * 1000
+    m = put_artifact(store, "e/c/x", payload, {})
+    bad = b"A" * 999 + b"B" if corrupt == "same-size" else payload[:500]
+    store.put_bytes("e/c/x/adapter.safetensors", bad)  # corrupt the object after the commit
+    with pytest.raises(ChecksumMismatch) as exc:
+        get_artifact(store, "e/c/x")
+    msg = str(exc.value)
+    assert "e/c/x/adapter.safetensors" in msg
+    if corrupt == "same-size":
+        assert m["sha256"] in msg and hashlib.sha256(bad).hexdigest() in msg
+    else:
+        assert "expected 1000" in msg and "got 500" in msg
+
+
+@pytest.mark.parametrize("raw", [
+    b"[1, 2]", b'{"object": "adapter.safetensors", "size": 1}', b"not json", pickle.dumps({"object": "x"}),
+    json.dumps({"object": "../../etc/passwd", "sha256": "0" * 64, "size": 1}).encode(),
+    json.dumps({"object": "a", "sha256": "XYZ", "size": 1}).encode(),
+    json.dumps({"object": "a", "sha256": "0" * 64, "size": True}).encode(),
+    json.dumps({"object": "a", "sha256": "0" * 64, "size": 1, "pad": "x" * (1024 * 1024)}).encode(),
+], ids=["list", "missing-keys", "not-json", "pickle", "object-escapes", "bad-sha", "bool-size", "huge"])
+def test_bad_manifest_rejected(store: Store, raw: bytes) -> None:
+    store.put_bytes("e/m/manifest.json", raw)
+    store.put_bytes("e/m/a", b"x")
+    with pytest.raises(InvalidManifest, match="e/m/manifest.json"):
+        get_artifact(store, "e/m")
+
+
+# ---------------------------------------------------------------- LocalStore only
+
+
+def test_local_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = LocalStore(tmp_path / "s")
+    s.put_bytes("e/k", b"old")
+
+    def boom(src: str, dst: str) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(st.StoreError, match="cannot write e/k"):
+        s.put_bytes("e/k", b"new")
+    monkeypatch.undo()
+    assert s.get_bytes("e/k") == b"old"
+    assert sorted(p.name for p in (tmp_path / "s" / "e").iterdir()) == ["k"]  # no temp file left
+
+
+def test_local_symlink_escape_rejected(tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    s = LocalStore(tmp_path / "s")
+    (tmp_path / "s" / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(ValueError, match="outside"):
+        s.put_bytes("link/x", b"x")
+    assert list((tmp_path / "outside").iterdir()) == []
+
+
+# ---------------------------------------------------------------- S3Store against a real MinIO
+
+@pytest.mark.minio
+def test_s3_bucket_created_private(minio_store_config: StoreConfig, minio_server: MinioServer) -> None:
+    s = open_store(minio_store_config)
+    s.put_bytes("e/secret.bin", b"x")
+    url = f"http://{minio_server.endpoint}/{minio_store_config.bucket}/e/secret.bin"
+    with pytest.raises(urllib.error.HTTPError) as exc:  # anonymous read must be refused
+        urllib.request.urlopen(url, timeout=5)
+    assert exc.value.code == 403
+    assert s.describe() == f"s3 bucket {minio_store_config.bucket} at http://{minio_server.endpoint}"
+    assert minio_server.secret_key not in repr(s) + s.describe()
+    with pytest.raises(TypeError, match="credentials"):
+        pickle.dumps(s)
+
+
+def test_s3_unavailable_is_quick_and_clear(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "s3cr3t-" + os.urandom(8).hex()
+    monkeypatch.setenv("HETLORA_S3_ACCESS_KEY", "someone")
+    monkeypatch.setenv("HETLORA_S3_SECRET_KEY", secret)
+    endpoint = f"127.0.0.1:{free_port()}"  # nothing listens here
+    caplog.set_level(logging.DEBUG)
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable) as exc:
+        open_store(StoreConfig(kind="s3", endpoint=endpoint, retry_deadline_s=1.0))
+    took = time.monotonic() - t0
+    msg = str(exc.value)
+    assert 0.9 <= took < 4.0, took
+    for part in (endpoint, "Is the server running", "store.endpoint", "store.secure", "Connection refused"):
+        assert part in msg
+    assert "retry" in caplog.text  # transient errors were retried, and said so
+    assert secret not in msg + caplog.text
+
+
+@pytest.mark.minio
+@pytest.mark.parametrize("which", ["HETLORA_S3_SECRET_KEY", "HETLORA_S3_ACCESS_KEY"])
+def test_s3_wrong_credentials(minio_store_config: StoreConfig, monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+    monkeypatch.setenv(which, "wrong-" + "x" * 20)
+    t0 = time.monotonic()
+    with pytest.raises(StoreAuthError) as exc:
+        s3(minio_store_config, retry_deadline_s=30.0)
+    assert time.monotonic() - t0 < 5.0  # not retried until the deadline
+    assert "HETLORA_S3_ACCESS_KEY" in str(exc.value) and "HETLORA_S3_SECRET_KEY" in str(exc.value)
+    assert "wrong-" not in str(exc.value)
+
+
+@pytest.mark.minio
+def test_s3_credentials_from_environment_only(minio_store_config: StoreConfig, minio_server: MinioServer,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HETLORA_S3_ACCESS_KEY")
+    monkeypatch.delenv("HETLORA_S3_SECRET_KEY")
+    with pytest.raises(StoreAuthError, match="HETLORA_S3_ACCESS_KEY and HETLORA_S3_SECRET_KEY"):
+        open_store(minio_store_config)
+    monkeypatch.setenv("HETLORA_S3_ACCESS_KEY", minio_server.access_key)
+    with pytest.raises(StoreAuthError, match="HETLORA_S3_SECRET_KEY is not"):
+        open_store(minio_store_config)
+    monkeypatch.delenv("HETLORA_S3_ACCESS_KEY")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", minio_server.access_key)  # the AWS fallback
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", minio_server.secret_key)
+    open_store(minio_store_config).put_bytes("e/k", b"ok")
+
+
+@pytest.mark.minio
+def test_s3_retries_5xx_but_not_auth(minio_store_config: StoreConfig) -> None:
+    from minio.error import S3Error
+
+    s = s3(minio_store_config, retry_deadline_s=5.0)
+
+    class Resp:
+        def __init__(self, status: int) -> None:
+            self.status, self.headers = status, {}
+
+    calls = []
+
+    def flaky(code: str, status: int, fail_times: int):
+        def fn() -> str:
+            calls.append(code)
+            if len(calls) <= fail_times:
+                raise S3Error(Resp(status), code, "m", "/r", "id", "host")  # type: ignore[arg-type]
+            return "done"
+        return fn
+
+    assert s._retry("put", "k", flaky("SlowDown", 503, 2)) == "done" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(StoreAuthError):
+        s._retry("put", "k", flaky("SignatureDoesNotMatch", 403, 5))
+    assert len(calls) == 1
+
+
+@pytest.mark.minio
+@pytest.mark.timeout(120)
+def test_s3_put_survives_minio_restart(minio_store_config: StoreConfig, minio_server: MinioServer) -> None:
+    s = s3(minio_store_config, retry_deadline_s=20.0)
+    s.put_bytes("e/before", b"persisted")  # also leaves a pooled connection that goes stale
+    payload = os.urandom(200_000)
+    result: dict[str, object] = {}
+
+    def worker() -> None:
+        t0 = time.monotonic()
+        try:
+            put_artifact(s, "e/round-0000/global", payload, {"round": 0})
+            result["took"] = time.monotonic() - t0
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = e
+
+    minio_server.stop()
+    th = threading.Thread(target=worker)
+    th.start()
+    try:
+        time.sleep(2.0)
+        assert th.is_alive(), f"put gave up while MinIO was down: {result}"
+    finally:
+        minio_server.restart()
+        th.join(40)
+    assert "error" not in result, result
+    assert 1.5 <= result["took"] < 20.0  # type: ignore[operator]
+    assert get_artifact(s, "e/round-0000/global")[0] == payload
+    assert s.get_bytes("e/before") == b"persisted"  # same data dir after restart
+
+
+@pytest.mark.minio
+def test_s3_tls(minio_server: MinioServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # minio_server only ensures the binary exists (skip/fail otherwise); this test runs its own TLS MinIO.
+    with MinioServer(minio_server.binary, tls=True) as tls:
+        monkeypatch.setenv("HETLORA_S3_ACCESS_KEY", tls.access_key)
+        monkeypatch.setenv("HETLORA_S3_SECRET_KEY", tls.secret_key)
+        cfg = StoreConfig(kind="s3", endpoint=tls.endpoint, bucket="tls-bucket", secure=True, retry_deadline_s=5.0)
+        monkeypatch.delenv("HETLORA_S3_CA_BUNDLE", raising=False)
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="HETLORA_S3_CA_BUNDLE"):  # untrusted cert: not retried
+            open_store(cfg)
+        assert time.monotonic() - t0 < 3.0
+        with pytest.raises(StoreUnavailable, match="store.secure"):  # plain HTTP to a TLS port
+            open_store(dataclasses.replace(cfg, secure=False, retry_deadline_s=1.0))
+        monkeypatch.setenv("HETLORA_S3_CA_BUNDLE", tls.ca_file or "")
+        s = open_store(cfg)
+        put_artifact(s, "e/tls", b"over tls", {})
+        assert get_artifact(s, "e/tls")[0] == b"over tls"
+        assert s.describe().startswith("s3 bucket tls-bucket at https://")
