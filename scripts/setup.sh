@@ -16,7 +16,7 @@ BIN="$CACHE/bin"
 PYTHON="${PYTHON:-python3}"
 # Pinned releases (a Go pseudo-version is MinIO's latest tagged module state; minio has no semver tags).
 MINIO_VERSION="v0.0.0-20260212201848-7aac2a2c5b7c"
-KUSTOMIZE_VERSION="v5.8.3"
+KUSTOMIZE_VERSION="v5.8.2"  # v5.8.3 needs Go 1.27
 what="${1:-all}"
 
 log() { printf '[setup] %s\n' "$*" >&2; }

@@ -1,0 +1,149 @@
+"""Core CLI commands (no KFP): simulate, inspect, export. The ``hetlora`` entry point
+(``pipelines/cli.py``) adds the Kubeflow commands to this group."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from .config import ConfigError, HetLoRAConfig, load_config
+
+
+def parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
+    """``--set training.lr=1e-3`` -> {"training.lr": 0.001}; values parse as YAML scalars."""
+    out = {}
+    for s in sets:
+        if "=" not in s:
+            raise click.BadParameter(f"{s!r}: expected KEY=VALUE, e.g. training.lr=1e-3", param_hint="--set")
+        k, v = s.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def load_cfg(config: str | None, sets: tuple[str, ...]) -> HetLoRAConfig:
+    try:
+        return load_config(config, parse_sets(sets))
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
+config_option = click.option("--config", "-c", type=click.Path(dir_okay=False), default=None,
+                             help="YAML config (see configs/); omitted: the embedded defaults (SmolLM2 + 8 Shakespeare roles).")
+set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                          help="Override one config value, e.g. --set training.lr=1e-3 (repeatable).")
+
+
+def fail(msg: str, code: int = 1) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="hetlora")
+def main() -> None:
+    """HetLoRA: heterogeneous-rank federated LoRA fine-tuning, in-process or on Kubeflow.
+
+    \b
+    Quick start:
+      hetlora run                         local federated fine-tuning (kfp.local, local store)
+      hetlora simulate -c configs/smoke.yaml --out runs/smoke   in-process, seconds
+      hetlora inspect runs/smoke/store/smoke/round-0001/global/adapter.safetensors
+    """
+
+
+@main.command()
+@config_option
+@set_option
+@click.option("--out", "-o", type=click.Path(file_okay=False), required=True,
+              help="Run directory: store/, results.json and perplexity.png go here. Rerun to resume.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def simulate(config: str | None, sets: tuple[str, ...], out: str, quiet: bool) -> None:
+    """Run every round in this process (no KFP): the fastest way to try a config.
+
+    Writes OUT/results.json (config, per-round metrics, ranks, prune events, aggregation weights,
+    bytes, timings) and OUT/perplexity.png. Interrupted runs resume from the last committed round."""
+    from .simulate import RunConfigMismatch
+    from .simulate import simulate as run_sim
+
+    cfg = load_cfg(config, sets)
+    try:
+        res = run_sim(cfg, out, progress=not quiet)
+    except RunConfigMismatch as e:
+        fail(str(e))
+    last = res["rounds"][-1] if res["rounds"] else {}
+    click.echo(f"{res['rounds_committed']} rounds committed; held-out perplexity {res['baseline_ppl']:.2f} -> "
+               f"{last.get('global_ppl', float('nan')):.2f}; results: {Path(out) / 'results.json'}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--r-min", type=int, default=1, show_default=True, help="Reject ranks below this.")
+@click.option("--r-max", type=int, default=None, help="Reject ranks above this.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(file: str, r_min: int, r_max: int | None, as_json: bool) -> None:
+    """Validate a HetLoRA adapter file and print its modules, ranks and norms.
+
+    Exit code 1 with the validation error (no traceback) when the file is not a valid adapter:
+    not safetensors, a pickle, truncated, NaN/Inf, wrong dtype, inconsistent shapes or ranks."""
+    from .adapter import AdapterError, LoraAdapter
+
+    try:
+        a = LoraAdapter.load(file, r_min=r_min, r_max=r_max)
+    except AdapterError as e:
+        fail(str(e))
+    norms = a.delta_norms()
+    info = {"file": file, "scale": a.scale, "modules": len(a.modules), "rank": a.rank, "params": a.num_params(),
+            "bytes": a.nbytes(),
+            "per_module": {m: {"rank": a.ranks[m], "in": a.A[m].shape[1], "out": a.B[m].shape[0], "delta_norm": norms[m]}
+                           for m in a.modules}}
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    click.echo(f"{file}: {info['modules']} modules, rank {a.rank}, scale {a.scale}, {info['params']:,} parameters")
+    click.echo(f"{'module':<48} {'rank':>4} {'out x in':>11} {'||s B A||_F':>12}")
+    for m, d in info["per_module"].items():
+        click.echo(f"{m:<48} {d['rank']:>4} {str(d['out']) + 'x' + str(d['in']):>11} {d['delta_norm']:>12.4g}")
+
+
+@main.command()
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True), required=True,
+              help="A run directory made by `hetlora simulate` or `hetlora run`.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), required=True, help="Folder to write.")
+@click.option("--round", "rnd", type=int, default=None, help="Round to export (default: the last committed).")
+@click.option("--merge", is_flag=True, help="Also merge the adapter into the base weights and save a transformers model.")
+def export(run_dir: str, out: str, rnd: int | None, merge: bool) -> None:
+    """Write a run's global adapter as a standard peft adapter folder (PeftModel.from_pretrained
+    loads it), and with --merge a merged transformers model under OUT/merged."""
+    from . import runtime
+    from . import store as st
+    from .config import config_from_dict
+    from .peft_bridge import attach, save_peft_folder
+
+    store = st.LocalStore(Path(run_dir) / "store")
+    exps = sorted({k.split("/", 1)[0] for k in store.list("") if k.endswith("/config.json")})
+    if not exps:
+        fail(f"{run_dir}/store holds no run (no <experiment>/config.json); pass the --out of a simulate/run")
+    cfg = config_from_dict(json.loads(store.get_bytes(f"{exps[0]}/config.json")))
+    last = st.last_committed_round(store, cfg.experiment)
+    rnd = last if rnd is None else rnd
+    if rnd < 0 or rnd > last:
+        fail(f"round {rnd} is not committed in {run_dir} (last committed: {last})")
+    if cfg.strategy.name == "full_ft":
+        fail("export supports LoRA strategies; full_ft runs have no adapter")
+    adapter = runtime.global_adapter(cfg, store, rnd)
+    model = runtime.model(cfg)
+    save_peft_folder(model, adapter, out)
+    runtime.load_base_model_tokenizer(cfg).save_pretrained(out)
+    click.echo(f"peft adapter of round {rnd} (rank {adapter.rank}) written to {out}")
+    if merge:
+        import copy
+
+        merged = attach(copy.deepcopy(model), adapter).merge_and_unload()
+        merged.save_pretrained(Path(out) / "merged", safe_serialization=True)
+        runtime.load_base_model_tokenizer(cfg).save_pretrained(Path(out) / "merged")
+        click.echo(f"merged model written to {Path(out) / 'merged'}")

@@ -1,0 +1,116 @@
+"""The ``hetlora`` console script: the core commands (hetlora_core.cli) plus the Kubeflow ones."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from hetlora_core.cli import config_option, fail, load_cfg, main, set_option
+
+__all__ = ["main"]
+
+
+@main.command()
+@config_option
+@set_option
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/local", show_default=True,
+              help="Run directory: store/ (unless the config names an S3 store), pipeline-root/, results.json, plot.")
+def run(config: str | None, sets: tuple[str, ...], out: str) -> None:
+    """Run a whole federated fine-tuning locally through kfp.local: each round is the real round
+    pipeline (train -> self-prune per tier, aggregate, evaluate), each task a subprocess.
+
+    Rerunning with the same --out resumes from the last committed round. With store.kind: s3 the
+    artifacts go to that MinIO/S3 (credentials from HETLORA_S3_ACCESS_KEY / HETLORA_S3_SECRET_KEY)."""
+    from hetlora_core.simulate import RunConfigMismatch
+
+    from .driver import RoundFailed, run_local
+
+    cfg = load_cfg(config, sets)
+    try:
+        res = run_local(cfg, out)
+    except (RoundFailed, RunConfigMismatch) as e:
+        fail(str(e))
+    last = res["rounds"][-1] if res["rounds"] else {}
+    click.echo(f"{res['rounds_committed']} rounds committed; held-out perplexity {res['baseline_ppl']:.2f} -> "
+               f"{last.get('global_ppl', float('nan')):.2f}; results: {Path(out) / 'results.json'}, plot: {Path(out) / 'perplexity.png'}")
+
+
+@main.command(name="compile")
+@config_option
+@set_option
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="IR YAML file to write.")
+@click.option("--round", "rnd", type=int, default=0, show_default=True,
+              help="Round to compile. Rounds after 0 read the committed state (client ranks) from the configured store.")
+def compile_cmd(config: str | None, sets: tuple[str, ...], out: str, rnd: int) -> None:
+    """Compile one round's pipeline to KFP IR YAML (PipelineSpec + Kubernetes platform spec:
+    per-tier node selectors, tolerations, resources, and the store Secret as env vars)."""
+    from hetlora_core import rounds, runtime
+    from hetlora_core import store as st
+
+    from .round import compile_round
+
+    cfg = load_cfg(config, sets)
+    ids = runtime.client_ids(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Round 0 needs no store (initial ranks come from the config); the plan goes to a scratch dir.
+        store = st.LocalStore(tmp) if rnd == 0 else st.open_store(cfg.store)
+        plan = rounds.plan_round(cfg, store, ids, rnd)
+    compile_round(cfg, plan, out)
+    click.echo(f"round {rnd} pipeline ({len(plan.clients)} clients) compiled to {out}")
+
+
+@main.command()
+@config_option
+@set_option
+@click.option("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080 (port-forwarded ml-pipeline-ui).")
+@click.option("--no-wait", is_flag=True, help="Submit the next round and return instead of driving every round.")
+@click.option("--timeout", type=int, default=6 * 3600, show_default=True, help="Seconds to wait for each round's run.")
+def submit(config: str | None, sets: tuple[str, ...], host: str, no_wait: bool, timeout: int) -> None:
+    """Drive a whole run on Kubeflow: one KFP run per round, each waited for; stops on the first
+    failure with the run's link. Resumes from the last committed round in the store.
+
+    Needs store.kind: s3 reachable from here (credentials in HETLORA_S3_ACCESS_KEY /
+    HETLORA_S3_SECRET_KEY) and, in the cluster, the Secret named by kubeflow.store_secret."""
+    from .driver import RoundFailed, submit_run
+
+    cfg = load_cfg(config, sets)
+    if cfg.store.kind != "s3":
+        fail("submit needs store.kind: s3 (pods cannot see a local directory); see configs/kind.yaml")
+    try:
+        ids = submit_run(cfg, host, timeout_s=timeout, wait=not no_wait)
+    except RoundFailed as e:
+        fail(str(e))
+    click.echo(f"submitted {len(ids)} round run(s): {', '.join(ids)}")
+
+
+@main.command()
+@config_option
+@set_option
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+              help="Kubeconfig file (default: $KUBECONFIG or ~/.kube/config; none: the in-cluster service account).")
+@click.option("--context", default=None, help="Kubeconfig context (default: its current context).")
+@click.option("--skip-store", is_flag=True, help="Do not contact the object store.")
+def preflight(config: str | None, sets: tuple[str, ...], kubeconfig: str | None, context: str | None,
+              skip_store: bool) -> None:
+    """Check that the cluster can run this config before submitting it: every tier's node selector
+    and tolerations match a Ready, uncordoned node whose allocatable CPU/memory/GPU covers the
+    tier's requests; the store Secret exists with accesskey/secretkey; the store answers.
+
+    Prints a table per tier and the fix for anything missing; exits 1 when a check fails."""
+    from .preflight import PreflightError, core_api, render, run_preflight
+
+    cfg = load_cfg(config, sets)
+    try:
+        report = run_preflight(cfg, core_api(kubeconfig, context), skip_store=skip_store)
+    except PreflightError as e:
+        fail(str(e))
+    click.echo(render(report))
+    if not report.ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

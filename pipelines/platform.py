@@ -1,0 +1,69 @@
+"""Kubernetes placement of pipeline tasks: small free functions, one concern each (as in
+kfp-kubernetes). All values come from the typed config; credentials come only from a Secret."""
+
+from __future__ import annotations
+
+from kfp import kubernetes
+from kfp.dsl import PipelineTask
+
+from hetlora_core.config import HetLoRAConfig, TierConfig
+
+# Env var names the store reads (hetlora_core.store_s3); the Secret holds keys accesskey/secretkey.
+SECRET_KEYS = {"accesskey": "HETLORA_S3_ACCESS_KEY", "secretkey": "HETLORA_S3_SECRET_KEY"}
+NON_ROOT_UID = 1000
+# Pods run with a read-only root filesystem: caches go to the writable emptyDir mounted at /tmp.
+CACHE_ENV = {"HETLORA_CACHE": "/tmp/hetlora-cache", "HF_HOME": "/tmp/hf", "MPLCONFIGDIR": "/tmp/mpl"}
+
+
+def set_tier_resources(task: PipelineTask, tier: TierConfig) -> PipelineTask:
+    """Requests and limits matched to the tier's rank (measured: see `hetlora tiers measure`)."""
+    task.set_cpu_request(tier.cpu_request).set_cpu_limit(tier.cpu_limit)
+    task.set_memory_request(tier.memory_request).set_memory_limit(tier.memory_limit)
+    if tier.gpu:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(tier.gpu)
+    return task
+
+
+def place_on_tier(task: PipelineTask, tier: TierConfig) -> PipelineTask:
+    """Node selector and tolerations of the tier's node pool."""
+    for key, value in sorted(tier.node_selector.items()):
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for tol in tier.tolerations:
+        kubernetes.add_toleration(task, key=tol.get("key"), operator=tol.get("operator", "Equal"),  # type: ignore[arg-type]
+                                  value=tol.get("value"), effect=tol.get("effect"))  # type: ignore[arg-type]
+    return task
+
+
+def use_store_secret(task: PipelineTask, cfg: HetLoRAConfig) -> PipelineTask:
+    """Store credentials as env vars from a Kubernetes Secret: never a pipeline parameter, so they
+    never appear in the compiled YAML, the run's parameters or the KFP UI."""
+    if cfg.store.kind == "s3":
+        kubernetes.use_secret_as_env(task, secret_name=cfg.kubeflow.store_secret, secret_key_to_env=dict(SECRET_KEYS))
+    return task
+
+
+def harden(task: PipelineTask, timeout_s: int | None = None) -> PipelineTask:
+    """Non-root, writable caches under /tmp, optional timeout; no caching (tasks write the store)."""
+    kubernetes.set_security_context(task, run_as_user=NON_ROOT_UID, run_as_group=NON_ROOT_UID, run_as_non_root=True)
+    kubernetes.empty_dir_mount(task, volume_name="tmp", mount_path="/tmp")
+    for k, v in CACHE_ENV.items():
+        task.set_env_variable(k, v)
+    if timeout_s:
+        kubernetes.set_timeout(task, timeout_s)
+    task.set_caching_options(False)
+    return task
+
+
+def set_small_resources(task: PipelineTask) -> PipelineTask:
+    """Model-free steps (pruning, aggregation of adapters): a fraction of a core."""
+    return task.set_cpu_request("250m").set_cpu_limit("1").set_memory_request("512Mi").set_memory_limit("2Gi")
+
+
+def placement_tier(cfg: HetLoRAConfig, tier_name: str, rank: int) -> TierConfig:
+    """The configured tier a client runs on: its own tier, or (explicit/uniform rank assignment)
+    the smallest tier whose rank covers the client's rank, else the largest tier."""
+    tiers = sorted(cfg.ranks.tiers, key=lambda t: t.rank)
+    for t in tiers:
+        if t.name == tier_name:
+            return t
+    return next((t for t in tiers if t.rank >= rank), tiers[-1])

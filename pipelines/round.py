@@ -1,0 +1,80 @@
+"""The round DAG: per non-empty rank tier a ParallelFor of (train -> self-prune) on that tier's
+node pool, fan-in with ``dsl.Collected`` into aggregation, then evaluation.
+
+The DAG is built per round from the driver's plan, so tiers with no selected client are simply
+absent (a ParallelFor over an empty list fails under kfp.local) and each tier's resources are
+static per executor, the most robust form across KFP backends."""
+
+# No `from __future__ import annotations` here: KFP reads the pipeline function's annotations as types.
+
+from collections.abc import Callable  # noqa: I001
+from typing import Any
+
+from kfp import compiler, dsl
+
+from hetlora_core.config import ConfigError, HetLoRAConfig
+from hetlora_core.rounds import RoundPlan
+from hetlora_kfp.components import MAX_TIERS, Components, build
+
+from . import platform
+
+PIPELINE_NAME = "hetlora-round"
+
+
+def tier_groups(cfg: HetLoRAConfig, plan: RoundPlan) -> list[tuple[Any, list[str]]]:
+    """(TierConfig, selected client ids) for every tier with at least one client, in tier order."""
+    groups: dict[str, tuple[Any, list[str]]] = {}
+    for c in plan.clients:
+        tier = platform.placement_tier(cfg, c.tier, c.rank)
+        groups.setdefault(tier.name, (tier, []))[1].append(c.client_id)
+    order = {t.name: i for i, t in enumerate(cfg.ranks.tiers)}
+    out = sorted(groups.values(), key=lambda g: order.get(g[0].name, 0))
+    if len(out) > MAX_TIERS:
+        raise ConfigError(f"config: ranks.tiers: a round pipeline supports at most {MAX_TIERS} tiers, got {len(out)}")
+    return out
+
+
+def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components | None = None) -> Callable[..., Any]:
+    """A ``@dsl.pipeline`` for round ``plan.round``; defaults embed the (credential-free) config."""
+    comps = comps or build(cfg.kubeflow.image)
+    groups = tier_groups(cfg, plan)
+    largest = max(cfg.ranks.tiers, key=lambda t: t.rank)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=f"HetLoRA round {plan.round} of {cfg.experiment}",
+                  pipeline_root=cfg.kubeflow.pipeline_root)
+    def round_pipeline(config_json: str = cfg.to_json(), round_index: int = plan.round, round_started_at: float = 0.0):
+        collected = {}
+        for i, (tier, ids) in enumerate(groups):
+            with dsl.ParallelFor(ids, parallelism=max(1, len(ids))) as client_id:
+                train = comps.train(config_json=config_json, round_index=round_index, client_id=client_id)
+                train.set_display_name(f"train-{tier.name}")
+                platform.set_tier_resources(train, tier)
+                platform.place_on_tier(train, tier)
+                platform.use_store_secret(train, cfg)
+                platform.harden(train, cfg.federation.client_timeout_s)
+                train.set_retry(num_retries=2, backoff_duration="30s")  # preemption: re-run overwrites the same keys
+                prune = comps.prune(config_json=config_json, round_index=round_index, client_id=client_id).after(train)
+                prune.set_display_name(f"prune-{tier.name}")
+                platform.set_small_resources(prune)
+                platform.use_store_secret(prune, cfg)
+                platform.harden(prune)
+            collected[f"tier_{i}"] = dsl.Collected(prune.output)
+        agg = comps.aggregate(config_json=config_json, round_index=round_index, **collected)
+        agg.set_display_name("aggregate")
+        platform.set_small_resources(agg)
+        platform.use_store_secret(agg, cfg)
+        platform.harden(agg)
+        agg.set_retry(num_retries=2, backoff_duration="10s")
+        ev = comps.evaluate(config_json=config_json, round_index=round_index, round_started_at=round_started_at).after(agg)
+        ev.set_display_name("evaluate")
+        platform.set_tier_resources(ev, largest)  # evaluation runs the model at r_max
+        platform.use_store_secret(ev, cfg)
+        platform.harden(ev)
+
+    return round_pipeline
+
+
+def compile_round(cfg: HetLoRAConfig, plan: RoundPlan, out_path: str) -> str:
+    """Compile the round pipeline to KFP IR YAML (PipelineSpec + platform spec)."""
+    compiler.Compiler().compile(build_round_pipeline(cfg, plan), package_path=out_path)
+    return out_path

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Build kube-apiserver from the k8s.io/kubernetes Go module and install Debian's etcd-server, so the
+# preflight tests (tests/test_preflight.py) run against a real API server. Idempotent: a cached
+# binary whose marker names the same version is reused (a rerun costs well under a second).
+#
+#   scripts/build-apiserver.sh            build (first time ~10+ minutes on 2 cores) and print the path
+#
+# k8s.io/kubernetes requires its staging modules (k8s.io/api, k8s.io/client-go, ...) at v0.0.0 and
+# replaces them with ./staging/... paths, which Go ignores in a dependency. A small wrapper module
+# therefore pins each staging module to the published v0.<minor>.<patch> that matches the release.
+set -euo pipefail
+
+K8S_VERSION="${HETLORA_K8S_VERSION:-v1.37.2}"
+CACHE="${HETLORA_CACHE:-$HOME/.cache/hetlora}"
+BIN="$CACHE/bin"
+OUT="$BIN/kube-apiserver"
+MARKER="$BIN/.kube-apiserver.version"
+
+log() { printf '[build-apiserver] %s\n' "$*" >&2; }
+
+install_etcd() {
+  command -v etcd >/dev/null && return 0
+  if [[ "$(id -u)" == 0 ]]; then
+    log "installing Debian's etcd-server"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null
+    # Debian starts a system etcd on 2379; the tests run their own on free ports.
+    if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
+      systemctl stop etcd || true
+    fi
+  else
+    log "not root: install etcd-server with apt (the real-server tests skip without it)"
+  fi
+}
+
+build_apiserver() {
+  if [[ -x "$OUT" && -f "$MARKER" && "$(cat "$MARKER")" == "$K8S_VERSION" ]]; then
+    log "kube-apiserver $K8S_VERSION cached ($OUT)"; return
+  fi
+  command -v go >/dev/null || { log "go is not installed: cannot build kube-apiserver"; return 1; }
+  local staging="v0.${K8S_VERSION#v1.}" work gomod
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' RETURN
+  log "building kube-apiserver $K8S_VERSION (staging modules at $staging; first time takes 10+ minutes)"
+  gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
+  [[ -f "$gomod" ]] || { log "cannot download k8s.io/kubernetes@$K8S_VERSION"; return 1; }
+  {
+    echo "module hetlora.local/apiserver-build"
+    echo
+    grep -m1 '^go ' "$gomod"
+    echo
+    echo "require k8s.io/kubernetes $K8S_VERSION"
+    echo
+    echo "replace ("
+    sed -n 's#^[[:space:]]*\(k8s\.io/[a-z0-9-]*\) => \./staging/.*#\t\1 => \1 '"$staging"'#p' "$gomod"
+    echo ")"
+  } >"$work/go.mod"
+  cat >"$work/tools.go" <<'EOF'
+//go:build tools
+
+package tools
+
+import _ "k8s.io/kubernetes/cmd/kube-apiserver"
+EOF
+  mkdir -p "$BIN"
+  (
+    cd "$work"
+    # Only staging modules that the apiserver's import graph needs must resolve; the others stay
+    # as replace lines that Go never consults.
+    GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>"$work/tidy.log" || { cat "$work/tidy.log" >&2; exit 1; }
+    GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -ldflags "-s -w \
+      -X k8s.io/component-base/version.gitVersion=$K8S_VERSION \
+      -X k8s.io/component-base/version.gitMajor=1 \
+      -X k8s.io/component-base/version.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2)" \
+      -o "$OUT.tmp" k8s.io/kubernetes/cmd/kube-apiserver
+  )
+  mv "$OUT.tmp" "$OUT"
+  echo "$K8S_VERSION" >"$MARKER"
+  log "built $OUT"
+}
+
+install_etcd
+build_apiserver
+echo "$OUT"

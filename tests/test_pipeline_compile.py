@@ -1,0 +1,129 @@
+"""Compile the round pipeline and assert on its PipelineSpec and Kubernetes platform spec
+(the way kfp-kubernetes tests itself): per tier node selector, tolerations and resources; the
+store Secret as env vars on every task; no credential value anywhere in the YAML."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from hetlora_core.config import config_from_dict
+from hetlora_core.rounds import ClientPlan, RoundPlan
+from hetlora_kfp.pipelines.round import compile_round, tier_groups
+
+TIERS = [
+    {"name": "small", "rank": 2, "node_selector": {"hetlora.io/tier": "small"},
+     "tolerations": [{"key": "hetlora.io/tier", "operator": "Equal", "value": "small", "effect": "NoSchedule"}],
+     "cpu_request": "500m", "cpu_limit": "1", "memory_request": "1Gi", "memory_limit": "2Gi"},
+    {"name": "medium", "rank": 4, "node_selector": {"hetlora.io/tier": "medium"},
+     "tolerations": [{"key": "hetlora.io/tier", "operator": "Equal", "value": "medium", "effect": "NoSchedule"}],
+     "cpu_request": "1", "cpu_limit": "2", "memory_request": "2Gi", "memory_limit": "3Gi"},
+    {"name": "large", "rank": 8, "node_selector": {"hetlora.io/tier": "large", "cloud.example/pool": "gpu"},
+     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+     "cpu_request": "2", "cpu_limit": "4", "memory_request": "4Gi", "memory_limit": "6Gi", "gpu": 1},
+]
+
+
+def make_cfg(**store):
+    return config_from_dict({
+        "experiment": "compile-test", "model": {"name": "tiny"}, "data": {"num_clients": 6},
+        "ranks": {"r_min": 2, "r_max": 8, "tiers": TIERS},
+        "store": {"kind": "s3", "endpoint": "minio.hetlora:9000", **store},
+        "kubeflow": {"store_secret": "my-store-secret", "image": "registry.example/hetlora:9.9"},
+    })
+
+
+def make_plan(tiers=("small", "small", "medium", "large")):
+    ranks = {t["name"]: t["rank"] for t in TIERS}
+    clients = [ClientPlan(f"c{i}", t, ranks[t]) for i, t in enumerate(tiers)]
+    return RoundPlan("compile-test", 3, clients, {c.client_id: {"rank": c.rank, "tier": c.tier} for c in clients})
+
+
+@pytest.fixture
+def compiled(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETLORA_S3_ACCESS_KEY", "AKIA-super-secret-access")
+    monkeypatch.setenv("HETLORA_S3_SECRET_KEY", "very-secret-key-value-123")
+    path = tmp_path / "round.yaml"
+    compile_round(make_cfg(), make_plan(), str(path))
+    text = path.read_text()
+    spec, platform = yaml.safe_load_all(text)
+    return text, spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def executors_for(spec: dict, tier: str) -> list[str]:
+    """Executors of the train tasks whose display name names ``tier``."""
+    out = []
+
+    def walk(dag):
+        for task in dag.get("tasks", {}).values():
+            name = task.get("taskInfo", {}).get("name", "")
+            comp = task["componentRef"]["name"]
+            if name == f"train-{tier}":
+                out.append(spec["components"][comp]["executorLabel"])
+            if "dag" in spec["components"].get(comp, {}):
+                walk(spec["components"][comp]["dag"])
+
+    walk(spec["root"]["dag"])
+    return out
+
+
+@pytest.mark.parametrize("tier", TIERS, ids=[t["name"] for t in TIERS])
+def test_each_tier_has_its_placement_and_resources(compiled, tier):
+    _, spec, k8s = compiled
+    (exe,) = executors_for(spec, tier["name"])
+    res = spec["deploymentSpec"]["executors"][exe]["container"]["resources"]
+    assert res["resourceCpuRequest"] == tier["cpu_request"] and res["resourceCpuLimit"] == tier["cpu_limit"]
+    assert res["resourceMemoryRequest"] == tier["memory_request"] and res["resourceMemoryLimit"] == tier["memory_limit"]
+    if tier.get("gpu"):
+        assert res["accelerator"]["resourceCount"] == str(tier["gpu"])
+        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    else:
+        assert "accelerator" not in res
+    plat = k8s[exe]
+    assert plat["nodeSelector"]["labels"] == tier["node_selector"]
+    tol = tier["tolerations"][0]
+    assert plat["tolerations"] == [{k: v for k, v in tol.items()}]
+    assert plat["activeDeadlineSeconds"] == "3600"
+    assert spec["deploymentSpec"]["executors"][exe]["container"]["image"] == "registry.example/hetlora:9.9"
+
+
+def test_secret_as_env_on_every_task_and_no_credentials_in_yaml(compiled):
+    text, spec, k8s = compiled
+    assert set(k8s) == set(spec["deploymentSpec"]["executors"])  # every executor has platform config
+    for exe, plat in k8s.items():
+        (sec,) = plat["secretAsEnv"]
+        assert sec["secretName"] == "my-store-secret"
+        assert {e["envVar"] for e in sec["keyToEnv"]} == {"HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY"}
+        assert plat["securityContext"]["runAsNonRoot"] is True
+    assert "AKIA-super-secret-access" not in text and "very-secret-key-value-123" not in text
+
+
+def test_empty_tiers_are_left_out_and_fan_in_is_collected(tmp_path):
+    path = tmp_path / "r.yaml"
+    compile_round(make_cfg(), make_plan(("large", "large")), str(path))
+    spec, _ = yaml.safe_load_all(path.read_text())
+    assert executors_for(spec, "large") and not executors_for(spec, "small") and not executors_for(spec, "medium")
+    agg = spec["root"]["dag"]["tasks"]["aggregate-round"]
+    assert "tier_0" in agg["inputs"]["parameters"] and "tier_1" not in agg["inputs"]["parameters"]
+    assert "dependentTasks" in agg
+
+
+def test_pipeline_defaults_embed_the_config_and_round():
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".yaml") as f:
+        compile_round(make_cfg(), make_plan(), f.name)
+        spec, _ = yaml.safe_load_all(open(f.name).read())
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["round_index"]["defaultValue"] == 3
+    assert json.loads(params["config_json"]["defaultValue"])["experiment"] == "compile-test"
+    assert spec["defaultPipelineRoot"] == "minio://hetlora/pipeline-root"
+
+
+def test_tier_groups_place_explicit_ranks_on_covering_tier():
+    cfg = make_cfg()
+    plan = RoundPlan("x", 0, [ClientPlan("a", "rank-3", 3), ClientPlan("b", "rank-8", 8), ClientPlan("c", "small", 2)], {})
+    groups = {t.name: ids for t, ids in tier_groups(cfg, plan)}
+    assert groups == {"small": ["c"], "medium": ["a"], "large": ["b"]}
