@@ -138,13 +138,13 @@ def node_problems(tier: TierConfig, node: k8s.V1Node) -> list[Problem]:
     if node.spec and node.spec.unschedulable:
         out.append(Problem("cordoned", "cordoned", f"kubectl uncordon {name}"))
     if not is_ready(node):
-        out.append(Problem("not Ready", "not Ready", f"node {name} is not Ready: check its kubelet (kubectl describe node {name})", 3))
+        out.append(Problem("not Ready", "not Ready", f"not Ready: check its kubelet (kubectl describe node {name})", 3))
     have, want = allocatable(node), tier_requests(tier)
     field_of = {"cpu": "cpu_request", "memory": "memory_request", GPU: "gpu"}
     for r, need in want.items():
         if need > have[r]:
             out.append(Problem(r, f"allocatable {r} {fmt_quantity(have[r], r)} < {fmt_quantity(need, r)}",
-                               f"node {name} has only {fmt_quantity(have[r], r)} allocatable {r}: lower "
+                               f"only {fmt_quantity(have[r], r)} allocatable {r}: lower "
                                f"ranks.tiers[{t}].{field_of[r]} or add a larger node to the pool", 3))
     return out
 
@@ -195,7 +195,7 @@ def check_tier(tier: TierConfig, nodes: list[k8s.V1Node]) -> TierReport:
             # the fewest/easiest problems, then a node whose labels relabelling would not take away
             best = min(probs, key=lambda n: (any(p.tag == "selector" for p in probs[n]), sum(p.weight for p in probs[n]),
                                              any(" (has " in p.text for p in probs[n]), n))
-            rep.fixes = [f"{best}: {p.fix}" for p in probs[best]]
+            rep.fixes = [f"node {best}: {p.fix}" for p in probs[best]]
     return rep
 
 
