@@ -72,6 +72,7 @@ def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: Clie
 
 def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData, cfg: HetLoRAConfig, rnd: int) -> TrainResult:
     """Train ``received`` (already truncated to the client's rank) on the client's data."""
+    prev_threads = torch.get_num_threads()
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     start = time.perf_counter()
@@ -88,6 +89,7 @@ def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData
         trained = peft_bridge.extract(peft_model, received.scale)
     finally:
         peft_bridge.detach(peft_model)
+        torch.set_num_threads(prev_threads)
     return TrainResult(client.client_id, trained, None, client.num_samples(cfg.data.seq_len), tokens, loss, reg,
                        time.perf_counter() - start)
 

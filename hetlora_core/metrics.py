@@ -17,8 +17,10 @@ Conventions (https://prometheus.io/docs/practices/naming/):
   ``honor_labels``), so a retried task overwrites its own group instead of adding a series;
 * the only label inside a group is ``tier`` on client metrics (bounded: one value per tier).
 
-A push is a ``PUT`` (``push_to_gateway``): it replaces the whole group, so a retried task never
-leaves stale values from its failed attempt. Pushing is best effort: without a URL it is a no-op,
+A client task's and a round's push is a ``PUT`` (``push_to_gateway``): it replaces the whole group,
+so a retried task never leaves stale values from its failed attempt. Values known only later (the
+aggregation weight, a client's held-out perplexity) are added to the client's group with a ``POST``
+(:func:`add_client_metrics`), which keeps the rest of the group. Pushing is best effort: without a URL it is a no-op,
 and a failed push logs a warning and returns ``False``; it never raises into the training code.
 At the end of a run :func:`delete_run_groups` deletes the per-round and per-client groups (the
 values stay in Prometheus's TSDB; the Pushgateway would otherwise expose them forever) and keeps
@@ -38,7 +40,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Gauge, delete_from_gateway, push_to_gateway
+from prometheus_client import CollectorRegistry, Gauge, delete_from_gateway, push_to_gateway, pushadd_to_gateway
 
 from hetlora_core.config import MetricsConfig
 
@@ -135,12 +137,14 @@ def _gauge(reg: CollectorRegistry, m: MetricDef, labels: Iterable[str] = ()) -> 
     return Gauge(m.name, m.help, labelnames=tuple(labels), registry=reg)
 
 
-def _push(cfg: MetricsConfig, registry: CollectorRegistry, grouping_key: Mapping[str, str], what: str) -> bool:
+def _push(cfg: MetricsConfig, registry: CollectorRegistry, grouping_key: Mapping[str, str], what: str,
+          *, replace_group: bool = True) -> bool:
     url = pushgateway_url(cfg)
     if not url:
         return False
+    push = push_to_gateway if replace_group else pushadd_to_gateway  # PUT vs POST
     try:
-        push_to_gateway(url, job=cfg.job, registry=registry, grouping_key=dict(grouping_key), timeout=_timeout())
+        push(url, job=cfg.job, registry=registry, grouping_key=dict(grouping_key), timeout=_timeout())
     except Exception as e:  # noqa: BLE001 - metrics are best effort: never fail the training for them
         log.warning("metrics: could not push %s %s to %s: %s: %s", what, dict(grouping_key), url, type(e).__name__, e)
         return False
@@ -168,7 +172,9 @@ def push_client_metrics(
 ) -> bool:
     """Push one client task's outcome to the group ``{run, round, client}`` (labels: ``tier``).
 
-    ``weight`` (known after aggregation) and ``heldout_ppl`` are left out when ``None``.
+    ``weight`` and ``heldout_ppl`` are left out when ``None``; when they are known only later (after
+    aggregation, in the evaluate task), add them with :func:`add_client_metrics`.
+    This is a ``PUT``: it replaces the whole group, so a retried client task leaves nothing stale.
     Returns True if pushed, False if metrics are off or the push failed (logged as a warning).
     """
     key = {"run": _label("run", run), "round": _round_label(rnd), "client": _label("client", client)}
@@ -191,6 +197,34 @@ def push_client_metrics(
         if v is not None:
             _gauge(reg, m, CLIENT_LABELS).labels(tier=tier).set(float(v))
     return _push(cfg, reg, key, "client metrics")
+
+
+def add_client_metrics(
+    cfg: MetricsConfig,
+    run: str,
+    rnd: int,
+    client: str,
+    tier: str,
+    *,
+    weight: float | None = None,
+    heldout_ppl: float | None = None,
+) -> bool:
+    """Add values known only after the client task (the aggregation weight, a held-out perplexity
+    from the evaluate task) to the client's group ``{run, round, client}``.
+
+    Unlike :func:`push_client_metrics` this is a ``POST``: it replaces only the metrics it pushes
+    and keeps the ones the client task pushed. Returns True if pushed (False: off, nothing to add,
+    or failed with a warning).
+    """
+    key = {"run": _label("run", run), "round": _round_label(rnd), "client": _label("client", client)}
+    tier = _label("tier", tier)
+    if not pushgateway_url(cfg) or (weight is None and heldout_ppl is None):
+        return False
+    reg = CollectorRegistry()
+    for m, v in ((CLIENT_AGG_WEIGHT, weight), (CLIENT_HELDOUT_PPL, heldout_ppl)):
+        if v is not None:
+            _gauge(reg, m, CLIENT_LABELS).labels(tier=tier).set(float(v))
+    return _push(cfg, reg, key, "client metrics (add)", replace_group=False)
 
 
 def push_round_metrics(

@@ -253,14 +253,11 @@ def store_check(cfg: HetLoRAConfig, creds: tuple[str, str] | None = None,
                          [f"make accesskey/secretkey in {cfg.kubeflow.namespace}/{cfg.kubeflow.store_secret} (and "
                           "HETLORA_S3_ACCESS_KEY/HETLORA_S3_SECRET_KEY here) match a user of the store"])
         except StoreUnavailable as e:
-            fixes = [f"is store.endpoint ({s.endpoint}) right, and is the store running? "
-                     f"(kubectl -n {cfg.kubeflow.namespace} get pods,svc)"]
-            if "." not in s.endpoint.split(":")[0] or ".svc" in s.endpoint or s.endpoint.count(".") == 1:
-                fixes.append(f"{s.endpoint} may be a cluster-internal name: from outside, run kubectl -n NAMESPACE "
-                             "port-forward svc/SERVICE 9000:9000 and rerun with --set store.endpoint=127.0.0.1:9000")
-            if s.secure:
-                fixes.append("store.secure is on: check TLS (HETLORA_S3_CA_BUNDLE names a private CA)")
-            return Check("store", False, f"cannot reach {s.endpoint}: {e}", fixes)
+            return Check("store", False, f"cannot reach {s.endpoint}: {e}", [
+                f"is store.endpoint ({s.endpoint}) right, and is the store running? (kubectl get pods,svc -A | grep -i minio)",
+                "a cluster-internal endpoint is not reachable from outside: kubectl -n NS port-forward svc/SERVICE "
+                "9000:9000, then rerun with --set store.endpoint=127.0.0.1:9000"]
+                + (["store.secure is on: check TLS (HETLORA_S3_CA_BUNDLE names a private CA)"] if s.secure else []))
         except (StoreError, ValueError) as e:
             return Check("store", False, f"store error: {e}", ["check the store section of the config"])
     return Check("store", True, f"bucket {s.bucket} at {s.endpoint} answers (credentials from {source})")
@@ -297,11 +294,9 @@ def list_nodes(api: Any, timeout: float = 20.0) -> list[k8s.V1Node]:
 def read_secret(api: Any, namespace: str, name: str) -> k8s.V1Secret | None:
     try:
         return api.read_namespaced_secret(name, namespace, _request_timeout=(5, 20))
-    except k8s.ApiException as e:
-        if e.status == 404:
+    except Exception as e:  # noqa: BLE001 - 404 is an answer; the rest become one readable message
+        if isinstance(e, k8s.ApiException) and e.status == 404:
             return None
-        raise _api_error(e, f"read secret {namespace}/{name}", api) from e
-    except Exception as e:  # noqa: BLE001
         raise _api_error(e, f"read secret {namespace}/{name}", api) from e
 
 
@@ -314,8 +309,13 @@ def core_api(kubeconfig: str | None = None, context: str | None = None) -> k8s.C
     try:
         if kubeconfig or context or os.environ.get("KUBECONFIG") or os.path.exists(default):
             kc.load_kube_config(config_file=kubeconfig, context=context, client_configuration=conf, persist_config=False)
+        elif not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            raise PreflightError(f"no kubeconfig ({default} is missing) and not running inside a cluster: "
+                                 "pass --kubeconfig FILE [--context NAME] or set KUBECONFIG")
         else:
             kc.load_incluster_config(client_configuration=conf)
+    except PreflightError:
+        raise
     except Exception as e:  # noqa: BLE001 - ConfigException, OSError, YAML errors: one message
         raise PreflightError(f"cannot load Kubernetes credentials ({type(e).__name__}: {e}); pass --kubeconfig "
                              "FILE [--context NAME], set KUBECONFIG, or run inside the cluster") from None

@@ -188,6 +188,26 @@ def test_optional_values_are_left_out_and_a_retry_replaces_the_group(pushgateway
     assert len(pushgateway.group_labels(run=run)) == 1
 
 
+def test_weight_added_after_aggregation_keeps_the_client_values(pushgateway: Pushgateway,
+                                                                prometheus: Prometheus) -> None:
+    run, cfg = new_run(), MetricsConfig(pushgateway_url=pushgateway.url)
+    values = dict(CLIENTS["macbeth-witch"][1], weight=None, heldout_ppl=None)
+    assert metrics.push_client_metrics(cfg, run, 2, "c1", "small", **values)
+    assert metrics.add_client_metrics(cfg, run, 2, "c1", "small") is False  # nothing to add
+    assert metrics.add_client_metrics(cfg, run, 2, "c1", "small", weight=0.25)
+    assert metrics.add_client_metrics(cfg, run, 2, "c1", "small", heldout_ppl=41.5)
+    samples = pushed_samples(pushgateway, run)
+    # POST: the client task's values are all still there, next to the added ones
+    assert {n for n in samples if n.startswith("hetlora_")} == {m.name for m in metrics.CLIENT_METRICS}
+    assert list(samples["hetlora_client_aggregation_weight"].values()) == [0.25]
+    assert list(samples["hetlora_client_train_loss"].values()) == [values["train_loss"]]
+    got = prometheus.wait_for(f'hetlora_client_aggregation_weight{{run="{run}"}}')
+    assert got[0]["metric"] == {"__name__": "hetlora_client_aggregation_weight", "job": "hetlora", "run": run,
+                                "round": "2", "client": "c1", "tier": "small"}
+    assert float(got[0]["value"][1]) == 0.25
+    assert len(pushgateway.group_labels(run=run)) == 1  # same group, not a new one
+
+
 def test_label_values_that_need_escaping(pushgateway: Pushgateway) -> None:
     run, cfg = new_run(), MetricsConfig(pushgateway_url=pushgateway.url)
     client = "king-lear/the fool"  # '/' and ' ' go base64-encoded in the URL
@@ -322,3 +342,12 @@ def test_delete_covers_rounds_without_clients(pushgateway: Pushgateway) -> None:
                                    bytes_up=0, bytes_down=0)
     assert metrics.delete_run_groups(cfg, run, 3, {}) == 3
     assert pushgateway.group_labels(run=run) == [{"job": "hetlora", "run": run}]
+
+
+def test_deploy_docs_list_every_metric() -> None:
+    """docs/deploy.md's metric table is the user's reference: it names exactly what the code emits."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "deploy.md").read_text()
+    rows = set(re.findall(r"^\| `(hetlora_[a-z0-9_]+)` \|", doc, re.M))
+    assert rows == metrics.METRIC_NAMES
