@@ -147,3 +147,34 @@ def export(run_dir: str, out: str, rnd: int | None, merge: bool) -> None:
         merged.save_pretrained(Path(out) / "merged", safe_serialization=True)
         runtime.load_base_model_tokenizer(cfg).save_pretrained(Path(out) / "merged")
         click.echo(f"merged model written to {Path(out) / 'merged'}")
+
+
+@main.group()
+def tiers() -> None:
+    """Size rank tiers (CPU/memory requests and limits) from measurement."""
+
+
+@tiers.command("measure")
+@config_option
+@set_option
+@click.option("--steps", type=int, default=3, show_default=True, help="Timed local steps per rank (after one warm-up update).")
+@click.option("--headroom", type=float, default=1.5, show_default=True, help="Memory limit = measured peak x this.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Write the tier table YAML here (default: stdout).")
+def tiers_measure(config: str | None, sets: tuple[str, ...], steps: int, headroom: float, out: str | None) -> None:
+    """Measure peak memory and step time of local training at every tier's rank (each in a fresh
+    process) and print the tier table with requests = peak and limits = peak x headroom."""
+    from .tiers import measure_rank, render, tier_table
+
+    cfg = load_cfg(config, sets)
+    ranks = sorted({t.rank for t in cfg.ranks.tiers})
+    meas = {}
+    with click.progressbar(ranks, label="measuring ranks", file=sys.stderr) as bar:
+        for r in bar:
+            meas[r] = measure_rank(cfg, r, steps)
+    cmd = "hetlora tiers measure " + " ".join(sys.argv[3:])
+    text = render(cfg, meas, tier_table(cfg, meas, headroom), cmd.strip())
+    if out:
+        Path(out).write_text(text)
+        click.echo(f"tier table written to {out}")
+    else:
+        click.echo(text)

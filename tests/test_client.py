@@ -219,7 +219,7 @@ def test_regulariser_moves_only_the_tail(model, cfg, one_client):
 
 
 @pytest.mark.parametrize("overrides", [
-    {"ranks.r_min": R_MAX},  # a client already at r_min cannot prune: no regulariser (default)
+    {"ranks.r_min": R_MAX, "ranks.assignment": "uniform"},  # a client already at r_min cannot prune: no regulariser (default)
     {"strategy.name": "zero_pad"},  # baselines never regularise
     {"pruning.lam": 0.0},
 ])

@@ -99,6 +99,13 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
+def grouping_labels(expr: str) -> set[str]:
+    """Labels an expression's result is grouped by: ``by (...)`` clauses and count_values' label."""
+    labels = {lbl.strip() for group in re.findall(r"\bby\s*\(([^)]*)\)", expr) for lbl in group.split(",")}
+    labels |= set(re.findall(r'count_values(?:\s*(?:by|without)\s*\([^)]*\))?\s*\(\s*"(\w+)"', expr))
+    return labels
+
+
 def test_lexer_finds_metric_names() -> None:
     assert metric_names('sum by (tier) (rate(foo_total{a="b{c}"}[5m] offset 1h)) / on(x) group_left bar') == \
         {"foo_total", "bar"}
@@ -134,6 +141,27 @@ def test_dashboard_structure() -> None:
                 assert 'tier=~"$tier"' in t["expr"], f"{p['title']}: filter tiers with =~ (multi-value variable)"
         g = p["gridPos"]
         assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+
+
+def test_transformations_use_the_labels_the_queries_return() -> None:
+    """Table panels pivot on labels (groupingToMatrix) and plot a label on the x axis: those labels
+    must be ones the panel's queries group by, or Grafana shows an empty panel."""
+    checked = 0
+    for p in all_panels(load_dashboard()["panels"]):
+        exprs = [t["expr"] for t in p.get("targets", [])]
+        labels = set().union(*map(grouping_labels, exprs)) if exprs else set()
+        fields = set(labels)
+        for tr in p.get("transformations", []):
+            if tr["id"] == "groupingToMatrix":
+                row, col = tr["options"]["rowField"], tr["options"]["columnField"]
+                assert {row, col} <= labels, f"{p['title']}: pivots on {row}/{col}, queries give {labels}"
+                fields.add(f"{row}\\{col}")  # Grafana names the pivot's first column row\column
+                checked += 1
+        x = p.get("options", {}).get("xField")
+        if x:
+            assert x in fields, f"{p['title']}: x axis {x!r} not among {fields}"
+            checked += 1
+    assert checked >= 10
 
 
 def test_every_metric_name_is_emitted_and_every_metric_is_shown() -> None:
@@ -188,9 +216,15 @@ def test_every_panel_query_returns_data_for_a_pushed_run(pushgateway: Pushgatewa
     prometheus.wait_for(f'count by (__name__) ({{run="{run}"}})',
                         lambda r: metrics.METRIC_NAMES <= {s["metric"]["__name__"] for s in r})
     for where, expr in panel_targets():
+        # labels the panel groups by (and count_values' output label) must exist on the result:
+        # a misspelt label would silently collapse the series into one
+        grouping = grouping_labels(expr)
         for tier in ("small|medium|large", "medium"):  # "All" and one value of the repeated row
-            result = prometheus.query(substitute(expr, run=run, tier=tier, rnd="1"))
-            assert result, f"{where}: no data for a pushed run: {substitute(expr, run=run, tier=tier, rnd='1')}"
+            query = substitute(expr, run=run, tier=tier, rnd="1")
+            result = prometheus.query(query)
+            assert result, f"{where}: no data for a pushed run: {query}"
+            for label in grouping:
+                assert all(s["metric"].get(label) for s in result), f"{where}: no label {label!r} in {query}"
     # spot-check two panels' numbers
     (ppl,) = prometheus.query(substitute(
         'min(last_over_time(hetlora_global_heldout_perplexity{run="$run"}[$__range]))', run=run))

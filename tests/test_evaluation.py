@@ -1,0 +1,116 @@
+"""Held-out perplexity on the tiny Llama: against the model's own loss, the base model, each
+client's own rank, and the token-weighted overall figure."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hetlora_core import runtime
+from hetlora_core.adapter import LoraAdapter, init_global, spec_from_model
+from hetlora_core.config import HetLoRAConfig, load_config, replace
+from hetlora_core.data import eval_windows
+from hetlora_core.evaluation import EvalResult, evaluate, evaluate_full, nll
+
+R_MAX = 8
+
+
+@pytest.fixture(scope="module")
+def cfg() -> HetLoRAConfig:
+    return load_config("configs/smoke.yaml", {"training.bf16": False, "data.eval_max_tokens": 96})
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    torch.set_num_threads(1)
+    return runtime.model(cfg)
+
+
+@pytest.fixture(scope="module")
+def clients(cfg):
+    return list(runtime.clients(cfg).values())
+
+
+def random_global(model, cfg, b_std: float = 0.3) -> LoraAdapter:
+    g = init_global(spec_from_model(model, cfg.model.target_modules), R_MAX, cfg.model.lora_scale, 1)
+    gen = torch.Generator().manual_seed(7)
+    g.B = {m: torch.randn(b.shape, generator=gen) * b_std for m, b in g.B.items()}
+    return g
+
+
+def test_nll_matches_the_models_own_loss(model, clients, cfg):
+    w = eval_windows(clients[0].heldout_ids, cfg.data.seq_len, cfg.data.eval_max_tokens)
+    total, count = nll(model, w, bf16=False)
+    assert count == w.shape[0] * (cfg.data.seq_len - 1)
+    with torch.no_grad():
+        hf = float(model(input_ids=w, labels=w).loss)  # mean over shifted tokens
+    assert total / count == pytest.approx(hf, rel=1e-5)
+
+
+def test_base_model_equals_a_zero_update_adapter(model, clients, cfg):
+    base = evaluate(model, None, clients, cfg)
+    zero = init_global(spec_from_model(model, cfg.model.target_modules), R_MAX, cfg.model.lora_scale, 0)  # B = 0
+    assert all(float(b.abs().max()) == 0 for b in zero.B.values())
+    with_zero = evaluate(model, zero, clients, cfg)
+    assert with_zero.ppl == pytest.approx(base.ppl, rel=1e-5)
+    assert with_zero.per_client == pytest.approx(base.per_client, rel=1e-5)
+    assert with_zero.tokens == base.tokens
+    # ... and a non-zero update is visible, so the comparison above is not vacuous
+    assert abs(evaluate(model, random_global(model, cfg), clients, cfg).ppl / base.ppl - 1) > 1e-3
+
+
+def test_overall_is_token_weighted(model, clients, cfg):
+    r = evaluate(model, random_global(model, cfg), clients, cfg)
+    expected_tokens = {c.client_id: eval_windows(c.heldout_ids, cfg.data.seq_len, cfg.data.eval_max_tokens).numel()
+                       - eval_windows(c.heldout_ids, cfg.data.seq_len, cfg.data.eval_max_tokens).shape[0]
+                       for c in clients}
+    assert r.per_client_tokens == expected_tokens and r.tokens == sum(expected_tokens.values())
+    log_mean = sum(math.log(p) * expected_tokens[c] for c, p in r.per_client.items()) / r.tokens
+    assert r.ppl == pytest.approx(math.exp(log_mean), rel=1e-9)
+    assert EvalResult.combine(r.per_client, r.per_client_tokens).ppl == pytest.approx(r.ppl, rel=1e-9)
+    # a plain mean of per-client perplexities would differ when token counts differ
+    if len(set(expected_tokens.values())) > 1:
+        assert r.ppl != pytest.approx(sum(r.per_client.values()) / len(r.per_client), rel=1e-9)
+
+
+def test_each_client_at_its_own_rank(model, clients, cfg):
+    g = random_global(model, cfg)
+    ranks: dict = {c.client_id: r for c, r in zip(clients, [2, 4, R_MAX, 3, R_MAX, 2])}
+    mods = g.modules
+    ranks[clients[-1].client_id] = {m: (2 if i % 2 else 5) for i, m in enumerate(mods)}  # per-module ranks
+    own = evaluate(model, g, clients, cfg, ranks)
+    shared = evaluate(model, g, clients, cfg)
+    for c in clients:
+        alone = evaluate(model, g.truncate(ranks[c.client_id]), [c], cfg)
+        assert own.per_client[c.client_id] == pytest.approx(alone.per_client[c.client_id], rel=1e-6)
+        if ranks[c.client_id] == R_MAX:
+            assert own.per_client[c.client_id] == pytest.approx(shared.per_client[c.client_id], rel=1e-6)
+        else:  # the truncated model is a different model
+            assert abs(own.per_client[c.client_id] / shared.per_client[c.client_id] - 1) > 1e-4
+    assert own.tokens == shared.tokens
+
+
+def test_evaluation_leaves_the_base_model_clean(model, clients, cfg):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    n_modules = len(list(model.modules()))
+    g = random_global(model, cfg)
+    evaluate(model, g, clients[:2], cfg)
+    evaluate(model, g, clients[:2], cfg, {c.client_id: 3 for c in clients[:2]})
+    delta = {n: torch.full_like(p, 1e-3) for n, p in list(model.named_parameters())[:3]}
+    full = evaluate_full(model, delta, clients[:2], cfg)
+    assert len(list(model.modules())) == n_modules
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any("lora" in n for n, _ in model.named_modules())
+    base = evaluate(model, None, clients[:2], cfg)
+    assert full.ppl != pytest.approx(base.ppl, rel=1e-6)  # the delta was applied while evaluating
+    zero = evaluate_full(model, {n: torch.zeros_like(d) for n, d in delta.items()}, clients[:2], cfg)
+    assert zero.ppl == pytest.approx(base.ppl, rel=1e-9)
+
+
+def test_bf16_evaluation_is_close_to_float32(model, clients, cfg):
+    g = random_global(model, cfg)
+    f32 = evaluate(model, g, clients[:2], cfg)
+    bf = evaluate(model, g, clients[:2], replace(cfg, **{"training.bf16": True}))
+    assert bf.ppl == pytest.approx(f32.ppl, rel=0.05)
