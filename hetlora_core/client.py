@@ -37,6 +37,10 @@ class TrainResult:
     seconds: float
 
 
+class ClientTimeout(RuntimeError):
+    """Local training passed ``federation.client_timeout_s``; the client drops out of the round."""
+
+
 def client_seed(seed: int, rnd: int, client_id: str) -> int:
     """A stable per-(run, round, client) seed; crc32, not hash(), which changes per process."""
     return (seed * 1_000_003 + rnd * 7919 + zlib.crc32(client_id.encode())) % (2**63)
@@ -53,8 +57,13 @@ def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: Clie
     gen = torch.Generator().manual_seed(client_seed(cfg.federation.seed, rnd, client.client_id))
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     losses, regs, tokens = [], [], 0
+    deadline = time.monotonic() + cfg.federation.client_timeout_s
     model.train()
-    for _ in range(t.local_steps):
+    for step in range(t.local_steps):
+        if time.monotonic() > deadline:
+            model.eval()
+            raise ClientTimeout(f"client {client.client_id}: {step} of {t.local_steps} local steps done when "
+                                f"federation.client_timeout_s={cfg.federation.client_timeout_s} passed")
         batch = sample_batch(client.train_ids, t.batch_size, cfg.data.seq_len, gen)
         with autocast(cfg):
             loss = model(input_ids=batch, labels=batch).loss

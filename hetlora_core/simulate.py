@@ -8,16 +8,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from .reporting import push_round_outcome
-from . import rounds, runtime
+from . import rounds, runtime, tasks
 from . import store as st
-from .config import HetLoRAConfig
+from .config import HetLoRAConfig, replace
 from .results import collect_results, write_results
 
 
@@ -43,39 +41,39 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store) -> None:
     store.put_bytes(key, json.dumps(mine, indent=1, sort_keys=True).encode())
 
 
-Hook = Callable[[str, int, str], None]  # (event, round, client) -> None; fault-injection tests use it
+def local_config(cfg: HetLoRAConfig, out_dir: str | Path) -> HetLoRAConfig:
+    """A local store under OUT/store unless the config names an S3 store. The path is absolute
+    because kfp.local's component subprocesses run in their own working directories."""
+    if cfg.store.kind == "local":
+        return replace(cfg, **{"store.root": str((Path(out_dir) / "store").resolve())})
+    return cfg
 
 
-def run_round(cfg: HetLoRAConfig, store: st.Store, rnd: int, progress: tqdm | None = None,
-              hook: Hook | None = None) -> dict[str, Any]:
-    """One whole round in-process: plan, train + prune each client, aggregate, evaluate, push metrics."""
-    start = time.perf_counter()
+def run_round(cfg: HetLoRAConfig, rnd: int, progress: tqdm | None = None) -> dict[str, Any]:
+    """One whole round in-process through the components' own entry points (hetlora_core.tasks):
+    plan, train + prune each client, aggregate (quorum), evaluate and push metrics."""
+    store = st.open_store(cfg.store)
     plan = rounds.plan_round(cfg, store, runtime.client_ids(cfg), rnd)
+    cfg_json, started = cfg.to_json(), time.time()
+    reports = []
     for c in plan.clients:
         if progress is not None:
             progress.set_postfix_str(f"round {rnd} client {c.client_id} (rank {c.rank})")
-        if hook:
-            hook("train", rnd, c.client_id)
-        runtime.train_client(cfg, store, rnd, c)
-        if hook:
-            hook("prune", rnd, c.client_id)
-        rounds.prune_client(cfg, store, rnd, c.client_id)
+        tasks.train_task(cfg_json, rnd, c.client_id)
+        reports.append(tasks.prune_task(cfg_json, rnd, c.client_id))
         if progress is not None:
             progress.update(1)
-    if hook:
-        hook("aggregate", rnd, "")
-    gman = rounds.aggregate_round(cfg, store, plan)
-    if hook:
-        hook("evaluate", rnd, "")
-    ev = runtime.evaluate_round(cfg, store, rnd)
-    push_round_outcome(cfg, rnd, gman, ev, time.perf_counter() - start)
-    return ev
+    tasks.aggregate_task(cfg_json, rnd, reports)
+    tasks.evaluate_task(cfg_json, rnd, started)
+    return json.loads(store.get_bytes(f"{st.round_prefix(cfg.experiment, rnd)}/eval/metrics.json"))
 
 
-def simulate(cfg: HetLoRAConfig, out_dir: str | Path, progress: bool = True, hook: Hook | None = None) -> dict[str, Any]:
-    """Run (or resume) every round of ``cfg`` in-process with a local store under ``out_dir``."""
+def simulate(cfg: HetLoRAConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every round of ``cfg`` in-process; the store is a local directory under
+    ``out_dir`` unless the config names an S3 store; results.json and the plot go to ``out_dir``."""
     out = Path(out_dir)
-    store = st.LocalStore(out / "store")
+    cfg = local_config(cfg, out)
+    store = st.open_store(cfg.store)
     check_or_record_config(cfg, store)
     t0 = time.perf_counter()
     runtime.evaluate_baseline(cfg, store)
@@ -90,7 +88,7 @@ def simulate(cfg: HetLoRAConfig, out_dir: str | Path, progress: bool = True, hoo
                disable=not progress, file=sys.stderr)
     try:
         for rnd in range(done, cfg.federation.rounds):
-            ev = run_round(cfg, store, rnd, bar, hook)
+            ev = run_round(cfg, rnd, bar)
             bar.write(f"round {rnd}: held-out perplexity global {ev['global']['ppl']:.2f}, "
                       f"own rank {ev['personal']['ppl']:.2f}", file=sys.stderr)
     finally:

@@ -35,6 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hetlora_core.faults import failpoint
+
 if TYPE_CHECKING:
     from hetlora_core.config import StoreConfig
     from hetlora_core.store_s3 import S3Store
@@ -261,6 +263,7 @@ def put_artifact(store: Store, prefix: str, payload: bytes, manifest: dict[str, 
     if len(text) > MAX_MANIFEST_BYTES:
         raise ValueError(f"manifest for {prefix} is {len(text)} bytes; the limit is {MAX_MANIFEST_BYTES}")
     store.put_bytes(f"{prefix}/{filename}", payload)
+    failpoint("put_artifact_between", key=prefix)
     store.put_bytes(f"{prefix}/{MANIFEST}", text)  # LAST: its presence commits the artifact
     return full
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from hetlora_core import rounds, runtime
 from hetlora_core import store as st
-from hetlora_core.config import HetLoRAConfig, replace
+from hetlora_core.config import HetLoRAConfig
 from hetlora_core.results import collect_results, write_results
-from hetlora_core.simulate import check_or_record_config
+from hetlora_core.simulate import check_or_record_config, local_config
 
 from .round import build_round_pipeline, compile_round, tier_groups
 
@@ -29,14 +29,6 @@ class RoundFailed(RuntimeError):
 
 def _log(msg: str) -> None:
     print(f"[hetlora] {msg}", file=sys.stderr, flush=True)
-
-
-def local_config(cfg: HetLoRAConfig, out_dir: str | Path) -> HetLoRAConfig:
-    """For kfp.local: a local store under OUT/store unless the config names an S3 store. The path is
-    made absolute because component subprocesses run in their own working directories."""
-    if cfg.store.kind == "local":
-        return replace(cfg, **{"store.root": str((Path(out_dir) / "store").resolve())})
-    return cfg
 
 
 def run_local(cfg: HetLoRAConfig, out_dir: str | Path, on_round: Callable[[int], None] | None = None) -> dict[str, Any]:

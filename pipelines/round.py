@@ -19,6 +19,9 @@ from hetlora_kfp.components import MAX_TIERS, Components, build
 from . import platform
 
 PIPELINE_NAME = "hetlora-round"
+# The client enforces federation.client_timeout_s itself (a soft failure: the round goes on);
+# the pod's activeDeadlineSeconds is a hard backstop a little later (start-up, uploads).
+HARD_TIMEOUT_GRACE_S = 600
 
 
 def tier_groups(cfg: HetLoRAConfig, plan: RoundPlan) -> list[tuple[Any, list[str]]]:
@@ -51,7 +54,7 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
                 platform.set_tier_resources(train, tier)
                 platform.place_on_tier(train, tier)
                 platform.use_store_secret(train, cfg)
-                platform.harden(train, cfg.federation.client_timeout_s)
+                platform.harden(train, cfg.federation.client_timeout_s + HARD_TIMEOUT_GRACE_S)
                 train.set_retry(num_retries=2, backoff_duration="30s")  # preemption: re-run overwrites the same keys
                 prune = comps.prune(config_json=config_json, round_index=round_index, client_id=client_id).after(train)
                 prune.set_display_name(f"prune-{tier.name}")

@@ -85,7 +85,7 @@ def test_each_tier_has_its_placement_and_resources(compiled, tier):
     assert plat["nodeSelector"]["labels"] == tier["node_selector"]
     tol = tier["tolerations"][0]
     assert plat["tolerations"] == [{k: v for k, v in tol.items()}]
-    assert plat["activeDeadlineSeconds"] == "3600"
+    assert plat["activeDeadlineSeconds"] == "4200"  # client_timeout_s + grace
     assert spec["deploymentSpec"]["executors"][exe]["container"]["image"] == "registry.example/hetlora:9.9"
 
 
