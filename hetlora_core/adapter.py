@@ -148,7 +148,7 @@ class LoraAdapter:
             tensors[f"{m}.lora_A"] = self.A[m].contiguous()
             tensors[f"{m}.lora_B"] = self.B[m].contiguous()
         meta = {"format": FORMAT, "scale": repr(float(self.scale)), **(extra_metadata or {})}
-        return st_save(tensors, metadata=meta)
+        return canonical_safetensors(st_save(tensors, metadata=meta))
 
     @classmethod
     def from_bytes(cls, data: bytes, spec: AdapterSpec | None = None, r_min: int = 1, r_max: int | None = None,
@@ -189,6 +189,22 @@ class LoraAdapter:
         if not p.is_file():
             raise AdapterError(f"{p}: no such file")
         return cls.from_bytes(p.read_bytes(), where=str(p), **kw)
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with a deterministic header: ``__metadata__`` keys sorted, tensor
+    entries in data order. safetensors serialises the metadata from a Rust HashMap, whose order
+    changes from call to call, so equal adapters would otherwise get different bytes and sha256s
+    (breaking byte-identical resume and content checks). Offsets are relative to the data section,
+    so re-padding the header does not move any tensor."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}
+    ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
 
 
 def read_safetensors_metadata(data: bytes, where: str = "adapter") -> dict[str, str]:

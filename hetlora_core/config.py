@@ -215,6 +215,9 @@ class StoreConfig:
 class MetricsConfig:
     pushgateway_url: str = ""  # empty: no metrics pushed (HETLORA_PUSHGATEWAY_URL overrides)
     job: str = "hetlora"
+    # Delete the run's per-round and per-client groups when the run ends (Prometheus keeps the
+    # scraped history; the Pushgateway would otherwise serve stale values forever).
+    delete_groups_at_end: bool = True
 
 
 @dataclass(frozen=True)

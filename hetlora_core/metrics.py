@@ -21,7 +21,8 @@ A client task's and a round's push is a ``PUT`` (``push_to_gateway``): it replac
 so a retried task never leaves stale values from its failed attempt. Values known only later (the
 aggregation weight, a client's held-out perplexity) are added to the client's group with a ``POST``
 (:func:`add_client_metrics`), which keeps the rest of the group. Pushing is best effort: without a URL it is a no-op,
-and a failed push logs a warning and returns ``False``; it never raises into the training code.
+and a failed push logs a warning and returns ``False``; it never raises into the training code
+(invalid label values, e.g. an empty tier, are a warning and no push, too).
 At the end of a run :func:`delete_run_groups` deletes the per-round and per-client groups (the
 values stay in Prometheus's TSDB; the Pushgateway would otherwise expose them forever) and keeps
 the ``{run}`` group so "time since the last successful round" stays observable.
@@ -120,7 +121,8 @@ def _timeout() -> float:
 
 
 def _label(name: str, value: object) -> str:
-    """A grouping-key or label value: a non-empty string (a bug in the caller otherwise)."""
+    """A grouping-key or label value: a non-empty string (ValueError otherwise, which the public
+    functions turn into a warning: a caller's bug must not fail the training either)."""
     s = str(value)
     if not s:
         raise ValueError(f"metrics: label {name!r} must be a non-empty string")
@@ -135,6 +137,21 @@ def _round_label(rnd: int) -> str:
 
 def _gauge(reg: CollectorRegistry, m: MetricDef, labels: Iterable[str] = ()) -> Gauge:
     return Gauge(m.name, m.help, labelnames=tuple(labels), registry=reg)
+
+
+def _registry(values: Iterable[tuple[MetricDef, object]], tier: str | None = None) -> CollectorRegistry:
+    """A fresh registry with one gauge per value that is not None (``tier`` label on client metrics).
+    A value that is not a number raises ValueError/TypeError, which the callers turn into a warning."""
+    reg = CollectorRegistry()
+    for m, v in values:
+        if v is None:
+            continue
+        value = float(v)  # type: ignore[arg-type]
+        if tier is None:
+            _gauge(reg, m).set(value)
+        else:
+            _gauge(reg, m, CLIENT_LABELS).labels(tier=tier).set(value)
+    return reg
 
 
 def _push(cfg: MetricsConfig, registry: CollectorRegistry, grouping_key: Mapping[str, str], what: str,
@@ -177,25 +194,29 @@ def push_client_metrics(
     This is a ``PUT``: it replaces the whole group, so a retried client task leaves nothing stale.
     Returns True if pushed, False if metrics are off or the push failed (logged as a warning).
     """
-    key = {"run": _label("run", run), "round": _round_label(rnd), "client": _label("client", client)}
-    tier = _label("tier", tier)
+    try:
+        key = {"run": _label("run", run), "round": _round_label(rnd), "client": _label("client", client)}
+        tier = _label("tier", tier)
+    except ValueError as e:
+        log.warning("%s; not pushed", e)
+        return False
     if not pushgateway_url(cfg):
         return False
-    reg = CollectorRegistry()
-    values: list[tuple[MetricDef, float | None]] = [
-        (CLIENT_TASK_DURATION, duration_s),
-        (CLIENT_TRAIN_LOSS, train_loss),
-        (CLIENT_START_RANK, rank_before),
-        (CLIENT_RANK, rank_after),
-        (CLIENT_RANKS_PRUNED, rank_before - rank_after),
-        (CLIENT_UPLOAD_BYTES, bytes_up),
-        (CLIENT_DOWNLOAD_BYTES, bytes_down),
-        (CLIENT_AGG_WEIGHT, weight),
-        (CLIENT_HELDOUT_PPL, heldout_ppl),
-    ]
-    for m, v in values:
-        if v is not None:
-            _gauge(reg, m, CLIENT_LABELS).labels(tier=tier).set(float(v))
+    try:
+        reg = _registry([
+            (CLIENT_TASK_DURATION, duration_s),
+            (CLIENT_TRAIN_LOSS, train_loss),
+            (CLIENT_START_RANK, rank_before),
+            (CLIENT_RANK, rank_after),
+            (CLIENT_RANKS_PRUNED, rank_before - rank_after),
+            (CLIENT_UPLOAD_BYTES, bytes_up),
+            (CLIENT_DOWNLOAD_BYTES, bytes_down),
+            (CLIENT_AGG_WEIGHT, weight),
+            (CLIENT_HELDOUT_PPL, heldout_ppl),
+        ], tier)
+    except (TypeError, ValueError) as e:
+        log.warning("metrics: client metrics of %s are not numbers (%s); not pushed", key, e)
+        return False
     return _push(cfg, reg, key, "client metrics")
 
 
@@ -216,14 +237,19 @@ def add_client_metrics(
     and keeps the ones the client task pushed. Returns True if pushed (False: off, nothing to add,
     or failed with a warning).
     """
-    key = {"run": _label("run", run), "round": _round_label(rnd), "client": _label("client", client)}
-    tier = _label("tier", tier)
+    try:
+        key = {"run": _label("run", run), "round": _round_label(rnd), "client": _label("client", client)}
+        tier = _label("tier", tier)
+    except ValueError as e:
+        log.warning("%s; not pushed", e)
+        return False
     if not pushgateway_url(cfg) or (weight is None and heldout_ppl is None):
         return False
-    reg = CollectorRegistry()
-    for m, v in ((CLIENT_AGG_WEIGHT, weight), (CLIENT_HELDOUT_PPL, heldout_ppl)):
-        if v is not None:
-            _gauge(reg, m, CLIENT_LABELS).labels(tier=tier).set(float(v))
+    try:
+        reg = _registry([(CLIENT_AGG_WEIGHT, weight), (CLIENT_HELDOUT_PPL, heldout_ppl)], tier)
+    except (TypeError, ValueError) as e:
+        log.warning("metrics: client metrics of %s are not numbers (%s); not pushed", key, e)
+        return False
     return _push(cfg, reg, key, "client metrics (add)", replace_group=False)
 
 
@@ -247,28 +273,29 @@ def push_round_metrics(
     Call it only after the round's global manifest is committed. Returns True if both pushes
     succeeded.
     """
-    key = {"run": _label("run", run), "round": _round_label(rnd)}
+    try:
+        key = {"run": _label("run", run), "round": _round_label(rnd)}
+    except ValueError as e:
+        log.warning("%s; not pushed", e)
+        return False
     if not pushgateway_url(cfg):
         return False
-    reg = CollectorRegistry()
-    values: list[tuple[MetricDef, float | None]] = [
-        (ROUND_DURATION, duration_s),
-        (GLOBAL_HELDOUT_PPL, global_ppl),
-        (ROUND_MEAN_TRAIN_LOSS, mean_train_loss),
-        (ROUND_CLIENTS, clients),
-        (ROUND_UPLOAD_BYTES, bytes_up),
-        (ROUND_DOWNLOAD_BYTES, bytes_down),
-        (ROUND_RANKS_PRUNED, ranks_pruned),
-    ]
-    for m, v in values:
-        if v is not None:
-            _gauge(reg, m).set(float(v))
+    try:
+        reg = _registry([
+            (ROUND_DURATION, duration_s),
+            (GLOBAL_HELDOUT_PPL, global_ppl),
+            (ROUND_MEAN_TRAIN_LOSS, mean_train_loss),
+            (ROUND_CLIENTS, clients),
+            (ROUND_UPLOAD_BYTES, bytes_up),
+            (ROUND_DOWNLOAD_BYTES, bytes_down),
+            (ROUND_RANKS_PRUNED, ranks_pruned),
+        ])
+        run_reg = _registry([(LAST_SUCCESS_TS, time.time() if committed_at is None else committed_at),
+                             (LAST_SUCCESS_ROUND, int(key["round"]))])
+    except (TypeError, ValueError) as e:
+        log.warning("metrics: round metrics of %s are not numbers (%s); not pushed", key, e)
+        return False
     ok = _push(cfg, reg, key, "round metrics")
-
-    run_reg = CollectorRegistry()
-    ts = time.time() if committed_at is None else committed_at
-    _gauge(run_reg, LAST_SUCCESS_TS).set(float(ts))
-    _gauge(run_reg, LAST_SUCCESS_ROUND).set(float(key["round"]))
     return _push(cfg, run_reg, {"run": key["run"]}, "last successful round") and ok
 
 
@@ -285,18 +312,22 @@ def delete_run_groups(
     stops the deletion (the gateway is then unreachable; the groups stay until the next cleanup).
     """
     url = pushgateway_url(cfg)
-    run = _label("run", run)
     if not url:
         return 0
-    # Keys may come back from JSON/KFP as "3" or 3.0: normalise them to ints.
-    by_round: dict[int, list[str]] = {}
-    for r, clients in clients_by_round.items():
-        by_round.setdefault(int(_round_label(float(r))), []).extend(clients)
-    keys: list[dict[str, str]] = []
-    for r in sorted(set(range(int(rounds))) | set(by_round)):
-        for c in dict.fromkeys(by_round.get(r, ())):
-            keys.append({"run": run, "round": str(r), "client": _label("client", c)})
-        keys.append({"run": run, "round": str(r)})
+    try:
+        run = _label("run", run)
+        # Keys may come back from JSON/KFP as "3" or 3.0: normalise them to ints.
+        by_round: dict[int, list[str]] = {}
+        for r, clients in clients_by_round.items():
+            by_round.setdefault(int(_round_label(float(r))), []).extend(clients)
+        keys: list[dict[str, str]] = []
+        for r in sorted(set(range(int(rounds))) | set(by_round)):
+            for c in dict.fromkeys(by_round.get(r, ())):
+                keys.append({"run": run, "round": str(r), "client": _label("client", c)})
+            keys.append({"run": run, "round": str(r)})
+    except (ValueError, TypeError) as e:
+        log.warning("%s; no group deleted", e)
+        return 0
     deleted = 0
     timeout = _timeout()
     for key in keys:

@@ -29,4 +29,15 @@ def push_round_outcome(cfg: HetLoRAConfig, rnd: int, gman: dict[str, Any], ev: d
         cfg.metrics, cfg.experiment, rnd, duration_s=duration_s, global_ppl=float(ev["global"]["ppl"]),
         mean_train_loss=sum(losses) / len(losses) if losses else float("nan"), clients=len(reports),
         bytes_up=sum(int(r.get("bytes_up", 0)) for r in reports.values()),
-        bytes_down=sum(int(r.get("bytes_down", 0)) for r in reports.values()))
+        bytes_down=sum(int(r.get("bytes_down", 0)) for r in reports.values()),
+        ranks_pruned=sum(int(r.get("rank_before", 0)) - int(r.get("rank_after", 0)) for r in reports.values()))
+
+
+def finish_run(cfg: HetLoRAConfig, results: dict[str, Any]) -> None:
+    """At run end, delete the run's stale round/client groups (keeps the run-level group with the
+    last successful round), unless ``metrics.delete_groups_at_end`` is off."""
+    if not metrics.pushgateway_url(cfg.metrics) or not cfg.metrics.delete_groups_at_end:
+        return
+    rounds = results.get("rounds", [])
+    metrics.delete_run_groups(cfg.metrics, cfg.experiment, len(rounds),
+                              {r["round"]: list(r.get("clients", {})) for r in rounds})

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from . import rounds, runtime, tasks
 from . import store as st
 from .config import HetLoRAConfig, replace
+from .reporting import finish_run
 from .results import collect_results, write_results
 
 
@@ -96,4 +97,5 @@ def simulate(cfg: HetLoRAConfig, out_dir: str | Path, progress: bool = True) -> 
     results = collect_results(cfg, store)
     results["wall_seconds_this_invocation"] = time.perf_counter() - t0
     write_results(results, out)
+    finish_run(cfg, results)
     return results

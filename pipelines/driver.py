@@ -17,6 +17,7 @@ from typing import Any
 from hetlora_core import rounds, runtime
 from hetlora_core import store as st
 from hetlora_core.config import HetLoRAConfig
+from hetlora_core.reporting import finish_run
 from hetlora_core.results import collect_results, write_results
 from hetlora_core.simulate import check_or_record_config, local_config
 
@@ -64,6 +65,7 @@ def run_local(cfg: HetLoRAConfig, out_dir: str | Path, on_round: Callable[[int],
             on_round(rnd)
     results = collect_results(cfg, store)
     write_results(results, out)
+    finish_run(cfg, results)
     return results
 
 

@@ -52,3 +52,7 @@ def minio_store_config(minio_server: MinioServer, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("HETLORA_S3_SECRET_KEY", minio_server.secret_key)
     return StoreConfig(kind="s3", endpoint=minio_server.endpoint, bucket=f"t-{uuid.uuid4().hex[:16]}",
                        retry_deadline_s=15.0)
+
+
+# Real Prometheus + Pushgateway (session-scoped; see tests/prometheus_server.py)
+from conftest_prometheus import prometheus, pushgateway  # noqa: E402,F401

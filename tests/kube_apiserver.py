@@ -93,7 +93,7 @@ class KubeAPIServer:
             "--authorization-mode=RBAC", f"--service-account-key-file={sa_key}",
             f"--service-account-signing-key-file={sa_key}", "--service-account-issuer=https://kubernetes.default.svc",
             "--service-cluster-ip-range=10.96.0.0/16", "--disable-admission-plugins=ServiceAccount",
-            "--enable-priority-and-fairness=false", "--profiling=false", "--v=1"])
+            "--endpoint-reconciler-type=none", "--enable-priority-and-fairness=false", "--profiling=false", "--v=1"]))
         ctx = ssl.create_default_context()
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the cert is made at startup; CA set below
         last = ""

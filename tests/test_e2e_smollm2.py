@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from hetlora_core import runtime
 from hetlora_core import store as st
@@ -105,6 +106,15 @@ def test_pruned_ranks_persist_across_rounds(tmp_path: Path):
     for t, e in pruned_then_seen:
         nxt = next(u for u in range(t + 1, len(rounds)) if e["client"] in rounds[u]["clients"])
         assert rounds[nxt]["clients"][e["client"]]["rank_before"] == e["to"]
+
+
+def test_adapter_bytes_are_deterministic():
+    """Byte-identical resume needs equal adapters to serialise to equal bytes (safetensors writes
+    its metadata from a hash map in a varying order; ``to_bytes`` canonicalises the header)."""
+    import hashlib
+
+    a = LoraAdapter({"m": torch.ones(2, 3)}, {"m": torch.ones(4, 2)}, 2.0)
+    assert len({hashlib.sha256(a.to_bytes({"round": "1", "client": "x", "z": "y"})).digest() for _ in range(30)}) == 1
 
 
 def test_resume_gives_the_same_run(tmp_path: Path):

@@ -291,18 +291,35 @@ def test_a_hanging_gateway_costs_at_most_the_timeout(monkeypatch: pytest.MonkeyP
     assert any("could not push" in r.getMessage() for r in caplog.records)
 
 
-def test_invalid_labels_are_caller_bugs() -> None:
+def test_invalid_labels_or_values_warn_and_push_nothing(monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[tuple] = []
+    monkeypatch.setattr(metrics, "push_to_gateway", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(metrics, "pushadd_to_gateway", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(metrics, "delete_from_gateway", lambda *a, **k: calls.append(a))
     cfg = MetricsConfig(pushgateway_url="http://127.0.0.1:9")
     kw = dict(duration_s=1, train_loss=1, rank_before=2, rank_after=2, bytes_up=1, bytes_down=1)
-    with pytest.raises(ValueError, match="run"):
-        metrics.push_client_metrics(cfg, "", 0, "c", "small", **kw)
-    with pytest.raises(ValueError, match="client"):
-        metrics.push_client_metrics(cfg, "r", 0, "", "small", **kw)
-    with pytest.raises(ValueError, match="tier"):
-        metrics.push_client_metrics(cfg, "r", 0, "c", "", **kw)
-    for bad in (-1, 1.5, True, "2"):
-        with pytest.raises(ValueError, match="round"):
-            metrics.push_client_metrics(cfg, "r", bad, "c", "small", **kw)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger=metrics.__name__):
+        for label, args in (("run", ("", 0, "c", "small")), ("client", ("r", 0, "", "small")),
+                            ("tier", ("r", 0, "c", ""))):
+            caplog.clear()
+            assert metrics.push_client_metrics(cfg, *args, **kw) is False  # type: ignore[arg-type]
+            assert metrics.add_client_metrics(cfg, *args, weight=0.5) is False  # type: ignore[arg-type]
+            assert any(f"label {label!r}" in r.getMessage() for r in caplog.records), label
+        for bad in (-1, 1.5, True, "2"):
+            caplog.clear()
+            assert metrics.push_client_metrics(cfg, "r", bad, "c", "small", **kw) is False  # type: ignore[arg-type]
+            assert metrics.push_round_metrics(cfg, "r", bad, duration_s=1, global_ppl=1,  # type: ignore[arg-type]
+                                              mean_train_loss=1, clients=1, bytes_up=1, bytes_down=1) is False
+            assert any("round must be" in r.getMessage() for r in caplog.records), bad
+        caplog.clear()
+        assert metrics.push_client_metrics(cfg, "r", 0, "c", "small", **{**kw, "rank_after": None}) is False
+        assert metrics.push_round_metrics(cfg, "r", 0, duration_s="slow", global_ppl=1,  # type: ignore[arg-type]
+                                          mean_train_loss=1, clients=1, bytes_up=1, bytes_down=1) is False
+        assert sum("are not numbers" in r.getMessage() for r in caplog.records) == 2
+        assert metrics.delete_run_groups(cfg, "r", 2, {0: ["a", ""]}) == 0
+        assert metrics.delete_run_groups(cfg, "r", 2, {-1: ["a"]}) == 0
+    assert calls == [], "nothing may be pushed or deleted with an invalid label"
 
 
 # ---------------------------------------------------------------- cleanup at run end

@@ -1,0 +1,43 @@
+"""A local run with the Pushgateway configured: the real Prometheus (scraping the real
+Pushgateway with honor_labels) serves the same values that results.json holds."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetlora_core.config import load_config, replace
+from hetlora_core.simulate import simulate
+
+
+def test_round_metrics_reach_prometheus(tmp_path, pushgateway, prometheus):
+    cfg = replace(load_config("configs/smoke.yaml"), **{
+        "experiment": "promtest", "metrics.pushgateway_url": pushgateway.url, "federation.rounds": 2,
+        "metrics.delete_groups_at_end": False})
+    res = simulate(cfg, tmp_path / "run", progress=False)
+    for r in res["rounds"]:
+        q = f'hetlora_global_heldout_perplexity{{run="promtest",round="{r["round"]}"}}'
+        (got,) = prometheus.wait_for(q)
+        assert float(got["value"][1]) == pytest.approx(r["global_ppl"], rel=1e-9)
+        assert "instance" not in got["metric"] or got["metric"]["instance"] == ""
+        for cid, rep in r["clients"].items():
+            q = f'hetlora_client_train_loss{{run="promtest",round="{r["round"]}",client="{cid}"}}'
+            (got,) = prometheus.wait_for(q)
+            assert float(got["value"][1]) == pytest.approx(rep["train_loss"], rel=1e-9)
+            assert got["metric"]["tier"] in {"small", "medium", "large"}
+            (rank,) = prometheus.wait_for(f'hetlora_client_rank{{run="promtest",round="{r["round"]}",client="{cid}"}}')
+            assert int(float(rank["value"][1])) == rep["rank_after"]
+            (w,) = prometheus.wait_for(f'hetlora_client_aggregation_weight{{run="promtest",round="{r["round"]}",client="{cid}"}}')
+            assert float(w["value"][1]) == pytest.approx(r["weights"][cid], rel=1e-9)
+        (up,) = prometheus.wait_for(f'hetlora_round_upload_bytes{{run="promtest",round="{r["round"]}"}}')
+        assert int(float(up["value"][1])) == r["bytes_up"]
+    (last,) = prometheus.wait_for('hetlora_last_successful_round{run="promtest"}')
+    assert int(float(last["value"][1])) == res["rounds"][-1]["round"]
+
+
+def test_stale_groups_deleted_at_run_end(tmp_path, pushgateway):
+    cfg = replace(load_config("configs/smoke.yaml"), **{
+        "experiment": "promclean", "metrics.pushgateway_url": pushgateway.url, "federation.rounds": 1})
+    simulate(cfg, tmp_path / "run", progress=False)
+    groups = pushgateway.group_labels(run="promclean")
+    assert groups == [{"job": "hetlora", "run": "promclean"}] or all(set(g) <= {"job", "run"} for g in groups)
+    assert groups, "the run-level group (last successful round) is kept"
