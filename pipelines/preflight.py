@@ -129,15 +129,22 @@ def node_problems(tier: TierConfig, node: k8s.V1Node) -> list[Problem]:
     out = [Problem("selector", f"label {k}={v} missing" + (f" (has {labels[k]})" if k in labels else ""),
                    f"label it: kubectl label node {name} {k}={v} --overwrite  (or change ranks.tiers[{t}].node_selector)")
            for k, v in sorted(tier.node_selector.items()) if labels.get(k) != v]
+    cordoned, ready = bool(node.spec and node.spec.unschedulable), is_ready(node)
     for taint in untolerated_taints(node, tier_tolerations(tier)):
         spec = f"{taint.key}{'=' + taint.value if taint.value else ''}:{taint.effect}"
+        if (taint.key or "").startswith("node.kubernetes.io/"):  # set by Kubernetes from a node condition
+            cond = taint.key.split("/", 1)[1]
+            if not (cond == "unschedulable" and cordoned or cond in ("not-ready", "unreachable") and not ready):
+                out.append(Problem("taint", f"taint {spec} (node condition {cond})", f"the node reports {cond}: "
+                                   f"kubectl describe node {name}; the taint goes when the condition clears", 3))
+            continue  # else reported below as cordoned / not Ready
         tol = (f"{{key: {taint.key}, operator: Equal, value: {taint.value}, effect: {taint.effect}}}" if taint.value
                else f"{{key: {taint.key}, operator: Exists, effect: {taint.effect}}}")
         out.append(Problem("taint", f"taint {spec} not tolerated",
                            f"add to ranks.tiers[{t}].tolerations: {tol}  (or untaint: kubectl taint node {name} {spec}-)"))
-    if node.spec and node.spec.unschedulable:
+    if cordoned:
         out.append(Problem("cordoned", "cordoned", f"kubectl uncordon {name}"))
-    if not is_ready(node):
+    if not ready:
         out.append(Problem("not Ready", "not Ready", f"not Ready: check its kubelet (kubectl describe node {name})", 3))
     have, want = allocatable(node), tier_requests(tier)
     field_of = {"cpu": "cpu_request", "memory": "memory_request", GPU: "gpu"}

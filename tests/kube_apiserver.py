@@ -52,6 +52,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def lifecycle_taints(taints: list[dict[str, str]] | None, ready: bool, unschedulable: bool) -> list[dict[str, str]]:
+    """A node's taints once Kubernetes' node lifecycle controller has seen its conditions."""
+    out = list(taints or [])
+    if not ready:
+        out.append({"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"})
+    if unschedulable:
+        out.append({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"})
+    return out
+
+
 class KubeAPIServer:
     def __init__(self, etcd: str, apiserver: str) -> None:
         self.etcd_bin, self.apiserver_bin = etcd, apiserver
@@ -93,7 +103,7 @@ class KubeAPIServer:
             "--authorization-mode=RBAC", f"--service-account-key-file={sa_key}",
             f"--service-account-signing-key-file={sa_key}", "--service-account-issuer=https://kubernetes.default.svc",
             "--service-cluster-ip-range=10.96.0.0/16", "--disable-admission-plugins=ServiceAccount",
-            "--endpoint-reconciler-type=none", "--enable-priority-and-fairness=false", "--profiling=false", "--v=1"]))
+            "--endpoint-reconciler-type=none", "--enable-priority-and-fairness=false", "--profiling=false", "--v=1"])
         ctx = ssl.create_default_context()
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the cert is made at startup; CA set below
         last = ""
@@ -139,7 +149,10 @@ class KubeAPIServer:
         node.status = k8s.V1NodeStatus(capacity=alloc, allocatable=alloc, conditions=[k8s.V1NodeCondition(
             type="Ready", status="True" if ready else "False", reason="KubeletReady" if ready else "KubeletNotReady",
             last_heartbeat_time=now, last_transition_time=now)])
-        return self.core.replace_node_status(name, node)
+        self.core.replace_node_status(name, node)
+        # The API server's TaintNodesByCondition admission put node.kubernetes.io/not-ready on the new
+        # Node; without a node lifecycle controller, set the taints that controller would leave.
+        return self.core.patch_node(name, {"spec": {"taints": lifecycle_taints(taints, ready, unschedulable) or None}})
 
     def clear_nodes(self) -> None:
         self.core.delete_collection_node()

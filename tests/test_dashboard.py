@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-# The fixtures are imported here until tests/conftest.py loads conftest_prometheus for everyone.
-from prometheus_server import Prometheus, Pushgateway, prometheus, pushgateway, skip_or_fail  # noqa: F401
+# The fixtures `pushgateway` and `prometheus` come from tests/conftest_prometheus.py (via conftest.py).
+from prometheus_server import Prometheus, Pushgateway, skip_or_fail
 
 from hetlora_core import metrics
 from hetlora_core.config import MetricsConfig

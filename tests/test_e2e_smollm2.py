@@ -14,8 +14,9 @@ import torch
 from hetlora_core import runtime
 from hetlora_core import store as st
 from hetlora_core.adapter import LoraAdapter, spec_from_model
+from hetlora_core.faults import InjectedFault
 from hetlora_core.config import HetLoRAConfig, config_from_dict, load_config
-from hetlora_core.simulate import simulate
+from hetlora_core.simulate import local_config, simulate
 
 FAST = {  # the smoke config, made smaller still: one layer, one thread, one eval window per client
     "model.tiny_hidden": 32, "model.tiny_layers": 1, "training.threads": 1, "training.local_steps": 2,
@@ -45,7 +46,7 @@ def test_results_json_is_well_formed(tmp_path: Path):
     res = run(cfg, tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["rounds_committed"] == res["rounds_committed"] == cfg.federation.rounds == 2
-    assert config_from_dict(on_disk["config"]) == cfg  # the config round-trips
+    assert config_from_dict(on_disk["config"]) == local_config(cfg, tmp_path)  # the config round-trips
     assert (tmp_path / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert math.isfinite(on_disk["baseline_ppl"]) and on_disk["baseline_ppl"] > 1
     ids = set(runtime.client_ids(cfg))
@@ -117,7 +118,7 @@ def test_adapter_bytes_are_deterministic():
     assert len({hashlib.sha256(a.to_bytes({"round": "1", "client": "x", "z": "y"})).digest() for _ in range(30)}) == 1
 
 
-def test_resume_gives_the_same_run(tmp_path: Path):
+def test_resume_gives_the_same_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     cfg2 = smoke()
     cfg1 = smoke(**{"federation.rounds": 1})
     run(cfg2, tmp_path / "straight")
@@ -129,15 +130,11 @@ def test_resume_gives_the_same_run(tmp_path: Path):
     res = run(cfg2, tmp_path / "extended")
     assert global_shas(tmp_path / "extended", cfg2) == ref and res["rounds_committed"] == 2
 
-    class Killed(Exception):
-        pass
-
-    def kill(event: str, rnd: int, client: str) -> None:  # dies mid-round 1, after one client trained
-        if (event, rnd) == ("prune", 1):
-            raise Killed
-
-    with pytest.raises(Killed):
-        run(cfg2, tmp_path / "killed", hook=kill)
+    # killed mid-round 1, after its first client's final upload (the fault-injection failpoint)
+    monkeypatch.setenv("HETLORA_FAILPOINTS", "prune_done@round=1:raise")
+    with pytest.raises(InjectedFault):
+        run(cfg2, tmp_path / "killed")
+    monkeypatch.delenv("HETLORA_FAILPOINTS")
     assert len(global_shas(tmp_path / "killed", cfg2)) == 1
     res = run(cfg2, tmp_path / "killed")
     assert global_shas(tmp_path / "killed", cfg2) == ref

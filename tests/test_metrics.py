@@ -14,8 +14,8 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-# The fixtures are imported here until tests/conftest.py loads conftest_prometheus for everyone.
-from prometheus_server import HOST, Prometheus, Pushgateway, free_port, prometheus, pushgateway  # noqa: F401
+# The fixtures `pushgateway` and `prometheus` come from tests/conftest_prometheus.py (via conftest.py).
+from prometheus_server import HOST, Prometheus, Pushgateway, free_port
 
 from hetlora_core import metrics
 from hetlora_core.config import MetricsConfig

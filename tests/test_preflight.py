@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-from kube_apiserver import KubeAPIServer, cache_bin, dry_run_create, find_binaries, free_port, kube_apiserver  # noqa: F401
+from kube_apiserver import (KubeAPIServer, cache_bin, dry_run_create, find_binaries, free_port,  # noqa: F401
+                            kube_apiserver, lifecycle_taints)
 from kubernetes import client as k8s
 
 from hetlora_core.config import StoreConfig, load_config, replace
@@ -129,7 +130,8 @@ class ModelCluster:
         alloc = {"cpu": cpu, "memory": memory, "pods": "110"} | ({"nvidia.com/gpu": str(gpu)} if gpu else {})
         self.core.nodes[name] = k8s.V1Node(
             metadata=k8s.V1ObjectMeta(name=name, labels=labels or {}),
-            spec=k8s.V1NodeSpec(taints=[k8s.V1Taint(**t) for t in taints or []] or None, unschedulable=unschedulable or None),
+            spec=k8s.V1NodeSpec(taints=[k8s.V1Taint(**t) for t in lifecycle_taints(taints, ready, unschedulable)] or None,
+                                unschedulable=unschedulable or None),
             status=k8s.V1NodeStatus(allocatable=alloc, conditions=[
                 k8s.V1NodeCondition(type="Ready", status="True" if ready else "False")]))
 
@@ -359,3 +361,22 @@ def test_build_script_is_idempotent() -> None:
         pytest.skip("kube-apiserver not built")
     res = subprocess.run(["bash", str(ROOT / "scripts" / "build-apiserver.sh")], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "cached" in res.stderr, res.stderr
+
+
+def test_dry_run_rejects_a_bad_manifest(kube_apiserver: KubeAPIServer) -> None:
+    """The server-side check bites: an unknown field (strict validation) and a bad quantity."""
+    dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "bad", "namespace": "default"},
+           "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"metadata": {"labels": {"a": "b"}}, "spec": {
+               "containers": [{"name": "c", "image": "x", "resources": {"requests": {"memory": "12Gb"}}}]}}}}
+    with pytest.raises(k8s.ApiException) as e:
+        dry_run_create(kube_apiserver.api_client, [dep])
+    assert e.value.status == 400 and "quantities must match the regular expression" in str(e.value.body)
+    dep["spec"]["template"]["spec"]["containers"][0]["resources"] = {"requests": {"memory": "1Gi"}, "bogus": 1}
+    with pytest.raises(k8s.ApiException) as e:
+        dry_run_create(kube_apiserver.api_client, [dep])
+    assert 'unknown field \\"spec.template.spec.containers[0].resources.bogus\\"' in str(e.value.body)
+    dep["spec"]["template"]["spec"]["containers"][0]["resources"] = {"requests": {"memory": "1Gi"}}
+    assert dry_run_create(kube_apiserver.api_client, [dep]) == (["Deployment default/bad"], [])
+    with pytest.raises(k8s.ApiException) as e:  # dry run: nothing was stored
+        kube_apiserver.api_client.call_api("/apis/apps/v1/namespaces/default/deployments/bad", "GET", auth_settings=["BearerToken"])
+    assert e.value.status == 404
