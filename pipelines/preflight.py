@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import os
 import re
 from collections import Counter
@@ -30,10 +31,9 @@ from hetlora_core.store import StoreAuthError, StoreError, StoreUnavailable, ope
 GPU = "nvidia.com/gpu"
 SECRET_KEYS = ("accesskey", "secretkey")
 BLOCKING_EFFECTS = ("NoSchedule", "NoExecute")  # PreferNoSchedule only lowers the score
-_SUFFIX = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1), "k": Decimal(10**3),
-           "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12), "P": Decimal(10**15), "E": Decimal(10**18),
-           "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
-           "Pi": Decimal(2**50), "Ei": Decimal(2**60)}
+_SUFFIX = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
+           **{s: Decimal(1000) ** (i + 1) for i, s in enumerate("kMGTPE")},
+           **{s + "i": Decimal(1024) ** (i + 1) for i, s in enumerate("KMGTPE")}}
 _QUANTITY = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+))(?:([eE][+-]?\d+)|(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]))?$")
 
 
@@ -105,8 +105,11 @@ def is_ready(node: k8s.V1Node) -> bool:
 
 
 def tier_requests(tier: TierConfig) -> dict[str, Decimal]:
-    return {"cpu": parse_quantity(tier.cpu_request), "memory": parse_quantity(tier.memory_request),
-            GPU: Decimal(tier.gpu)}
+    try:
+        return {"cpu": parse_quantity(tier.cpu_request), "memory": parse_quantity(tier.memory_request),
+                GPU: Decimal(tier.gpu)}
+    except ValueError as e:
+        raise PreflightError(f"ranks.tiers[{tier.name}]: cpu_request/memory_request: {e}") from None
 
 
 def allocatable(node: k8s.V1Node) -> dict[str, Decimal]:
@@ -252,7 +255,11 @@ def store_check(cfg: HetLoRAConfig, creds: tuple[str, str] | None = None,
     if s.kind == "local":
         return Check("store", False, f"store.kind is local ({s.root}): pods in the cluster cannot share it",
                      ["use the cluster's S3 store: --set store.kind=s3 --set store.endpoint=HOST:PORT (e.g. minio.hetlora:9000)"])
-    with _credentials_env(creds) as source:
+    quiet = contextlib.ExitStack()
+    store_log = logging.getLogger("hetlora.store")  # its retry warnings: the Check says it all
+    quiet.callback(store_log.setLevel, store_log.level)
+    store_log.setLevel(logging.ERROR)
+    with quiet, _credentials_env(creds) as source:
         try:
             opener(s).list(cfg.experiment)
         except StoreAuthError as e:

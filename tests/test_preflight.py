@@ -9,6 +9,7 @@ scripts/build-apiserver.sh are missing). The rule tests (quantities, taints/tole
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import uuid
 from decimal import Decimal
@@ -327,6 +328,13 @@ def test_cli_exits_nonzero_with_table(cluster: Any, ns: str, tmp_path: Path, mon
     assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)  # sys.exit(1), not a crash
 
 
+def test_cli_bad_quantity_in_config_is_a_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pf, "core_api", lambda kubeconfig, context: FakeCoreV1Api())
+    res = CliRunner().invoke(main, ["preflight", "-c", cli_config(tmp_path, "x"), "--set", "ranks.tiers=" + json.dumps(
+        [tier("small", 2, memory="2GB")]), "--skip-store"])
+    assert res.exit_code == 1 and "error: ranks.tiers[small]: cpu_request/memory_request: '2GB' is not a Kubernetes" in res.output
+
+
 def test_cli_api_unreachable_is_a_clear_message(tmp_path: Path) -> None:
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
@@ -374,7 +382,7 @@ def test_dry_run_rejects_a_bad_manifest(kube_apiserver: KubeAPIServer) -> None:
     dep["spec"]["template"]["spec"]["containers"][0]["resources"] = {"requests": {"memory": "1Gi"}, "bogus": 1}
     with pytest.raises(k8s.ApiException) as e:
         dry_run_create(kube_apiserver.api_client, [dep])
-    assert 'unknown field \\"spec.template.spec.containers[0].resources.bogus\\"' in str(e.value.body)
+    assert 'unknown field "spec.template.spec.containers[0].resources.bogus"' in json.loads(e.value.body)["message"]
     dep["spec"]["template"]["spec"]["containers"][0]["resources"] = {"requests": {"memory": "1Gi"}}
     assert dry_run_create(kube_apiserver.api_client, [dep]) == (["Deployment default/bad"], [])
     with pytest.raises(k8s.ApiException) as e:  # dry run: nothing was stored
