@@ -222,11 +222,13 @@ def read_safetensors_metadata(data: bytes, where: str = "adapter") -> dict[str, 
         raise AdapterError(f"{where}: truncated file: header says {n} bytes but only {len(data) - 8} follow")
     try:
         header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, an over-long integer, hostile nesting depth
         raise AdapterError(f"{where}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{where}: not a safetensors file (header is not a JSON object)")
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{where}: safetensors __metadata__ must be a JSON object, got {type(meta).__name__}")
     return {str(k): str(v) for k, v in meta.items()}
 
 

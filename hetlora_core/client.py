@@ -20,6 +20,7 @@ from . import peft_bridge
 from .adapter import LoraAdapter
 from .config import HetLoRAConfig
 from .data import ClientData, sample_batch
+from .faults import failpoint
 from .pruning import regulariser
 
 
@@ -64,6 +65,7 @@ def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: Clie
             model.eval()
             raise ClientTimeout(f"client {client.client_id}: {step} of {t.local_steps} local steps done when "
                                 f"federation.client_timeout_s={cfg.federation.client_timeout_s} passed")
+        failpoint("train_step", round=rnd, client=client.client_id, step=step)  # tests: a slow or dying client
         batch = sample_batch(client.train_ids, t.batch_size, cfg.data.seq_len, gen)
         with autocast(cfg):
             loss = model(input_ids=batch, labels=batch).loss

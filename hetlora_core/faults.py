@@ -3,8 +3,8 @@
 ``HETLORA_FAILPOINTS`` holds ``;``-separated specs ``NAME[@round=R][@client=C][@key=K]:ACTION``
 with ACTION one of ``exit`` (``os._exit(137)``: what a SIGKILL, an OOM kill or a preempted pod
 looks like to the rest of the system), ``raise`` (a client-side crash) or ``sleep=SECONDS``.
-Points: train_start, train_uploaded, prune_done, aggregate_start, put_artifact_between (payload
-written, manifest not yet), round_committed. Checking costs one dict lookup when unset."""
+Points: train_start, train_step (start of each local step; ctx step=N), train_uploaded, prune_done,
+aggregate_start, put_artifact_between (payload written, manifest not yet), round_committed. Checking costs one dict lookup when unset."""
 
 from __future__ import annotations
 

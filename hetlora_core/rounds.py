@@ -14,11 +14,13 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -193,6 +195,10 @@ def aggregate_round(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan, spec: 
     exp, rnd, r_max = cfg.experiment, plan.round, cfg.ranks.r_max
     updates, dropped, manifests = [], {}, {}
     full = cfg.strategy.name == "full_ft"
+    if spec is None and not full and rnd > 0:
+        # Modules and shapes come from the committed global, never from an upload: otherwise the
+        # first client of the plan could impose its own and get every honest client dropped.
+        spec = spec_of(load_global(cfg, store, rnd, None))  # type: ignore[arg-type]
     for c in plan.clients:
         prefix = st.client_prefix(exp, rnd, c.client_id)
         try:
@@ -203,13 +209,24 @@ def aggregate_round(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan, spec: 
                     raise AdapterError("contains NaN or Inf")
             else:
                 obj = LoraAdapter.from_bytes(data, spec, cfg.ranks.r_min, r_max, cfg.model.lora_scale, where=prefix)
-                spec = spec or spec_of(obj)
-            updates.append(ClientUpdate(c.client_id, obj, int(man["num_samples"])))
+            n = man.get("num_samples")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"{prefix}: manifest num_samples must be a positive integer, got {n!r}")
+            updates.append(ClientUpdate(c.client_id, obj, n))
             manifests[c.client_id] = man
-        except (st.StoreError, AdapterError, KeyError, ValueError) as e:
+        except (st.StoreError, AdapterError, KeyError, ValueError, SafetensorError) as e:
             if isinstance(e, st.StoreUnavailable):
                 raise
             dropped[c.client_id] = str(e)
+    if spec is None and not full and updates:
+        # Round 0 has no committed global: the modules and shapes most uploads agree on win.
+        votes = Counter(tuple(sorted(spec_of(u.adapter).items())) for u in updates)
+        spec = dict(votes.most_common(1)[0][0])
+        for u in [u for u in updates if spec_of(u.adapter) != spec]:
+            updates.remove(u)
+            manifests.pop(u.client_id)
+            dropped[u.client_id] = (f"{st.client_prefix(exp, rnd, u.client_id)}: modules or shapes differ from those of "
+                                    f"{votes.most_common(1)[0][1]} other client upload(s)")
     need = max(1, math.ceil(cfg.federation.quorum * len(plan.clients) - 1e-9))
     if len(updates) < need:
         raise QuorumError(f"round {rnd}: {len(updates)} valid client uploads, quorum needs {need} of {len(plan.clients)} "

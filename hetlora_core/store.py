@@ -272,8 +272,8 @@ def _parse_manifest(key: str, raw: bytes) -> dict[str, Any]:
     # Security: manifests are JSON only, never pickle or any format that can run code on load.
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidManifest(f"{key} is not valid UTF-8 JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, an over-long integer, hostile nesting depth
+        raise InvalidManifest(f"{key} is not valid UTF-8 JSON: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise InvalidManifest(f"{key} must be a JSON object, got {type(obj).__name__}")
     missing = [k for k in ("object", "sha256", "size") if k not in obj]

@@ -36,8 +36,9 @@ def train_task(config_json: str, round_index: int, client_id: str) -> str:
     rnd = int(round_index)
     store = st.open_store(cfg.store)
     plan = rounds.load_plan(cfg, store, rnd)
-    failpoint("train_start", round=rnd, client=client_id)
     try:
+        # Inside the try: a `raise` here is a client-side crash (soft, the quorum decides); `exit` kills the task.
+        failpoint("train_start", round=rnd, client=client_id)
         man = runtime.train_client(cfg, store, rnd, plan.client(client_id))
     except (st.StoreError, KeyError):
         raise

@@ -25,7 +25,10 @@ def set_tier_resources(task: PipelineTask, tier: TierConfig) -> PipelineTask:
 
 
 def place_on_tier(task: PipelineTask, tier: TierConfig) -> PipelineTask:
-    """Node selector and tolerations of the tier's node pool."""
+    """Node selector and tolerations of the tier's node pool, and a ``hetlora.io/tier`` pod label
+    (for dashboards, NetworkPolicies, and admission policies: kfp-kubernetes 2.17 has no setter for
+    priorityClassName, so ``priority_class`` is applied by such a policy, see docs/deploy.md)."""
+    kubernetes.add_pod_label(task, "hetlora.io/tier", tier.name)
     for key, value in sorted(tier.node_selector.items()):
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for tol in tier.tolerations:

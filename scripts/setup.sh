@@ -52,6 +52,9 @@ go_tool() {  # go_tool NAME MODULE@VERSION
 setup_tools() {
   go_tool minio "github.com/minio/minio@$MINIO_VERSION"
   go_tool kustomize "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION"
+  # etcd (Debian) + kube-apiserver (from the k8s.io/kubernetes Go module) for preflight and
+  # server-side dry-run tests; cached like the others (first build: 10-20 min on 2 cores).
+  bash "$ROOT/scripts/build-apiserver.sh"
   if ! command -v prometheus >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then
     if [[ "$(id -u)" == 0 ]]; then
       log "installing Debian's prometheus and prometheus-pushgateway"
