@@ -71,6 +71,7 @@ def plot_results(results: dict[str, Any], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rounds = [r for r in results["rounds"] if r["global_ppl"] is not None]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -81,6 +82,7 @@ def plot_results(results: dict[str, Any], path: str | Path) -> None:
     ax.plot([0, *xs], [base, *[r["personal_ppl"] for r in rounds]] if base else [None, *[r["personal_ppl"] for r in rounds]],
             marker="s", ls="--", label="each client's own rank")
     ax.set_xlabel("rounds completed")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("held-out perplexity")
     ax.set_title(f"{results['experiment']}: {results['config']['strategy']['name']}")
     ax.grid(alpha=0.3)
