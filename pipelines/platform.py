@@ -11,8 +11,9 @@ from hetlora_core.config import HetLoRAConfig, TierConfig
 # Env var names the store reads (hetlora_core.store_s3); the Secret holds keys accesskey/secretkey.
 SECRET_KEYS = {"accesskey": "HETLORA_S3_ACCESS_KEY", "secretkey": "HETLORA_S3_SECRET_KEY"}
 NON_ROOT_UID = 1000
-# Pods run with a read-only root filesystem: caches go to the writable emptyDir mounted at /tmp.
-CACHE_ENV = {"HETLORA_CACHE": "/tmp/hetlora-cache", "HF_HOME": "/tmp/hf", "MPLCONFIGDIR": "/tmp/mpl"}
+# Caches: the image sets HOME, XDG_CACHE_HOME and HETLORA_CACHE under /tmp (images/Dockerfile), the
+# writable emptyDir below. Not set per task: kfp.local applies task env vars too, and would then
+# move a local run's model cache away from the user's ~/.cache/hetlora.
 
 
 def set_tier_resources(task: PipelineTask, tier: TierConfig) -> PipelineTask:
@@ -49,8 +50,6 @@ def harden(task: PipelineTask, timeout_s: int | None = None) -> PipelineTask:
     """Non-root, writable caches under /tmp, optional timeout; no caching (tasks write the store)."""
     kubernetes.set_security_context(task, run_as_user=NON_ROOT_UID, run_as_group=NON_ROOT_UID, run_as_non_root=True)
     kubernetes.empty_dir_mount(task, volume_name="tmp", mount_path="/tmp")
-    for k, v in CACHE_ENV.items():
-        task.set_env_variable(k, v)
     if timeout_s:
         kubernetes.set_timeout(task, timeout_s)
     task.set_caching_options(False)
