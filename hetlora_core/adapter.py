@@ -226,6 +226,11 @@ def read_safetensors_metadata(data: bytes, where: str = "adapter") -> dict[str, 
         raise AdapterError(f"{where}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{where}: not a safetensors file (header is not a JSON object)")
+    ends = [e["data_offsets"][1] for k, e in header.items() if k != "__metadata__" and isinstance(e, dict)
+            and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2 and isinstance(e["data_offsets"][1], int)]
+    if ends and max(ends) > len(data) - 8 - n:
+        raise AdapterError(f"{where}: truncated file: the tensors need {max(ends)} bytes after the header but only "
+                           f"{len(data) - 8 - n} follow")
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise AdapterError(f"{where}: safetensors __metadata__ must be a JSON object, got {type(meta).__name__}")

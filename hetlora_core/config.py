@@ -190,6 +190,7 @@ class FederationConfig:
         _check(self.rounds >= 1, "federation.rounds", f"must be >= 1, got {self.rounds}")
         _check(self.clients_per_round >= 1, "federation.clients_per_round", f"must be >= 1, got {self.clients_per_round}")
         _check(0 < self.quorum <= 1, "federation.quorum", f"must be in (0, 1], got {self.quorum}")
+        _check(self.client_timeout_s >= 1, "federation.client_timeout_s", f"must be >= 1, got {self.client_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ class StoreConfig:
     retry_deadline_s: float = 60.0  # bounded backoff on transient store errors
 
     def __post_init__(self) -> None:
+        _check(self.retry_deadline_s > 0, "store.retry_deadline_s", f"must be > 0, got {self.retry_deadline_s:g}")
         if self.kind == "s3":
             _check(bool(self.endpoint), "store.endpoint", "is required for kind: s3 (e.g. minio.hetlora:9000)")
             _check("://" not in self.endpoint, "store.endpoint", f"is host:port without a scheme (use store.secure for TLS), got {self.endpoint!r}")

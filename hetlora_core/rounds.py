@@ -225,8 +225,11 @@ def aggregate_round(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan, spec: 
         for u in [u for u in updates if spec_of(u.adapter) != spec]:
             updates.remove(u)
             manifests.pop(u.client_id)
-            dropped[u.client_id] = (f"{st.client_prefix(exp, rnd, u.client_id)}: modules or shapes differ from those of "
-                                    f"{votes.most_common(1)[0][1]} other client upload(s)")
+            theirs = spec_of(u.adapter)
+            dropped[u.client_id] = (
+                f"{st.client_prefix(exp, rnd, u.client_id)}: modules or shapes differ from the {votes.most_common(1)[0][1]} "
+                f"upload(s) that agree: extra {sorted(set(theirs) - set(spec))}, missing {sorted(set(spec) - set(theirs))}, "
+                f"other shape {sorted(m for m in set(spec) & set(theirs) if spec[m] != theirs[m])}")
     need = max(1, math.ceil(cfg.federation.quorum * len(plan.clients) - 1e-9))
     if len(updates) < need:
         raise QuorumError(f"round {rnd}: {len(updates)} valid client uploads, quorum needs {need} of {len(plan.clients)} "

@@ -280,8 +280,14 @@ def _parse_manifest(key: str, raw: bytes) -> dict[str, Any]:
     if missing:
         raise InvalidManifest(f"{key} lacks required key(s) {missing}")
     obj_name, sha, size = obj["object"], obj["sha256"], obj["size"]
-    if not isinstance(obj_name, str) or "/" in obj_name or obj_name in ("", ".", "..", MANIFEST):
-        raise InvalidManifest(f"{key}: 'object' must be a file name next to the manifest, got {obj_name!r}")
+    name_ok = isinstance(obj_name, str) and "/" not in obj_name and obj_name != MANIFEST
+    if name_ok:
+        try:
+            validate_key(obj_name, what="object")  # also control characters, reserved temp names, length
+        except ValueError:
+            name_ok = False
+    if not name_ok:
+        raise InvalidManifest(f"{key}: 'object' must be a file name next to the manifest, got {repr(obj_name)[:100]}")
     if not isinstance(sha, str) or not _SHA256_RE.match(sha):
         raise InvalidManifest(f"{key}: 'sha256' must be 64 lowercase hex digits, got {sha!r}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:

@@ -1,0 +1,1 @@
+"""Bad-input corpus generator (tests/corpus/generate.py); files are generated at test time."""
