@@ -39,7 +39,7 @@ def test_shipped_configs_load(path):
     ({"store": {"kind": "s3"}}, r"store.endpoint: is required"),
     ({"store": {"kind": "s3", "endpoint": "http://x:9000"}}, r"without a scheme"),
     ({"experiment": "a/b"}, r"experiment: must be"),
-    ({"ranks": {"assignment": "explicit", "explicit": [2, 4]}}, r"ranks.explicit: has 2 ranks but data.num_clients is 8"),
+    ({"ranks": {"assignment": "explicit", "explicit": [2, 4]}}, r"ranks.explicit: has 2 ranks but data.num_clients is 6"),
 ])
 def test_bad_config_rejected(data, message):
     with pytest.raises(ConfigError, match=message):
