@@ -1,0 +1,58 @@
+"""The Kubeflow driver (`hetlora submit`) against a stand-in KFP client. No KFP backend can run
+here (no Docker, no cluster), so the stand-in plays the backend: it checks the compiled package it
+is given and executes the round with the same task functions the components call."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import yaml
+
+from hetlora_core import store as st
+from hetlora_core.config import load_config, replace
+from hetlora_core.simulate import run_round
+from hetlora_kfp.pipelines.driver import RoundFailed, submit_run
+
+
+class StandInKFP:
+    def __init__(self, cfg, fail_round: int | None = None):
+        self.cfg, self.fail_round, self.runs = cfg, fail_round, []
+
+    def create_run_from_pipeline_package(self, path, arguments, run_name, experiment_name, namespace, enable_caching):
+        spec, platform = yaml.safe_load_all(open(path).read())
+        assert spec["pipelineInfo"]["name"] == "hetlora-round" and "kubernetes" in platform["platforms"]
+        assert enable_caching is False and run_name.startswith(self.cfg.experiment)
+        rnd = arguments["round_index"]
+        self.runs.append(rnd)
+        if rnd != self.fail_round:
+            run_round(self.cfg, rnd)
+        return types.SimpleNamespace(run_id=f"run-{rnd}")
+
+    def wait_for_run_completion(self, run_id, timeout):
+        rnd = int(run_id.split("-")[1])
+        return types.SimpleNamespace(state="FAILED" if rnd == self.fail_round else "SUCCEEDED")
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return replace(load_config("configs/smoke.yaml"), **{
+        "experiment": "submit", "store.root": str(tmp_path / "store"), "federation.rounds": 2,
+        "data.eval_max_tokens": 32})
+
+
+def test_submit_drives_every_round_and_resumes(cfg):
+    client = StandInKFP(cfg)
+    ids = submit_run(cfg, "http://kfp.example", client=client)
+    assert ids == ["run-0", "run-1"] and client.runs == [0, 1]
+    assert st.last_committed_round(st.open_store(cfg.store), "submit") == 1
+    more = replace(cfg, **{"federation.rounds": 3})
+    client2 = StandInKFP(more)
+    assert submit_run(more, "http://kfp.example", client=client2) == ["run-2"]  # resumes at round 2
+
+
+def test_submit_stops_on_failure_with_the_run_link(cfg):
+    client = StandInKFP(cfg, fail_round=0)
+    with pytest.raises(RoundFailed, match=r"round 0 run ended FAILED: http://kfp.example/#/runs/details/run-0"):
+        submit_run(cfg, "http://kfp.example", client=client)
+    assert client.runs == [0]
