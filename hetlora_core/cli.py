@@ -178,3 +178,9 @@ def tiers_measure(config: str | None, sets: tuple[str, ...], steps: int, headroo
         click.echo(f"tier table written to {out}")
     else:
         click.echo(text)
+
+
+# `hetlora bench paper|sweep`: the paper comparison (hetlora_core/bench_paper.py)
+from .bench_paper import register as _register_bench  # noqa: E402
+
+_register_bench(main)

@@ -16,7 +16,7 @@ from hetlora_core.config import load_config, replace
 from hetlora_core.simulate import simulate
 from hetlora_kfp.pipelines.cli import main
 
-COMMANDS = ["run", "simulate", "compile", "submit", "inspect", "export", "tiers", "preflight"]
+COMMANDS = ["run", "simulate", "compile", "submit", "inspect", "export", "tiers", "preflight", "bench"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

@@ -1,0 +1,136 @@
+"""Local training FLOP/s of one HetLoRA client against this CPU's measured matmul peak.
+
+    .venv/bin/python benchmarks/bench_flops.py            # SmolLM2-135M, batch 8 x 128, rank 16, q/v
+    .venv/bin/python benchmarks/bench_flops.py --quick    # the tiny Llama
+
+* Work per step: counted with ``torch.utils.flop_counter.FlopCounterMode`` over one forward +
+  backward of the peft-wrapped model (what the client really executes: the frozen base needs
+  input gradients but no weight gradients, so LoRA training is ~4 N FLOPs per token, not the
+  6 N of full training); the 6 N T and 4 N T approximations are reported beside it.
+* Time per step: ``hetlora_core.client.train_lora`` (the real client path) over several steps.
+* Peak: the best of repeated ``torch.matmul`` of large square matrices, in float32 and bf16, with
+  the same thread count, measured before and after the training run (the best is the limit).
+
+The ratio that matters is achieved FLOP/s / peak in the dtype the client trains in. On CPUs without
+bf16 matmul units (no AVX512-BF16/AMX) the bf16 "peak" is far below float32's, and ``--dtype auto``
+trains in float32; the bf16 peak is still measured and reported, as asked, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from _common import ROOT, machine, native_bf16, table, write  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from hetlora_core import peft_bridge, runtime  # noqa: E402
+from hetlora_core.adapter import init_global, spec_from_model  # noqa: E402
+from hetlora_core.client import autocast, train_lora  # noqa: E402
+from hetlora_core.config import load_config, replace  # noqa: E402
+
+
+def matmul_peak(dtype: torch.dtype, max_n: int, reps: int = 3, budget_s: float = 1.0) -> dict:
+    """Best GFLOP/s of n x n @ n x n; n doubles from 256 while one product takes < budget_s / 4."""
+    n, best, sizes = 256, 0.0, {}
+    while True:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.matmul(a, b)  # warm-up
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.matmul(a, b)
+            ts.append(time.perf_counter() - t)
+        gf = 2 * n ** 3 / min(ts) / 1e9
+        sizes[n], best = gf, max(best, gf)
+        if n >= max_n or min(ts) > budget_s / 4:
+            return {"gflops": best, "by_size": sizes}
+        n *= 2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny Llama, batch 8 x 32, matmuls up to 1024")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, help="sequence length (default 128, quick 32)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, help="timed local steps (default 3, quick 5)")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="training dtype (auto: bf16 autocast only with AVX512-BF16/AMX)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for both training and the peak (default 1)")
+    ap.add_argument("--max-n", type=int, help="largest peak matmul (default 2048, quick 1024)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    seq, steps = args.seq or (32 if args.quick else 128), args.steps or (5 if args.quick else 3)
+    max_n = args.max_n or (1024 if args.quick else 2048)
+    bf16 = native_bf16() if args.dtype == "auto" else args.dtype == "bf16"
+    torch.set_num_threads(args.threads)
+
+    peaks_before = {"fp32": matmul_peak(torch.float32, max_n), "bf16": matmul_peak(torch.bfloat16, max_n)}
+
+    cfg = load_config(ROOT / "configs/smoke.yaml" if args.quick else None, {
+        "data.seq_len": seq, "data.num_clients": 2, "federation.clients_per_round": 1,
+        "data.eval_max_tokens": max(seq, 256), "training.batch_size": args.batch, "training.local_steps": steps,
+        "training.bf16": bf16, "training.threads": args.threads, "ranks.r_max": max(16, args.rank),
+        "ranks.assignment": "uniform"})
+    model, client = runtime.model(cfg), next(iter(runtime.clients(cfg).values()))
+    received = init_global(spec_from_model(model, cfg.model.target_modules), args.rank, cfg.model.lora_scale, 0)
+    n_base = sum(p.numel() for p in model.parameters())  # tied embeddings counted once (= lm_head)
+    n_lora = received.num_params()
+
+    # FLOPs of one training step, counted on the model the client runs.
+    pm = peft_bridge.attach(model, received)
+    try:
+        x = client.train_ids[: args.batch * seq].reshape(args.batch, seq)
+        pm.train()
+        with FlopCounterMode(display=False) as fc:
+            with autocast(cfg):
+                loss = pm(input_ids=x, labels=x).loss
+            loss.float().backward()
+        counted = fc.get_total_flops()
+        pm.eval()
+    finally:
+        peft_bridge.detach(pm)
+
+    train_lora(model, received, client, replace(cfg, **{"training.local_steps": 1}), 0)  # warm-up
+    r = train_lora(model, received, client, cfg, 0)
+    step_s = r.seconds / steps
+    tokens = args.batch * seq
+    peaks_after = {"fp32": matmul_peak(torch.float32, max_n), "bf16": matmul_peak(torch.bfloat16, max_n)}
+    peak = {k: max(peaks_before[k]["gflops"], peaks_after[k]["gflops"]) for k in peaks_before}
+    achieved = counted / step_s / 1e9
+    train_dtype = "bf16" if bf16 else "fp32"
+    res = {
+        "bench": "flops", "quick": args.quick, "model": cfg.model.name, "batch": args.batch, "seq_len": seq,
+        "rank": args.rank, "train_dtype": train_dtype, "threads": args.threads, "steps": steps,
+        "params_base": n_base, "params_lora": n_lora, "flops_per_step_counted": counted,
+        "flops_per_step_6NT": 6 * n_base * tokens, "flops_per_step_4NT": 4 * n_base * tokens,
+        "step_seconds": step_s, "tokens_per_s": tokens / step_s, "achieved_gflops": achieved,
+        "achieved_gflops_6NT": 6 * n_base * tokens / step_s / 1e9,
+        "peak_gflops": peak, "peaks_before": peaks_before, "peaks_after": peaks_after,
+        "ratio_vs_peak_train_dtype": achieved / peak[train_dtype],
+        "ratio_vs_fp32_peak": achieved / peak["fp32"], "ratio_vs_bf16_peak": achieved / peak["bf16"],
+        "machine": machine(),
+    }
+    print(f"\n{cfg.model.name} ({n_base / 1e6:.1f} M params, LoRA {n_lora / 1e6:.2f} M), batch {args.batch} x {seq}, "
+          f"rank {args.rank}, training in {train_dtype}, {args.threads} thread(s)")
+    print(f"one step: {counted / 1e9:.1f} GFLOP counted (6NT {6 * n_base * tokens / 1e9:.1f}, 4NT "
+          f"{4 * n_base * tokens / 1e9:.1f}), {step_s:.2f} s, {tokens / step_s:.1f} tokens/s")
+    print(table(["", "GFLOP/s", "ratio"], [
+        ["client training (counted FLOPs)", achieved, ""],
+        ["matmul peak fp32", peak["fp32"], achieved / peak["fp32"]],
+        ["matmul peak bf16", peak["bf16"], achieved / peak["bf16"]],
+    ]))
+    if not native_bf16():
+        print("note: no AVX512-BF16/AMX on this CPU: bf16 matmul is emulated and slower than float32, so the "
+              "float32 peak is the physical limit for the client's work here")
+    write("flops-quick" if args.quick else "flops", res, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""`hetlora bench paper` end to end on the tiny profile: every method runs through the real
+simulate path, the report is well formed, the plots are real PNGs, and a rerun resumes.
+Numbers are not asserted (the tiny model is random); the code path is."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from hetlora_core import bench_paper as bp
+from hetlora_core.report import SECTIONS
+
+# One short sweep stage keeps CI fast; the full stage list runs in `hetlora bench sweep`.
+TINY_SWEEP = [("training.lr", [1e-3, 1e-2])]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    logs: list[str] = []
+    mp = pytest.MonkeyPatch()
+    mp.setattr(bp, "SWEEP", TINY_SWEEP)
+    try:
+        res = bp.run_paper("tiny", out, out / "docs" / "results.md", sweep=True, command="hetlora bench paper --profile tiny",
+                           log=logs.append)
+    finally:
+        mp.undo()
+    return {"out": out, "report": out / "docs" / "results.md", "res": res, "logs": logs}
+
+
+def test_every_method_ran_once_per_seed(bench):
+    recs = bench["res"]["records"]
+    assert sorted(r["method"] for r in recs) == sorted(bp.METHODS)
+    for r in recs:
+        run_dirs = list((bench["out"] / "runs" / r["method"]).glob("seed0-*"))
+        assert len(run_dirs) == 1 and (run_dirs[0] / "bench.json").is_file()
+        assert len(r["rounds"]) == r["config"]["federation"]["rounds"]
+        assert all(x["global_ppl"] is not None for x in r["rounds"])
+
+
+def test_methods_are_overrides_of_one_base():
+    base = bp.base_config("tiny")
+    cfgs = {m: bp.method_config(base, m, 0, bp.PROFILES["tiny"]) for m in bp.METHODS}
+    assert cfgs["homlora_rmin"].ranks.r_max == cfgs["homlora_rmin"].ranks.r_min == base.ranks.r_min
+    assert cfgs["homlora_rmax"].ranks.r_max == base.ranks.r_max and cfgs["homlora_rmax"].strategy.name == "homlora"
+    assert not cfgs["hetlora_noprune"].pruning.enabled and not cfgs["hetlora_nosparsity"].strategy.sparsity_weights
+    assert cfgs["hetlora_rankaware"].strategy.normalisation == "rank_aware"
+    assert cfgs["full_ft"].training.lr == bp.PROFILES["tiny"]["full_ft_lr"]
+    # everything not named by a method's overrides is shared: same data, steps, rounds, seed
+    for c in cfgs.values():
+        assert (c.data, c.federation, c.model) == (base.data, base.federation, base.model)
+        assert (c.training.local_steps, c.training.batch_size) == (base.training.local_steps, base.training.batch_size)
+
+
+def test_report_is_well_formed(bench):
+    text = bench["report"].read_text()
+    for s in SECTIONS:
+        assert s in text, s
+    assert "hetlora bench paper --profile tiny" in text and "CPUs:" in text
+    table = text.split("## Results", 1)[1].split("## Plots", 1)[0]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
+    assert sorted(r.split("|")[1].strip() for r in rows) == sorted(label for label, _ in bp.METHODS.values())
+    assert "Settings chosen by the sweep" in text and "training.lr" in text
+    assert "HetLoRA vs HomLoRA r_min" in text and "Observed order" in text
+    for png in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        path = bench["report"].parent / png
+        with Image.open(path) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 100
+    assert {p.name for p in (bench["report"].parent / "results").glob("*.png")} >= {
+        "perplexity.png", "ranks.png", "bytes.png", "params.png"}
+
+
+def test_sweep_summary_is_applied(bench):
+    summary = json.loads((bench["out"] / "sweep" / "summary.json").read_text())
+    assert set(summary["choices"]) == {"training.lr"} and len(summary["rows"]) == 2
+    het = next(r for r in bench["res"]["records"] if r["method"] == "hetlora")
+    assert het["config"]["training"]["lr"] == summary["choices"]["training.lr"]
+    assert het["config"]["data"]["seed"] != summary["data_seed"]  # validation roles differ from reported ones
+
+
+def test_rerun_skips_finished_pairs_and_resumes_a_missing_one(bench, monkeypatch):
+    out, logs = bench["out"], []
+    redo = next((out / "runs" / "zero_pad").glob("seed0-*")) / "bench.json"
+    redo.unlink()
+    bp.run_paper("tiny", out, bench["report"], log=logs.append)
+    ran = [ln for ln in logs if ln.startswith("run ")]
+    assert len(ran) == 1 and "zero_pad" in ran[0] and redo.is_file()
+    assert sum(ln.startswith("skip ") for ln in logs) == len(bp.METHODS) - 1
+
+    def boom(*a, **k):
+        raise AssertionError("a finished (method, seed) must not be simulated again")
+
+    monkeypatch.setattr("hetlora_core.simulate.simulate", boom)
+    logs.clear()
+    bp.run_paper("tiny", out, bench["report"], methods=["hetlora", "full_ft"], log=logs.append)
+    assert sum(ln.startswith("skip ") for ln in logs) == 2
+
+
+def test_cli_group(bench):
+    @click.group()
+    def main() -> None:
+        pass
+
+    bp.register(main)
+    r = CliRunner().invoke(main, ["bench", "paper", "--help"])
+    assert r.exit_code == 0 and "--profile" in r.output and "--methods" in r.output
+    assert CliRunner().invoke(main, ["bench", "sweep", "--help"]).exit_code == 0
+    report = bench["out"] / "cli.md"
+    r = CliRunner().invoke(main, ["bench", "paper", "--profile", "tiny", "--out", str(bench["out"]), "--report", str(report),
+                                  "--methods", "hetlora,homlora_rmin"])
+    assert r.exit_code == 0, r.output
+    assert "| HetLoRA |" in report.read_text() and (bench["out"] / "cli" / "perplexity.png").is_file()
+    bad = CliRunner().invoke(main, ["bench", "paper", "--profile", "tiny", "--out", str(bench["out"]), "--methods", "nope"])
+    assert bad.exit_code != 0 and "unknown method" in bad.output
