@@ -36,7 +36,8 @@ def test_short_fuzz_run_finds_nothing() -> None:
                        cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert p.returncode == 0, f"fuzzer finding (seed {seed}):\n{p.stderr[-8000:]}"
     summary = json.loads(p.stdout)
-    assert summary["examples: adapter"] >= 100 and summary["examples: manifest"] >= 100, summary
+    # At least one whole batch per target: the run is time-bounded, so a loaded machine runs fewer.
+    assert summary["examples: adapter"] >= 50 and summary["examples: manifest"] >= 50, summary
     # The mutations reach both outcomes: rejected and (still) valid inputs.
     assert summary["adapter: AdapterError"] > 0 and summary["adapter: valid"] > 0, summary
     assert summary["manifest: InvalidManifest"] > 0 and summary["manifest: valid"] > 0, summary
