@@ -60,24 +60,25 @@ def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: Clie
     losses, regs, tokens = [], [], 0
     deadline = time.monotonic() + cfg.federation.client_timeout_s
     model.train()
-    for step in range(t.local_steps):
-        if time.monotonic() > deadline:
-            model.eval()
-            raise ClientTimeout(f"client {client.client_id}: {step} of {t.local_steps} local steps done when "
-                                f"federation.client_timeout_s={cfg.federation.client_timeout_s} passed")
-        failpoint("train_step", round=rnd, client=client.client_id, step=step)  # tests: a slow or dying client
-        batch = sample_batch(client.train_ids, t.batch_size, cfg.data.seq_len, gen)
-        with autocast(cfg):
-            loss = model(input_ids=batch, labels=batch).loss
-        reg = reg_fn()
-        total = loss.float() + (reg if reg is not None else 0.0)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        regs.append(float(reg.detach()) if reg is not None else 0.0)
-        tokens += batch.numel()
-    model.eval()
+    try:
+        for step in range(t.local_steps):
+            if time.monotonic() > deadline:
+                raise ClientTimeout(f"client {client.client_id}: {step} of {t.local_steps} local steps done when "
+                                    f"federation.client_timeout_s={cfg.federation.client_timeout_s} passed")
+            failpoint("train_step", round=rnd, client=client.client_id, step=step)  # tests: a slow or dying client
+            batch = sample_batch(client.train_ids, t.batch_size, cfg.data.seq_len, gen)
+            with autocast(cfg):
+                loss = model(input_ids=batch, labels=batch).loss
+            reg = reg_fn()
+            total = loss.float() + (reg if reg is not None else 0.0)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            regs.append(float(reg.detach()) if reg is not None else 0.0)
+            tokens += batch.numel()
+    finally:
+        model.eval()  # also after a timeout or a crash: the shared base model must stay in eval mode
     return sum(losses) / len(losses), sum(regs) / len(regs), tokens
 
 
