@@ -49,7 +49,7 @@ METHODS: dict[str, tuple[str, Callable[[HetLoRAConfig, dict[str, Any]], Override
     "hetlora_nosparsity": ("HetLoRA w/o sparsity weights", lambda b, p: {"strategy.sparsity_weights": False}),
     "recon_svd": ("Recon+SVD (FlexLoRA)", lambda b, p: {"strategy.name": "recon_svd"}),
     "full_ft": ("full fine-tuning", lambda b, p: {"strategy.name": "full_ft", "training.lr": p["full_ft_lr"]}),
-    "hetlora_rankaware": ("HetLoRA rank-aware norm.", lambda b, p: {"strategy.normalisation": "rank_aware"}),
+    "hetlora_rankaware": ("HetLoRA rank-aware", lambda b, p: {"strategy.normalisation": "rank_aware"}),
 }
 
 # quick (full: more rounds). Sizes come from costs measured on
@@ -214,10 +214,10 @@ def run_sweep(profile: str, out: Path, log: Callable[[str], None]) -> dict[str, 
             base = replace(base, **{"federation.rounds": rounds})
             method = "full_ft" if key == "full_ft_lr" else "hetlora"
             cfg = method_config(base, method, 0, {**prof, **ch})
-            rec = run_one(cfg, out / "sweep" / f"{method}-{config_hash(cfg)}",  # by hash: a repeated config runs once
-                          {"method": method, "seed": 0, "sweep": key, "value": v}, log)
+            rec_dir = out / "sweep" / f"{method}-{config_hash(cfg)}"  # by hash: a repeated config runs once
+            rec = run_one(cfg, rec_dir, {"method": method, "seed": 0, "sweep": key, "value": v}, log)
             scores[v] = _final(rec)
-            rows.append({"setting": key, "value": v, "rounds": rounds, "final_ppl": scores[v],
+            rows.append({"setting": key, "value": v, "run": rec_dir.name, "rounds": rounds, "final_ppl": scores[v],
                          "best_ppl": min(r["global_ppl"] for r in rec["rounds"]), "baseline_ppl": rec["baseline_ppl"],
                          "wall_seconds": rec["wall_seconds"]})
         default = prof.get(key) if key == "full_ft_lr" else base_config(profile).to_dict()[key.split(".")[0]][key.split(".")[1]]

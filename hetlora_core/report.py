@@ -14,6 +14,8 @@ from typing import Any
 COMPARE = [("homlora_rmin", "HetLoRA better"), ("homlora_rmax", "HetLoRA better (r_max overfits)"),
            ("recon_svd", "HetLoRA better"), ("zero_pad", "HetLoRA better"), ("hetlora_noprune", "pruning helps"),
            ("hetlora_nosparsity", "sparsity weights help"), ("hetlora_rankaware", "not in the paper (our option)")]
+PAPER_ORDER = [("full_ft", "hetlora"), ("hetlora", "homlora_rmin"), ("homlora_rmin", "homlora_rmax"),
+               ("hetlora", "homlora_rmax"), ("hetlora", "recon_svd")]
 SECTIONS = ["## Command", "## Machine and wall time", "## Settings and why", "## Scaled down relative to the paper",
             "## Results", "## Plots", "## Verdict"]
 
@@ -26,7 +28,7 @@ def _fmt(m: float, s: float | None, nd: int = 2) -> str:
     return f"{m:.{nd}f} ± {s:.{nd}f}" if s is not None else f"{m:.{nd}f}"
 
 
-def summarize(records: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:
+def summarize(records: list[dict[str, Any]], methods: list[str], labels: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Per method: curves over seeds (index 0 = base model), final/best/own-rank stats, costs."""
     out: dict[str, dict[str, Any]] = {}
     for m in methods:
@@ -38,7 +40,7 @@ def summarize(records: list[dict[str, Any]], methods: list[str]) -> dict[str, di
         mean_curve = [statistics.fmean(c[i] for c in curves) for i in range(n)]
         best = [min(c[1:]) for c in curves]
         out[m] = {
-            "label": recs[0]["label"], "seeds": [r["seed"] for r in recs], "curves": curves, "mean_curve": mean_curve,
+            "label": (labels or {}).get(m, recs[0]["label"]), "seeds": [r["seed"] for r in recs], "curves": curves, "mean_curve": mean_curve,
             "final": {r["seed"]: c[-1] for r, c in zip(recs, curves)}, "final_ms": _ms([c[-1] for c in curves]),
             "best_ms": _ms(best), "best_round": [c.index(min(c[1:])) for c in curves],
             "personal_ms": _ms([r["rounds"][-1]["personal_ppl"] for r in recs]),
@@ -56,6 +58,12 @@ def summarize(records: list[dict[str, Any]], methods: list[str]) -> dict[str, di
                         if r["rounds"][-1].get("train_loss") is not None] or [float("nan")]),
         }
     return out
+
+
+def _sweep_minutes(sw: dict[str, Any]) -> float:
+    """Wall minutes of the sweep's distinct runs (a config repeated across stages ran once)."""
+    runs = {r.get("run") or (r["final_ppl"], r["wall_seconds"]): r["wall_seconds"] for r in sw["rows"]}
+    return sum(runs.values()) / 60
 
 
 def _initial(rec: dict[str, Any]) -> dict[str, int]:
@@ -125,9 +133,11 @@ def verdict(S: dict[str, dict[str, Any]], T: dict[str, float]) -> list[str]:
             o = S[m]["overfit"]
             rise = statistics.fmean(o)
             rel = rise / S[m]["best_ms"][0]
+            best_at = ", ".join(map(str, S[m]["best_round"]))
             lines.append(f"- **Overfitting check, {S[m]['label']}**: final is {100 * rel:.2f}% above its best round "
-                         f"(best after round {', '.join(map(str, S[m]['best_round']))} of {len(S[m]['mean_curve']) - 1}, per seed); " + ("it got worse after its best round (overfitting or noise)."
-                                                                      if rel > 0.005 else "no late rise (> 0.5%) visible."))
+                         f"(best after round {best_at} of {len(S[m]['mean_curve']) - 1}, per seed); "
+                         + ("it got worse after its best round (overfitting or noise)." if rel > 0.005
+                            else "no late rise (> 0.5%) visible."))
     gaps = [m for m in ("homlora_rmin", "hetlora", "homlora_rmax", "full_ft") if m in S]
     if gaps:
         lines.append("- **Generalisation gap** (held-out NLL after the last round minus that round's mean local training "
@@ -142,13 +152,17 @@ def verdict(S: dict[str, dict[str, Any]], T: dict[str, float]) -> list[str]:
                      f"{h['params']['per_client_mean'] / f['params']['per_client_mean']:.2%} of the parameters and a round moves "
                      f"{h['bytes_round'] / f['bytes_round']:.2%} of the bytes."
                      + (" Full fine-tuning did not improve on the base model at this budget." if gain_f <= 0 else ""))
-    order = sorted(S, key=lambda m: S[m]["final_ms"][0])
-    lines.append("- **Observed order (final perplexity, best first)**: " + " < ".join(S[m]["label"] for m in order) + ".")
-    want = [m for m in ("full_ft", "hetlora", "homlora_rmin", "homlora_rmax") if m in S]
-    holds = all(S[a]["final_ms"][0] <= S[b]["final_ms"][0] for a, b in zip(want, want[1:]))
-    lines.append(f"- **Paper's order** ({' < '.join(S[m]['label'] for m in want)}, with Recon+SVD behind HetLoRA): "
-                 + ("holds in the means" if holds and ("recon_svd" not in S or S["recon_svd"]["final_ms"][0] >= h["final_ms"][0])
-                    else "does not hold in the means") + "; see the per-comparison noise judgements above.")
+    for key, what in (("final_ms", "final"), ("best_ms", "best-round")):
+        order = sorted(S, key=lambda m: S[m][key][0])
+        lines.append(f"- **Observed order ({what} perplexity, best first)**: " + " < ".join(S[m]["label"] for m in order))
+    held, broken = [], []
+    for a, b in PAPER_ORDER:
+        if a in S and b in S:
+            (held if S[a]["final_ms"][0] <= S[b]["final_ms"][0] else broken).append(f"{S[a]['label']} < {S[b]['label']}")
+    lines.append("- **Paper's order** (full fine-tuning < HetLoRA < HomLoRA r_min < HomLoRA r_max, Recon+SVD behind "
+                 f"HetLoRA), pair by pair in the final means: holds for {'; '.join(held) or 'none'}; "
+                 f"reversed for {'; '.join(broken) or 'none'}. Single-pair differences are only meaningful where the "
+                 "noise judgements above say so.")
     if h["prune_events"] or any(h["ranks"]):
         r0 = statistics.fmean(r[0] for r in h["ranks"])
         r1 = statistics.fmean(r[-1] for r in h["ranks"])
@@ -230,7 +244,7 @@ def _save(fig: Any, path: Path) -> str:
 
 def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Path) -> Path:
     """``report`` (markdown) plus PNGs in the folder named after it (docs/results.md -> docs/results/)."""
-    S = summarize(records, meta["methods"])
+    S = summarize(records, meta["methods"], meta.get("labels"))
     T = targets(S)
     fig_dir = report.with_suffix("")
     pngs = plots(S, fig_dir)
@@ -240,13 +254,18 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
          "Generated by `hetlora bench paper` (hetlora_core/bench_paper.py, report.py); every number and every verdict "
          "sentence below is computed from the run records under `" + meta["out"] + "`.", "", "## Command", "",
          f"```\n{meta['command'] or '(called from Python)'}\n```", "", "## Machine and wall time", "",
-         f"- {mc['nproc']} CPUs: {mc['cpu']}; torch {mc['torch']} with {mc['torch_threads']} threads; Python {mc['python']}; "
-         f"AVX512-BF16: {mc['avx512_bf16']}, AMX: {mc['amx']}; 1-min load average {meta['load_start']:.1f} at the start and "
-         f"{mc['loadavg']:.1f} at the end (above {mc['nproc']}: other jobs were sharing the CPUs).",
-         f"- Wall time of this invocation: {meta['wall_seconds'] / 60:.1f} min. Summed over runs (including runs reused "
-         f"from earlier invocations): {sum(r['wall_seconds'] for r in records) / 60:.1f} min wall, "
-         f"{sum(r['cpu_seconds'] for r in records) / 60:.1f} min CPU (process CPU time; on 2 quiet cores the wall time "
-         "would be about CPU time / 2).", "", "## Settings and why", "",
+         f"- {mc['nproc']} CPUs: {mc['cpu']}; torch {mc['torch']} with {mc['torch_threads']} thread(s); Python {mc['python']}; "
+         f"AVX512-BF16: {mc['avx512_bf16']}, AMX: {mc['amx']}. The runs had the CPU for "
+         f"{sum(r['cpu_seconds'] for r in records) / max(1e-9, sum(r['wall_seconds'] for r in records)):.0%} of their wall time "
+         f"(CPU seconds / wall seconds{', one thread' if mc['torch_threads'] == 1 else ''}; the rest went to other jobs sharing "
+         "the machine, and to I/O).",
+         f"- **Wall time: {sum(r['wall_seconds'] for r in records) / 60:.1f} min** for the {len(records)} runs of this table "
+         f"(sum of their wall times; they run one after another), {sum(r['cpu_seconds'] for r in records) / 60:.1f} min of "
+         f"process CPU time. With one torch thread the CPU time is about what the profile takes on quiet cores; two threads "
+         f"on two quiet cores should take less (not measured: the machine was never quiet). This invocation itself took "
+         f"{meta['wall_seconds'] / 60:.1f} min (runs finished earlier are reused, not rerun)."
+         + (f" The sweep behind the settings took another {_sweep_minutes(meta['sweep']):.1f} min." if meta.get("sweep") else ""),
+         "", "## Settings and why", "",
          f"- Data: {b['data']['num_clients']} Shakespeare roles (data.seed {b['data']['seed']}) of {b['data']['min_chars']}-"
          f"{b['data']['max_chars']} characters, 20% held out; {b['data']['seq_len']}-token windows; "
          f"{b['data']['eval_max_tokens']} held-out tokens per client in every evaluation.",
