@@ -4,8 +4,8 @@ Every method is a set of dotted config overrides on ONE base config and runs thr
 ``simulate.simulate`` -- no per-method code. Each (method, seed) runs in its own directory
 ``<out>/runs/<method>/seed<k>-<config hash>``; a finished pair has ``bench.json`` there and is
 skipped, an interrupted one resumes at its last committed round. The hash covers the whole
-config, so changing a setting starts fresh runs instead of mixing. ``full`` runs 5/3 as many
-rounds as ``quick`` (its three seeds still fit 90 minutes on 2 quiet cores), so it reuses nothing.
+config, so changing a setting starts fresh runs instead of mixing. ``full`` runs 4/3 as many
+rounds as ``quick`` (its three seeds take ~85 CPU-minutes at one thread), so it reuses nothing.
 
 ``hetlora bench sweep`` picks lr, lambda, gamma, local steps (and full fine-tuning's lr) by a
 coordinate sweep on *validation roles* (``data.seed`` 1, not the roles reported on); ``paper``
@@ -73,7 +73,7 @@ _TINY: Overrides = {
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {"seeds": 1, "base": _TINY, "full_ft_lr": 1e-3, "sweep_rounds": 2, "sweep_step_budget": 4},
     "quick": {"seeds": 1, "base": _REAL, "full_ft_lr": 1e-4, "sweep_rounds": 3, "sweep_step_budget": 8},
-    "full": {"seeds": 3, "base": {**_REAL, "federation.rounds": 10}, "full_ft_lr": 1e-4, "sweep_rounds": 3, "sweep_step_budget": 8},
+    "full": {"seeds": 3, "base": {**_REAL, "federation.rounds": 8}, "full_ft_lr": 1e-4, "sweep_rounds": 3, "sweep_step_budget": 8},
 }
 # Coordinate sweep: each stage varies one setting of HetLoRA (full_ft_lr: of full fine-tuning) with
 # the earlier stages' winners fixed. local_steps is compared at equal client compute (rounds x steps).
