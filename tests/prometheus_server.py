@@ -36,14 +36,7 @@ WAIT_S = 15.0  # longest a test waits for a pushed value to show up in Prometheu
 SCRAPE_INTERVAL = "1s"
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
-def skip_or_fail(reason: str) -> None:
-    if in_ci():
-        pytest.fail(f"{reason} (CI=true: failing instead of skipping)", pytrace=False)
-    pytest.skip(reason)
+from conftest import in_ci, skip_or_fail  # noqa: E402,F401 - one definition, shared by every fixture
 
 
 def find_binary(*names: str) -> str | None:
