@@ -11,7 +11,7 @@ from typing import Any
 import click
 import yaml
 
-from .config import ConfigError, HetLoRAConfig, load_config
+from .config import ConfigError, HetLoRAConfig, load_config, replace
 
 
 def parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
@@ -136,7 +136,8 @@ def export(run_dir: str, out: str, rnd: int | None, merge: bool) -> None:
     if cfg.strategy.name == "full_ft":
         fail("export supports LoRA strategies; full_ft runs have no adapter")
     adapter = runtime.global_adapter(cfg, store, rnd)
-    model = runtime.model(cfg)
+    # The full-vocabulary model even for model.vocab=corpus runs: q/v adapters fit it unchanged.
+    model = runtime.model(replace(cfg, **{"model.vocab": "full"}))
     save_peft_folder(model, adapter, out)
     runtime.load_base_model_tokenizer(cfg).save_pretrained(out)
     click.echo(f"peft adapter of round {rnd} (rank {adapter.rank}) written to {out}")

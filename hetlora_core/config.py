@@ -39,11 +39,15 @@ class ModelConfig:
     # Size of the tiny randomly initialised Llama used by unit tests (same architecture, real code).
     tiny_hidden: int = 64
     tiny_layers: int = 2
+    # "corpus": keep only the embedding/output rows of tokens the Shakespeare corpus uses (faster
+    # output layer on CPU; perplexity then normalised over those tokens). See vocab.py.
+    vocab: Literal["full", "corpus"] = "full"
 
     def __post_init__(self) -> None:
         _check(len(self.target_modules) > 0, "model.target_modules", "must name at least one module, e.g. [q_proj, v_proj]")
         _check(self.lora_scale > 0, "model.lora_scale", f"must be > 0, got {self.lora_scale}")
         _check(self.tiny_hidden >= 8 and self.tiny_layers >= 1, "model.tiny_hidden/tiny_layers", "must be >= 8 and >= 1")
+        _check(self.vocab in ("full", "corpus"), "model.vocab", f"must be 'full' or 'corpus', got {self.vocab!r}")
 
 
 @dataclass(frozen=True)

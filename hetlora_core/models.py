@@ -236,15 +236,17 @@ def _load_cached(name: str, tiny_hidden: int, tiny_layers: int) -> PreTrainedMod
     raise ModelError(f"model.name: unknown model {name!r}; use 'smollm2-135m' or 'tiny'")
 
 
-def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_base_model(cfg: ModelConfig, fresh: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The frozen base model named by ``cfg`` and the (shared) SmolLM2 tokenizer.
 
     The result is cached per process (keyed by name and tiny size only: LoRA settings do not change
     the base), so a process that evaluates many adapters loads the model once. The same object is
     returned on every call: never leave it modified (undo peft wrapping, restore weights).
+    ``fresh=True`` loads a private, uncached copy instead (e.g. to cut its vocabulary).
     """
     tiny = cfg.name == "tiny"
-    model = _load_cached(cfg.name, cfg.tiny_hidden if tiny else 0, cfg.tiny_layers if tiny else 0)
+    load = _load_cached.__wrapped__ if fresh else _load_cached
+    model = load(cfg.name, cfg.tiny_hidden if tiny else 0, cfg.tiny_layers if tiny else 0)
     return model, load_tokenizer()
 
 

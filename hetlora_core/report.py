@@ -275,6 +275,10 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
          f"- Federation: {b['federation']['rounds']} rounds, {b['federation']['clients_per_round']} clients per round; seeds {seeds}.",
          f"- Local training: {b['training']['local_steps']} AdamW steps of {b['training']['batch_size']} x {b['data']['seq_len']} tokens, "
          f"lr {b['training']['lr']:g} (full fine-tuning: {meta['full_ft_lr']:g}), bf16 {b['training']['bf16']}.",
+         "- Vocabulary: " + ("restricted to the tokens the Shakespeare corpus uses (`model.vocab: corpus`): perplexities are "
+                             "normalised over those tokens, lower than full-vocabulary figures and comparable only to runs with the "
+                             "same setting." if b["model"].get("vocab") == "corpus" else
+                             "SmolLM2's full 49,152 tokens (`model.vocab: full`)."),
          f"- Self-pruning: lambda {b['pruning']['lam']:g}, gamma {b['pruning']['gamma']:g}, score {b['pruning']['score']}, "
          f"decision per {b['pruning']['decision']}, regulariser at r_min: {b['pruning']['regularize_at_r_min']}. Aggregation: "
          f"weights per {b['strategy']['weight_granularity']}, sample-weighted {b['strategy']['sample_weighted']}, untrained "

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from . import store as st
+from . import vocab
 from .adapter import LoraAdapter, spec_from_model
 from .client import train_full, train_lora
 from .config import DataConfig, HetLoRAConfig, ModelConfig
@@ -24,17 +25,34 @@ from .rounds import ClientPlan, encode_full, load_global, load_global_full
 
 
 @functools.lru_cache(maxsize=2)
-def _model(mcfg: ModelConfig) -> torch.nn.Module:
-    return load_base_model(mcfg)[0]
+def _model(mcfg: ModelConfig, dcfg: DataConfig | None) -> torch.nn.Module:
+    """The shared base model; with ``model.vocab: corpus`` a private copy cut to the kept tokens
+    (``dcfg`` is only part of the key then: the kept set includes the run's client tokens)."""
+    if mcfg.vocab == "full" or dcfg is None:
+        return load_base_model(mcfg)[0]
+    return vocab.restrict_model(load_base_model(mcfg, fresh=True)[0], _keep(mcfg, dcfg))
+
+
+@functools.lru_cache(maxsize=4)
+def _raw_clients(mcfg: ModelConfig, dcfg: DataConfig) -> tuple[ClientData, ...]:
+    return tuple(build_clients(dcfg, load_base_model(mcfg)[1]))
+
+
+@functools.lru_cache(maxsize=4)
+def _keep(mcfg: ModelConfig, dcfg: DataConfig) -> torch.Tensor:
+    return vocab.keep_ids(load_base_model(mcfg)[1], _raw_clients(mcfg, dcfg))
 
 
 @functools.lru_cache(maxsize=4)
 def _clients(mcfg: ModelConfig, dcfg: DataConfig) -> tuple[ClientData, ...]:
-    return tuple(build_clients(dcfg, load_base_model(mcfg)[1]))
+    raw = _raw_clients(mcfg, dcfg)
+    if mcfg.vocab == "full":
+        return raw
+    return tuple(vocab.remap_clients(raw, _keep(mcfg, dcfg), len(load_base_model(mcfg)[1])))
 
 
 def model(cfg: HetLoRAConfig) -> torch.nn.Module:
-    return _model(cfg.model)
+    return _model(cfg.model, cfg.data if cfg.model.vocab == "corpus" else None)
 
 
 def clients(cfg: HetLoRAConfig) -> dict[str, ClientData]:

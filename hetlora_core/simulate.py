@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from . import rounds, runtime, tasks
 from . import store as st
-from .config import HetLoRAConfig, replace
+from .config import ConfigError, HetLoRAConfig, config_from_dict, replace
 from .reporting import finish_run
 from .results import collect_results, write_results
 
@@ -31,6 +31,10 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store) -> None:
     mine = json.loads(cfg.to_json())  # JSON-normalised (tuples become lists) to compare like with like
     if store.exists(key):
         theirs = json.loads(store.get_bytes(key))
+        try:  # fill settings added since that run was recorded with their defaults
+            theirs = json.loads(config_from_dict(theirs).to_json())
+        except ConfigError:
+            pass  # not loadable by this version: compared as stored (and reported as different)
         a = {k: v for k, v in theirs.items() if k not in ("federation", "metrics", "kubeflow", "store")}
         b = {k: v for k, v in mine.items() if k not in ("federation", "metrics", "kubeflow", "store")}
         fa = {k: v for k, v in theirs.get("federation", {}).items() if k != "rounds"}
