@@ -112,17 +112,21 @@ def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p
     = "keep"``) or become zero (``"zero"``, paper-literal; then they can never train again)."""
     A_g, B_g = {}, {}
     for m in prev_global.modules:
-        ranks = torch.tensor([u.adapter.ranks[m] for u in updates])
-        W = p[m][:, None] * (torch.arange(r_max)[None, :] < ranks[:, None])  # (K, r_max)
-        col = W.sum(0)
-        if cfg.normalisation == "rank_aware":
-            W = W / torch.where(col > 0, col, torch.ones_like(col))
+        # One fused scalar-weighted add per client tensor into float64 accumulators (no per-client
+        # float64 temporaries: measured ~3x faster at 1000 clients, benchmarks/bench_aggregation.py);
+        # rank-aware normalisation is then one division per component.
         a = prev_global.A[m].new_zeros(r_max, prev_global.A[m].shape[1], dtype=torch.float64)
         b = prev_global.B[m].new_zeros(prev_global.B[m].shape[0], r_max, dtype=torch.float64)
+        col = torch.zeros(r_max, dtype=torch.float64)  # sum_k W[k, j]
         for k, u in enumerate(updates):
-            r = u.adapter.ranks[m]
-            a[:r] += W[k, :r, None] * u.adapter.A[m].double()
-            b[:, :r] += W[k, None, :r] * u.adapter.B[m].double()
+            r, w = u.adapter.ranks[m], float(p[m][k])
+            a[:r].add_(u.adapter.A[m], alpha=w)
+            b[:, :r].add_(u.adapter.B[m], alpha=w)
+            col[:r] += w
+        if cfg.normalisation == "rank_aware":
+            inv = 1.0 / torch.where(col > 0, col, torch.ones_like(col))  # untrained: handled below
+            a.mul_(inv[:, None])
+            b.mul_(inv[None, :])
         untrained = col == 0
         if cfg.untrained_components == "keep" and untrained.any():
             a[untrained] = prev_global.A[m][untrained].double()
