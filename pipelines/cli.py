@@ -74,6 +74,9 @@ def submit(config: str | None, sets: tuple[str, ...], host: str, no_wait: bool, 
 
     Needs store.kind: s3 reachable from here (credentials in HETLORA_S3_ACCESS_KEY /
     HETLORA_S3_SECRET_KEY) and, in the cluster, the Secret named by kubeflow.store_secret."""
+    from hetlora_core.simulate import RunConfigMismatch
+    from hetlora_core.store import StoreError
+
     from .driver import RoundFailed, submit_run
 
     cfg = load_cfg(config, sets)
@@ -81,8 +84,13 @@ def submit(config: str | None, sets: tuple[str, ...], host: str, no_wait: bool, 
         fail("submit needs store.kind: s3 (pods cannot see a local directory); see configs/kind.yaml")
     try:
         ids = submit_run(cfg, host, timeout_s=timeout, wait=not no_wait)
-    except RoundFailed as e:
+    except (RoundFailed, RunConfigMismatch, StoreError) as e:
         fail(str(e))
+    except Exception as e:  # noqa: BLE001 - kfp/urllib3 errors (refused, DNS, HTTP 4xx/5xx): say where and what
+        fail(f"Kubeflow Pipelines API at {host} failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}; "
+             "check --host (e.g. kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80, then "
+             "--host http://localhost:8080) and that you may create runs in namespace "
+             f"{cfg.kubeflow.namespace!r}. Committed rounds are kept: rerun to resume.")
     click.echo(f"submitted {len(ids)} round run(s): {', '.join(ids)}")
 
 

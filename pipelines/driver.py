@@ -79,8 +79,27 @@ def _eval(store: st.Store, cfg: HetLoRAConfig, rnd: int) -> str:
     return f"{m['global']['ppl']:.2f} (own rank {m['personal']['ppl']:.2f})"
 
 
+# v2beta1 run states that end a run. kfp.Client.wait_for_run_completion stops only on
+# SUCCEEDED/FAILED/SKIPPED/ERROR: a run canceled in the UI would be polled until the timeout.
+TERMINAL_STATES = {"SUCCEEDED", "FAILED", "SKIPPED", "ERROR", "CANCELED", "CANCELING", "PAUSED"}
+
+
+def wait_for_run(client: Any, run_id: str, link: str, timeout_s: float, poll_s: float = 10.0) -> str:
+    """Poll ``client.get_run`` until the run reaches a terminal state; returns that state.
+    A run still going after ``timeout_s`` is a failed round with its link (not a bare TimeoutError)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = str(getattr(client.get_run(run_id), "state", "") or "").upper().removeprefix("RUNTIMESTATE.")
+        if state in TERMINAL_STATES:
+            return state
+        if time.monotonic() >= deadline:
+            raise RoundFailed(f"run still {state or 'without a state'} after {timeout_s:.0f} s: {link}; raise --timeout, "
+                              "or cancel it and rerun `hetlora submit` to resume")
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
 def submit_run(cfg: HetLoRAConfig, host: str, client: Any = None, timeout_s: int = 6 * 3600,
-               wait: bool = True) -> list[str]:
+               wait: bool = True, poll_s: float = 10.0) -> list[str]:
     """Submit one KFP run per round to Kubeflow at ``host``, wait for each, stop on failure.
 
     The driver needs the store (to plan and to resume) with credentials from its environment;
@@ -108,10 +127,9 @@ def submit_run(cfg: HetLoRAConfig, host: str, client: Any = None, timeout_s: int
         _log(f"round {rnd + 1}/{cfg.federation.rounds} submitted: {link}")
         if not wait:
             break
-        detail = client.wait_for_run_completion(run.run_id, timeout=timeout_s)
-        state = str(getattr(detail, "state", "")).upper()
-        if state not in ("SUCCEEDED", "RUNTIMESTATE.SUCCEEDED"):
-            raise RoundFailed(f"round {rnd} run ended {state or 'without a state'}: {link}; fix and rerun `hetlora submit` to resume")
+        state = wait_for_run(client, run.run_id, link, timeout_s, poll_s)
+        if state != "SUCCEEDED":
+            raise RoundFailed(f"round {rnd} run ended {state}: {link}; fix and rerun `hetlora submit` to resume")
         if st.last_committed_round(store, cfg.experiment) < rnd:
             raise RoundFailed(f"round {rnd} run succeeded but round {rnd} is not committed in {store.describe()}: {link}")
     return run_ids

@@ -29,7 +29,7 @@ class StandInKFP:
             run_round(self.cfg, rnd)
         return types.SimpleNamespace(run_id=f"run-{rnd}")
 
-    def wait_for_run_completion(self, run_id, timeout):
+    def get_run(self, run_id):
         rnd = int(run_id.split("-")[1])
         return types.SimpleNamespace(state="FAILED" if rnd == self.fail_round else "SUCCEEDED")
 

@@ -1,0 +1,258 @@
+"""`hetlora submit` through the real ``kfp.Client`` over HTTP, against an in-process stand-in of
+the KFP API server's v2beta1 REST API (tests/kfp_api_server.py).
+
+tests/test_submit_driver.py checks the driver's logic with a Python stand-in for the client; here
+``submit_run`` builds the client itself from ``host`` (the production path), so what is checked is
+what kfp 2.x actually puts on the wire for our calls: the experiment looked up by name and created
+once in the configured namespace, one run per round carrying the compiled "hetlora-round" spec
+and the runtime parameters, caching off, and the run's state read back by
+````get_run`` (the driver's own wait loop). The stand-in "executes" a run by running the round in-process from the
+config it received on the wire (``hetlora_core.simulate.run_round``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import kfp
+import pytest
+import urllib3
+from kfp_api_server import PREFIX, KFPAPIServer
+
+from hetlora_core import store as st
+from hetlora_core.config import config_from_dict, load_config, replace
+from hetlora_core.simulate import run_round
+from hetlora_kfp.pipelines.driver import RoundFailed, submit_run
+
+CREDENTIAL_VARS = ("HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@pytest.fixture(autouse=True)
+def hermetic_kfp(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ~/.config/kfp/context.json (it would override the namespace) and no KF_PIPELINES_*
+    variables (KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME would rename the experiment)."""
+    monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context" / "context.json"))
+    for var in ("KF_PIPELINES_ENDPOINT", "KF_PIPELINES_UI_ENDPOINT", "KF_PIPELINES_DEFAULT_EXPERIMENT_NAME",
+                "KF_PIPELINES_OVERRIDE_EXPERIMENT_NAME", "KF_PIPELINES_IAP_OAUTH2_CLIENT_ID",
+                "KF_PIPELINES_APP_OAUTH2_CLIENT_ID", "KF_PIPELINES_APP_OAUTH2_CLIENT_SECRET"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def secrets_in_env(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fresh credential values in the driver's environment (the local store ignores them): none
+    may reach the API server."""
+    values = []
+    for var in CREDENTIAL_VARS:
+        values.append(f"{var.lower()}-{secrets.token_hex(12)}")
+        monkeypatch.setenv(var, values[-1])
+    return values
+
+
+def make_cfg(tmp_path, namespace: str, experiment: str = "hetlora-rest"):
+    return replace(load_config("configs/smoke.yaml"), **{
+        "experiment": "submit-rest", "store.root": str(tmp_path / "store"), "federation.rounds": 2,
+        "data.eval_max_tokens": 32, "kubeflow.namespace": namespace, "kubeflow.experiment": experiment})
+
+
+class Backend:
+    """The stand-in's ``on_run``: runs the round described by the posted config, unless told the
+    round fails (then it returns False, or a state name, without running it)."""
+
+    def __init__(self, fail: dict[int, bool | str] | None = None) -> None:
+        self.fail = fail or {}
+        self.rounds: list[int] = []
+        self.specs: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+
+    def __call__(self, spec: dict[str, Any], platform: dict[str, Any] | None, params: dict[str, Any]) -> bool | str:
+        rnd = params["round_index"]
+        self.rounds.append(rnd)
+        self.specs.append((spec, platform))
+        if rnd in self.fail:
+            return self.fail[rnd]
+        run_round(config_from_dict(json.loads(params["config_json"])), rnd)
+        return True
+
+
+@pytest.fixture
+def server_for() -> Iterator[Any]:
+    started: list[KFPAPIServer] = []
+
+    def start(backend: Backend, **kw: Any) -> KFPAPIServer:
+        started.append(KFPAPIServer(backend, **kw).start())
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def all_tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every task of the root DAG and of every component's DAG (ParallelFor bodies)."""
+    out = {f"root/{k}": v for k, v in spec["root"]["dag"]["tasks"].items()}
+    for name, comp in spec.get("components", {}).items():
+        out.update({f"{name}/{k}": v for k, v in comp.get("dag", {}).get("tasks", {}).items()})
+    return out
+
+
+@contextlib.contextmanager
+def backend_errors_shown(server: KFPAPIServer) -> Iterator[None]:
+    """A run the stand-in failed because the round raised: show that traceback, not just the
+    driver's RoundFailed."""
+    try:
+        yield
+    except Exception as e:
+        if server.errors:
+            raise AssertionError(f"{e}\nbackend errors:\n" + "\n".join(server.errors)) from e
+        raise
+
+
+def free_closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_rounds_over_rest(tmp_path, server_for, secrets_in_env, capsys) -> None:
+    cfg = make_cfg(tmp_path, namespace="team-a")
+    backend = Backend()
+    server = server_for(backend)
+
+    with backend_errors_shown(server):
+        ids = submit_run(cfg, server.url + "/", timeout_s=60)  # trailing slash: the client strips it
+
+    assert not server.errors, server.errors
+    assert backend.rounds == [0, 1]
+    assert ids == list(server.runs) and len(set(ids)) == 2
+    assert st.last_committed_round(st.open_store(cfg.store), cfg.experiment) == 1
+
+    # nothing secret crossed the wire (bodies, query strings, headers)
+    wire = b"".join(r.raw + json.dumps([r.path, r.query, r.headers]).encode() for r in server.requests)
+    assert not [v for v in secrets_in_env if v.encode() in wire]
+
+    # the experiment: looked up by name in the namespace before each run, created once
+    created = server.calls("POST", f"{PREFIX}/experiments")
+    assert [r.body for r in created] == [{"display_name": "hetlora-rest", "namespace": "team-a"}]
+    exp_id = next(iter(server.experiments))
+    lookups = server.calls("GET", f"{PREFIX}/experiments")
+    assert len(lookups) == 2
+    for r in lookups:
+        assert r.query["namespace"] == ["team-a"]
+        assert json.loads(r.query["filter"][0])["predicates"] == [
+            {"operation": 1, "key": "display_name", "stringValue": "hetlora-rest"}]
+    assert not server.calls("GET", f"{PREFIX}/healthz")  # a namespace is given: no multi-user probe
+
+    # the runs as posted
+    posted = server.posted_runs
+    assert len(posted) == 2
+    for rnd, (body, run_id) in enumerate(zip(posted, ids, strict=True)):
+        assert body["experiment_id"] == exp_id
+        assert body["display_name"] == f"submit-rest-round-{rnd:04d}"
+        assert "pipeline_version_reference" not in body  # inline spec, nothing uploaded
+        spec, platform = body["pipeline_spec"]["pipeline_spec"], body["pipeline_spec"]["platform_spec"]
+        assert spec["pipelineInfo"]["name"] == "hetlora-round"
+        assert "kubernetes" in platform["platforms"]
+        params = body["runtime_config"]["parameters"]
+        assert set(params) == {"config_json", "round_index", "round_started_at"}
+        assert params["round_index"] == rnd and type(params["round_index"]) is int
+        assert isinstance(params["round_started_at"], float)
+        sent = json.loads(params["config_json"])
+        assert sent == json.loads(cfg.to_json())
+        # caching off: kfp writes enable_cache=False into each root task's cachingOptions, and
+        # proto3 JSON drops a false bool, so "off" is {} (no "enableCache") on the wire
+        tasks = all_tasks(spec)
+        assert tasks and all(t.get("cachingOptions", {}).get("enableCache") is not True for t in tasks.values()), {
+            k: t.get("cachingOptions") for k, t in tasks.items()}
+        assert all("cachingOptions" in t for k, t in tasks.items() if k.startswith("root/"))
+        assert server.calls("GET", f"{PREFIX}/runs/{run_id}"), "run state never read"
+
+    err = capsys.readouterr().err
+    for rnd, run_id in enumerate(ids):
+        assert f"round {rnd + 1}/2 submitted: {server.url}/#/runs/details/{run_id}" in err
+
+
+def test_failed_run_names_its_link_and_rerun_resumes(tmp_path, server_for) -> None:
+    cfg = make_cfg(tmp_path, namespace="kubeflow")  # the default: the client probes healthz
+    backend = Backend(fail={1: False})
+    server = server_for(backend)
+
+    with pytest.raises(RoundFailed) as failed:
+        submit_run(cfg, server.url, timeout_s=60)
+    failed_id = list(server.runs)[1]
+    assert server.runs[failed_id]["state"] == "FAILED"
+    assert re.search(rf"round 1 run ended FAILED: {re.escape(server.url)}/#/runs/details/{failed_id}\b",
+                     str(failed.value)), str(failed.value)
+    assert backend.rounds == [0, 1]
+    assert st.last_committed_round(st.open_store(cfg.store), cfg.experiment) == 0
+    assert server.calls("GET", f"{PREFIX}/healthz")
+
+    backend.fail.clear()
+    with backend_errors_shown(server):
+        ids = submit_run(cfg, server.url, timeout_s=60)
+    assert backend.rounds == [0, 1, 1]  # round 0 not resubmitted
+    assert [b["runtime_config"]["parameters"]["round_index"] for b in server.posted_runs] == [0, 1, 1]
+    assert ids == [list(server.runs)[2]]
+    assert server.runs[ids[0]]["state"] == "SUCCEEDED"
+    assert st.last_committed_round(st.open_store(cfg.store), cfg.experiment) == 1
+    # the experiment was found by name on the rerun, not created again
+    assert len(server.calls("POST", f"{PREFIX}/experiments")) == 1
+    assert {b["experiment_id"] for b in server.posted_runs} == set(server.experiments)
+    assert not server.errors, server.errors
+
+
+@pytest.mark.parametrize("namespace", ["kubeflow", "team-a"])
+def test_unreachable_host_fails_fast(tmp_path, namespace) -> None:
+    """Nothing listens: urllib3 (3 retries, no backoff) gives up at once. With the default
+    namespace the kfp.Client constructor already fails (its healthz probe only retries
+    ApiException, not connection errors); with another namespace the first call does (the
+    experiment lookup). Either way the error is urllib3's MaxRetryError, not wrapped by the driver."""
+    port = free_closed_port()
+    cfg = make_cfg(tmp_path, namespace=namespace)
+    t0 = time.monotonic()
+    with pytest.raises(urllib3.exceptions.MaxRetryError) as e:
+        submit_run(cfg, f"http://127.0.0.1:{port}", timeout_s=60)
+    assert time.monotonic() - t0 < 20
+    msg = str(e.value)
+    assert f"port={port}" in msg and "Connection refused" in msg
+    assert ("/apis/v2beta1/healthz" if namespace == "kubeflow" else "/apis/v2beta1/experiments") in msg
+
+
+def test_canceled_run_is_reported_as_a_failed_round(tmp_path, server_for) -> None:
+    """Regression: kfp.Client.wait_for_run_completion treats only succeeded/failed/skipped/error as
+    final, so a run canceled in the UI was polled for timeout_s (6 h by default) and then raised a
+    bare TimeoutError. The driver now polls get_run itself and knows CANCELED."""
+    cfg = make_cfg(tmp_path, namespace="team-a")
+    server = server_for(Backend(fail={0: "CANCELED"}))
+    with pytest.raises(RoundFailed, match=r"round 0 run ended CANCELED: .*/#/runs/details/"):
+        submit_run(cfg, server.url, timeout_s=600, poll_s=0.05)
+
+
+def test_run_past_timeout_is_a_failed_round_with_its_link(tmp_path, server_for) -> None:
+    """A run that never finishes: after --timeout the driver stops with the run's link (the run
+    is left alone; rerunning resumes), instead of kfp's bare TimeoutError."""
+    cfg = make_cfg(tmp_path, namespace="team-a")
+    server = server_for(Backend(), running_polls=10**6)
+    with pytest.raises(RoundFailed, match=r"run still RUNNING after 1 s: .*/#/runs/details/.*rerun `hetlora submit`"):
+        submit_run(cfg, server.url, timeout_s=1, poll_s=0.1)
+
+
+def test_cli_unreachable_host_is_a_clean_error(tmp_path) -> None:
+    """`hetlora submit` against a closed port: exit 1, one line naming the host and the fix, no traceback."""
+    from click.testing import CliRunner
+
+    from hetlora_kfp.pipelines.cli import main
+
+    port = free_closed_port()
+    out = CliRunner().invoke(main, ["submit", "-c", "configs/smoke.yaml", "--host", f"http://127.0.0.1:{port}",
+                                    "--set", "store.kind=s3", "--set", "store.endpoint=127.0.0.1:1",
+                                    "--set", "store.retry_deadline_s=0.5", "--set", f"store.root={tmp_path}"])
+    assert out.exit_code == 1, out.output
+    assert "Traceback" not in out.output
+    assert f"error: Kubeflow Pipelines API at http://127.0.0.1:{port} failed" in out.output
+    assert "Connection refused" in out.output and "check --host" in out.output
