@@ -20,7 +20,7 @@ from .client import train_full, train_lora
 from .config import DataConfig, HetLoRAConfig, ModelConfig
 from .data import ClientData, build_clients
 from .evaluation import EvalResult, evaluate, evaluate_full
-from .models import load_base_model
+from .models import load_base_model, load_tokenizer
 from .rounds import ClientPlan, encode_full, load_global, load_global_full
 
 
@@ -35,12 +35,12 @@ def _model(mcfg: ModelConfig, dcfg: DataConfig | None) -> torch.nn.Module:
 
 @functools.lru_cache(maxsize=4)
 def _raw_clients(mcfg: ModelConfig, dcfg: DataConfig) -> tuple[ClientData, ...]:
-    return tuple(build_clients(dcfg, load_base_model(mcfg)[1]))
+    return tuple(build_clients(dcfg, load_tokenizer()))
 
 
 @functools.lru_cache(maxsize=4)
 def _keep(mcfg: ModelConfig, dcfg: DataConfig) -> torch.Tensor:
-    return vocab.keep_ids(load_base_model(mcfg)[1], _raw_clients(mcfg, dcfg))
+    return vocab.keep_ids(load_tokenizer(), _raw_clients(mcfg, dcfg))
 
 
 @functools.lru_cache(maxsize=4)
@@ -48,7 +48,7 @@ def _clients(mcfg: ModelConfig, dcfg: DataConfig) -> tuple[ClientData, ...]:
     raw = _raw_clients(mcfg, dcfg)
     if mcfg.vocab == "full":
         return raw
-    return tuple(vocab.remap_clients(raw, _keep(mcfg, dcfg), len(load_base_model(mcfg)[1])))
+    return tuple(vocab.remap_clients(raw, _keep(mcfg, dcfg), len(load_tokenizer())))
 
 
 def model(cfg: HetLoRAConfig) -> torch.nn.Module:
@@ -135,4 +135,4 @@ def global_adapter(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> LoraAdapter
 
 def load_base_model_tokenizer(cfg: HetLoRAConfig):  # noqa: ANN201 - transformers tokenizer type
     """The tokenizer that goes with the base model (for export)."""
-    return load_base_model(cfg.model)[1]
+    return load_tokenizer()
