@@ -192,6 +192,17 @@ def plots(S: dict[str, dict[str, Any]], fig_dir: Path) -> list[str]:
                title="Held-out perplexity (mean over seeds; band: min-max)" if k == 0 else "Zoom: rounds 1..")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    # A diverging method must not flatten everyone else: log scale on the left; the zoom keeps
+    # the range from the best mean to the base model and names what leaves it.
+    axes[0].set_yscale("log")
+    base = max(s["mean_curve"][0] for s in S.values())
+    lows = [v for s in S.values() for v in s["mean_curve"][1:]]
+    if lows:
+        axes[1].set_ylim(min(lows) * 0.97, base * 1.02)
+        off = [s["label"] for s in S.values() if max(s["mean_curve"][1:], default=0) > base * 1.02]
+        if off:
+            axes[1].text(0.02, 0.98, "off the scale (above the base model): " + ", ".join(off), transform=axes[1].transAxes,
+                         va="top", fontsize=8)
     axes[0].legend(fontsize=8)
     names.append(_save(fig, fig_dir / "perplexity.png"))
 
