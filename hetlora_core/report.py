@@ -271,7 +271,7 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
          f"(CPU seconds / wall seconds{', one thread' if mc['torch_threads'] == 1 else ''}; the rest went to other jobs sharing "
          "the machine, and to I/O).",
          f"- **Wall time: {sum(r['wall_seconds'] for r in records) / 60:.1f} min** for the {len(records)} runs of this table "
-         f"(sum of their wall times; they run one after another), {sum(r['cpu_seconds'] for r in records) / 60:.1f} min of "
+         f"(the sum of their wall times: the elapsed time when one process runs them one after another; runs split across processes with `--methods` finish sooner), {sum(r['cpu_seconds'] for r in records) / 60:.1f} min of "
          f"process CPU time. With one torch thread the CPU time is about what the profile takes on quiet cores; two threads "
          f"on two quiet cores should take less (not measured: the machine was never quiet). This invocation itself took "
          f"{meta['wall_seconds'] / 60:.1f} min (runs finished earlier are reused, not rerun)."
