@@ -9,6 +9,13 @@ from hetlora_core.config import load_config, replace
 from hetlora_core.simulate import simulate
 
 
+def _matches(expected: float, rel: float):
+    """wait_for predicate: one series whose value is ``expected``. Waiting for the value (not just
+    the series) matters for series a later push overwrites (the run-level last successful round):
+    Prometheus may still hold the previous scrape's value."""
+    return lambda res: len(res) == 1 and float(res[0]["value"][1]) == pytest.approx(expected, rel=rel)
+
+
 def test_round_metrics_reach_prometheus(tmp_path, pushgateway, prometheus):
     cfg = replace(load_config("configs/smoke.yaml"), **{
         "experiment": "promtest", "metrics.pushgateway_url": pushgateway.url, "federation.rounds": 2,
@@ -32,7 +39,8 @@ def test_round_metrics_reach_prometheus(tmp_path, pushgateway, prometheus):
             assert float(w["value"][1]) == pytest.approx(r["weights"][cid], rel=1e-6)
         (up,) = prometheus.wait_for(f'hetlora_round_upload_bytes{{run="promtest",round="{r["round"]}"}}')
         assert int(float(up["value"][1])) == r["bytes_up"]
-    (last,) = prometheus.wait_for('hetlora_last_successful_round{run="promtest"}')
+    (last,) = prometheus.wait_for('hetlora_last_successful_round{run="promtest"}',
+                                  until=_matches(res["rounds"][-1]["round"], 0))
     assert int(float(last["value"][1])) == res["rounds"][-1]["round"]
 
 
