@@ -87,7 +87,8 @@ def submit(config: str | None, sets: tuple[str, ...], host: str, no_wait: bool, 
     except (RoundFailed, RunConfigMismatch, StoreError) as e:
         fail(str(e))
     except Exception as e:  # noqa: BLE001 - kfp/urllib3 errors (refused, DNS, HTTP 4xx/5xx): say where and what
-        fail(f"Kubeflow Pipelines API at {host} failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}; "
+        first = (str(e).splitlines() or [""])[0][:300]
+        fail(f"Kubeflow Pipelines API at {host} failed: {type(e).__name__}: {first}; "
              "check --host (e.g. kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80, then "
              "--host http://localhost:8080) and that you may create runs in namespace "
              f"{cfg.kubeflow.namespace!r}. Committed rounds are kept: rerun to resume.")

@@ -81,7 +81,7 @@ def _eval(store: st.Store, cfg: HetLoRAConfig, rnd: int) -> str:
 
 # v2beta1 run states that end a run. kfp.Client.wait_for_run_completion stops only on
 # SUCCEEDED/FAILED/SKIPPED/ERROR: a run canceled in the UI would be polled until the timeout.
-TERMINAL_STATES = {"SUCCEEDED", "FAILED", "SKIPPED", "ERROR", "CANCELED", "CANCELING", "PAUSED"}
+TERMINAL_STATES = {"SUCCEEDED", "FAILED", "SKIPPED", "ERROR", "CANCELED", "CANCELING"}  # PAUSED may resume: keep waiting
 
 
 def wait_for_run(client: Any, run_id: str, link: str, timeout_s: float, poll_s: float = 10.0) -> str:

@@ -186,15 +186,20 @@ def _talk(endpoint: str, secure: bool, payload: bytes) -> None:
     assert s.list("e")
 
 
+def _sniffed(port: int, tls: bool, payload: bytes) -> bytes:
+    """Every byte of one store round trip through a capturing proxy in front of ``port``."""
+    proxy = SniffProxy((HOST, port))
+    try:
+        _talk(f"{HOST}:{proxy.port}", tls, payload)
+    finally:
+        proxy.close()
+    return bytes(proxy.captured)
+
+
 def test_secret_key_never_crosses_the_wire_and_tls_hides_the_rest(own_minio: MinioServer, minio_server: MinioServer,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     payload = b"PAYLOAD-" + secrets.token_hex(16).encode()
-    proxy = SniffProxy((HOST, own_minio.port))
-    try:
-        _talk(f"{HOST}:{proxy.port}", False, payload)
-    finally:
-        proxy.close()
-    plain = bytes(proxy.captured)
+    plain = _sniffed(own_minio.port, False, payload)
     assert payload in plain  # the proxy saw the traffic...
     assert not leaks(plain, [own_minio.secret_key])  # ...but SigV4 never sends the secret key
     assert own_minio.access_key.encode() in plain  # the access key id and the data do travel in clear: use TLS
@@ -203,11 +208,6 @@ def test_secret_key_never_crosses_the_wire_and_tls_hides_the_rest(own_minio: Min
         monkeypatch.setenv("HETLORA_S3_ACCESS_KEY", tls.access_key)
         monkeypatch.setenv("HETLORA_S3_SECRET_KEY", tls.secret_key)
         monkeypatch.setenv("HETLORA_S3_CA_BUNDLE", tls.ca_file or "")
-        proxy = SniffProxy((HOST, tls.port))
-        try:
-            _talk(f"{HOST}:{proxy.port}", True, payload)
-        finally:
-            proxy.close()
-        wire = bytes(proxy.captured)
+        wire = _sniffed(tls.port, True, payload)
         assert len(wire) > len(payload) and b"\x16\x03" in wire[:8]  # a TLS handshake, then records
         assert not leaks(wire, [tls.access_key, tls.secret_key]) and payload not in wire
