@@ -76,9 +76,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     cells = [[fmt(v) for v in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    # every row has one cell per header: a longer or shorter row is a caller bug, not a column to drop
+    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     return "\n".join(out)
 
 

@@ -11,21 +11,31 @@ buffers, so the baseline reads exactly the bytes the strategies read. Repetition
 baseline and each strategy; medians are reported.
 
 Also timed, to locate the cost: HetLoRA's two parts (sparsity weights = ||B_k A_k||_F per client
-and module, via r x r Gram matrices; factor averaging, one fused add per client tensor -- both
-were proposals measured here first, now project code), and one *proposed* replacement that is not
-project code: ``recon_concat`` (Recon+SVD's sum of dW_k as one GEMM [w_k B_k]_k @ [A_k]_k per module).
+and module, via r x r Gram matrices; factor averaging, one weighted add per client tensor through a
+reused scratch buffer -- both were proposals measured here first, now project code), and one
+*proposed* replacement that is not project code: ``recon_concat`` (Recon+SVD's sum of dW_k as one
+GEMM [w_k B_k]_k @ [A_k]_k per module).
+
+Aggregation is numpy (the aggregate step loads no torch); ``--threads`` sets numpy's BLAS threads,
+which OpenBLAS reads once, when numpy loads -- so it is applied before the first numpy import.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+_pre = argparse.ArgumentParser(add_help=False)
+_pre.add_argument("--threads", type=int, default=1)
+THREADS = _pre.parse_known_args()[0].threads
+if THREADS:
+    os.environ["OPENBLAS_NUM_THREADS"] = str(THREADS)
+
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from _common import machine, median, table, timed, write  # noqa: E402
 
 from hetlora_core.adapter import LoraAdapter  # noqa: E402
@@ -45,22 +55,22 @@ STRATEGIES = ("hetlora", "zero_pad", "recon_svd")
 def make_clients(n: int, layers: int = LAYERS, seed: int = 0) -> tuple[list[ClientUpdate], list[np.ndarray], LoraAdapter]:
     """n clients with mixed ranks; A/B are views into one flat float32 buffer per client."""
     shp = shapes(layers)
-    g = torch.Generator().manual_seed(seed)
-    ranks = torch.randint(R_MIN, R_MAX + 1, (n,), generator=g).tolist()
+    g = np.random.default_rng(seed)
+    ranks = g.integers(R_MIN, R_MAX + 1, n).tolist()
     updates, flats = [], []
     for k, r in enumerate(ranks):
         size = sum(r * i + o * r for o, i in shp.values())
-        flat = torch.randn(size, generator=g) * 0.02
+        flat = g.standard_normal(size, np.float32) * 0.02
         A, B, off = {}, {}, 0
         for m, (o, i) in shp.items():
-            A[m] = flat[off:off + r * i].view(r, i)
+            A[m] = flat[off:off + r * i].reshape(r, i)
             off += r * i
-            B[m] = flat[off:off + o * r].view(o, r)
+            B[m] = flat[off:off + o * r].reshape(o, r)
             off += o * r
         updates.append(ClientUpdate(f"c{k:04d}", LoraAdapter(A, B, SCALE), 100 + k % 50))
-        flats.append(flat.numpy())
-    prev = LoraAdapter({m: torch.zeros(R_MAX, i) for m, (o, i) in shp.items()},
-                       {m: torch.zeros(o, R_MAX) for m, (o, i) in shp.items()}, SCALE)
+        flats.append(flat)
+    prev = LoraAdapter({m: np.zeros((R_MAX, i), np.float32) for m, (o, i) in shp.items()},
+                       {m: np.zeros((o, R_MAX), np.float32) for m, (o, i) in shp.items()}, SCALE)
     return updates, flats, prev
 
 
@@ -77,12 +87,12 @@ def numpy_sum(flats: list[np.ndarray]) -> np.ndarray:
 
 def recon_concat(updates: list[ClientUpdate], prev: LoraAdapter) -> LoraAdapter:
     """Recon+SVD with dW = [w_k s B_k]_k @ [A_k]_k: one GEMM per module instead of K products."""
-    n = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
+    n = np.array([u.num_samples for u in updates], dtype=np.float64)
     w = n / n.sum()
     A_g, B_g = {}, {}
     for m in prev.modules:
-        Bc = torch.cat([u.adapter.B[m].double() * (float(w[k]) * u.adapter.scale) for k, u in enumerate(updates)], 1)
-        Ac = torch.cat([u.adapter.A[m].double() for u in updates], 0)
+        Bc = np.concatenate([u.adapter.B[m] * (wk * u.adapter.scale) for wk, u in zip(w, updates, strict=True)], 1)
+        Ac = np.concatenate([u.adapter.A[m] for u in updates], 0).astype(np.float64)
         A_g[m], B_g[m] = svd_factor(Bc @ Ac, R_MAX, prev.scale)
     return LoraAdapter(A_g, B_g, prev.scale)
 
@@ -107,7 +117,7 @@ def bench_size(n: int, reps: int, max_s: float, with_proposed: bool, layers: int
         a, _ = aggregate(prev, updates[:5], cfgs["recon_svd"], R_MAX)
         b = recon_concat(updates[:5], prev)
         m0 = prev.modules[0]
-        assert torch.allclose(a.delta(m0), b.delta(m0), atol=1e-6)
+        assert np.allclose(a.delta(m0), b.delta(m0), atol=1e-6)
     if only:
         cases = {k: v for k, v in cases.items() if k == "numpy_sum" or k in only}
     times: dict[str, list[float]] = {k: [] for k in cases}
@@ -133,12 +143,10 @@ def main() -> None:
     ap.add_argument("--no-proposed", action="store_true", help="skip timing the proposed replacements")
     ap.add_argument("--cases", nargs="+", help="time only these cases (numpy_sum always runs), e.g. hetlora:averaging")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1, like numpy's add; 0: torch's default). With 2 threads on a "
-                         "loaded 2-core VM, MKL's SVD ran 15-40x slower than with one (spin-waiting threads)")
+                    help="numpy BLAS threads (default 1, like numpy's add; 0: OpenBLAS's default). With 2 threads on a "
+                         "loaded 2-core VM, the SVD ran 15-40x slower than with one (spin-waiting threads)")
     ap.add_argument("--out", default=None, help="output folder (default bench-out/)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     sizes = args.sizes or ([10, 100] if args.quick else [10, 100, 1000])
     reps = args.reps or (2 if args.quick else 3)
     layers = args.layers or (4 if args.quick else LAYERS)
@@ -153,7 +161,7 @@ def main() -> None:
     write("aggregation-quick" if args.quick else "aggregation",
           {"bench": "aggregation", "quick": args.quick, "reps": reps, "machine": info, "results": results,
            "shapes": f"SmolLM2-135M q/v: {layers} layers x (576x576, 192x576); ranks U[2,16], r_max 16",
-           "layers": layers, "threads": torch.get_num_threads()}, args.out)
+           "layers": layers, "threads": THREADS}, args.out)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import ROOT, machine, table, write  # noqa: E402
 
-from hetlora_core.adapter import LoraAdapter, spec_from_model  # noqa: E402
+from hetlora_core.adapter import LoraAdapter  # noqa: E402
 from hetlora_core.config import HetLoRAConfig, load_config  # noqa: E402
+from hetlora_core.peft_bridge import spec_from_model  # noqa: E402
 
 
 def meta_model(cfg: HetLoRAConfig) -> torch.nn.Module:
@@ -51,7 +53,8 @@ def adapter_bytes(spec: dict[str, tuple[int, int]], r: int) -> int:
 
 def header_bytes(spec: dict[str, tuple[int, int]], r: int, scale: float) -> int:
     """Upload overhead: the safetensors header of a real serialised rank-r adapter."""
-    a = LoraAdapter({m: torch.zeros(r, i) for m, (o, i) in spec.items()}, {m: torch.zeros(o, r) for m, (o, i) in spec.items()}, scale)
+    a = LoraAdapter({m: np.zeros((r, i), np.float32) for m, (o, i) in spec.items()},
+                    {m: np.zeros((o, r), np.float32) for m, (o, i) in spec.items()}, scale)
     return len(a.to_bytes()) - a.nbytes()
 
 
@@ -104,7 +107,7 @@ def cross_check(quick: bool) -> list[dict]:
         full = 4 * sum(p.numel() for p in model.parameters())
         for rnd in res["rounds"]:
             want_down = want_up = 0
-            for c, rep in rnd["clients"].items():
+            for rep in rnd["clients"].values():
                 if strat == "full_ft":
                     want_down += full
                     want_up += full  # plus the header, checked as a bound below

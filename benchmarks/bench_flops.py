@@ -30,7 +30,7 @@ from _common import ROOT, machine, native_bf16, table, write  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from hetlora_core import peft_bridge, runtime  # noqa: E402
-from hetlora_core.adapter import init_global, spec_from_model  # noqa: E402
+from hetlora_core.adapter import init_global  # noqa: E402
 from hetlora_core.client import autocast, train_lora  # noqa: E402
 from hetlora_core.config import load_config, replace  # noqa: E402
 
@@ -79,7 +79,7 @@ def main() -> None:
         "training.bf16": bf16, "training.threads": args.threads, "ranks.r_max": max(16, args.rank),
         "ranks.assignment": "uniform"})
     model, client = runtime.model(cfg), next(iter(runtime.clients(cfg).values()))
-    received = init_global(spec_from_model(model, cfg.model.target_modules), args.rank, cfg.model.lora_scale, 0)
+    received = init_global(peft_bridge.spec_from_model(model, cfg.model.target_modules), args.rank, cfg.model.lora_scale, 0)
     n_base = sum(p.numel() for p in model.parameters())  # tied embeddings counted once (= lm_head)
     n_lora = received.num_params()
 

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from hetlora_kfp.pipelines.driver import run_local  # noqa: E402
 from minio_server import MinioServer, find_minio  # noqa: E402
 
 from hetlora_core import runtime  # noqa: E402
@@ -36,7 +37,6 @@ from hetlora_core import store as st  # noqa: E402
 from hetlora_core.cli import parse_sets  # noqa: E402
 from hetlora_core.config import load_config, replace  # noqa: E402
 from hetlora_core.simulate import simulate  # noqa: E402
-from hetlora_kfp.pipelines.driver import run_local  # noqa: E402
 
 
 def main() -> None:

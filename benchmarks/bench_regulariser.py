@@ -26,14 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import ROOT, machine, median, native_bf16, table, write  # noqa: E402
 
 from hetlora_core import peft_bridge, runtime  # noqa: E402
-from hetlora_core.adapter import init_global, spec_from_model  # noqa: E402
+from hetlora_core.adapter import init_global  # noqa: E402
 from hetlora_core.client import train_lora  # noqa: E402
 from hetlora_core.config import load_config  # noqa: E402
-from hetlora_core.pruning import regulariser  # noqa: E402
+from hetlora_core.peft_bridge import spec_from_model  # noqa: E402
+from hetlora_core.regulariser import regulariser  # noqa: E402
 
 
 def main() -> None:
@@ -65,8 +67,8 @@ def main() -> None:
     off = load_config(ROOT / "configs/smoke.yaml" if args.quick else None, {**over, "pruning.enabled": False})
     model, client = runtime.model(on), next(iter(runtime.clients(on).values()))
     received = init_global(spec_from_model(model, on.model.target_modules), args.rank, on.model.lora_scale, 0)
-    g = torch.Generator().manual_seed(1)
-    received.B = {m: torch.randn(b.shape, generator=g) * 0.01 for m, b in received.B.items()}  # mid-training state
+    g = np.random.default_rng(1)
+    received.B = {m: g.standard_normal(b.shape, np.float32) * 0.01 for m, b in received.B.items()}  # mid-training state
 
     train_lora(model, received, client, off, 0)  # warm-up (allocator, peft import paths, caches)
     tps: dict[str, list[float]] = {"with": [], "without": []}

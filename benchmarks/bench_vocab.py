@@ -13,6 +13,7 @@ of SmolLM2's forward FLOPs (576 x 49,152 per token), so the expected gain is bou
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -22,10 +23,11 @@ import torch  # noqa: E402
 from _common import ROOT, machine, median, table, timed, write  # noqa: E402
 
 from hetlora_core import runtime  # noqa: E402
-from hetlora_core.adapter import init_global, spec_from_model  # noqa: E402
+from hetlora_core.adapter import init_global  # noqa: E402
 from hetlora_core.client import train_lora  # noqa: E402
 from hetlora_core.config import load_config  # noqa: E402
 from hetlora_core.evaluation import evaluate  # noqa: E402
+from hetlora_core.peft_bridge import spec_from_model  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +58,7 @@ def main() -> None:
         for v in (("full", "corpus") if rep % 2 == 0 else ("corpus", "full")):
             r = train_lora(models[v], received, data[v], cfgs[v], 0)
             train_tps[v].append(r.num_tokens / r.seconds)
-            s, ev = timed(lambda: evaluate(models[v], received, [data[v]], cfgs[v]))
+            s, ev = timed(functools.partial(evaluate, models[v], received, [data[v]], cfgs[v]))  # binds this v
             eval_tps[v].append(ev.tokens / s)
             print(f"  rep {rep} {v:>6}: train {train_tps[v][-1]:8.1f} tok/s, eval {eval_tps[v][-1]:8.1f} tok/s", flush=True)
     tf, tc = median(train_tps["full"]), median(train_tps["corpus"])

@@ -4,8 +4,11 @@ Shapes (HETLORA.md notation): for a module with frozen weight ``W0 (d x l)`` (ou
 ``A (r x l)`` and ``B (d x r)``; the update is ``dW = s * B @ A`` with ONE scale ``s`` for every
 rank, so truncating a global adapter keeps the update its leading components stand for.
 
+The factors are float32 numpy arrays, so the model-free steps (plan, self-prune, aggregate) load
+no torch; the torch side (``peft_bridge``, ``client``, ``evaluation``) converts at its boundary.
+
 Serialisation is safetensors only: a pickle payload can execute code on load, so this module never
-calls ``torch.load`` and rejects files that look like pickles with a message that says so.
+unpickles and rejects files that look like pickles with a message that says so.
 """
 
 from __future__ import annotations
@@ -17,14 +20,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 
 FORMAT = "hetlora-adapter/1"
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a real header is a few KiB; larger ones are hostile
 Ranks = int | Mapping[str, int]
+# safetensors dtype codes as torch spells them: adapter files are written by torch/peft users, and the
+# numpy loader cannot even represent some of them (bfloat16, float8), so file dtypes are checked by code.
+_FILE_DTYPES = {"F64": "torch.float64", "F16": "torch.float16", "BF16": "torch.bfloat16", "I64": "torch.int64",
+                "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8", "U8": "torch.uint8", "BOOL": "torch.bool"}
 
 
 class AdapterError(ValueError):
@@ -32,27 +39,16 @@ class AdapterError(ValueError):
 
 
 # module name -> (out_features, in_features) of the frozen weight, from the base model
+# (``peft_bridge.spec_from_model``; it needs torch, so it lives on the torch side)
 AdapterSpec = dict[str, tuple[int, int]]
-
-
-def spec_from_model(model: torch.nn.Module, target_modules: tuple[str, ...]) -> AdapterSpec:
-    """Every ``nn.Linear`` whose last name part is in ``target_modules``, with its (out, in)."""
-    spec = {
-        name: (m.out_features, m.in_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
-    }
-    if not spec:
-        raise AdapterError(f"no nn.Linear named {list(target_modules)} in the model; check model.target_modules")
-    return dict(sorted(spec.items()))
 
 
 @dataclass
 class LoraAdapter:
-    """A[m]: (r_m, in_m) and B[m]: (out_m, r_m) per module m, and the rank-independent scale."""
+    """A[m]: (r_m, in_m) and B[m]: (out_m, r_m) float32 arrays per module m, and the rank-independent scale."""
 
-    A: dict[str, torch.Tensor]
-    B: dict[str, torch.Tensor]
+    A: dict[str, np.ndarray]
+    B: dict[str, np.ndarray]
     scale: float
 
     # ------------------------------------------------------------------ shape facts
@@ -70,12 +66,12 @@ class LoraAdapter:
         return max(self.ranks.values())
 
     def num_params(self) -> int:
-        return sum(self.A[m].numel() + self.B[m].numel() for m in self.modules)
+        return sum(self.A[m].size + self.B[m].size for m in self.modules)
 
     def nbytes(self) -> int:
         return sum(self.A[m].nbytes + self.B[m].nbytes for m in self.modules)
 
-    def delta(self, module: str) -> torch.Tensor:
+    def delta(self, module: str) -> np.ndarray:
         """dW = s * B @ A, shape (out, in)."""
         return self.scale * (self.B[module] @ self.A[module])
 
@@ -84,13 +80,13 @@ class LoraAdapter:
         ||B A||_F^2 = sum((B^T B) * (A A^T)), two r x r Gram matrices (~9x faster at r = 16)."""
         out = {}
         for m in self.modules:
-            a, b = self.A[m].double(), self.B[m].double()
-            sq = float(((b.T @ b) * (a @ a.T)).sum())
+            a, b = self.A[m].astype(np.float64), self.B[m].astype(np.float64)
+            sq = float(np.sum((b.T @ b) * (a @ a.T)))
             out[m] = abs(self.scale) * max(sq, 0.0) ** 0.5
         return out
 
     def clone(self) -> LoraAdapter:
-        return LoraAdapter({m: t.clone() for m, t in self.A.items()}, {m: t.clone() for m, t in self.B.items()}, self.scale)
+        return LoraAdapter({m: t.copy() for m, t in self.A.items()}, {m: t.copy() for m, t in self.B.items()}, self.scale)
 
     # ------------------------------------------------------------------ truncate / pad
     def truncate(self, ranks: Ranks) -> LoraAdapter:
@@ -100,7 +96,7 @@ class LoraAdapter:
             r = _rank_for(ranks, m)
             if r > self.A[m].shape[0]:
                 raise AdapterError(f"cannot truncate module {m} of rank {self.A[m].shape[0]} to larger rank {r}; use pad()")
-            A[m], B[m] = self.A[m][:r].clone(), self.B[m][:, :r].clone()
+            A[m], B[m] = self.A[m][:r].copy(), self.B[m][:, :r].copy()
         return LoraAdapter(A, B, self.scale)
 
     def pad(self, r_max: int) -> LoraAdapter:
@@ -111,8 +107,7 @@ class LoraAdapter:
             r = a.shape[0]
             if r > r_max:
                 raise AdapterError(f"module {m} has rank {r} > r_max {r_max}")
-            A[m] = torch.cat([a, a.new_zeros(r_max - r, a.shape[1])], 0)
-            B[m] = torch.cat([b, b.new_zeros(b.shape[0], r_max - r)], 1)
+            A[m], B[m] = np.pad(a, ((0, r_max - r), (0, 0))), np.pad(b, ((0, 0), (0, r_max - r)))
         return LoraAdapter(A, B, self.scale)
 
     # ------------------------------------------------------------------ validation
@@ -133,11 +128,13 @@ class LoraAdapter:
         for m in self.modules:
             a, b = self.A[m], self.B[m]
             for name, t in (("lora_A", a), ("lora_B", b)):
-                if t.dtype != torch.float32:
-                    raise AdapterError(f"{m}.{name}: dtype {t.dtype}, expected torch.float32")
-                if t.dim() != 2:
-                    raise AdapterError(f"{m}.{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
-                if not torch.isfinite(t).all():
+                if not isinstance(t, np.ndarray):
+                    raise AdapterError(f"{m}.{name}: expected a numpy array, got {type(t).__module__}.{type(t).__name__}")
+                if t.dtype != np.float32:
+                    raise AdapterError(f"{m}.{name}: dtype {t.dtype}, expected float32")
+                if t.ndim != 2:
+                    raise AdapterError(f"{m}.{name}: expected a 2-D tensor, got shape {t.shape}")
+                if not np.isfinite(t).all():
                     raise AdapterError(f"{m}.{name}: contains NaN or Inf; the client update diverged (lower training.lr)")
             r = a.shape[0]
             if b.shape[1] != r:
@@ -150,19 +147,30 @@ class LoraAdapter:
     # ------------------------------------------------------------------ safetensors I/O
     def to_bytes(self, extra_metadata: Mapping[str, str] | None = None) -> bytes:
         tensors = {}
-        for m in self.modules:
-            tensors[f"{m}.lora_A"] = self.A[m].contiguous()
-            tensors[f"{m}.lora_B"] = self.B[m].contiguous()
+        for m in self.modules:  # safetensors.numpy writes the raw buffer: a strided view would be saved scrambled
+            tensors[f"{m}.lora_A"] = np.ascontiguousarray(self.A[m])
+            tensors[f"{m}.lora_B"] = np.ascontiguousarray(self.B[m])
         meta = {"format": FORMAT, "scale": repr(float(self.scale)), **(extra_metadata or {})}
         return canonical_safetensors(st_save(tensors, metadata=meta))
 
     @classmethod
     def from_bytes(cls, data: bytes, spec: AdapterSpec | None = None, r_min: int = 1, r_max: int | None = None,
                    scale: float | None = None, where: str = "adapter") -> LoraAdapter:
-        """Parse and validate safetensors bytes; ``where`` names the source in error messages."""
-        meta = read_safetensors_metadata(data, where)
+        """Parse and validate safetensors bytes; ``where`` names the source in error messages.
+
+        Tensor names and dtypes are checked on the header, before loading: numpy has no bfloat16 or
+        float8, so a wrong dtype would otherwise surface as an unreadable payload. The arrays are
+        writable copies (the loader's views of ``data`` are read-only)."""
+        header = _read_header(data, where)
+        meta = _metadata(header, where)
         if meta.get("format") != FORMAT:
             raise AdapterError(f"{where}: metadata format is {meta.get('format')!r}, expected {FORMAT!r} (not a HetLoRA adapter)")
+        for key in sorted(k for k in header if k != "__metadata__"):
+            if key.rpartition(".")[2] not in ("lora_A", "lora_B"):
+                raise AdapterError(f"{where}: unexpected tensor {key!r}; keys must end in .lora_A or .lora_B")
+            code = header[key].get("dtype") if isinstance(header[key], dict) else None
+            if isinstance(code, str) and code != "F32":
+                raise AdapterError(f"{where}: {key}: dtype {_FILE_DTYPES.get(code, code)}, expected torch.float32")
         try:
             tensors = st_load(data)
             file_scale = float(meta["scale"])
@@ -170,15 +178,11 @@ class LoraAdapter:
             raise AdapterError(f"{where}: unreadable safetensors payload: {e}") from None
         if scale is not None and not math.isclose(file_scale, scale, rel_tol=1e-9):
             raise AdapterError(f"{where}: LoRA scale {file_scale} differs from model.lora_scale {scale}")
-        A, B = {}, {}
-        for key, t in tensors.items():
+        A: dict[str, np.ndarray] = {}
+        B: dict[str, np.ndarray] = {}
+        for key, t in tensors.items():  # every key ends in .lora_A or .lora_B (checked on the header above)
             mod, _, kind = key.rpartition(".")
-            if kind == "lora_A":
-                A[mod] = t
-            elif kind == "lora_B":
-                B[mod] = t
-            else:
-                raise AdapterError(f"{where}: unexpected tensor {key!r}; keys must end in .lora_A or .lora_B")
+            (A if kind == "lora_A" else B)[mod] = t.copy()
         adapter = cls(A, B, file_scale)
         try:
             adapter.validate(spec, r_min, r_max)
@@ -216,6 +220,11 @@ def canonical_safetensors(data: bytes) -> bytes:
 def read_safetensors_metadata(data: bytes, where: str = "adapter") -> dict[str, str]:
     """Check the safetensors framing by hand before parsing: 8-byte little-endian header length,
     then a JSON header. Catches pickles, truncation and oversized headers with a clear message."""
+    return _metadata(_read_header(data, where), where)
+
+
+def _read_header(data: bytes, where: str) -> dict:
+    """The parsed JSON header after the framing checks of ``read_safetensors_metadata``."""
     if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:2] == b"PK":
         raise AdapterError(f"{where}: looks like a pickle/torch.save file; only safetensors is accepted "
                            "(pickle can run arbitrary code on load). Re-save with safetensors.torch.save_file")
@@ -237,6 +246,10 @@ def read_safetensors_metadata(data: bytes, where: str = "adapter") -> dict[str, 
     if ends and max(ends) > len(data) - 8 - n:
         raise AdapterError(f"{where}: truncated file: the tensors need {max(ends)} bytes after the header but only "
                            f"{len(data) - 8 - n} follow")
+    return header
+
+
+def _metadata(header: dict, where: str) -> dict[str, str]:
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise AdapterError(f"{where}: safetensors __metadata__ must be a JSON object, got {type(meta).__name__}")
@@ -249,11 +262,12 @@ def _rank_for(ranks: Ranks, module: str) -> int:
 
 def init_global(spec: AdapterSpec, r_max: int, scale: float, seed: int) -> LoraAdapter:
     """The round-0 global adapter, initialised as peft does: B = 0 and A ~ U(-1/sqrt(in), 1/sqrt(in))
-    (kaiming-uniform with a = sqrt(5)) from a recorded seed, so dW = 0 at round 0."""
-    g = torch.Generator().manual_seed(seed)
+    (kaiming-uniform with a = sqrt(5)) from a recorded seed, so dW = 0 at round 0. One generator
+    draws the modules in ``spec`` order, so the same spec and seed give the same bytes anywhere."""
+    rng = np.random.default_rng(seed)
     A, B = {}, {}
     for m, (out_f, in_f) in spec.items():
         bound = 1.0 / math.sqrt(in_f)
-        A[m] = (torch.rand(r_max, in_f, generator=g) * 2 - 1) * bound
-        B[m] = torch.zeros(out_f, r_max)
+        A[m] = rng.uniform(-bound, bound, (r_max, in_f)).astype(np.float32)
+        B[m] = np.zeros((out_f, r_max), np.float32)
     return LoraAdapter(A, B, scale)

@@ -116,15 +116,16 @@ def config_hash(cfg: HetLoRAConfig) -> str:
 def trainable_params(cfg: HetLoRAConfig) -> dict[str, Any]:
     """Parameters a client trains and a round's global holds (LoRA: from its rank; full: all),
     and every client's initial rank (before any self-pruning)."""
-    from . import rounds, runtime
-    from .adapter import spec_from_model
+    from . import runtime
+    from .methods import method_for
+    from .steps.plan import initial_client_state
 
-    model = runtime.model(cfg)
+    model, method = runtime.model(cfg), method_for(cfg)
     total = sum(p.numel() for p in model.parameters())
-    initial = {c: s["rank"] for c, s in rounds.initial_client_state(cfg, runtime.client_ids(cfg)).items()}
-    if cfg.strategy.name == "full_ft":
+    initial = {c: s["rank"] for c, s in initial_client_state(cfg, runtime.client_ids(cfg)).items()}
+    if not method.trains_lora:
         return {"per_client_mean": total, "per_client_max": total, "global": total, "base_model": total, "initial_ranks": initial}
-    per_rank = sum(o + i for o, i in spec_from_model(model, cfg.model.target_modules).values())
+    per_rank = sum(o + i for o, i in method.model_spec(model).values())
     ranks = list(initial.values())
     return {"per_client_mean": per_rank * sum(ranks) / len(ranks), "per_client_max": per_rank * max(ranks),
             "global": per_rank * cfg.ranks.r_max, "base_model": total, "initial_ranks": initial}
@@ -136,11 +137,14 @@ def _drop_payloads(run_dir: Path, cfg: HetLoRAConfig, rnd: int) -> None:
     Full fine-tuning writes ~0.5 GB per upload: kept, they would fill the disk within a few rounds."""
     from . import store as st
 
-    root = run_dir / "store"
-    for f in (root / st.round_prefix(cfg.experiment, rnd) / "clients").rglob("adapter.safetensors"):
-        f.unlink(missing_ok=True)
-    if rnd > 0 and cfg.strategy.name == "full_ft":
-        (root / st.global_prefix(cfg.experiment, rnd - 1) / "adapter.safetensors").unlink(missing_ok=True)
+    store, exp = st.LocalStore(run_dir / "store"), cfg.experiment
+    for cid in st.list_client_ids(store, exp, rnd):
+        st.drop_payload(store, st.client_prefix(exp, rnd, cid))
+        st.drop_payload(store, st.trained_prefix(exp, rnd, cid))
+    from .methods import method_for
+
+    if rnd > 0 and not method_for(cfg).trains_lora:
+        st.drop_payload(store, st.global_prefix(exp, rnd - 1))
 
 
 def _simulate_rounds(cfg: HetLoRAConfig, run_dir: Path, start: int, big: bool) -> None:
@@ -170,7 +174,9 @@ def run_one(cfg: HetLoRAConfig, run_dir: Path, meta: dict[str, Any], log: Callab
     log(f"run  {run_dir}")
     w, c = time.perf_counter(), time.process_time()
     start = st.last_committed_round(st.LocalStore(run_dir / "store"), cfg.experiment) + 1 if (run_dir / "store").is_dir() else 0
-    threads, big = torch.get_num_threads(), cfg.strategy.name == "full_ft"
+    from .methods import method_for
+
+    threads, big = torch.get_num_threads(), not method_for(cfg).trains_lora
     try:
         _simulate_rounds(cfg, run_dir, start, big)
     finally:
@@ -181,9 +187,7 @@ def run_one(cfg: HetLoRAConfig, run_dir: Path, meta: dict[str, Any], log: Callab
     rec = {**meta, "config": cfg.to_dict(), "wall_seconds": time.perf_counter() - w, "cpu_seconds": time.process_time() - c,
            "resumed_at_round": start, "baseline_ppl": res["baseline_ppl"], "params": trainable_params(cfg),
            "rounds": [{k: r.get(k) for k in keep} for r in res["rounds"]]}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, done)
+    st.atomic_write(done, json.dumps(rec, indent=1).encode())  # bench.json marks the run done: never half-written
     log(f"done {run_dir}: ppl {rec['baseline_ppl']:.2f} -> {rec['rounds'][-1]['global_ppl']:.2f} "
         f"({rec['wall_seconds']:.0f} s wall, {rec['cpu_seconds']:.0f} CPU-s)")
     return rec
@@ -229,7 +233,7 @@ def run_sweep(profile: str, out: Path, log: Callable[[str], None]) -> dict[str, 
                          "best_ppl": min(r["global_ppl"] for r in rec["rounds"]), "baseline_ppl": rec["baseline_ppl"],
                          "wall_seconds": rec["wall_seconds"]})
         default = prof.get(key) if key == "full_ft_lr" else base_config(profile).to_dict()[key.split(".")[0]][key.split(".")[1]]
-        best = min(scores, key=scores.get)
+        best = min(scores, key=scores.__getitem__)
         # A value must beat the default by more than SWEEP_TOLERANCE to replace it (single-seed noise).
         keep = default in scores and scores[default] <= scores[best] * (1 + SWEEP_TOLERANCE)
         choices[key] = default if keep else best

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import yaml
@@ -38,7 +38,7 @@ set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                           help="Override one config value, e.g. --set training.lr=1e-3 (repeatable).")
 
 
-def fail(msg: str, code: int = 1) -> None:
+def fail(msg: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {msg}", err=True)
     sys.exit(code)
 
@@ -61,23 +61,22 @@ def main() -> None:
 @set_option
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True,
               help="Run directory: store/, results.json and perplexity.png go here. Rerun to resume.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines, only the summary.")
 def simulate(config: str | None, sets: tuple[str, ...], out: str, quiet: bool) -> None:
     """Run every round in this process (no KFP): the fastest way to try a config.
 
     Writes OUT/results.json (config, per-round metrics, ranks, prune events, aggregation weights,
     bytes, timings) and OUT/perplexity.png. Interrupted runs resume from the last committed round."""
-    from .simulate import RunConfigMismatch
+    from .run import RoundFailed, RunConfigMismatch, summary_line
     from .simulate import simulate as run_sim
+    from .store import StoreError
 
     cfg = load_cfg(config, sets)
     try:
         res = run_sim(cfg, out, progress=not quiet)
-    except RunConfigMismatch as e:
+    except (RoundFailed, RunConfigMismatch, StoreError) as e:
         fail(str(e))
-    last = res["rounds"][-1] if res["rounds"] else {}
-    click.echo(f"{res['rounds_committed']} rounds committed; held-out perplexity {res['baseline_ppl']:.2f} -> "
-               f"{last.get('global_ppl', float('nan')):.2f}; results: {Path(out) / 'results.json'}")
+    click.echo(summary_line(res, Path(out)))
 
 
 @main.command()
@@ -97,7 +96,7 @@ def inspect(file: str, r_min: int, r_max: int | None, as_json: bool) -> None:
     except AdapterError as e:
         fail(str(e))
     norms = a.delta_norms()
-    info = {"file": file, "scale": a.scale, "modules": len(a.modules), "rank": a.rank, "params": a.num_params(),
+    info: dict[str, Any] = {"file": file, "scale": a.scale, "modules": len(a.modules), "rank": a.rank, "params": a.num_params(),
             "bytes": a.nbytes(),
             "per_module": {m: {"rank": a.ranks[m], "in": a.A[m].shape[1], "out": a.B[m].shape[0], "delta_norm": norms[m]}
                            for m in a.modules}}
@@ -125,16 +124,21 @@ def export(run_dir: str, out: str, rnd: int | None, merge: bool) -> None:
     from .peft_bridge import attach, save_peft_folder
 
     store = st.LocalStore(Path(run_dir) / "store")
-    exps = sorted({k.split("/", 1)[0] for k in store.list("") if k.endswith("/config.json")})
+    exps = st.experiments(store)
     if not exps:
-        fail(f"{run_dir}/store holds no run (no <experiment>/config.json); pass the --out of a simulate/run")
-    cfg = config_from_dict(json.loads(store.get_bytes(f"{exps[0]}/config.json")))
+        fail(f"{run_dir}/store holds no run (no {st.config_key('<experiment>')}); pass the --out of a simulate/run")
+    recorded = st.get_json(store, st.config_key(exps[0]))
+    if recorded is None:  # listed a moment ago: only a concurrent delete gets here
+        fail(f"{run_dir}/store: {st.config_key(exps[0])} disappeared while reading it")
+    cfg = config_from_dict(recorded)
     last = st.last_committed_round(store, cfg.experiment)
     rnd = last if rnd is None else rnd
     if rnd < 0 or rnd > last:
         fail(f"round {rnd} is not committed in {run_dir} (last committed: {last})")
-    if cfg.strategy.name == "full_ft":
-        fail("export supports LoRA strategies; full_ft runs have no adapter")
+    from .methods import method_for
+
+    if not method_for(cfg).trains_lora:
+        fail(f"export writes LoRA adapters; a {cfg.strategy.name} run has none")
     adapter = runtime.global_adapter(cfg, store, rnd)
     # The full-vocabulary model even for model.vocab=corpus runs: q/v adapters fit it unchanged.
     model = runtime.model(replace(cfg, **{"model.vocab": "full"}))

@@ -4,6 +4,7 @@
 ``training.local_steps`` steps on seeded random windows of the client's text, and detaches again.
 Pruning is a separate, model-free step (``pruning.self_prune``), so the pipeline can run it as a
 cheap component of its own. ``train_full`` is the full fine-tuning baseline through the same loop.
+Adapters and full deltas come in and go out as numpy (what the model-free steps use); torch stays here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import peft_bridge
@@ -21,7 +23,8 @@ from .adapter import LoraAdapter
 from .config import HetLoRAConfig
 from .data import ClientData, sample_batch
 from .faults import failpoint
-from .pruning import regulariser
+from .methods import method_for
+from .regulariser import regulariser
 
 
 @dataclass
@@ -30,7 +33,7 @@ class TrainResult:
 
     client_id: str
     adapter: LoraAdapter | None  # LoRA methods
-    full_delta: dict[str, torch.Tensor] | None  # full fine-tuning: trained weights minus base
+    full_delta: dict[str, np.ndarray] | None  # full fine-tuning: trained weights minus base (float32)
     num_samples: int  # training windows of seq_len tokens the client holds
     num_tokens: int  # tokens processed in this update
     train_loss: float  # mean task loss over the local steps (without the regulariser)
@@ -92,7 +95,7 @@ def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData
     try:
         A, B = peft_bridge.lora_tensors(peft_model)
         ranks = received.ranks
-        use_reg = cfg.strategy.name == "hetlora" and cfg.pruning.enabled
+        use_reg = method_for(cfg).prunes  # the one switch on the method (hetlora_core.methods)
 
         def reg_fn() -> torch.Tensor | None:
             return regulariser(A, B, ranks, cfg.pruning, cfg.ranks.r_min) if use_reg else None
@@ -106,7 +109,7 @@ def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData
                        time.perf_counter() - start)
 
 
-def train_full(model: torch.nn.Module, global_delta: dict[str, torch.Tensor], client: ClientData, cfg: HetLoRAConfig,
+def train_full(model: torch.nn.Module, global_delta: dict[str, np.ndarray], client: ClientData, cfg: HetLoRAConfig,
                rnd: int) -> TrainResult:
     """Full fine-tuning baseline: apply the global delta, train every weight, return the new delta."""
     start = time.perf_counter()
@@ -116,11 +119,11 @@ def train_full(model: torch.nn.Module, global_delta: dict[str, torch.Tensor], cl
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in global_delta:
-                    p.add_(global_delta[n])
+                    p.add_(peft_bridge.as_tensor(global_delta[n]))
                     p.requires_grad_(True)
         loss, reg, tokens = _loop(model, params, client, cfg, rnd, lambda: None)
         with torch.no_grad():
-            delta = {n: (p.detach() - base[n]).clone() for n, p in model.named_parameters() if n in global_delta}
+            delta = {n: (p.detach() - base[n]).float().numpy() for n, p in model.named_parameters() if n in global_delta}
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():

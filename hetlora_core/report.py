@@ -41,7 +41,7 @@ def summarize(records: list[dict[str, Any]], methods: list[str], labels: dict[st
         best = [min(c[1:]) for c in curves]
         out[m] = {
             "label": (labels or {}).get(m, recs[0]["label"]), "seeds": [r["seed"] for r in recs], "curves": curves, "mean_curve": mean_curve,
-            "final": {r["seed"]: c[-1] for r, c in zip(recs, curves)}, "final_ms": _ms([c[-1] for c in curves]),
+            "final": {r["seed"]: c[-1] for r, c in zip(recs, curves, strict=True)}, "final_ms": _ms([c[-1] for c in curves]),
             "best_ms": _ms(best), "best_round": [c.index(min(c[1:])) for c in curves],
             "personal_ms": _ms([r["rounds"][-1]["personal_ppl"] for r in recs]),
             "base_ppl": statistics.fmean(r["baseline_ppl"] for r in recs),
@@ -54,7 +54,7 @@ def summarize(records: list[dict[str, Any]], methods: list[str], labels: dict[st
             "prune_events": statistics.fmean(sum(len(x["prune_events"] or []) for x in r["rounds"]) for r in recs),
             "overfit": [c[-1] - min(c[1:]) for c in curves],
             # held-out NLL after the last round minus the mean local training loss of that round
-            "gap": _ms([math.log(c[-1]) - r["rounds"][-1]["train_loss"] for r, c in zip(recs, curves)
+            "gap": _ms([math.log(c[-1]) - r["rounds"][-1]["train_loss"] for r, c in zip(recs, curves, strict=True)
                         if r["rounds"][-1].get("train_loss") is not None] or [float("nan")]),
         }
     return out
@@ -109,19 +109,19 @@ def judge(mean: float, se: float | None, n: int) -> str:
 
 def verdict(S: dict[str, dict[str, Any]], T: dict[str, float]) -> list[str]:
     """Sentences computed from the numbers (lower perplexity is better)."""
-    lines = []
+    lines: list[str] = []
     if "hetlora" not in S:
         return ["HetLoRA was not run: no verdict."]
     h = S["hetlora"]
     for other, paper in COMPARE:
         if other not in S:
             continue
-        m, se, n = paired(S, "hetlora", other)
-        j = judge(m, se, n)
-        sign = "lower" if m < 0 else "higher"
+        mean, se, n = paired(S, "hetlora", other)
+        j = judge(mean, se, n)
+        sign = "lower" if mean < 0 else "higher"
         extra = f" (±{100 * se:.2f}% s.e., {n} seeds)" if se is not None else f" ({n} seed)"
         lines.append(f"- **HetLoRA vs {S[other]['label']}**: final perplexity {_fmt(*h['final_ms'])} vs "
-                     f"{_fmt(*S[other]['final_ms'])}, HetLoRA {abs(100 * m):.2f}% {sign}{extra}: **{j}**. Paper: {paper}.")
+                     f"{_fmt(*S[other]['final_ms'])}, HetLoRA {abs(100 * mean):.2f}% {sign}{extra}: **{j}**. Paper: {paper}.")
     if "T1" in T and "homlora_rmin" in S:
         rh, rl = rounds_to(h["mean_curve"], T["T1"]), rounds_to(S["homlora_rmin"]["mean_curve"], T["T1"])
         lines.append(f"- **Convergence speed** (rounds until the seed-mean curve reaches HomLoRA r_min's final "
@@ -142,7 +142,7 @@ def verdict(S: dict[str, dict[str, Any]], T: dict[str, float]) -> list[str]:
     if gaps:
         lines.append("- **Generalisation gap** (held-out NLL after the last round minus that round's mean local training "
                      "loss, nats; larger = more memorisation of the clients' few samples): "
-                     + ", ".join(f"{S[m]['label']} {_fmt(*S[m]['gap'], nd=3)}" for m in gaps) + ".")
+                     + ", ".join(f"{S[m]['label']} {_fmt(S[m]['gap'][0], S[m]['gap'][1], nd=3)}" for m in gaps) + ".")
     if "full_ft" in S:
         f, base = S["full_ft"], h["base_ppl"]
         gain_h, gain_f = base - h["final_ms"][0], base - f["final_ms"][0]
@@ -155,7 +155,8 @@ def verdict(S: dict[str, dict[str, Any]], T: dict[str, float]) -> list[str]:
     for key, what in (("final_ms", "final"), ("best_ms", "best-round")):
         order = sorted(S, key=lambda m: S[m][key][0])
         lines.append(f"- **Observed order ({what} perplexity, best first)**: " + " < ".join(S[m]["label"] for m in order))
-    held, broken = [], []
+    held: list[str] = []
+    broken: list[str] = []
     for a, b in PAPER_ORDER:
         if a in S and b in S:
             (held if S[a]["final_ms"][0] <= S[b]["final_ms"][0] else broken).append(f"{S[a]['label']} < {S[b]['label']}")
@@ -271,7 +272,8 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
          f"(CPU seconds / wall seconds{', one thread' if mc['torch_threads'] == 1 else ''}; the rest went to other jobs sharing "
          "the machine, and to I/O).",
          f"- **Wall time: {sum(r['wall_seconds'] for r in records) / 60:.1f} min** for the {len(records)} runs of this table "
-         f"(the sum of their wall times: the elapsed time when one process runs them one after another; runs split across processes with `--methods` finish sooner), {sum(r['cpu_seconds'] for r in records) / 60:.1f} min of "
+         "(the sum of their wall times: the elapsed time when one process runs them one after another; runs split across "
+         f"processes with `--methods` finish sooner), {sum(r['cpu_seconds'] for r in records) / 60:.1f} min of "
          f"process CPU time. With one torch thread the CPU time is about what the profile takes on quiet cores; two threads "
          f"on two quiet cores should take less (not measured: the machine was never quiet). This invocation itself took "
          f"{meta['wall_seconds'] / 60:.1f} min (runs finished earlier are reused, not rerun)."
@@ -326,7 +328,7 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
           + f"T2 = 90% of the best improvement ({T['T2']:.2f}). Rounds to a target use the seed-mean curve (- = not reached).", "",
           "| method | final ppl | best-round ppl | own-rank ppl | rounds to T1 | rounds to T2 | params / client | MB / round | wall s / run |",
           "|---|---|---|---|---|---|---|---|---|"]
-    for m, s in S.items():
+    for s in S.values():
         r1, r2 = rounds_to(s["mean_curve"], T.get("T1")), rounds_to(s["mean_curve"], T["T2"])
         L.append(f"| {s['label']} | {_fmt(*s['final_ms'])} | {_fmt(*s['best_ms'])} | {_fmt(*s['personal_ms'])} | "
                  f"{'-' if r1 is None else r1} | {'-' if r2 is None else r2} | {s['params']['per_client_mean']:,.0f} | "

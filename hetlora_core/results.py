@@ -11,10 +11,7 @@ from typing import Any
 
 from . import store as st
 from .config import HetLoRAConfig
-
-
-def _json(store: st.Store, key: str) -> dict[str, Any] | None:
-    return json.loads(store.get_bytes(key)) if store.exists(key) else None
+from .steps.plan import MAX_PLAN_BYTES
 
 
 def collect_results(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
@@ -24,11 +21,11 @@ def collect_results(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
     rounds = []
     for rnd in range(last + 1):
         g = st.get_manifest(store, st.global_prefix(exp, rnd)) or {}
-        ev = _json(store, f"{st.round_prefix(exp, rnd)}/eval/metrics.json") or {}
+        ev = st.get_json(store, st.eval_key(exp, rnd)) or {}
         reports = g.get("client_reports", {})
         rounds.append({
             "round": rnd,
-            "selected": [c["client_id"] for c in (_json(store, f"{st.round_prefix(exp, rnd)}/plan.json") or {}).get("clients", [])],
+            "selected": [c["client_id"] for c in (st.get_json(store, st.plan_key(exp, rnd), max_bytes=MAX_PLAN_BYTES) or {}).get("clients", [])],
             "participants": g.get("participants", []),
             "dropped": g.get("dropped", {}),
             "weights": g.get("weights", {}),
@@ -48,7 +45,7 @@ def collect_results(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
             "personal_ppl": ev.get("personal", {}).get("ppl"),
             "per_client_ppl": ev.get("personal", {}).get("per_client", {}),
         })
-    base = _json(store, f"{exp}/baseline/metrics.json")
+    base = st.get_json(store, st.baseline_key(exp))
     return {"config": cfg.to_dict(), "experiment": exp, "store": store.describe(), "rounds_committed": last + 1,
             "baseline_ppl": base["global"]["ppl"] if base else None, "rounds": rounds}
 

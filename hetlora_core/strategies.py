@@ -10,6 +10,8 @@ Three code paths cover every method of HETLORA.md:
 * reconstruction + SVD (``recon_svd``, FlexLoRA): average ``dW_k = s B_k A_k`` by sample counts and
   factor the result by SVD with balanced factors, so truncating to r is the best rank-r approximation.
 * full fine-tuning FedAvg (``full_ft``): ``average_tensors`` over full weight deltas.
+
+Everything is numpy (float64 accumulation, float32 results): the aggregate step loads no torch.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from .adapter import AdapterError, LoraAdapter
 from .config import StrategyConfig
@@ -71,24 +73,24 @@ def clip_updates(updates: Sequence[ClientUpdate], clip_norm: float | None) -> tu
     return out, clipped
 
 
-def client_weights(updates: Sequence[ClientUpdate], cfg: StrategyConfig) -> tuple[dict[str, torch.Tensor], str]:
-    """Weights ``p[module]`` of shape (K,) summing to 1, and a fallback note.
+def client_weights(updates: Sequence[ClientUpdate], cfg: StrategyConfig) -> tuple[dict[str, np.ndarray], str]:
+    """Weights ``p[module]``, float64 arrays of shape (K,) summing to 1, and a fallback note.
 
     Sparsity weights ``S_k = ||B_k A_k||_F`` per module (or, per client, the norm over all modules);
     if every ``S_k`` is zero (round 0: all B are zero) fall back to sample-count weights."""
     modules = updates[0].adapter.modules
-    n = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
+    n = np.array([u.num_samples for u in updates], dtype=np.float64)
     kind = weighting(cfg)
     if kind == "uniform":
-        return {m: torch.full((len(updates),), 1.0 / len(updates), dtype=torch.float64) for m in modules}, ""
+        return {m: np.full(len(updates), 1.0 / len(updates)) for m in modules}, ""
     if kind == "samples":
         return {m: n / n.sum() for m in modules}, ""
     norms = [u.adapter.delta_norms() for u in updates]
     if cfg.weight_granularity == "client":
-        per_client = torch.tensor([math.sqrt(sum(v * v for v in d.values())) for d in norms], dtype=torch.float64)
+        per_client = np.array([math.sqrt(sum(v * v for v in d.values())) for d in norms])
         raw = {m: per_client for m in modules}
     else:
-        raw = {m: torch.tensor([d[m] for d in norms], dtype=torch.float64) for m in modules}
+        raw = {m: np.array([d[m] for d in norms]) for m in modules}
     out, fallback = {}, ""
     for m, s in raw.items():
         if cfg.sample_weighted:
@@ -101,7 +103,7 @@ def client_weights(updates: Sequence[ClientUpdate], cfg: StrategyConfig) -> tupl
     return out, fallback
 
 
-def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p: dict[str, torch.Tensor],
+def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p: dict[str, np.ndarray],
                     cfg: StrategyConfig, r_max: int) -> LoraAdapter:
     """``B_g = sum_k p_k pad(B_k)``, ``A_g = sum_k p_k pad(A_k)`` per module, component by component.
 
@@ -112,59 +114,79 @@ def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p
     = "keep"``) or become zero (``"zero"``, paper-literal; then they can never train again)."""
     A_g, B_g = {}, {}
     for m in prev_global.modules:
-        # One fused scalar-weighted add per client tensor into float64 accumulators (no per-client
-        # float64 temporaries: measured ~3x faster at 1000 clients, benchmarks/bench_aggregation.py);
-        # rank-aware normalisation is then one division per component.
-        a = prev_global.A[m].new_zeros(r_max, prev_global.A[m].shape[1], dtype=torch.float64)
-        b = prev_global.B[m].new_zeros(prev_global.B[m].shape[0], r_max, dtype=torch.float64)
-        col = torch.zeros(r_max, dtype=torch.float64)  # sum_k W[k, j]
-        for k, u in enumerate(updates):
-            r, w = u.adapter.ranks[m], float(p[m][k])
-            a[:r].add_(u.adapter.A[m], alpha=w)
-            b[:, :r].add_(u.adapter.B[m], alpha=w)
+        # Float64 accumulators, with B accumulated transposed (component j = row j of both), so each
+        # client's update is a weighted add over contiguous rows; the product goes through one reused
+        # scratch buffer, so nothing is allocated per client (measured ~1.5x faster than a temporary
+        # per client tensor; hetlora:averaging in benchmarks/bench_aggregation.py, 1000 clients x 4
+        # layers: 0.40 s, against 0.99 s for torch's fused add_). Rank-aware normalisation is then
+        # one division per component.
+        out_f, in_f = prev_global.B[m].shape[0], prev_global.A[m].shape[1]
+        a, bt = np.zeros((r_max, in_f)), np.zeros((r_max, out_f))
+        scratch = np.empty(r_max * max(in_f, out_f))
+        col = np.zeros(r_max)  # sum_k W[k, j]
+        for u, w in zip(updates, p[m], strict=True):  # one weight per client
+            r = u.adapter.A[m].shape[0]
+            _add_scaled(a[:r], u.adapter.A[m], w, scratch)
+            _add_scaled(bt[:r], u.adapter.B[m].T, w, scratch)
             col[:r] += w
         if cfg.normalisation == "rank_aware":
-            inv = 1.0 / torch.where(col > 0, col, torch.ones_like(col))  # untrained: handled below
-            a.mul_(inv[:, None])
-            b.mul_(inv[None, :])
+            inv = 1.0 / np.where(col > 0, col, 1.0)  # untrained: handled below
+            a *= inv[:, None]
+            bt *= inv[:, None]
         untrained = col == 0
         if cfg.untrained_components == "keep" and untrained.any():
-            a[untrained] = prev_global.A[m][untrained].double()
-            b[:, untrained] = prev_global.B[m][:, untrained].double()
-        A_g[m], B_g[m] = a.float(), b.float()
+            a[untrained] = prev_global.A[m][untrained]
+            bt[untrained] = prev_global.B[m][:, untrained].T
+        A_g[m], B_g[m] = a.astype(np.float32), np.ascontiguousarray(bt.T, dtype=np.float32)
     return LoraAdapter(A_g, B_g, prev_global.scale)
 
 
-def svd_factor(delta: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _add_scaled(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray) -> None:
+    """``acc += w * x`` in float64 without allocating: the product goes into ``scratch``."""
+    tmp = scratch[:x.size].reshape(x.shape)
+    np.multiply(x, w, out=tmp)
+    np.add(acc, tmp, out=acc)
+
+
+def svd_factor(delta: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Balanced rank-``rank`` factors with ``scale * B @ A`` = best rank-r approximation of ``delta``.
 
     ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_r^T``: components are ordered by singular
     value, so truncating (B, A) to any r' <= rank is again the best rank-r' approximation."""
-    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    U, S, Vh = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
     r = min(rank, S.shape[0])
-    root = torch.sqrt(S[:r] / scale)
-    B = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
-    A = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
+    root = np.sqrt(S[:r] / scale)
+    B = np.zeros((delta.shape[0], rank), np.float32)
+    A = np.zeros((rank, delta.shape[1]), np.float32)
     B[:, :r], A[:r] = U[:, :r] * root, root[:, None] * Vh[:r]
-    return A.float(), B.float()
+    return A, B
 
 
-def recon_svd(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], r_max: int) -> tuple[LoraAdapter, dict[str, torch.Tensor]]:
+def recon_svd(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], r_max: int) -> tuple[LoraAdapter, dict[str, np.ndarray]]:
     """FlexLoRA: ``dW = sum_k n_k/n * s B_k A_k`` per module, refactored at ``r_max`` by SVD."""
-    n = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
+    n = np.array([u.num_samples for u in updates], dtype=np.float64)
     w = n / n.sum()
     A_g, B_g = {}, {}
     for m in prev_global.modules:
-        delta = sum(w[k] * updates[k].adapter.delta(m).double() for k in range(len(updates)))
+        delta = np.zeros((prev_global.B[m].shape[0], prev_global.A[m].shape[1]))
+        for u, wk in zip(updates, w, strict=True):
+            delta += wk * u.adapter.delta(m)
         A_g[m], B_g[m] = svd_factor(delta, r_max, prev_global.scale)
     return LoraAdapter(A_g, B_g, prev_global.scale), {m: w for m in prev_global.modules}
 
 
-def average_tensors(deltas: Sequence[dict[str, torch.Tensor]], num_samples: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Full fine-tuning FedAvg: the sample-weighted mean of full weight deltas."""
-    n = torch.tensor([float(x) for x in num_samples], dtype=torch.float64)
+def average_tensors(deltas: Sequence[dict[str, np.ndarray]], num_samples: Sequence[int]) -> dict[str, np.ndarray]:
+    """Full fine-tuning FedAvg: the sample-weighted mean of full weight deltas, accumulated in
+    float64 through one scratch buffer per tensor (a full delta is the whole model: no per-client copies)."""
+    n = np.array(num_samples, dtype=np.float64)
     w = n / n.sum()
-    return {k: sum(float(w[i]) * d[k].double() for i, d in enumerate(deltas)).float() for k in deltas[0]}
+    out = {}
+    for k in deltas[0]:
+        acc, scratch = np.zeros(deltas[0][k].shape), np.empty(deltas[0][k].size)
+        for d, wi in zip(deltas, w, strict=True):  # one sample count per delta
+            _add_scaled(acc, d[k], wi, scratch)
+        out[k] = acc.astype(np.float32)
+    return out
 
 
 def aggregate(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], cfg: StrategyConfig,
@@ -188,6 +210,6 @@ def aggregate(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], cfg: St
         p, info.fallback = client_weights(updates, cfg)
         new = average_factors(prev_global, updates, p, cfg, r_max)
     ids = [u.client_id for u in updates]
-    info.weights = {m: {c: float(w) for c, w in zip(ids, p[m])} for m in p}
+    info.weights = {m: {c: float(w) for c, w in zip(ids, p[m], strict=True)} for m in p}
     info.client_weights = {c: float(sum(p[m][k] for m in p) / len(p)) for k, c in enumerate(ids)}
     return new, info

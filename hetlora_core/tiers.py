@@ -21,7 +21,8 @@ import json, resource, sys, time
 import torch
 from hetlora_core.config import config_from_dict
 from hetlora_core import runtime
-from hetlora_core.adapter import init_global, spec_from_model
+from hetlora_core.adapter import init_global
+from hetlora_core.peft_bridge import spec_from_model
 from hetlora_core.client import train_lora
 cfg = config_from_dict(json.loads(sys.argv[1])); rank = int(sys.argv[2]); steps = int(sys.argv[3])
 m = runtime.model(cfg); client = next(iter(runtime.clients(cfg).values()))

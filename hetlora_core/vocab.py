@@ -18,10 +18,9 @@ are held out; it is cached on disk as safetensors (never pickle), keyed by the t
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace as dc_replace
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +28,10 @@ from torch import Tensor
 
 from .data import DATA_FORMAT_VERSION, SPEECH_SEP, ClientData, _all_roles, _tokenizer_fingerprint
 from .models import cache_dir
+from .store.base import atomic_write
+
+if TYPE_CHECKING:  # transformers is slow to import: the loaders in models.py import it lazily
+    from transformers import PreTrainedModel
 
 
 class VocabError(ValueError):
@@ -48,16 +51,7 @@ def corpus_token_ids(tokenizer: object) -> Tensor:
     for _stem, _title, _role, speeches in _all_roles():
         seen.update(tokenizer(SPEECH_SEP.join(speeches), add_special_tokens=False)["input_ids"])  # type: ignore[operator]
     ids = torch.tensor(sorted(seen), dtype=torch.long)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"ids": ids}, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file({"ids": ids}, tmp))  # a concurrent reader sees no partial cache
     return ids
 
 
@@ -86,16 +80,19 @@ def remap_clients(clients: Sequence[ClientData], keep: Tensor, vocab_size: int) 
     return out
 
 
-def restrict_model(model: torch.nn.Module, keep: Tensor) -> torch.nn.Module:
+def restrict_model(model: PreTrainedModel, keep: Tensor) -> PreTrainedModel:
     """Cut the input embedding and the output layer to the rows in ``keep`` (in place).
 
     The model must be a private copy (not the shared cached base). Tied weights stay tied: the
     output layer gets the same new parameter as the embedding."""
     emb = model.get_input_embeddings()
-    new = torch.nn.Embedding(len(keep), emb.weight.shape[1], dtype=emb.weight.dtype)
-    new.weight = torch.nn.Parameter(emb.weight.detach()[keep].clone(), requires_grad=emb.weight.requires_grad)
+    emb_w = emb.weight
+    if not isinstance(emb_w, Tensor):  # typed Tensor | Module (nn.Module.__getattr__)
+        raise TypeError(f"the input embedding {type(emb).__name__} has no weight tensor")
+    new = torch.nn.Embedding(len(keep), emb_w.shape[1], dtype=emb_w.dtype)
+    new.weight = torch.nn.Parameter(emb_w.detach()[keep].clone(), requires_grad=emb_w.requires_grad)
     head = model.get_output_embeddings()
-    tied = head is not None and head.weight is emb.weight
+    tied = head is not None and head.weight is emb_w
     model.set_input_embeddings(new)
     if head is not None:
         if tied:

@@ -24,18 +24,17 @@ def run(config: str | None, sets: tuple[str, ...], out: str) -> None:
 
     Rerunning with the same --out resumes from the last committed round. With store.kind: s3 the
     artifacts go to that MinIO/S3 (credentials from HETLORA_S3_ACCESS_KEY / HETLORA_S3_SECRET_KEY)."""
-    from hetlora_core.simulate import RunConfigMismatch
+    from hetlora_core.run import RoundFailed, RunConfigMismatch, summary_line
+    from hetlora_core.store import StoreError
 
-    from .driver import RoundFailed, run_local
+    from .runners import run_local
 
     cfg = load_cfg(config, sets)
     try:
         res = run_local(cfg, out)
-    except (RoundFailed, RunConfigMismatch) as e:
+    except (RoundFailed, RunConfigMismatch, StoreError) as e:
         fail(str(e))
-    last = res["rounds"][-1] if res["rounds"] else {}
-    click.echo(f"{res['rounds_committed']} rounds committed; held-out perplexity {res['baseline_ppl']:.2f} -> "
-               f"{last.get('global_ppl', float('nan')):.2f}; results: {Path(out) / 'results.json'}, plot: {Path(out) / 'perplexity.png'}")
+    click.echo(f"{summary_line(res, Path(out))}, plot: {Path(out) / 'perplexity.png'}")
 
 
 @main.command(name="compile")
@@ -47,17 +46,18 @@ def run(config: str | None, sets: tuple[str, ...], out: str) -> None:
 def compile_cmd(config: str | None, sets: tuple[str, ...], out: str, rnd: int) -> None:
     """Compile one round's pipeline to KFP IR YAML (PipelineSpec + Kubernetes platform spec:
     per-tier node selectors, tolerations, resources, and the store Secret as env vars)."""
-    from hetlora_core import rounds, runtime
     from hetlora_core import store as st
+    from hetlora_core.corpus import client_ids
+    from hetlora_core.steps.plan import plan_round
 
     from .round import compile_round
 
     cfg = load_cfg(config, sets)
-    ids = runtime.client_ids(cfg)
+    ids = client_ids(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
         # Round 0 needs no store (initial ranks come from the config); the plan goes to a scratch dir.
         store = st.LocalStore(tmp) if rnd == 0 else st.open_store(cfg.store)
-        plan = rounds.plan_round(cfg, store, ids, rnd)
+        plan = plan_round(cfg, store, ids, rnd)
     compile_round(cfg, plan, out)
     click.echo(f"round {rnd} pipeline ({len(plan.clients)} clients) compiled to {out}")
 
@@ -66,24 +66,30 @@ def compile_cmd(config: str | None, sets: tuple[str, ...], out: str, rnd: int) -
 @config_option
 @set_option
 @click.option("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080 (port-forwarded ml-pipeline-ui).")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/kubeflow", show_default=True,
+              help="Where results.json and the plot go (the store itself is the configured S3 bucket).")
 @click.option("--no-wait", is_flag=True, help="Submit the next round and return instead of driving every round.")
 @click.option("--timeout", type=int, default=6 * 3600, show_default=True, help="Seconds to wait for each round's run.")
-def submit(config: str | None, sets: tuple[str, ...], host: str, no_wait: bool, timeout: int) -> None:
+def submit(config: str | None, sets: tuple[str, ...], host: str, out: str, no_wait: bool, timeout: int) -> None:
     """Drive a whole run on Kubeflow: one KFP run per round, each waited for; stops on the first
-    failure with the run's link. Resumes from the last committed round in the store.
+    failure with the run's link. Resumes from the last committed round in the store (a committed
+    round that was never evaluated is evaluated first), then writes OUT/results.json and the plot.
 
     Needs store.kind: s3 reachable from here (credentials in HETLORA_S3_ACCESS_KEY /
     HETLORA_S3_SECRET_KEY) and, in the cluster, the Secret named by kubeflow.store_secret."""
-    from hetlora_core.simulate import RunConfigMismatch
+    from hetlora_core.run import RoundFailed, RunConfigMismatch, summary_line
     from hetlora_core.store import StoreError
 
-    from .driver import RoundFailed, submit_run
+    from .runners import submit_next_round, submit_run
 
     cfg = load_cfg(config, sets)
     if cfg.store.kind != "s3":
         fail("submit needs store.kind: s3 (pods cannot see a local directory); see configs/kind.yaml")
     try:
-        ids = submit_run(cfg, host, timeout_s=timeout, wait=not no_wait)
+        if no_wait:
+            click.echo(f"submitted run {submit_next_round(cfg, host)}")
+            return
+        res, ids = submit_run(cfg, host, out, timeout_s=timeout)
     except (RoundFailed, RunConfigMismatch, StoreError) as e:
         fail(str(e))
     except Exception as e:  # noqa: BLE001 - kfp/urllib3 errors (refused, DNS, HTTP 4xx/5xx): say where and what
@@ -92,7 +98,7 @@ def submit(config: str | None, sets: tuple[str, ...], host: str, no_wait: bool, 
              "check --host (e.g. kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80, then "
              "--host http://localhost:8080) and that you may create runs in namespace "
              f"{cfg.kubeflow.namespace!r}. Committed rounds are kept: rerun to resume.")
-    click.echo(f"submitted {len(ids)} round run(s): {', '.join(ids)}")
+    click.echo(f"{summary_line(res, Path(out))}; KFP runs: {', '.join(ids) or 'none (already complete)'}")
 
 
 @main.command()

@@ -8,7 +8,7 @@ from kfp.dsl import PipelineTask
 
 from hetlora_core.config import HetLoRAConfig, TierConfig
 
-# Env var names the store reads (hetlora_core.store_s3); the Secret holds keys accesskey/secretkey.
+# Env var names the store reads (hetlora_core.store.s3); the Secret holds keys accesskey/secretkey.
 SECRET_KEYS = {"accesskey": "HETLORA_S3_ACCESS_KEY", "secretkey": "HETLORA_S3_SECRET_KEY"}
 NON_ROOT_UID = 1000
 # Caches: the image sets HOME, XDG_CACHE_HOME and HETLORA_CACHE under /tmp (images/Dockerfile), the
@@ -33,8 +33,8 @@ def place_on_tier(task: PipelineTask, tier: TierConfig) -> PipelineTask:
     for key, value in sorted(tier.node_selector.items()):
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for tol in tier.tolerations:
-        kubernetes.add_toleration(task, key=tol.get("key"), operator=tol.get("operator", "Equal"),  # type: ignore[arg-type]
-                                  value=tol.get("value"), effect=tol.get("effect"))  # type: ignore[arg-type]
+        kubernetes.add_toleration(task, key=tol.get("key"), operator=tol.get("operator", "Equal"),
+                                  value=tol.get("value"), effect=tol.get("effect"))
     return task
 
 

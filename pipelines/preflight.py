@@ -18,14 +18,14 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from kubernetes import client as k8s
 
-from hetlora_core.config import HetLoRAConfig, StoreConfig, TierConfig
+from hetlora_core.config import HetLoRAConfig, TierConfig
 from hetlora_core.store import StoreAuthError, StoreError, StoreUnavailable, open_store
 
 GPU = "nvidia.com/gpu"
@@ -233,24 +233,8 @@ def secret_credentials(secret: k8s.V1Secret | None) -> tuple[str, str] | None:
     return (ak, sk) if ak and sk else None
 
 
-@contextlib.contextmanager
-def _credentials_env(creds: tuple[str, str] | None) -> Iterator[str]:
-    """Use the Secret's credentials only when the environment has none of its own."""
-    env_has = any(os.environ.get(v) for v in ("HETLORA_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"))
-    if env_has or creds is None:
-        yield "environment"
-        return
-    old = {v: os.environ.get(v) for v in ("HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY")}
-    os.environ["HETLORA_S3_ACCESS_KEY"], os.environ["HETLORA_S3_SECRET_KEY"] = creds
-    try:
-        yield "the store secret"
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-
 def store_check(cfg: HetLoRAConfig, creds: tuple[str, str] | None = None,
-                opener: Callable[[StoreConfig], Any] = open_store) -> Check:
+                opener: Callable[..., Any] = open_store) -> Check:
     s = cfg.store
     if s.kind == "local":
         return Check("store", False, f"store.kind is local ({s.root}): pods in the cluster cannot share it",
@@ -259,9 +243,14 @@ def store_check(cfg: HetLoRAConfig, creds: tuple[str, str] | None = None,
     store_log = logging.getLogger("hetlora.store")  # its retry warnings: the Check says it all
     quiet.callback(store_log.setLevel, store_log.level)
     store_log.setLevel(logging.ERROR)
-    with quiet, _credentials_env(creds) as source:
+    # The Secret's credentials are used only when this environment has none of its own; they are
+    # handed to the store object, never written to os.environ (nothing else in the process sees them).
+    env_has = any(os.environ.get(v) for v in ("HETLORA_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"))
+    use = None if env_has else creds
+    source = "the store secret" if use else "environment"
+    with quiet:
         try:
-            opener(s).list(cfg.experiment)
+            opener(s, credentials=use).list(cfg.experiment)
         except StoreAuthError as e:
             return Check("store", False, f"{s.endpoint} rejected the credentials from {source}: {e}",
                          [f"make accesskey/secretkey in {cfg.kubeflow.namespace}/{cfg.kubeflow.store_secret} (and "
@@ -292,10 +281,11 @@ def _api_error(e: Exception, what: str, api: Any) -> PreflightError:
 
 
 def list_nodes(api: Any, timeout: float = 20.0) -> list[k8s.V1Node]:
-    nodes, cont = [], None
+    nodes: list[k8s.V1Node] = []
+    cont: str | None = None
     try:
         while True:
-            kw = {"_continue": cont} if cont else {}
+            kw: dict[str, str] = {"_continue": cont} if cont else {}
             resp = api.list_node(limit=500, _request_timeout=(5, timeout), **kw)
             nodes += resp.items or []
             cont = resp.metadata._continue if resp.metadata else None
@@ -337,7 +327,7 @@ def core_api(kubeconfig: str | None = None, context: str | None = None) -> k8s.C
 
 
 def run_preflight(cfg: HetLoRAConfig, api: Any, *, skip_store: bool = False,
-                  opener: Callable[[StoreConfig], Any] = open_store) -> PreflightReport:
+                  opener: Callable[..., Any] = open_store) -> PreflightReport:
     """All checks against ``api`` (a CoreV1Api); ``PreflightError`` only when the API cannot answer."""
     nodes = list_nodes(api)
     tiers = [check_tier(t, nodes) for t in cfg.ranks.tiers]

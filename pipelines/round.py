@@ -13,12 +13,13 @@ from typing import Any
 from kfp import compiler, dsl
 
 from hetlora_core.config import ConfigError, HetLoRAConfig
-from hetlora_core.rounds import RoundPlan
+from hetlora_core.steps.plan import RoundPlan
 from hetlora_kfp.components import MAX_TIERS, Components, build
 
 from . import platform
 
 PIPELINE_NAME = "hetlora-round"
+EVALUATE_PIPELINE_NAME = "hetlora-evaluate"
 # The client enforces federation.client_timeout_s itself (a soft failure: the round goes on);
 # the pod's activeDeadlineSeconds is a hard backstop a little later (start-up, uploads).
 HARD_TIMEOUT_GRACE_S = 600
@@ -77,7 +78,31 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
     return round_pipeline
 
 
+def build_evaluate_pipeline(cfg: HetLoRAConfig, rnd: int, comps: Components | None = None) -> Callable[..., Any]:
+    """A one-task pipeline that evaluates committed round ``rnd`` (and records the baseline if it
+    is missing): what the round runner submits when a round committed but was never evaluated."""
+    comps = comps or build(cfg.kubeflow.image)
+    largest = max(cfg.ranks.tiers, key=lambda t: t.rank)
+
+    @dsl.pipeline(name=EVALUATE_PIPELINE_NAME, description=f"HetLoRA: evaluate round {rnd} of {cfg.experiment}",
+                  pipeline_root=cfg.kubeflow.pipeline_root)
+    def evaluate_pipeline(config_json: str = cfg.to_json(), round_index: int = rnd):
+        ev = comps.evaluate(config_json=config_json, round_index=round_index)
+        ev.set_display_name("evaluate")
+        platform.set_tier_resources(ev, largest)
+        platform.use_store_secret(ev, cfg)
+        platform.harden(ev)
+
+    return evaluate_pipeline
+
+
 def compile_round(cfg: HetLoRAConfig, plan: RoundPlan, out_path: str) -> str:
     """Compile the round pipeline to KFP IR YAML (PipelineSpec + platform spec)."""
     compiler.Compiler().compile(build_round_pipeline(cfg, plan), package_path=out_path)
+    return out_path
+
+
+def compile_evaluate(cfg: HetLoRAConfig, rnd: int, out_path: str) -> str:
+    """Compile the evaluate-only pipeline of round ``rnd`` to KFP IR YAML."""
+    compiler.Compiler().compile(build_evaluate_pipeline(cfg, rnd), package_path=out_path)
     return out_path

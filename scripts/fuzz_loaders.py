@@ -7,7 +7,7 @@ Targets (everything a client upload or a store object goes through before it is 
   base model's spec) on structured mutations of valid adapters: bit flips, truncations, inserted and
   deleted bytes, a wrong header length, header JSON edits (dtype, shape, data_offsets, metadata,
   extra keys) and random JSON headers.
-* ``manifest``: ``store._parse_manifest`` and ``store.get_artifact`` on a ``LocalStore`` with
+* ``manifest``: ``store.parse_manifest`` and ``store.get_artifact`` on a ``LocalStore`` with
   mutated manifests: random JSON, field edits, bit flips, truncations, and a payload that may or
   may not match.
 
@@ -38,10 +38,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as hs
-from safetensors.torch import save as st_save
+from safetensors.numpy import save as st_save
 
 from hetlora_core import store as st
 from hetlora_core.adapter import FORMAT, AdapterError, LoraAdapter, read_safetensors_metadata
@@ -59,11 +59,11 @@ stats: Counter[str] = Counter()
 def seed_adapters() -> list[bytes]:
     out = []
     for rank, seed_ in ((1, 0), (4, 1), (8, 2)):
-        g = torch.Generator().manual_seed(seed_)
+        g = np.random.default_rng(seed_)
         t = {}
         for m, (o, i) in SPEC.items():
-            t[f"{m}.lora_A"] = torch.randn(rank, i, generator=g)
-            t[f"{m}.lora_B"] = torch.randn(o, rank, generator=g)
+            t[f"{m}.lora_A"] = g.standard_normal((rank, i), np.float32)
+            t[f"{m}.lora_B"] = g.standard_normal((o, rank), np.float32)
         out.append(st_save(t, metadata={"format": FORMAT, "scale": repr(SCALE)}))
     return out
 
@@ -217,18 +217,18 @@ def check_adapter(data: bytes, hang_s: float) -> None:
                 continue
             a.validate(spec, R_MIN, R_MAX)  # what was accepted is valid...
             again = LoraAdapter.from_bytes(a.to_bytes(), spec, R_MIN, R_MAX)  # ...and round-trips
-            assert again.ranks == a.ranks and all(torch.equal(again.A[m], a.A[m]) for m in a.modules)
+            assert again.ranks == a.ranks and all(np.array_equal(again.A[m], a.A[m]) for m in a.modules)
             stats["adapter: valid"] += 1
 
 
 def check_manifest(raw: bytes, payload: bytes, root: Path, hang_s: float) -> None:
     store = st.LocalStore(root)
-    prefix = "e/round-0000/clients/c"
-    store.put_bytes(f"{prefix}/adapter.safetensors", payload)
-    store.put_bytes(f"{prefix}/manifest.json", raw)
+    prefix = st.client_prefix("e", 0, "c")
+    store.put_bytes(f"{prefix}/{st.ADAPTER}", payload)
+    store.put_bytes(f"{prefix}/{st.MANIFEST}", raw)
     with Guard(hang_s):
         try:
-            m = st._parse_manifest("k", raw)
+            m = st.parse_manifest("k", raw)
             assert isinstance(m, dict) and isinstance(m["object"], str) and isinstance(m["size"], int)
         except st.InvalidManifest:
             pass

@@ -108,7 +108,7 @@ class KubeAPIServer:
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the cert is made at startup; CA set below
         last = ""
         while time.monotonic() - t0 < timeout_s:
-            for name, proc in zip(("etcd", "kube-apiserver"), self.procs):
+            for name, proc in zip(("etcd", "kube-apiserver"), self.procs, strict=True):
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
             req = urllib.request.Request(f"{self.url}/readyz", headers={"Authorization": f"Bearer {self.token}"})
@@ -187,8 +187,10 @@ class KubeAPIServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def kube_apiserver() -> Iterator[KubeAPIServer]:
+# Registered as "kube_apiserver" under another attribute name: a test module imports the function
+# to register the fixture, and its tests' ``kube_apiserver`` parameters then do not shadow the import.
+@pytest.fixture(scope="session", name="kube_apiserver")
+def kube_apiserver_fixture() -> Iterator[KubeAPIServer]:
     from conftest import skip_or_fail
 
     etcd, apiserver = find_binaries()

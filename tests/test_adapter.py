@@ -6,9 +6,10 @@ import io
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import save as st_save
+from safetensors.numpy import save as st_save
 
 from hetlora_core.adapter import AdapterError, LoraAdapter, init_global
 
@@ -16,9 +17,9 @@ SPEC = {"l0.q_proj": (6, 5), "l0.v_proj": (4, 5)}
 
 
 def rand_adapter(rank: int, seed: int = 0, scale: float = 2.0, spec=SPEC) -> LoraAdapter:
-    g = torch.Generator().manual_seed(seed)
-    return LoraAdapter({m: torch.randn(rank, i, generator=g) for m, (o, i) in spec.items()},
-                       {m: torch.randn(o, rank, generator=g) for m, (o, i) in spec.items()}, scale)
+    g = np.random.default_rng(seed)
+    return LoraAdapter({m: g.standard_normal((rank, i), np.float32) for m, (o, i) in spec.items()},
+                       {m: g.standard_normal((o, rank), np.float32) for m, (o, i) in spec.items()}, scale)
 
 
 def test_truncate_keeps_leading_components():
@@ -26,11 +27,11 @@ def test_truncate_keeps_leading_components():
     t = a.truncate(3)
     assert t.ranks == {m: 3 for m in SPEC}
     for m in SPEC:
-        assert torch.equal(t.A[m], a.A[m][:3])
-        assert torch.equal(t.B[m], a.B[m][:, :3])
+        assert np.array_equal(t.A[m], a.A[m][:3])
+        assert np.array_equal(t.B[m], a.B[m][:, :3])
         # B A of the truncation is the sum of the first three rank-one components
-        ref = sum(torch.outer(a.B[m][:, j], a.A[m][j]) for j in range(3))
-        assert torch.allclose(t.B[m] @ t.A[m], ref, atol=1e-6)
+        ref = sum(np.outer(a.B[m][:, j], a.A[m][j]) for j in range(3))
+        assert np.allclose(t.B[m] @ t.A[m], ref, atol=1e-6)
 
 
 def test_pad_preserves_product_exactly_and_round_trips():
@@ -38,10 +39,10 @@ def test_pad_preserves_product_exactly_and_round_trips():
     p = a.pad(8)
     assert p.ranks == {m: 8 for m in SPEC}
     for m in SPEC:
-        assert torch.equal(p.B[m] @ p.A[m], a.B[m] @ a.A[m])
-        assert torch.count_nonzero(p.A[m][3:]) == 0 and torch.count_nonzero(p.B[m][:, 3:]) == 0
+        assert np.array_equal(p.B[m] @ p.A[m], a.B[m] @ a.A[m])
+        assert np.count_nonzero(p.A[m][3:]) == 0 and np.count_nonzero(p.B[m][:, 3:]) == 0
     back = p.truncate(3)
-    assert all(torch.equal(back.A[m], a.A[m]) for m in SPEC)
+    assert all(np.array_equal(back.A[m], a.A[m]) for m in SPEC)
 
 
 def test_truncate_per_module_and_errors():
@@ -56,16 +57,17 @@ def test_truncate_per_module_and_errors():
 
 def test_init_global_like_peft():
     g = init_global(SPEC, 8, 2.0, seed=3)
-    assert all(torch.count_nonzero(g.B[m]) == 0 for m in SPEC)
-    assert all(g.A[m].abs().max() <= 1 / math.sqrt(5) for m in SPEC)
-    assert torch.equal(init_global(SPEC, 8, 2.0, seed=3).A["l0.q_proj"], g.A["l0.q_proj"])
-    assert not torch.equal(init_global(SPEC, 8, 2.0, seed=4).A["l0.q_proj"], g.A["l0.q_proj"])
+    assert all(np.count_nonzero(g.B[m]) == 0 for m in SPEC)
+    assert all(np.abs(g.A[m]).max() <= 1 / math.sqrt(5) for m in SPEC)
+    assert all(g.A[m].dtype == g.B[m].dtype == np.float32 for m in SPEC)
+    assert np.array_equal(init_global(SPEC, 8, 2.0, seed=3).A["l0.q_proj"], g.A["l0.q_proj"])
+    assert not np.array_equal(init_global(SPEC, 8, 2.0, seed=4).A["l0.q_proj"], g.A["l0.q_proj"])
 
 
 def test_safetensors_round_trip():
     a = rand_adapter(4, scale=1.5)
     b = LoraAdapter.from_bytes(a.to_bytes(), SPEC, 1, 8, 1.5)
-    assert b.scale == 1.5 and all(torch.equal(a.A[m], b.A[m]) and torch.equal(a.B[m], b.B[m]) for m in SPEC)
+    assert b.scale == 1.5 and all(np.array_equal(a.A[m], b.A[m]) and np.array_equal(a.B[m], b.B[m]) for m in SPEC)
 
 
 def _raw(tensors: dict, meta=None) -> bytes:
@@ -73,20 +75,40 @@ def _raw(tensors: dict, meta=None) -> bytes:
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda t: t.update({"l0.k_proj.lora_A": torch.zeros(2, 5), "l0.k_proj.lora_B": torch.zeros(6, 2)}), "unknown module"),
+    (lambda t: t.update({"l0.k_proj.lora_A": np.zeros((2, 5), np.float32), "l0.k_proj.lora_B": np.zeros((6, 2), np.float32)}),
+     "unknown module"),
     (lambda t: [t.pop("l0.v_proj.lora_A"), t.pop("l0.v_proj.lora_B")], "missing module"),
-    (lambda t: t.update({"l0.q_proj.lora_A": torch.zeros(4, 7)}), "does not match the base model"),
-    (lambda t: t.update({"l0.q_proj.lora_B": torch.zeros(6, 3)}), "lora_A has rank 4 but lora_B has rank 3"),
-    (lambda t: t.update({"l0.q_proj.lora_A": torch.full((4, 5), float("nan"))}), "NaN or Inf"),
-    (lambda t: t.update({"l0.v_proj.lora_B": torch.full((4, 4), float("inf"))}), "NaN or Inf"),
-    (lambda t: t.update({"l0.q_proj.lora_A": torch.zeros(4, 5, dtype=torch.float16)}), "dtype"),
-    (lambda t: t.update({"l0.q_proj.bias": torch.zeros(4)}), "unexpected tensor"),
+    (lambda t: t.update({"l0.q_proj.lora_A": np.zeros((4, 7), np.float32)}), "does not match the base model"),
+    (lambda t: t.update({"l0.q_proj.lora_B": np.zeros((6, 3), np.float32)}), "lora_A has rank 4 but lora_B has rank 3"),
+    (lambda t: t.update({"l0.q_proj.lora_A": np.full((4, 5), np.nan, np.float32)}), "NaN or Inf"),
+    (lambda t: t.update({"l0.v_proj.lora_B": np.full((4, 4), np.inf, np.float32)}), "NaN or Inf"),
+    (lambda t: t.update({"l0.q_proj.lora_A": np.zeros((4, 5), np.float16)}), "dtype torch.float16, expected torch.float32"),
+    (lambda t: t.update({"l0.q_proj.bias": np.zeros(4, np.float32)}), "unexpected tensor"),
 ])
 def test_bad_tensors_rejected_with_message(mutate, message):
     t = {f"{m}.lora_{k}": v for m in SPEC for k, v in (("A", rand_adapter(4).A[m]), ("B", rand_adapter(4).B[m]))}
     mutate(t)
     with pytest.raises(AdapterError, match=message):
         LoraAdapter.from_bytes(_raw(t), SPEC, 1, 8, 2.0)
+
+
+def test_in_memory_arrays_validated():
+    """What code builds is checked like what a file holds: numpy float32, 2-D, finite."""
+    a = rand_adapter(2)
+    a.A["l0.q_proj"] = a.A["l0.q_proj"].astype(np.float64)
+    with pytest.raises(AdapterError, match=r"l0.q_proj.lora_A: dtype float64, expected float32"):
+        a.validate(SPEC)
+    a.A["l0.q_proj"] = torch.zeros(2, 5)
+    with pytest.raises(AdapterError, match=r"l0.q_proj.lora_A: expected a numpy array, got torch.Tensor"):
+        a.validate(SPEC)
+
+
+def test_loaded_arrays_are_writable_and_strided_arrays_serialise_by_value():
+    a = rand_adapter(3)
+    a.B["l0.q_proj"] = np.asfortranarray(a.B["l0.q_proj"])  # same values, column-major buffer
+    b = LoraAdapter.from_bytes(a.to_bytes(), SPEC)
+    assert all(np.array_equal(a.B[m], b.B[m]) and np.array_equal(a.A[m], b.A[m]) for m in SPEC)
+    b.B["l0.q_proj"][0, 0] = 1.0  # not a read-only view of the bytes
 
 
 def test_rank_out_of_range_rejected():
@@ -101,7 +123,7 @@ def test_not_safetensors_rejected():
     with pytest.raises(AdapterError, match="pickle"):
         LoraAdapter.from_bytes(pickle.dumps({"x": 1}), SPEC)
     buf = io.BytesIO()
-    torch.save({"l0.q_proj.lora_A": torch.zeros(2, 5)}, buf)
+    torch.save({"l0.q_proj.lora_A": torch.zeros(2, 5)}, buf)  # what a .bin / .pt adapter is
     with pytest.raises(AdapterError, match="pickle"):
         LoraAdapter.from_bytes(buf.getvalue(), SPEC)
     with pytest.raises(AdapterError, match="truncated"):

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from corpus.generate import PAYLOAD, R_MAX, R_MIN, SPEC, Case, adapter_cases, config_cases, manifest_cases, valid_adapter
+from hetlora_kfp.pipelines.cli import main
 
 from hetlora_core import store as st
 from hetlora_core.adapter import AdapterError, LoraAdapter
 from hetlora_core.cli import main as core_main
 from hetlora_core.config import ConfigError, load_config
-from hetlora_kfp.pipelines.cli import main
 
 ADAPTERS, MANIFESTS, CONFIGS = adapter_cases(), manifest_cases(), config_cases()
 
@@ -86,9 +86,9 @@ def test_inspect_on_the_core_cli_too(tmp_path: Path) -> None:
 @pytest.mark.parametrize("case", MANIFESTS, ids=ids(MANIFESTS))
 def test_bad_manifest_is_rejected_saying_what_and_where(case: Case, tmp_path: Path) -> None:
     store = st.LocalStore(tmp_path)
-    prefix = "exp/round-0003/clients/alice"
-    store.put_bytes(f"{prefix}/adapter.safetensors", PAYLOAD)
-    store.put_bytes(f"{prefix}/manifest.json", case.data)
+    prefix = st.client_prefix("exp", 3, "alice")
+    store.put_bytes(f"{prefix}/{st.ADAPTER}", PAYLOAD)
+    store.put_bytes(f"{prefix}/{st.MANIFEST}", case.data)
     exc_type = getattr(st, case.kwargs["exc"])
     with pytest.raises(st.StoreError) as exc:
         st.get_artifact(store, prefix)
@@ -103,7 +103,7 @@ def test_manifests_are_never_unpickled(tmp_path: Path) -> None:
     import pickle
 
     store = st.LocalStore(tmp_path)
-    store.put_bytes("e/x/manifest.json", pickle.dumps({"object": "a", "sha256": "0" * 64, "size": 1}))
+    store.put_bytes(f"e/x/{st.MANIFEST}", pickle.dumps({"object": "a", "sha256": "0" * 64, "size": 1}))
     with pytest.raises(st.InvalidManifest, match="not valid UTF-8 JSON"):
         st.get_manifest(store, "e/x")
 

@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 
 # The fixtures `pushgateway` and `prometheus` come from tests/conftest_prometheus.py (via conftest.py).

@@ -76,7 +76,7 @@ def test_build_clients_deterministic(tokenizer, tmp_path: Path, monkeypatch: pyt
         runs.append(build_clients(SMALL, tokenizer))
     a, b = runs
     assert [c.client_id for c in a] == [c.client_id for c in b]
-    assert all(torch.equal(x.train_ids, y.train_ids) and torch.equal(x.heldout_ids, y.heldout_ids) for x, y in zip(a, b))
+    assert all(torch.equal(x.train_ids, y.train_ids) and torch.equal(x.heldout_ids, y.heldout_ids) for x, y in zip(a, b, strict=True))
     monkeypatch.setenv("HETLORA_CACHE", str(tmp_path / "c"))
     other = build_clients(DataConfig(**{**SMALL.__dict__, "seed": 1}), tokenizer)
     assert [c.client_id for c in other] != [c.client_id for c in a]

@@ -31,10 +31,13 @@ from typing import Any
 import pytest
 import torch
 
-from hetlora_core import rounds, tasks
 from hetlora_core import store as st
 from hetlora_core.adapter import LoraAdapter, init_global
 from hetlora_core.config import config_from_dict
+from hetlora_core.steps.aggregate import aggregate as aggregate_round
+from hetlora_core.steps.aggregate import aggregate_task
+from hetlora_core.steps.common import load_global
+from hetlora_core.steps.plan import plan_round
 from hetlora_core.strategies import ClientUpdate, aggregate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +123,7 @@ def child(job):
     try:
         cfg = config_from_dict(job["cfg"])
         if job.get("driver") == "run_local":
-            from hetlora_kfp.pipelines.driver import run_local
+            from hetlora_kfp.pipelines.runners import run_local
             out = run_local(cfg, job["out"])
         else:
             from hetlora_core.simulate import simulate
@@ -139,7 +142,7 @@ for line in sys.stdin:
         cfg = config_from_dict(job["cfg"])
         runtime.model(cfg)
         runtime.clients(cfg)
-        import hetlora_core.simulate, hetlora_core.tasks  # noqa: F401 - loaded once, inherited by every child
+        import hetlora_core.simulate  # noqa: F401 - loaded once (with every step), inherited by every child
         reply({"ok": True})
     elif job["op"] == "ids":
         reply({"ids": runtime.client_ids(config_from_dict(job["cfg"]))})
@@ -218,8 +221,8 @@ class Worker:
         return self.call({"op": "ids", "cfg": cfg})["ids"]
 
     def run(self, cfg: dict[str, Any], out: Path, failpoints: str = "", env: dict[str, str] | None = None,
-            timeout: float = 300) -> tuple[int | None, dict[str, Any], str]:
-        r = self.start(cfg, out, failpoints, env)
+            timeout: float = 300, driver: str = "simulate") -> tuple[int | None, dict[str, Any], str]:
+        r = self.start(cfg, out, failpoints, env, driver)
         rc, res = r.wait(timeout)
         return rc, res, r.log
 
@@ -265,7 +268,7 @@ def reference(worker: Worker, tmp_path_factory: pytest.TempPathFactory) -> dict[
     rc, res, log = worker.run(cfg_dict(), out)
     assert rc == 0 and res["ok"], log
     store = local(out)
-    plans = {r: json.loads(store.get_bytes(rounds.plan_key(EXP, r))) for r in range(2)}
+    plans = {r: json.loads(store.get_bytes(st.plan_key(EXP, r))) for r in range(2)}
     return {"shas": global_shas(store), "rounds": res["rounds"], "out": out,
             "selected": {r: [c["client_id"] for c in p["clients"]] for r, p in plans.items()}}
 
@@ -282,19 +285,27 @@ def _points(ref_selected: dict[int, list[str]]) -> dict[str, tuple[str, int]]:
         "put_artifact_between@key=round-0001/global:exit": ("global payload written, manifest not", 1),
         "aggregate_start@round=1:exit": ("aggregation starts", 1),
         "round_committed@round=1:exit": ("after the commit, before evaluation", 2),
+        "round_committed@round=0:exit": ("after round 0's commit, before its evaluation and the baseline's", 1),
     }
 
 
-POINTS = ["train_start", "train_uploaded", "put_artifact_between", "aggregate_start", "round_committed"]
+POINTS = ["train_start", "train_uploaded", "put_artifact_between", "aggregate_start", "round_committed@round=1",
+          "round_committed@round=0"]
 SLOW_POINTS = ["prune_done@round=0", "put_artifact_between@key=round-0000/global", "train_step@round=0@step=1",
                "put_artifact_between@key=round-0001/clients"]
 
 
 def check_resume(worker: Worker, reference: dict[str, Any], out: Path, spec: str, committed_after_kill: int,
-                 tally: Tally) -> None:
-    rc, res, log = worker.run(cfg_dict(), out, failpoints=spec)
+                 tally: Tally, driver: str = "simulate") -> None:
+    rc, res, log = worker.run(cfg_dict(), out, failpoints=spec, driver=driver, timeout=900)
     tally.fault("process kill (" + spec.split("@")[0].split(":")[0] + ")")
-    assert rc == 137, f"the failpoint {spec} did not kill the run (rc={rc}): {res} {log[-2000:]}"
+    if driver == "simulate":
+        assert rc == 137, f"the failpoint {spec} did not kill the run (rc={rc}): {res} {log[-2000:]}"
+    else:  # the task subprocess died; the driver reports the failed round and how to resume
+        assert rc == 3 and res["type"] == "RoundFailed", f"{spec}: rc={rc} {res} {log[-2000:]}"
+        assert "rerun `hetlora run` to" in res["message"] and f"resume at round {committed_after_kill}" in res["message"], res
+        if committed_after_kill and spec.startswith("round_committed"):
+            assert f"Round {committed_after_kill - 1} is committed but not evaluated" in res["message"], res
     store = local(out)
     assert st.last_committed_round(store, EXP) == committed_after_kill - 1, spec
     before = global_shas(store)
@@ -308,10 +319,10 @@ def check_resume(worker: Worker, reference: dict[str, Any], out: Path, spec: str
         # The torn global: its payload is on disk without a manifest, and invisible to every reader.
         assert store.exists(f"{nxt}/adapter.safetensors")
         if committed_after_kill:
-            prev = rounds.load_global(config_from_dict(cfg_dict()), store, committed_after_kill, None)
+            prev = load_global(config_from_dict(cfg_dict()), store, committed_after_kill, None)
             assert hashlib.sha256(prev.to_bytes()).hexdigest() == reference["shas"][committed_after_kill - 1]
     commits = [(out / "store" / st.global_prefix(EXP, r) / st.MANIFEST).stat().st_mtime_ns for r in range(committed_after_kill)]
-    rc, res, log = worker.run(cfg_dict(), out)  # the same command again, no failpoint
+    rc, res, log = worker.run(cfg_dict(), out, driver=driver, timeout=900)  # the same command again, no failpoint
     tally.add("resumes")
     assert rc == 0 and res["ok"], f"resume after {spec} failed: {res.get('traceback', '')} {log[-2000:]}"
     # It resumed: committed rounds were not redone (their commits were not rewritten).
@@ -319,14 +330,16 @@ def check_resume(worker: Worker, reference: dict[str, Any], out: Path, spec: str
                        for r in range(committed_after_kill)]
     assert res["rounds_committed"] == 2
     after = global_shas(store)
-    tally.add("rounds_lost", sum(1 for a, b in zip(before, after) if a != b) + max(0, len(before) - len(after)))
+    tally.add("rounds_lost", sum(1 for a, b in zip(before, after, strict=False) if a != b) + max(0, len(before) - len(after)))
     tally.add("rounds_redone", 2 - committed_after_kill)
     assert after == reference["shas"], f"resumed run after {spec} ended on different bytes"
     tally.add("runs_ending_on_reference_bytes")
     # The report is complete too: every round evaluated (round_committed kills before evaluation).
     assert [r["global_ppl"] is not None for r in res["rounds"]] == [True, True]
     assert [r["participants"] for r in res["rounds"]] == [r["participants"] for r in reference["rounds"]]
-    assert json.loads((out / "results.json").read_text())["rounds_committed"] == 2
+    written = json.loads((out / "results.json").read_text())
+    assert written["rounds_committed"] == 2 and written["baseline_ppl"] is not None
+    assert [r["global_ppl"] is not None and r["personal_ppl"] is not None for r in written["rounds"]] == [True, True]
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -334,6 +347,17 @@ def test_kill_and_resume_is_bit_identical(point: str, worker: Worker, reference:
                                           tally: Tally) -> None:
     spec, (_what, committed) = next((k, v) for k, v in _points(reference["selected"]).items() if k.startswith(point))
     check_resume(worker, reference, tmp_path, spec, committed, tally)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("rnd", [0, 1])
+def test_kfp_local_run_killed_after_commit_resumes(rnd: int, worker: Worker, reference: dict[str, Any], tmp_path: Path,
+                                                  tally: Tally) -> None:
+    """`hetlora run` (kfp.local): the aggregate task dies right after committing round ``rnd``, before
+    anything evaluates it. Rerunning evaluates the committed round (and the baseline) and finishes on
+    the in-process reference's bytes with a complete results.json."""
+    check_resume(worker, reference, tmp_path, f"round_committed@round={rnd}:exit", rnd + 1, tally, driver="run_local")
 
 
 @pytest.mark.slow
@@ -465,7 +489,8 @@ def test_minio_down_past_the_deadline_fails_clearly_and_leaves_nothing_half_done
         rc, res = run.wait(120)
     finally:
         minio_server.start()
-    assert rc == 3 and res["type"] == "StoreUnavailable", res
+    # The runner words every failure the same way for every executor; the cause is named in it.
+    assert rc == 3 and res["type"] == "RoundFailed" and "StoreUnavailable" in res["message"], res
     msg = res["message"]
     assert minio_store_config.endpoint in msg and "is unavailable" in msg and "retry_deadline_s=3" in msg, msg
     assert "Is the server running?" in msg
@@ -512,7 +537,7 @@ def test_quorum_miss_fails_clearly_and_keeps_the_global(worker: Worker, referenc
     bad = reference["selected"][1][0]
     rc, res, log = worker.run(cfg_dict(), tmp_path, failpoints=f"train_start@round=1@client={bad}:raise")
     tally.fault("client crash (quorum 1.0)")
-    assert rc == 3 and res["type"] == "QuorumError", res
+    assert rc == 3 and res["type"] == "RoundFailed" and "QuorumError" in res["message"], res
     msg = res["message"]
     assert "round 1: 2 valid client uploads, quorum needs 3 of 3" in msg and "federation.quorum=1.0" in msg, msg
     assert "global adapter is unchanged" in msg and bad in msg
@@ -554,9 +579,13 @@ def trained(rank: int, seed: int, spec: dict[str, tuple[int, int]] = SPEC, scale
     """What an honest client of rank ``rank`` sends: the global's A plus a small step, a small B."""
     g = init_global(SPEC, 8, SCALE, 0).truncate(rank)
     gen = torch.Generator().manual_seed(seed)
-    A = {m: (g.A[m] if SPEC.get(m) == spec[m] else torch.zeros(rank, spec[m][1])) + 0.01 * torch.randn(rank, spec[m][1], generator=gen)
-         for m in spec}
-    B = {m: 0.01 * torch.randn(spec[m][0], rank, generator=gen) for m in spec}
+
+    def noise(*shape: int) -> Any:
+        """Small float32 numpy noise (adapters are numpy) from one seeded stream."""
+        return 0.01 * torch.randn(*shape, generator=gen).numpy()
+
+    A = {m: (g.A[m] if SPEC.get(m) == spec[m] else 0) + noise(rank, spec[m][1]) for m in spec}
+    B = {m: noise(spec[m][0], rank) for m in spec}
     return LoraAdapter(A, B, scale)
 
 
@@ -571,7 +600,7 @@ def test_corrupt_missing_nan_and_malformed_uploads_are_never_aggregated(tmp_path
     cfg = agg_cfg(store={"root": str(tmp_path)})
     store = st.open_store(cfg.store)
     ids = [f"c{i}" for i in range(8)]
-    plan = rounds.plan_round(cfg, store, ids, 0)
+    plan = plan_round(cfg, store, ids, 0)
     ranks = {c.client_id: c.rank for c in plan.clients}
     honest = {"c0": trained(ranks["c0"], 0), "c1": trained(ranks["c1"], 1)}
     for c, a in honest.items():
@@ -595,7 +624,7 @@ def test_corrupt_missing_nan_and_malformed_uploads_are_never_aggregated(tmp_path
     upload(store, cfg, "c7", trained(ranks["c7"], 7, scale=4.0))
     tally.fault("bad client upload (checksum, missing manifest, NaN, num_samples, extra module, scale)", 6)
 
-    out = json.loads(tasks.aggregate_task(cfg.to_json(), 0, []))
+    out = json.loads(aggregate_task(cfg.to_json(), 0, []))
     man = st.get_manifest(store, st.global_prefix(cfg.experiment, 0))
     assert man is not None and sorted(man["participants"]) == ["c0", "c1"] == sorted(out["participants"])
     reasons = man["dropped"]
@@ -622,14 +651,14 @@ def test_first_client_cannot_impose_its_modules(tmp_path: Path, tally: Tally) ->
     store = st.LocalStore(tmp_path)
     ids = [f"c{i}" for i in range(8)]
     for rnd in (0, 1):
-        plan = rounds.plan_round(cfg, store, ids, rnd)
+        plan = plan_round(cfg, store, ids, rnd)
         ranks = {c.client_id: c.rank for c in plan.clients}
         for c in ids:
             spec = {**SPEC, "layers.0.extra": (4, 4)} if c == "c0" else SPEC
             a = trained(ranks[c], rnd * 10 + int(c[1:]), spec)
             st.put_artifact(store, st.client_prefix(cfg.experiment, rnd, c), a.to_bytes(), {"num_samples": 10})
         tally.fault("client upload with extra module (first in order)")
-        man = rounds.aggregate_round(cfg, store, plan)
+        man = aggregate_round(cfg, store, plan)
         assert man["participants"] == ids[1:] and list(man["dropped"]) == ["c0"], (rnd, man["dropped"])
     r0 = st.get_manifest(store, st.global_prefix(cfg.experiment, 0))["dropped"]["c0"]
     assert "modules or shapes differ from the 7 upload(s) that agree: extra ['layers.0.extra']" in r0
@@ -648,7 +677,7 @@ def _poisoned_round(tmp_path: Path, clip: float | None, poison: str = "B") -> tu
                   ranks={"explicit": [2, 4, 8, 8]}, data={"num_clients": 4})
     store = st.LocalStore(tmp_path / f"clip-{clip}-{poison}")
     ids = ["a", "b", "c", "evil"]
-    plan = rounds.plan_round(cfg, store, ids, 0)
+    plan = plan_round(cfg, store, ids, 0)
     for c in plan.clients:
         a = trained(c.rank, ord(c.client_id[0]))
         if c.client_id == "evil":  # a valid adapter (format, shapes, ranks, finite), with a huge update
@@ -657,7 +686,7 @@ def _poisoned_round(tmp_path: Path, clip: float | None, poison: str = "B") -> tu
             else:
                 a.A = {m: t * 1e5 for m, t in a.A.items()}
         upload(store, cfg, c.client_id, a)
-    man = rounds.aggregate_round(cfg, store, plan)
+    man = aggregate_round(cfg, store, plan)
     data, _ = st.get_artifact(store, st.global_prefix(cfg.experiment, 0))
     return man, LoraAdapter.from_bytes(data)
 

@@ -60,8 +60,8 @@ def test_the_fuzzer_reports_an_unexpected_exception(monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.timeout(120)
 def test_the_fuzzer_catches_a_hang() -> None:
-    code = ("import runpy, time, sys; sys.argv = ['fuzz']; m = runpy.run_path(%r); "
+    code = (f"import runpy, time, sys; sys.argv = ['fuzz']; m = runpy.run_path({str(SCRIPT)!r}); "
             "m['LoraAdapter'].from_bytes = classmethod(lambda cls, *a, **k: time.sleep(60)); "
-            "m['run'](20, 'adapter', 0, 1.0, 10)") % str(SCRIPT)
+            "m['run'](20, 'adapter', 0, 1.0, 10)")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert p.returncode == 1 and "Timeout (0:00:01)!" in p.stderr and "check_adapter" in p.stderr, p.stderr[-3000:]

@@ -241,7 +241,7 @@ def test_minio_version_is_the_same_everywhere() -> None:
     (version,) = re.findall(r'^MINIO_VERSION="([^"]+)"', setup, re.M)
     dockerfile = (IMAGES / "Dockerfile.minio").read_text()
     assert f"ARG MINIO_VERSION={version}" in dockerfile
-    assert f'go install "github.com/minio/minio@${{MINIO_VERSION}}"' in dockerfile
+    assert 'go install "github.com/minio/minio@${MINIO_VERSION}"' in dockerfile
     sts = yaml.safe_load((ROOT / "manifests" / "base" / "minio" / "statefulset.yaml").read_text())
     (container,) = sts["spec"]["template"]["spec"]["containers"]
     assert container["image"] == f"ghcr.io/hetlora/minio:{version}"

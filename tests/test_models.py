@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -135,3 +136,18 @@ def test_smollm2_real() -> None:
     ppl = math.exp(sum(losses) / len(losses))
     print(f"SmolLM2 load {load_s:.1f} s, generated {text!r}, held-out perplexity {ppl:.1f}")
     assert math.isfinite(ppl) and ppl < 300
+
+
+def test_process_caches_follow_the_folder_the_environment_picks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the tokenizer and model caches were keyed on nothing (tokenizer) or the name
+    only, so a changed HETLORA_PREBUILT_CACHE / HETLORA_CACHE was ignored for the process's life."""
+    monkeypatch.delenv("HETLORA_PREBUILT_CACHE", raising=False)
+    first, first_model = models.load_tokenizer(), load_base_model(TINY)[0]
+    src = models._cached_folder(models._TOKENIZER_DIR, "tokenizer_config.json")
+    shutil.copytree(src, tmp_path / models._TOKENIZER_DIR)
+    monkeypatch.setenv("HETLORA_PREBUILT_CACHE", str(tmp_path))
+    other = models.load_tokenizer()
+    assert other is not first and Path(other.name_or_path) == tmp_path / models._TOKENIZER_DIR
+    assert load_base_model(TINY)[0] is not first_model  # the tiny model is built on that tokenizer
+    monkeypatch.delenv("HETLORA_PREBUILT_CACHE")
+    assert models.load_tokenizer() is first and load_base_model(TINY)[0] is first_model

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import yaml
+from hetlora_kfp.pipelines.round import compile_round, tier_groups
 
 from hetlora_core.config import config_from_dict
-from hetlora_core.rounds import ClientPlan, RoundPlan
-from hetlora_kfp.pipelines.round import compile_round, tier_groups
+from hetlora_core.steps.plan import ClientPlan, RoundPlan
 
 TIERS = [
     {"name": "small", "rank": 2, "node_selector": {"hetlora.io/tier": "small"},
@@ -92,7 +92,7 @@ def test_each_tier_has_its_placement_and_resources(compiled, tier):
 def test_secret_as_env_on_every_task_and_no_credentials_in_yaml(compiled):
     text, spec, k8s = compiled
     assert set(k8s) == set(spec["deploymentSpec"]["executors"])  # every executor has platform config
-    for exe, plat in k8s.items():
+    for plat in k8s.values():
         (sec,) = plat["secretAsEnv"]
         assert sec["secretName"] == "my-store-secret"
         assert {e["envVar"] for e in sec["keyToEnv"]} == {"HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY"}

@@ -19,8 +19,15 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-from kube_apiserver import (KubeAPIServer, cache_bin, dry_run_create, find_binaries, free_port,  # noqa: F401
-                            kube_apiserver, lifecycle_taints)
+from kube_apiserver import (  # noqa: F401  (kube_apiserver_fixture: imported to register the kube_apiserver fixture)
+    KubeAPIServer,
+    cache_bin,
+    dry_run_create,
+    find_binaries,
+    free_port,
+    kube_apiserver_fixture,
+    lifecycle_taints,
+)
 from kubernetes import client as k8s
 
 from hetlora_core.config import StoreConfig, load_config, replace

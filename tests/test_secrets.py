@@ -97,7 +97,7 @@ def test_credentials_appear_nowhere(own_minio: MinioServer, tmp_path: Path, capl
             places[str(f.relative_to(tmp_path))] = f.read_bytes()
     store = st.open_store(cfg.store)
     keys = store.list("")
-    assert any(k.endswith("global/manifest.json") for k in keys) and len(keys) >= 10
+    assert f"{st.global_prefix(cfg.experiment, 0)}/{st.MANIFEST}" in keys and len(keys) >= 10
     for k in keys:
         places[f"s3://{cfg.store.bucket}/{k}"] = store.get_bytes(k)
     places["compiled YAML"] = yaml_path.read_text()
@@ -120,10 +120,11 @@ def test_credentials_appear_nowhere(own_minio: MinioServer, tmp_path: Path, capl
 
 def test_bucket_is_private(own_minio: MinioServer) -> None:
     s = st.open_store(StoreConfig(kind="s3", endpoint=own_minio.endpoint, bucket="private-by-default"))
-    st.put_artifact(s, "e/round-0000/global", b"weights", {"round": 0})
+    g0 = st.global_prefix("e", 0)
+    st.put_artifact(s, g0, b"weights", {"round": 0})
     base = f"http://{own_minio.endpoint}/private-by-default"
-    for method, url, data in (("GET", f"{base}/e/round-0000/global/adapter.safetensors", None),
-                              ("GET", f"{base}/e/round-0000/global/manifest.json", None),
+    for method, url, data in (("GET", f"{base}/{g0}/{st.ADAPTER}", None),
+                              ("GET", f"{base}/{g0}/{st.MANIFEST}", None),
                               ("GET", f"{base}?list-type=2", None),  # anonymous listing
                               ("PUT", f"{base}/e/evil", b"x"),  # anonymous write
                               ("GET", f"{base}?policy", None)):
@@ -131,7 +132,7 @@ def test_bucket_is_private(own_minio: MinioServer) -> None:
         with pytest.raises(urllib.error.HTTPError) as exc:
             urllib.request.urlopen(req, timeout=5)
         assert exc.value.code == 403, (method, url, exc.value.code)
-    assert s.list("e") == ["e/round-0000/global/adapter.safetensors", "e/round-0000/global/manifest.json"]
+    assert s.list("e") == [f"{g0}/{st.ADAPTER}", f"{g0}/{st.MANIFEST}"]
 
 
 # ---------------------------------------------------------------- what crosses the wire
@@ -181,8 +182,8 @@ class SniffProxy:
 
 def _talk(endpoint: str, secure: bool, payload: bytes) -> None:
     s = st.open_store(StoreConfig(kind="s3", endpoint=endpoint, bucket="wire", secure=secure, retry_deadline_s=10))
-    st.put_artifact(s, "e/round-0000/global", payload, {"round": 0})
-    assert st.get_artifact(s, "e/round-0000/global")[0] == payload
+    st.put_artifact(s, st.global_prefix("e", 0), payload, {"round": 0})
+    assert st.get_artifact(s, st.global_prefix("e", 0))[0] == payload
     assert s.list("e")
 
 

@@ -1,4 +1,5 @@
-"""hetlora_core.store: LocalStore and S3Store (a real MinIO), manifests, the commit protocol."""
+"""hetlora_core.store: LocalStore and S3Store (a real MinIO), manifests, the commit protocol, JSON documents,
+atomic_write and the package's import structure. The layout's keys: tests/test_layout_ownership.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import logging
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -20,9 +23,27 @@ from minio_server import MinioServer, free_port
 from hetlora_core import store as st
 from hetlora_core.config import StoreConfig
 from hetlora_core.store import (
-    ChecksumMismatch, InvalidManifest, LocalStore, NotFound, Store, StoreAuthError, StoreUnavailable,
-    client_prefix, get_artifact, get_manifest, global_prefix, last_committed_round, list_client_prefixes,
-    open_store, put_artifact, round_prefix,
+    ADAPTER,
+    MANIFEST,
+    ChecksumMismatch,
+    InvalidJSON,
+    InvalidManifest,
+    LocalStore,
+    NotFound,
+    Store,
+    StoreAuthError,
+    StoreUnavailable,
+    atomic_write,
+    client_prefix,
+    get_artifact,
+    get_json,
+    get_manifest,
+    global_prefix,
+    last_committed_round,
+    list_client_prefixes,
+    open_store,
+    put_artifact,
+    put_json,
 )
 
 BAD_KEYS = ["../escape", "a/../../escape", "/etc/passwd", "a//b", "a/./b", "a/..", "", "a\\..\\b", "C:/x",
@@ -100,15 +121,16 @@ def test_path_traversal_rejected(store: Store, key: str, tmp_path: Path) -> None
 
 def test_artifact_manifest(store: Store) -> None:
     payload = os.urandom(3000)
-    m = put_artifact(store, "e/round-0000/global", payload, {"round": 0, "rank": 8}, filename="a.safetensors")
+    g0, g1 = global_prefix("e", 0), global_prefix("e", 1)
+    m = put_artifact(store, g0, payload, {"round": 0, "rank": 8}, filename="a.safetensors")
     assert m == {"round": 0, "rank": 8, "object": "a.safetensors", "size": 3000,
                  "sha256": hashlib.sha256(payload).hexdigest()}
-    assert json.loads(store.get_bytes("e/round-0000/global/manifest.json")) == m
-    assert get_artifact(store, "e/round-0000/global") == (payload, m)
-    assert get_manifest(store, "e/round-0000/global") == m
-    assert get_manifest(store, "e/round-0001/global") is None
+    assert json.loads(store.get_bytes(f"{g0}/{MANIFEST}")) == m
+    assert get_artifact(store, g0) == (payload, m)
+    assert get_manifest(store, g0) == m
+    assert get_manifest(store, g1) is None
     with pytest.raises(NotFound, match="not committed"):
-        get_artifact(store, "e/round-0001/global")
+        get_artifact(store, g1)
     with pytest.raises(ValueError):
         put_artifact(store, "e/x", b"", {}, filename="manifest.json")
     with pytest.raises(ValueError):
@@ -121,27 +143,17 @@ def test_atomic_commit(store: Store) -> None:
     put_artifact(store, global_prefix(exp, 0), b"g0", {"round": 0})
     for cid in ("c1", "c2"):
         put_artifact(store, client_prefix(exp, 1, cid), b"u-" + cid.encode(), {"client": cid})
-    store.put_bytes(client_prefix(exp, 1, "c3") + "/adapter.safetensors", b"half-written client")
+    store.put_bytes(f"{client_prefix(exp, 1, 'c3')}/{ADAPTER}", b"half-written client")
     # Round 1's global adapter is there but its manifest (the commit) is not: round 1 is invisible.
-    store.put_bytes(global_prefix(exp, 1) + "/adapter.safetensors", b"g1")
+    store.put_bytes(f"{global_prefix(exp, 1)}/{ADAPTER}", b"g1")
     put_artifact(store, global_prefix("exp2", 7), b"other experiment", {})
     put_artifact(store, global_prefix("exp-longer", 9), b"prefix-sharing experiment", {})
     assert last_committed_round(store, exp) == 0
-    assert list_client_prefixes(store, exp, 1) == ["exp/round-0001/clients/c1", "exp/round-0001/clients/c2"]
+    assert list_client_prefixes(store, exp, 1) == [client_prefix(exp, 1, "c1"), client_prefix(exp, 1, "c2")]
     assert list_client_prefixes(store, exp, 2) == []
     put_artifact(store, global_prefix(exp, 1), b"g1", {"round": 1})
     assert last_committed_round(store, exp) == 1
     assert last_committed_round(store, "exp2") == 7
-
-
-def test_layout_helpers() -> None:
-    assert round_prefix("e", 3) == "e/round-0003"
-    assert global_prefix("e", 12) == "e/round-0012/global"
-    assert client_prefix("e", 0, "hamlet-7") == "e/round-0000/clients/hamlet-7"
-    for bad in (lambda: round_prefix("e", -1), lambda: round_prefix("a/b", 0), lambda: client_prefix("e", 0, "../x"),
-                lambda: client_prefix("e", 0, "a/b"), lambda: round_prefix("..", 0)):
-        with pytest.raises(ValueError):
-            bad()
 
 
 @pytest.mark.parametrize("corrupt", ["same-size", "truncated"])
@@ -174,6 +186,44 @@ def test_bad_manifest_rejected(store: Store, raw: bytes) -> None:
         get_artifact(store, "e/m")
 
 
+def test_json_documents(store: Store) -> None:
+    assert get_json(store, "e/doc.json") is None  # absent
+    put_json(store, "e/doc.json", {"b": [1, 2.5], "a": {"x": None}})
+    assert get_json(store, "e/doc.json") == {"a": {"x": None}, "b": [1, 2.5]}
+    assert store.get_bytes("e/doc.json") == b'{\n "a": {\n  "x": null\n },\n "b": [\n  1,\n  2.5\n ]\n}'  # sorted: stable bytes
+    with pytest.raises(TypeError):
+        put_json(store, "e/list.json", [1, 2])  # type: ignore[arg-type]
+    for raw, why in ((b"[1, 2]", "must be a JSON object"), (b"\xff{", "not valid UTF-8 JSON"), (b"{" * 100_000, "not valid"),
+                     (pickle.dumps({"a": 1}), "not valid UTF-8 JSON")):
+        store.put_bytes("e/bad.json", raw)
+        with pytest.raises(InvalidJSON) as exc:
+            get_json(store, "e/bad.json")
+        msg = str(exc.value)
+        assert "e/bad.json" in msg and why in msg and len(msg) < 400, msg
+    store.put_bytes("e/big.json", b'{"pad": "' + b"x" * 2000 + b'"}')
+    assert get_json(store, "e/big.json", max_bytes=4096) is not None
+    with pytest.raises(InvalidJSON, match="e/big.json is larger than 1000 bytes"):
+        get_json(store, "e/big.json", max_bytes=1000)
+    assert issubclass(InvalidManifest, InvalidJSON) and issubclass(InvalidJSON, st.StoreError)
+    with pytest.raises(ValueError, match="store key"):
+        get_json(store, "../x.json")
+
+
+def test_delete_and_drop_payload(store: Store) -> None:
+    store.put_bytes("e/k", b"x")
+    store.delete("e/k")
+    store.delete("e/k")  # idempotent
+    assert not store.exists("e/k")
+    prefix = client_prefix("e", 0, "c1")
+    put_artifact(store, prefix, b"weights", {"client": "c1"})
+    assert st.drop_payload(store, prefix) is True
+    assert store.list(prefix) == [f"{prefix}/{MANIFEST}"]  # the record stays, the payload is gone
+    assert get_manifest(store, prefix) is not None
+    with pytest.raises(NotFound):
+        get_artifact(store, prefix)
+    assert st.drop_payload(store, client_prefix("e", 0, "absent")) is False
+
+
 # ---------------------------------------------------------------- LocalStore only
 
 
@@ -199,6 +249,68 @@ def test_local_symlink_escape_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="outside"):
         s.put_bytes("link/x", b"x")
     assert list((tmp_path / "outside").iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["bytes", "writer"])
+def test_atomic_write(tmp_path: Path, how: str) -> None:
+    target = tmp_path / "new" / "sub" / "f.bin"  # missing parents are created
+    atomic_write(target, b"one" if how == "bytes" else (lambda p: Path(p).write_bytes(b"one")))
+    assert target.read_bytes() == b"one" and (target.stat().st_mode & 0o777) == 0o644
+    atomic_write(target, b"two", mode=0o600)
+    assert target.read_bytes() == b"two" and (target.stat().st_mode & 0o777) == 0o600
+    assert os.listdir(target.parent) == ["f.bin"]
+
+
+def test_atomic_write_failure_leaves_the_old_file_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "f.json"
+    target.write_bytes(b"old")
+    seen: list[str] = []
+
+    def half_then_crash(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half of the new")
+        seen.extend(os.listdir(tmp_path))
+        assert target.read_bytes() == b"old"  # mid-write, readers still see the whole old file
+        raise RuntimeError("writer died")
+
+    with pytest.raises(RuntimeError, match="writer died"):
+        atomic_write(target, half_then_crash)
+    assert len(seen) == 2 and any(n.startswith(st.TMP_PREFIX) for n in seen)  # the temp sat beside the target...
+    assert os.listdir(tmp_path) == ["f.json"] and target.read_bytes() == b"old"  # ...and is gone
+
+    def boom(src: str, dst: str) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk gone"):
+        atomic_write(target, b"new")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["f.json"] and target.read_bytes() == b"old"
+
+
+def test_atomic_write_replaces_a_symlink_instead_of_following_it(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    (tmp_path / "link").symlink_to(victim)
+    atomic_write(tmp_path / "link", b"new")
+    assert victim.read_bytes() == b"precious" and not (tmp_path / "link").is_symlink()
+
+
+def test_package_imports_without_a_cycle_and_lazily(tmp_path: Path) -> None:
+    """Each module imports on its own in a fresh interpreter (no cycle), and a local run never loads
+    minio/urllib3: S3Store comes in on first use."""
+    code = """
+import sys
+import hetlora_core.store as st
+st.LocalStore(sys.argv[1])
+assert not {"minio", "urllib3", "hetlora_core.store.s3"} & set(sys.modules), sorted(sys.modules)
+assert st.S3Store.__module__ == "hetlora_core.store.s3" and "minio" in sys.modules
+from hetlora_core.store import S3Store
+"""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], cwd=root, check=True, timeout=120)
+    for mod in ("s3", "layout", "artifacts", "local", "base", "factory"):
+        subprocess.run([sys.executable, "-c", f"import hetlora_core.store.{mod}"], cwd=root, check=True, timeout=120)
+    assert not (root / "hetlora_core" / "store.py").exists() and not (root / "hetlora_core" / "store_s3.py").exists()
 
 
 # ---------------------------------------------------------------- S3Store against a real MinIO
@@ -301,7 +413,7 @@ def test_s3_put_survives_minio_restart(minio_store_config: StoreConfig, minio_se
     def worker() -> None:
         t0 = time.monotonic()
         try:
-            put_artifact(s, "e/round-0000/global", payload, {"round": 0})
+            put_artifact(s, global_prefix("e", 0), payload, {"round": 0})
             result["took"] = time.monotonic() - t0
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             result["error"] = e
@@ -317,7 +429,7 @@ def test_s3_put_survives_minio_restart(minio_store_config: StoreConfig, minio_se
         th.join(40)
     assert "error" not in result, result
     assert 1.5 <= result["took"] < 20.0  # type: ignore[operator]
-    assert get_artifact(s, "e/round-0000/global")[0] == payload
+    assert get_artifact(s, global_prefix("e", 0))[0] == payload
     assert s.get_bytes("e/before") == b"persisted"  # same data dir after restart
 
 

@@ -8,11 +8,11 @@ import types
 
 import pytest
 import yaml
+from hetlora_kfp.pipelines.runners import RoundFailed, submit_run
 
 from hetlora_core import store as st
 from hetlora_core.config import load_config, replace
-from hetlora_core.simulate import run_round
-from hetlora_kfp.pipelines.driver import RoundFailed, submit_run
+from hetlora_core.simulate import execute_planned_round
 
 
 class StandInKFP:
@@ -26,7 +26,7 @@ class StandInKFP:
         rnd = arguments["round_index"]
         self.runs.append(rnd)
         if rnd != self.fail_round:
-            run_round(self.cfg, rnd)
+            execute_planned_round(self.cfg, rnd)
         return types.SimpleNamespace(run_id=f"run-{rnd}")
 
     def get_run(self, run_id):
@@ -41,18 +41,29 @@ def cfg(tmp_path):
         "data.eval_max_tokens": 32})
 
 
-def test_submit_drives_every_round_and_resumes(cfg):
+def test_submit_drives_every_round_and_resumes(cfg, tmp_path):
     client = StandInKFP(cfg)
-    ids = submit_run(cfg, "http://kfp.example", client=client)
+    _, ids = submit_run(cfg, "http://kfp.example", tmp_path / "out", client=client)
     assert ids == ["run-0", "run-1"] and client.runs == [0, 1]
     assert st.last_committed_round(st.open_store(cfg.store), "submit") == 1
     more = replace(cfg, **{"federation.rounds": 3})
     client2 = StandInKFP(more)
-    assert submit_run(more, "http://kfp.example", client=client2) == ["run-2"]  # resumes at round 2
+    assert submit_run(more, "http://kfp.example", tmp_path / "out", client=client2)[1] == ["run-2"]  # resumes at round 2
 
 
-def test_submit_stops_on_failure_with_the_run_link(cfg):
+def test_submit_stops_on_failure_with_the_run_link(cfg, tmp_path):
     client = StandInKFP(cfg, fail_round=0)
     with pytest.raises(RoundFailed, match=r"round 0 run ended FAILED: http://kfp.example/#/runs/details/run-0"):
-        submit_run(cfg, "http://kfp.example", client=client)
+        submit_run(cfg, "http://kfp.example", tmp_path / "out", client=client)
     assert client.runs == [0]
+
+
+def test_no_wait_submits_only_the_next_round(cfg):
+    from hetlora_kfp.pipelines.runners import submit_next_round
+
+    client = StandInKFP(cfg)
+    assert submit_next_round(cfg, "http://kfp.example", client=client) == "run-0"
+    assert client.runs == [0]  # submitted (the stand-in ran it) and not waited for
+    assert submit_next_round(cfg, "http://kfp.example", client=client) == "run-1"  # the next one
+    with pytest.raises(RoundFailed, match="all 2 rounds of submit are committed"):
+        submit_next_round(cfg, "http://kfp.example", client=client)

@@ -7,29 +7,37 @@ what kfp 2.x actually puts on the wire for our calls: the experiment looked up b
 once in the configured namespace, one run per round carrying the compiled "hetlora-round" spec
 and the runtime parameters, caching off, and the run's state read back by
 ````get_run`` (the driver's own wait loop). The stand-in "executes" a run by running the round in-process from the
-config it received on the wire (``hetlora_core.simulate.run_round``)."""
+config it received on the wire (``hetlora_core.simulate.execute_planned_round``; an evaluate-only
+pipeline runs the evaluate step)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import secrets
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import kfp
 import pytest
 import urllib3
+from hetlora_kfp.pipelines.runners import RoundFailed
+from hetlora_kfp.pipelines.runners import submit_run as _submit_run
 from kfp_api_server import PREFIX, KFPAPIServer
 
 from hetlora_core import store as st
 from hetlora_core.config import config_from_dict, load_config, replace
-from hetlora_core.simulate import run_round
-from hetlora_kfp.pipelines.driver import RoundFailed, submit_run
+from hetlora_core.simulate import execute_planned_round
+from hetlora_core.steps.evaluate import evaluate_task
 
+ROOT = Path(__file__).resolve().parents[1]
 CREDENTIAL_VARS = ("HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
@@ -76,8 +84,16 @@ class Backend:
         self.specs.append((spec, platform))
         if rnd in self.fail:
             return self.fail[rnd]
-        run_round(config_from_dict(json.loads(params["config_json"])), rnd)
+        if spec["pipelineInfo"]["name"] == "hetlora-evaluate":
+            evaluate_task(params["config_json"], rnd)
+        else:
+            execute_planned_round(config_from_dict(json.loads(params["config_json"])), rnd)
         return True
+
+
+def submit_run(cfg: Any, host: str, **kw: Any) -> list[str]:
+    """The driver with results going next to the run's store; returns the KFP run ids."""
+    return _submit_run(cfg, host, Path(cfg.store.root).parent / "out", **kw)[1]
 
 
 @pytest.fixture
@@ -245,7 +261,6 @@ def test_run_past_timeout_is_a_failed_round_with_its_link(tmp_path, server_for) 
 def test_cli_unreachable_host_is_a_clean_error(tmp_path) -> None:
     """`hetlora submit` against a closed port: exit 1, one line naming the host and the fix, no traceback."""
     from click.testing import CliRunner
-
     from hetlora_kfp.pipelines.cli import main
 
     port = free_closed_port()
@@ -256,3 +271,112 @@ def test_cli_unreachable_host_is_a_clean_error(tmp_path) -> None:
     assert "Traceback" not in out.output
     assert f"error: Kubeflow Pipelines API at http://127.0.0.1:{port} failed" in out.output
     assert "Connection refused" in out.output and "check --host" in out.output
+
+
+# ---------------------------------------------------------------- resume after a kill, results.json
+
+
+SUBPROCESS_TASK = r'''
+import json, sys
+from hetlora_core.config import config_from_dict
+from hetlora_core.simulate import execute_planned_round
+from hetlora_core.steps.evaluate import evaluate_task
+kind, config_json, rnd = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if kind == "hetlora-evaluate":
+    evaluate_task(config_json, rnd)
+else:
+    execute_planned_round(config_from_dict(json.loads(config_json)), rnd)
+'''
+
+
+class SubprocessBackend(Backend):
+    """Runs each submitted pipeline in a fresh interpreter, with ``failpoints`` in its environment:
+    a failpoint ``exit`` kills that process as a dying pod would, and the run ends FAILED."""
+
+    def __init__(self, failpoints: str = "") -> None:
+        super().__init__()
+        self.failpoints, self.kinds = failpoints, []
+
+    def __call__(self, spec: dict[str, Any], platform: dict[str, Any] | None, params: dict[str, Any]) -> bool | str:
+        kind, rnd = spec["pipelineInfo"]["name"], params["round_index"]
+        self.rounds.append(rnd)
+        self.kinds.append(kind)
+        env = {k: v for k, v in os.environ.items() if k != "HETLORA_FAILPOINTS"}
+        env.update({"HETLORA_FAILPOINTS": self.failpoints} if self.failpoints else {})
+        env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+        proc = subprocess.run([sys.executable, "-c", SUBPROCESS_TASK, kind, params["config_json"], str(rnd)],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        self.last_log = proc.stderr[-3000:]
+        return proc.returncode == 0
+
+
+def global_shas(cfg: Any) -> list[str]:
+    store = st.open_store(cfg.store)
+    return [st.get_manifest(store, st.global_prefix(cfg.experiment, r))["sha256"]
+            for r in range(st.last_committed_round(store, cfg.experiment) + 1)]
+
+
+def comparable(results: dict[str, Any]) -> dict[str, Any]:
+    """results.json without what differs between two runs of one config: timings and where the store is."""
+    def strip(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if not k.endswith("_seconds") and k != "wall_seconds_this_invocation"}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+    out = strip({k: v for k, v in results.items() if k != "store"})
+    out["config"] = {k: v for k, v in out["config"].items() if k not in ("store", "kubeflow")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """An uninterrupted submit run whose tasks run in subprocesses (the reference bytes)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    cfg = make_cfg(tmp, namespace="team-a")
+    with KFPAPIServer(SubprocessBackend()) as server:
+        submit_run(cfg, server.url, timeout_s=600)
+    return {"shas": global_shas(cfg), "results": json.loads((tmp / "out" / "results.json").read_text())}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("rnd", [0, 1])
+def test_submit_killed_after_commit_evaluates_and_resumes(rnd: int, tmp_path, server_for, uninterrupted) -> None:
+    """The aggregate task of round ``rnd`` dies right after the commit: the run ends FAILED with the
+    runner's message; rerunning submits an evaluate-only run for that round, then the rest, and ends
+    on the uninterrupted run's bytes with a complete results.json."""
+    cfg = make_cfg(tmp_path, namespace="team-a")
+    backend = SubprocessBackend(f"round_committed@round={rnd}:exit")
+    server = server_for(backend)
+    with pytest.raises(RoundFailed) as failed:
+        submit_run(cfg, server.url, timeout_s=600)
+    msg = str(failed.value)
+    assert f"round {rnd} run ended FAILED: {server.url}/#/runs/details/" in msg, (msg, backend.last_log)
+    assert f"Round {rnd} is committed but not evaluated" in msg and f"{rnd + 1} round(s) committed" in msg, msg
+    assert f"rerun `hetlora submit` to evaluate it and resume at round {rnd + 1}" in msg, msg
+    assert global_shas(cfg) == uninterrupted["shas"][:rnd + 1]
+
+    backend.failpoints = ""
+    submit_run(cfg, server.url, timeout_s=600)
+    assert backend.kinds[-(3 - rnd):] == ["hetlora-evaluate"] + ["hetlora-round"] * (1 - rnd), backend.kinds
+    assert backend.rounds[-(3 - rnd):] == [rnd] + [1] * (1 - rnd), backend.rounds
+    assert global_shas(cfg) == uninterrupted["shas"]
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["baseline_ppl"] is not None and written["rounds_committed"] == 2
+    assert all(r["global_ppl"] is not None and r["personal_ppl"] is not None for r in written["rounds"])
+    assert comparable(written) == comparable(uninterrupted["results"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_submit_writes_the_same_results_as_simulate(tmp_path, server_for) -> None:
+    from hetlora_core.simulate import simulate
+
+    cfg = make_cfg(tmp_path / "submit", namespace="team-a")
+    server = server_for(Backend())
+    with backend_errors_shown(server):
+        submit_run(cfg, server.url, timeout_s=600)
+    submitted = json.loads((tmp_path / "submit" / "out" / "results.json").read_text())
+    simulated = simulate(replace(cfg, **{"store.root": str(tmp_path / "sim" / "store")}), tmp_path / "sim", progress=False)
+    assert (tmp_path / "submit" / "out" / "perplexity.png").is_file()
+    assert submitted["rounds_committed"] == 2 and submitted["baseline_ppl"] is not None
+    assert comparable(submitted) == comparable(json.loads(json.dumps(simulated)))

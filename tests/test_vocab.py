@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from hetlora_core import runtime, vocab
-from hetlora_core.adapter import init_global, spec_from_model
+from hetlora_core.adapter import init_global
 from hetlora_core.bench_paper import config_hash
 from hetlora_core.config import ConfigError, load_config, replace
 from hetlora_core.data import ClientData
 from hetlora_core.evaluation import evaluate
-from hetlora_core.simulate import RunConfigMismatch, check_or_record_config, simulate
+from hetlora_core.peft_bridge import spec_from_model
+from hetlora_core.run import RunConfigMismatch, check_or_record_config
+from hetlora_core.simulate import simulate
 from hetlora_core.store import LocalStore, get_artifact, global_prefix
 
 ROOT = Path(__file__).resolve().parents[1]

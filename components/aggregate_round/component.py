@@ -11,7 +11,7 @@ def aggregate_round(config_json: str, round_index: int, tier_0: List[str] = [], 
                     tier_2: List[str] = [], tier_3: List[str] = [], tier_4: List[str] = [], tier_5: List[str] = [],
                     tier_6: List[str] = [], tier_7: List[str] = []) -> str:
     """Returns a JSON summary: participants, dropped uploads with reasons, unreported clients."""
-    from hetlora_core.tasks import aggregate_task
+    from hetlora_core.steps.aggregate import aggregate_task
 
     reports = [*tier_0, *tier_1, *tier_2, *tier_3, *tier_4, *tier_5, *tier_6, *tier_7]
     return aggregate_task(config_json, round_index, reports)

@@ -5,6 +5,6 @@ is configured. At round 0 it also records the base model's perplexity."""
 
 def evaluate_round(config_json: str, round_index: int, round_started_at: float = 0.0) -> str:
     """Returns a JSON summary: global and personalised perplexity."""
-    from hetlora_core.tasks import evaluate_task
+    from hetlora_core.steps.evaluate import evaluate_task
 
     return evaluate_task(config_json, round_index, round_started_at)

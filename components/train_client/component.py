@@ -6,6 +6,6 @@ the store, truncates it to the client's rank, trains, uploads ``clients/<id>/tra
 
 def train_client(config_json: str, round_index: int, client_id: str) -> str:
     """Returns a JSON summary: client id, train loss, rank trained."""
-    from hetlora_core.tasks import train_task
+    from hetlora_core.steps.train import train_task
 
     return train_task(config_json, round_index, client_id)

@@ -21,7 +21,8 @@ import os
 import random
 import ssl
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import certifi
 import urllib3
@@ -30,9 +31,9 @@ from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import MAX_PART_SIZE, MIN_PART_SIZE, check_bucket_name
 
-from hetlora_core.store import (
-    NotFound, ObjectTooLarge, Store, StoreAuthError, StoreError, StoreUnavailable, _dir_prefix, validate_key,
-)
+# Only the base module: this file is imported lazily (by open_store / ``st.S3Store``) and must not
+# pull the rest of the package back in (no import cycle).
+from .base import NotFound, ObjectTooLarge, Store, StoreAuthError, StoreError, StoreUnavailable, dir_prefix, validate_key
 
 log = logging.getLogger("hetlora.store")
 T = TypeVar("T")
@@ -76,7 +77,10 @@ class S3Store(Store):
     """A bucket on an S3 endpoint (``host:port``). Creates the bucket if missing."""
 
     def __init__(self, endpoint: str, bucket: str, secure: bool = False, region: str = "",
-                 retry_deadline_s: float = 60.0) -> None:
+                 retry_deadline_s: float = 60.0, credentials: tuple[str, str] | None = None) -> None:
+        """``credentials`` (access, secret) is for callers that hold them already (``hetlora
+        preflight`` reads the cluster's Secret); otherwise they come from the environment. They are
+        never part of a config, so a config can be logged and compiled into YAML safely."""
         if not endpoint or "://" in endpoint or "/" in endpoint:
             raise ValueError(f"store.endpoint must be host:port without scheme or path, got {endpoint!r}")
         try:
@@ -87,7 +91,7 @@ class S3Store(Store):
             raise ValueError(f"store.retry_deadline_s must be > 0, got {retry_deadline_s}")
         self.endpoint, self.bucket, self.secure, self.region = endpoint, bucket, secure, region
         self.retry_deadline_s = float(retry_deadline_s)
-        access, secret, token = _credentials()
+        access, secret, token = (*credentials, None) if credentials else _credentials()
         connect = min(3.0, max(0.25, self.retry_deadline_s / 4))
         self._client = Minio(endpoint, access_key=access, secret_key=secret, session_token=token,
                              secure=secure, region=region or None,
@@ -153,7 +157,7 @@ class S3Store(Store):
                 return fn()
             except StoreError:
                 raise
-            except Exception as e:  # noqa: BLE001 - classified below; unknown kinds are raised
+            except Exception as e:  # classified below; unknown kinds are raised, never swallowed
                 err = self._classify(e, op, key)
                 if err is not None:
                     raise err from e
@@ -215,13 +219,18 @@ class S3Store(Store):
         return self._retry("stat", key, op)
 
     def list(self, prefix: str = "") -> list[str]:
-        p = _dir_prefix(prefix)
+        p = dir_prefix(prefix)
         return self._retry("list", p or "/", lambda: sorted(
             o.object_name for o in self._client.list_objects(self.bucket, prefix=p or None, recursive=True)
             if not o.is_dir))
 
+    def delete(self, key: str) -> None:
+        validate_key(key)
+        # S3 DELETE of a missing key succeeds, so this is idempotent like LocalStore.delete.
+        self._retry("delete", key, lambda: self._client.remove_object(self.bucket, key))
+
     def delete_prefix(self, prefix: str) -> None:
-        p = _dir_prefix(prefix)
+        p = dir_prefix(prefix)
         if not p:
             raise ValueError("delete_prefix needs a non-empty prefix (refusing to delete the whole bucket)")
 

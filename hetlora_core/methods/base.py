@@ -1,0 +1,113 @@
+"""The interface every federated method implements, split by where it runs.
+
+Model-free (numpy; used by the plan, prune and aggregate steps, which never import torch):
+``initial_global``, ``decode`` (the validation of every upload, the trust boundary), ``encode``,
+``spec_of``, ``aggregate``, ``prune``, ``client_ranks``.
+Model-side (import torch lazily; used by the train and evaluate steps): ``model_spec``,
+``receive``, ``train``, ``evaluate``.
+
+A method's global state and each client's update are one opaque value (``State``): a
+``LoraAdapter`` for the LoRA family, a dict of full-weight deltas for full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..config import HetLoRAConfig
+from ..pruning import PruneDecision
+
+if TYPE_CHECKING:
+    from ..evaluation import EvalResult
+
+State = Any  # LoraAdapter (LoRA methods) or dict[str, np.ndarray] (full fine-tuning)
+Spec = dict[str, tuple[int, ...]]  # tensor name -> shape every upload must have
+
+
+class UploadError(ValueError):
+    """A client's upload does not pass validation; the client is dropped with this message."""
+
+
+@dataclass
+class ClientUpdate:
+    """What the server received from one client: its decoded (validated) state and sample count."""
+
+    client_id: str
+    state: State
+    num_samples: int
+
+
+@dataclass
+class Aggregated:
+    """The new global state and how it was made (for the global manifest and results.json)."""
+
+    state: State
+    weights: dict[str, float]
+    fallback: str = ""
+    clipped: list[str] | None = None
+
+
+class Method(abc.ABC):
+    """One federated method. ``trains_lora`` and ``prunes`` answer the questions other code asks."""
+
+    name: str
+    trains_lora: bool
+
+    def __init__(self, cfg: HetLoRAConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.strategy.name
+
+    @property
+    def prunes(self) -> bool:
+        """Whether clients apply the tail regulariser and the self-pruning decision."""
+        return False
+
+    # ------------------------------------------------------------ model-free
+    @abc.abstractmethod
+    def initial_global(self, spec: Spec) -> State:
+        """The global state before round 0 (seeded, reproducible)."""
+
+    @abc.abstractmethod
+    def decode(self, data: bytes, spec: Spec | None, where: str, max_rank: int | None = None) -> State:
+        """Parse and validate bytes (safetensors only); ``UploadError``/``AdapterError`` naming ``where``."""
+
+    @abc.abstractmethod
+    def encode(self, state: State) -> bytes: ...
+
+    @abc.abstractmethod
+    def spec_of(self, state: State) -> Spec: ...
+
+    @abc.abstractmethod
+    def aggregate(self, prev: State, updates: list[ClientUpdate]) -> Aggregated: ...
+
+    def prune(self, received: State, trained: State) -> tuple[State, PruneDecision | None]:
+        """The client's self-pruning decision (model-free); the default keeps the update as is."""
+        return trained, None
+
+    def client_ranks(self, state: State) -> dict[str, int]:
+        """Per-module ranks of an update ({} when the method has no ranks)."""
+        return {}
+
+    def nbytes(self, state: State) -> int:
+        """Raw tensor bytes of a state (what a transfer of it costs, before framing)."""
+        return int(sum(v.nbytes for v in state.values()))
+
+    # ------------------------------------------------------------ model-side (torch)
+    @abc.abstractmethod
+    def model_spec(self, model: Any) -> Spec:
+        """The spec of the tensors this method trains on ``model``."""
+
+    @abc.abstractmethod
+    def receive(self, glob: State, ranks: int | dict[str, int]) -> State:
+        """What the server sends a client of ``ranks`` (LoRA: truncation)."""
+
+    @abc.abstractmethod
+    def train(self, model: Any, received: State, client: Any, rnd: int) -> tuple[State, Any]:
+        """Local training; returns (trained state, client.TrainResult)."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: Any, glob: State, clients: list[Any],
+                 client_ranks: dict[str, int | dict[str, int]]) -> tuple[EvalResult, EvalResult]:
+        """(global at full rank, each client at its own rank) held-out results."""

@@ -1,0 +1,85 @@
+"""Full fine-tuning (FedAvg of every weight): the quality ceiling, small models only.
+
+Its state is a delta over every parameter of the base model (``dict[str, np.ndarray]``, float32),
+zeros before round 0. Uploads pass the same validation as LoRA's (safetensors framing, format tag,
+tensor names and shapes against the global's, float32, finite), so a bad full-FT upload drops the
+client instead of failing the round.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as np_load
+from safetensors.numpy import save as np_save
+
+from ..adapter import canonical_safetensors, read_safetensors_metadata
+from ..strategies import average_tensors
+from .base import Aggregated, ClientUpdate, Method, Spec, UploadError
+
+if TYPE_CHECKING:
+    from ..evaluation import EvalResult
+
+FORMAT = "hetlora-full-delta/1"
+Delta = dict[str, np.ndarray]
+
+
+class FullFineTuning(Method):
+    trains_lora = False
+
+    # ------------------------------------------------------------ model-free
+    def initial_global(self, spec: Spec) -> Delta:
+        return {n: np.zeros(shape, dtype=np.float32) for n, shape in spec.items()}
+
+    def decode(self, data: bytes, spec: Spec | None, where: str, max_rank: int | None = None) -> Delta:
+        # Security: framing checks by hand first (pickle, truncation, header size), then safetensors only.
+        meta = read_safetensors_metadata(data, where)
+        if meta.get("format") != FORMAT:
+            raise UploadError(f"{where}: not a full-weight delta (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
+        try:
+            tensors = np_load(data)
+        except (SafetensorError, ValueError) as e:
+            raise UploadError(f"{where}: unreadable safetensors payload: {e}") from None
+        if spec is not None and {k: tuple(v.shape) for k, v in tensors.items()} != {k: tuple(s) for k, s in spec.items()}:
+            extra, missing = sorted(set(tensors) - set(spec)), sorted(set(spec) - set(tensors))
+            raise UploadError(f"{where}: tensor names or shapes differ from the base model's (extra {extra[:3]}, missing {missing[:3]})")
+        for k, v in tensors.items():
+            if v.dtype != np.float32:
+                raise UploadError(f"{where}: {k}: dtype {v.dtype}, expected float32")
+            if not np.isfinite(v).all():
+                raise UploadError(f"{where}: {k}: contains NaN or Inf; the client update diverged (lower training.lr)")
+        return tensors
+
+    def encode(self, state: Delta) -> bytes:
+        return canonical_safetensors(np_save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata={"format": FORMAT}))
+
+    def spec_of(self, state: Delta) -> Spec:
+        return {k: tuple(int(d) for d in v.shape) for k, v in state.items()}
+
+    def aggregate(self, prev: Delta, updates: list[ClientUpdate]) -> Aggregated:
+        n = sum(u.num_samples for u in updates)
+        new = average_tensors([u.state for u in updates], [u.num_samples for u in updates])
+        return Aggregated(new, {u.client_id: u.num_samples / n for u in updates})
+
+    # ------------------------------------------------------------ model-side
+    def model_spec(self, model: Any) -> Spec:
+        return {n: tuple(int(d) for d in p.shape) for n, p in model.named_parameters()}
+
+    def receive(self, glob: Delta, ranks: int | dict[str, int]) -> Delta:
+        return glob
+
+    def train(self, model: Any, received: Delta, client: Any, rnd: int) -> tuple[Delta, Any]:
+        from ..client import train_full
+
+        res = train_full(model, received, client, self.cfg, rnd)
+        assert res.full_delta is not None
+        return res.full_delta, res
+
+    def evaluate(self, model: Any, glob: Delta, clients: list[Any],
+                 client_ranks: dict[str, int | dict[str, int]]) -> tuple[EvalResult, EvalResult]:
+        from ..evaluation import evaluate_full
+
+        r = evaluate_full(model, glob, clients, self.cfg)
+        return r, r

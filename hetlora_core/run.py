@@ -1,0 +1,184 @@
+"""The round loop, written once: ``RoundRunner`` sequences a whole run over an ``Executor``.
+
+``hetlora simulate`` (in-process), ``hetlora run`` (kfp.local) and ``hetlora submit`` (Kubeflow)
+are three executors of this one loop, so they resume, fail and report identically:
+
+1. record the config in the store (resuming with a different one is refused);
+2. read the last committed round from the store; evaluate any committed round that was not
+   evaluated (a task killed between the commit and the evaluation), the baseline with it;
+3. for every remaining round: plan it (the plan step, in this process: it is model-free), run it
+   through the executor, check that it committed, evaluate it if the executor did not;
+4. write ``results.json`` and the plot, and clean the run's Pushgateway groups.
+
+Resume is the normal path: everything the loop needs is read back from the store.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import store as st
+from .config import ConfigError, HetLoRAConfig, config_from_dict, replace
+from .corpus import client_ids
+from .reporting import finish_run
+from .results import collect_results, write_results
+from .steps.plan import RoundPlan, plan_round
+
+
+class RoundFailed(RuntimeError):
+    """A round did not commit (or committed and could not be evaluated); the message says how far
+    the run got and that rerunning the same command resumes it."""
+
+
+class RunConfigMismatch(RuntimeError):
+    """The store already holds this experiment with a different configuration."""
+
+
+class Executor(Protocol):
+    """Runs one planned round (train -> prune per client, aggregate, evaluate) somewhere.
+
+    A round that fails raises ``RoundFailed`` whose message completes "round N ..." (e.g. "run
+    ended FAILED: <link>"); the runner adds how far the run got and how to resume. Anything else
+    (an unreachable API server, Ctrl-C) propagates unchanged."""
+
+    name: str
+    command: str  # what the user reruns to resume, e.g. "hetlora submit"
+
+    def run_round(self, cfg: HetLoRAConfig, plan: RoundPlan, started_at: float) -> None:
+        """Run every task of ``plan.round``."""
+
+    def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
+        """Run only the evaluate step of a committed round (and the baseline if missing)."""
+
+
+# Sections a resumed run may change: where it runs and reports, and how many rounds it has.
+_MUTABLE_SECTIONS = ("federation", "metrics", "kubeflow", "store")
+
+
+def check_or_record_config(cfg: HetLoRAConfig, store: st.Store) -> None:
+    """Resuming with a different config would silently mix two runs: refuse, say how to fix it.
+    Only the number of rounds may grow (extending a finished run is a normal resume)."""
+    key = st.config_key(cfg.experiment)
+    mine = json.loads(cfg.to_json())  # JSON-normalised (tuples become lists) to compare like with like
+    theirs = st.get_json(store, key)
+    if theirs is not None:
+        try:  # fill settings added since that run was recorded with their defaults
+            theirs = json.loads(config_from_dict(theirs).to_json())
+        except ConfigError:
+            pass  # not loadable by this version: compared as stored (and reported as different)
+        a = {k: v for k, v in theirs.items() if k not in _MUTABLE_SECTIONS}
+        b = {k: v for k, v in mine.items() if k not in _MUTABLE_SECTIONS}
+        fa = {k: v for k, v in theirs.get("federation", {}).items() if k != "rounds"}
+        fb = {k: v for k, v in mine["federation"].items() if k != "rounds"}
+        if a != b or fa != fb:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) + (["federation"] if fa != fb else [])
+            raise RunConfigMismatch(f"{store.describe()}/{key} holds experiment {cfg.experiment!r} with a different config "
+                                    f"(sections {diff}); use another experiment name or output directory to start fresh")
+    st.put_json(store, key, mine)
+
+
+def local_config(cfg: HetLoRAConfig, out_dir: str | Path) -> HetLoRAConfig:
+    """A local store under OUT/store unless the config names an S3 store. The path is absolute
+    because kfp.local's component subprocesses run in their own working directories."""
+    if cfg.store.kind == "local":
+        return replace(cfg, **{"store.root": str((Path(out_dir) / "store").resolve())})
+    return cfg
+
+
+def log_to_stderr(msg: str) -> None:
+    print(f"[hetlora] {msg}", file=sys.stderr, flush=True)
+
+
+class RoundRunner:
+    """Drives every round of ``cfg`` through ``executor``; results go to ``out_dir``."""
+
+    def __init__(self, cfg: HetLoRAConfig, executor: Executor, out_dir: str | Path,
+                 log: Callable[[str], None] | None = log_to_stderr) -> None:
+        self.cfg, self.executor, self.out = cfg, executor, Path(out_dir)
+        self.log = log or (lambda _msg: None)
+        self.store = st.open_store(cfg.store)
+
+    def _committed(self) -> int:
+        """Number of committed rounds (the next round to run)."""
+        return st.last_committed_round(self.store, self.cfg.experiment) + 1
+
+    def _evaluated(self, rnd: int) -> bool:
+        return self.store.exists(st.eval_key(self.cfg.experiment, rnd))
+
+    def _failure(self, rnd: int, what: str) -> RoundFailed:
+        """The one wording of a failed round, whatever the executor: what happened, how far the
+        run got (read back from the store), and the command that resumes it."""
+        cmd = self.executor.command
+        try:
+            done, evaluated = self._committed(), self._evaluated(rnd)
+        except st.StoreError as e:  # the store itself is down: say so, without masking the round's failure
+            return RoundFailed(f"round {rnd} {what} ({self.executor.name}). How far the run got cannot be read now "
+                               f"({type(e).__name__}); rerun `{cmd}` once {self.store.describe()} answers to resume")
+        where = f"{done} round(s) committed in {self.store.describe()}"
+        if done > rnd and not evaluated:
+            return RoundFailed(f"round {rnd} {what} ({self.executor.name}). Round {rnd} is committed but not evaluated; {where}; "
+                               f"rerun `{cmd}` to evaluate it and resume at round {done}")
+        return RoundFailed(f"round {rnd} {what} ({self.executor.name}). {where}; rerun `{cmd}` to resume at round {done}")
+
+    def _evaluate(self, rnd: int) -> None:
+        try:
+            self.executor.evaluate(self.cfg, rnd)
+        except RoundFailed as e:
+            raise self._failure(rnd, f"evaluation {e}") from e
+        if not self._evaluated(rnd):
+            raise self._failure(rnd, "evaluation finished without writing its metrics")
+
+    def _round_line(self, rnd: int, seconds: float) -> str:
+        ev = st.get_json(self.store, st.eval_key(self.cfg.experiment, rnd)) or {}
+        man = st.get_manifest(self.store, st.global_prefix(self.cfg.experiment, rnd)) or {}
+        pruned = [f"{c} {r['rank_before']}->{r['rank_after']}" for c, r in man.get("client_reports", {}).items() if r.get("pruned")]
+        dropped = man.get("dropped", {})
+        return (f"round {rnd + 1}/{self.cfg.federation.rounds} committed in {seconds:.1f} s: held-out perplexity "
+                f"{ev['global']['ppl']:.2f} (own rank {ev['personal']['ppl']:.2f}); "
+                f"{len(man.get('participants', []))} clients" + (f", {len(dropped)} dropped" if dropped else "")
+                + (f"; pruned: {', '.join(pruned)}" if pruned else ""))
+
+    def run(self) -> dict[str, Any]:
+        cfg, store = self.cfg, self.store
+        check_or_record_config(cfg, store)
+        t0 = time.perf_counter()
+        done = self._committed()
+        if done:
+            self.log(f"resuming {cfg.experiment}: {done} round(s) committed in {store.describe()}")
+        for rnd in range(done):  # a task killed between commit and evaluation leaves a round unevaluated
+            if not self._evaluated(rnd):
+                self.log(f"round {rnd + 1} is committed but not evaluated: evaluating it")
+                self._evaluate(rnd)
+        ids = client_ids(cfg.data)
+        for rnd in range(done, cfg.federation.rounds):
+            started, t = time.time(), time.perf_counter()
+            plan = plan_round(cfg, store, ids, rnd)
+            tiers = ", ".join(f"{tier}: {len(c)}" for tier, c in plan.by_tier().items())
+            self.log(f"round {rnd + 1}/{cfg.federation.rounds}: {len(plan.clients)} clients ({tiers}) [{self.executor.name}]")
+            try:
+                self.executor.run_round(cfg, plan, started)
+            except RoundFailed as e:
+                raise self._failure(rnd, str(e)) from e
+            if self._committed() <= rnd:
+                raise self._failure(rnd, "finished without committing its global")
+            if not self._evaluated(rnd):
+                self._evaluate(rnd)
+            self.log(self._round_line(rnd, time.perf_counter() - t))
+        results = collect_results(cfg, store)
+        results["wall_seconds_this_invocation"] = time.perf_counter() - t0
+        write_results(results, self.out)
+        finish_run(cfg, results)
+        return results
+
+
+def summary_line(results: dict[str, Any], out: Path) -> str:
+    """One line for the end of a run: rounds, perplexity before -> after, where the results are."""
+    last = results["rounds"][-1] if results["rounds"] else {}
+    base, final = results.get("baseline_ppl"), last.get("global_ppl")
+    ppl = f"{base:.2f} -> {final:.2f}" if base is not None and final is not None else "n/a"
+    return f"{results['rounds_committed']} rounds committed; held-out perplexity {ppl}; results: {out / 'results.json'}"

@@ -1,0 +1,77 @@
+"""Evaluate step (server): held-out perplexity of the committed global, and of the base model once.
+
+The global at full rank on every client, and each client at its own (possibly pruned) rank; the
+result goes to the round's eval key, and the round's metrics to the Pushgateway when configured.
+It also records the base model's perplexity (the baseline) the first time it runs in a run, so a
+round committed by a task that died before evaluating is completed by evaluating it again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .. import store as st
+from ..config import HetLoRAConfig
+from ..methods import method_for
+from .common import config_of, load_global
+
+
+@dataclass
+class EvalReport:
+    round: int
+    global_ppl: float
+    personal_ppl: float
+
+
+def _as_dict(r: Any) -> dict[str, Any]:
+    return {"ppl": r.ppl, "per_client": r.per_client, "tokens": r.tokens}
+
+
+def evaluate_baseline(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
+    """Perplexity of the base model before any round (stored once per run)."""
+    from .. import runtime
+    from ..evaluation import evaluate as evaluate_model
+
+    key = st.baseline_key(cfg.experiment)
+    got = st.get_json(store, key)
+    if got is not None:
+        return got
+    r = evaluate_model(runtime.model(cfg), None, runtime.all_client_data(cfg), cfg)
+    out = {"round": -1, "global": _as_dict(r), "personal": _as_dict(r)}
+    st.put_json(store, key, out)
+    return out
+
+
+def evaluate(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> dict[str, Any]:
+    """Evaluate committed round ``rnd`` (and the baseline if missing); writes the round's eval key."""
+    from .. import runtime
+
+    evaluate_baseline(cfg, store)
+    start = time.perf_counter()
+    gman = st.get_manifest(store, st.global_prefix(cfg.experiment, rnd))
+    if gman is None:
+        raise st.NotFound(f"round {rnd} of {cfg.experiment} is not committed; nothing to evaluate")
+    method, model = method_for(cfg), runtime.model(cfg)
+    glob = load_global(cfg, store, rnd + 1, method.model_spec(model))
+    ranks = {c: (s.get("module_ranks") or int(s["rank"])) for c, s in gman["clients"].items()}
+    full, own = method.evaluate(model, glob, runtime.all_client_data(cfg), ranks)
+    out = {"round": rnd, "global": _as_dict(full), "personal": _as_dict(own), "eval_seconds": time.perf_counter() - start}
+    st.put_json(store, st.eval_key(cfg.experiment, rnd), out)
+    return out
+
+
+def evaluate_task(config_json: str, round_index: int, round_started_at: float = 0.0) -> str:
+    """The evaluate component's body: evaluates, then pushes the round's metrics when configured."""
+    from ..reporting import push_round_outcome
+
+    cfg = config_of(config_json)
+    store = st.open_store(cfg.store)
+    rnd = int(round_index)
+    ev = evaluate(cfg, store, rnd)
+    gman = st.get_manifest(store, st.global_prefix(cfg.experiment, rnd)) or {}
+    duration = time.time() - round_started_at if round_started_at else float(gman.get("aggregate_seconds", 0.0))
+    push_round_outcome(cfg, rnd, gman, ev, duration)
+    return json.dumps(asdict(EvalReport(rnd, ev["global"]["ppl"], ev["personal"]["ppl"])))

@@ -1,0 +1,122 @@
+"""Where adapters, manifests and metrics live: a local directory or any S3 (MinIO, SeaweedFS, AWS).
+
+``from hetlora_core import store as st`` gives the whole public API:
+
+* ``base``: the errors, ``validate_key``, the ``Store`` interface and ``atomic_write`` (the
+  project's one atomic file-write helper);
+* ``local``: ``LocalStore``; ``s3``: ``S3Store`` (imported lazily on first use of ``st.S3Store``
+  or ``open_store`` of an s3 config, so a local run never imports the network stack; credentials
+  come only from the environment);
+* ``artifacts``: ``put_artifact`` / ``get_artifact`` / ``get_manifest`` (the commit protocol: the
+  manifest, with size and sha256, is written last) and ``get_json`` / ``put_json``;
+* ``layout``: every key of the layout (``config_key``, ``round_prefix``, ``global_prefix``, ...),
+  ``last_committed_round`` and the README table (``layout_table``).
+
+Import order is base <- local, s3, artifacts <- layout <- this module: no cycle.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .artifacts import (
+    ADAPTER,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    drop_payload,
+    get_artifact,
+    get_json,
+    get_manifest,
+    parse_manifest,
+    put_artifact,
+    put_json,
+)
+from .base import (
+    TMP_PREFIX,
+    ChecksumMismatch,
+    InvalidJSON,
+    InvalidManifest,
+    NotFound,
+    ObjectTooLarge,
+    Store,
+    StoreAuthError,
+    StoreError,
+    StoreUnavailable,
+    atomic_write,
+    dir_prefix,
+    validate_key,
+)
+from .factory import open_store
+from .layout import (
+    baseline_key,
+    check_segment,
+    client_prefix,
+    config_key,
+    eval_key,
+    experiments,
+    global_prefix,
+    last_committed_round,
+    layout_table,
+    list_client_ids,
+    list_client_prefixes,
+    plan_key,
+    round_name,
+    round_prefix,
+    trained_prefix,
+)
+from .local import LocalStore
+
+if TYPE_CHECKING:
+    from .s3 import S3Store
+
+__all__ = [
+    "ADAPTER",
+    "MANIFEST",
+    "MAX_MANIFEST_BYTES",
+    "TMP_PREFIX",
+    "ChecksumMismatch",
+    "InvalidJSON",
+    "InvalidManifest",
+    "LocalStore",
+    "NotFound",
+    "ObjectTooLarge",
+    "S3Store",
+    "Store",
+    "StoreAuthError",
+    "StoreError",
+    "StoreUnavailable",
+    "atomic_write",
+    "baseline_key",
+    "check_segment",
+    "client_prefix",
+    "config_key",
+    "dir_prefix",
+    "drop_payload",
+    "eval_key",
+    "experiments",
+    "get_artifact",
+    "get_json",
+    "get_manifest",
+    "global_prefix",
+    "last_committed_round",
+    "layout_table",
+    "list_client_ids",
+    "list_client_prefixes",
+    "open_store",
+    "parse_manifest",
+    "plan_key",
+    "put_artifact",
+    "put_json",
+    "round_name",
+    "round_prefix",
+    "trained_prefix",
+    "validate_key",
+]
+
+
+def __getattr__(name: str) -> Any:  # lazy ``st.S3Store`` / ``from hetlora_core.store import S3Store``
+    if name == "S3Store":
+        from .s3 import S3Store
+
+        return S3Store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

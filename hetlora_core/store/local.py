@@ -1,0 +1,87 @@
+"""``LocalStore``: the store as a directory (``hetlora simulate``, ``hetlora run``, tests).
+
+Writes go through ``atomic_write`` (temp file in the target folder, fsync, ``os.replace``), so a
+reader, or a run resumed after a kill, never sees a partial object.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .base import TMP_PREFIX, NotFound, ObjectTooLarge, Store, StoreError, atomic_write, dir_prefix, validate_key
+
+
+class LocalStore(Store):
+    """A directory; keys are relative paths below it."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def describe(self) -> str:
+        return f"local directory {self.root}"
+
+    def _path(self, key: str) -> Path:
+        validate_key(key)
+        path = self.root / key
+        # Security, defence in depth: a symlink inside the store must not lead outside it.
+        real_root, real = os.path.realpath(self.root), os.path.realpath(path)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise ValueError(f"store key {key!r} resolves outside {self.root} (path traversal rejected)")
+        return path
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            atomic_write(path, bytes(data))
+        except OSError as e:
+            raise StoreError(f"cannot write {key} in {self.describe()}: {e}") from e
+
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                # Checked on the open file (not a separate stat), so a swap between check and read cannot grow it.
+                if max_bytes is not None and os.fstat(f.fileno()).st_size > max_bytes:
+                    raise ObjectTooLarge(f"{key} in {self.describe()} is larger than {max_bytes} bytes")
+                return f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"{key} not found in {self.describe()}") from None
+        except OSError as e:
+            raise StoreError(f"cannot read {key} in {self.describe()}: {e}") from e
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        prefix = dir_prefix(prefix)
+        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        keys = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in files:
+                if not name.startswith(TMP_PREFIX):  # an in-flight (or crashed) atomic_write, not an object
+                    keys.append(name if rel == "." else f"{rel}/{name}")
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StoreError(f"cannot delete {key} in {self.describe()}: {e}") from e
+
+    def delete_prefix(self, prefix: str) -> None:
+        prefix = dir_prefix(prefix)
+        if not prefix:
+            raise ValueError("delete_prefix needs a non-empty prefix (refusing to delete the whole store)")
+        base = self._path(prefix.rstrip("/"))
+        if base.is_dir():
+            try:
+                shutil.rmtree(base)
+            except OSError as e:
+                raise StoreError(f"cannot delete {prefix} in {self.describe()}: {e}") from e

@@ -1,0 +1,140 @@
+"""The two pipeline executors of the round runner: kfp.local (``hetlora run``) and Kubeflow
+(``hetlora submit``). The loop itself (resume, evaluation catch-up, results, Pushgateway clean-up)
+is ``hetlora_core.run.RoundRunner``; these only run one planned round, or one evaluation.
+
+KFP v2 has no data-carrying loop across iterations, so each round is its own pipeline run, built
+from the round's plan (tiers with no selected client are simply absent).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from hetlora_core import store as st
+from hetlora_core.config import HetLoRAConfig
+from hetlora_core.corpus import client_ids
+from hetlora_core.run import RoundFailed, RoundRunner, check_or_record_config, local_config, log_to_stderr
+from hetlora_core.steps.plan import RoundPlan, plan_round
+
+from .round import build_evaluate_pipeline, build_round_pipeline, compile_evaluate, compile_round
+
+__all__ = ["KfpLocalExecutor", "KubeflowExecutor", "RoundFailed", "run_local", "submit_run", "wait_for_run"]
+
+
+class KfpLocalExecutor:
+    """Each round is the real round pipeline under kfp.local's SubprocessRunner (each task a
+    subprocess in this machine's environment); artifacts of KFP itself go to ``pipeline_root``."""
+
+    name, command = "kfp.local", "hetlora run"
+
+    def __init__(self, pipeline_root: str | Path) -> None:
+        from kfp import local
+
+        root = Path(pipeline_root).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+
+    def run_round(self, cfg: HetLoRAConfig, plan: RoundPlan, started_at: float) -> None:
+        try:
+            build_round_pipeline(cfg, plan)(config_json=cfg.to_json(), round_index=plan.round, round_started_at=started_at)
+        except RuntimeError as e:  # kfp.local: a task failed (its log is above)
+            raise RoundFailed(f"failed under kfp.local: {e}") from e
+
+    def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
+        try:
+            build_evaluate_pipeline(cfg, rnd)(config_json=cfg.to_json(), round_index=rnd)
+        except RuntimeError as e:
+            raise RoundFailed(f"failed under kfp.local: {e}") from e
+
+
+# v2beta1 run states that end a run. kfp.Client.wait_for_run_completion stops only on
+# SUCCEEDED/FAILED/SKIPPED/ERROR: a run canceled in the UI would be polled until the timeout.
+TERMINAL_STATES = {"SUCCEEDED", "FAILED", "SKIPPED", "ERROR", "CANCELED", "CANCELING"}  # PAUSED may resume: keep waiting
+
+
+def wait_for_run(client: Any, run_id: str, link: str, timeout_s: float, poll_s: float = 10.0) -> str:
+    """Poll ``client.get_run`` until the run reaches a terminal state; returns that state.
+    A run still going after ``timeout_s`` is a failed round with its link (not a bare TimeoutError)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = str(getattr(client.get_run(run_id), "state", "") or "").upper().removeprefix("RUNTIMESTATE.")
+        if state in TERMINAL_STATES:
+            return state
+        if time.monotonic() >= deadline:
+            raise RoundFailed(f"run still {state or 'without a state'} after {timeout_s:.0f} s: {link}; raise --timeout, "
+                              "or cancel it")  # the runner adds: rerun `hetlora submit` to resume
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
+class KubeflowExecutor:
+    """Each round (or evaluation) is one KFP run on a Kubeflow Pipelines API server, waited for.
+
+    The tasks get their store credentials from the Secret ``kubeflow.store_secret``; this process
+    needs the store too (the runner plans and resumes from it), with credentials from its environment."""
+
+    name, command = "Kubeflow", "hetlora submit"
+
+    def __init__(self, cfg: HetLoRAConfig, host: str, client: Any = None, timeout_s: float = 6 * 3600,
+                 poll_s: float = 10.0, wait: bool = True, log: Any = None) -> None:
+        if client is None:
+            import kfp
+
+            client = kfp.Client(host=host, namespace=cfg.kubeflow.namespace)
+        self.client, self.host, self.timeout_s, self.poll_s, self.wait = client, host.rstrip("/"), timeout_s, poll_s, wait
+        self.log = log or (lambda _msg: None)
+        self.run_ids: list[str] = []
+
+    def _submit(self, cfg: HetLoRAConfig, compile_to: Any, name: str, arguments: dict[str, Any], what: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = compile_to(os.path.join(tmp, f"{name}.yaml"))
+            run = self.client.create_run_from_pipeline_package(
+                path, arguments={"config_json": cfg.to_json(), **arguments}, run_name=f"{cfg.experiment}-{name}",
+                experiment_name=cfg.kubeflow.experiment, namespace=cfg.kubeflow.namespace, enable_caching=False)
+        self.run_ids.append(run.run_id)
+        link = f"{self.host}/#/runs/details/{run.run_id}"
+        self.log(f"{what} submitted: {link}")
+        if not self.wait:
+            return
+        state = wait_for_run(self.client, run.run_id, link, self.timeout_s, self.poll_s)
+        if state != "SUCCEEDED":
+            raise RoundFailed(f"run ended {state}: {link}")
+
+    def run_round(self, cfg: HetLoRAConfig, plan: RoundPlan, started_at: float) -> None:
+        rnd = plan.round
+        self._submit(cfg, lambda p: compile_round(cfg, plan, p), st.round_name(rnd),
+                     {"round_index": rnd, "round_started_at": started_at}, f"round {rnd + 1}/{cfg.federation.rounds}")
+
+    def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
+        self._submit(cfg, lambda p: compile_evaluate(cfg, rnd, p), f"evaluate-{rnd:04d}", {"round_index": rnd},
+                     f"evaluation of round {rnd + 1}")
+
+
+def run_local(cfg: HetLoRAConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run (or resume) every round through kfp.local; results.json and the plot in ``out_dir``."""
+    out = Path(out_dir).resolve()
+    cfg = local_config(cfg, out)
+    return RoundRunner(cfg, KfpLocalExecutor(out / "pipeline-root"), out).run()
+
+
+def submit_run(cfg: HetLoRAConfig, host: str, out_dir: str | Path, client: Any = None, timeout_s: float = 6 * 3600,
+               poll_s: float = 10.0) -> tuple[dict[str, Any], list[str]]:
+    """Drive every round on Kubeflow at ``host`` (one KFP run per round, each waited for);
+    returns (results, the KFP run ids). Stops at the first failed round; rerun to resume."""
+    executor = KubeflowExecutor(cfg, host, client, timeout_s, poll_s, log=log_to_stderr)
+    return RoundRunner(cfg, executor, out_dir).run(), executor.run_ids
+
+
+def submit_next_round(cfg: HetLoRAConfig, host: str, client: Any = None) -> str:
+    """``submit --no-wait``: plan the next round and submit it without waiting; returns its run id."""
+    store = st.open_store(cfg.store)
+    check_or_record_config(cfg, store)
+    rnd = st.last_committed_round(store, cfg.experiment) + 1
+    if rnd >= cfg.federation.rounds:
+        raise RoundFailed(f"all {cfg.federation.rounds} rounds of {cfg.experiment} are committed; nothing to submit")
+    executor = KubeflowExecutor(cfg, host, client, wait=False, log=log_to_stderr)
+    executor.run_round(cfg, plan_round(cfg, store, client_ids(cfg.data), rnd), time.time())
+    return executor.run_ids[0]
