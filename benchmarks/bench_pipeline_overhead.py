@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from hetlora_kfp.pipelines.driver import run_local  # noqa: E402
+from hetlora_kfp.pipelines.runners import run_local  # noqa: E402
 from minio_server import MinioServer, find_minio  # noqa: E402
 
 from hetlora_core import runtime  # noqa: E402

@@ -38,6 +38,27 @@ set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                           help="Override one config value, e.g. --set training.lr=1e-3 (repeatable).")
 
 
+def quiet_libraries(verbose: bool) -> None:
+    """The console shows this tool's progress, not the libraries': no FutureWarning/DeprecationWarning
+    noise and no transformers "Loading weights" bars, unless ``-v`` asks for everything."""
+    if verbose:
+        return
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+verbose_option = click.option("--verbose", "-v", is_flag=True,
+                              help="Show everything: library warnings and progress bars (and, for `run`, every task's log).")
+
+
 def fail(msg: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {msg}", err=True)
     sys.exit(code)
@@ -62,7 +83,8 @@ def main() -> None:
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True,
               help="Run directory: store/, results.json and perplexity.png go here. Rerun to resume.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines, only the summary.")
-def simulate(config: str | None, sets: tuple[str, ...], out: str, quiet: bool) -> None:
+@verbose_option
+def simulate(config: str | None, sets: tuple[str, ...], out: str, quiet: bool, verbose: bool) -> None:
     """Run every round in this process (no KFP): the fastest way to try a config.
 
     Writes OUT/results.json (config, per-round metrics, ranks, prune events, aggregation weights,
@@ -72,6 +94,7 @@ def simulate(config: str | None, sets: tuple[str, ...], out: str, quiet: bool) -
     from .store import StoreError
 
     cfg = load_cfg(config, sets)
+    quiet_libraries(verbose)
     try:
         res = run_sim(cfg, out, progress=not quiet)
     except (RoundFailed, RunConfigMismatch, StoreError) as e:

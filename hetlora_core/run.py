@@ -16,7 +16,6 @@ Resume is the normal path: everything the loop needs is read back from the store
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Protocol
 from . import store as st
 from .config import ConfigError, HetLoRAConfig, config_from_dict, replace
 from .corpus import client_ids
+from .progress import Progress
 from .reporting import finish_run
 from .results import collect_results, write_results
 from .steps.plan import RoundPlan, plan_round
@@ -48,6 +48,7 @@ class Executor(Protocol):
 
     name: str
     command: str  # what the user reruns to resume, e.g. "hetlora submit"
+    on_task: Callable[[str, str], None] | None  # set by the runner: (kind e.g. "train small", "started"|"SUCCESS"|"FAILURE")
 
     def run_round(self, cfg: HetLoRAConfig, plan: RoundPlan, started_at: float) -> None:
         """Run every task of ``plan.round``."""
@@ -90,17 +91,16 @@ def local_config(cfg: HetLoRAConfig, out_dir: str | Path) -> HetLoRAConfig:
     return cfg
 
 
-def log_to_stderr(msg: str) -> None:
-    print(f"[hetlora] {msg}", file=sys.stderr, flush=True)
-
-
 class RoundRunner:
-    """Drives every round of ``cfg`` through ``executor``; results go to ``out_dir``."""
+    """Drives every round of ``cfg`` through ``executor``; results go to ``out_dir``. ``progress``
+    (None: silent) shows the round lines and, on a terminal, one live status line."""
 
     def __init__(self, cfg: HetLoRAConfig, executor: Executor, out_dir: str | Path,
-                 log: Callable[[str], None] | None = log_to_stderr) -> None:
+                 progress: Progress | None = None) -> None:
         self.cfg, self.executor, self.out = cfg, executor, Path(out_dir)
-        self.log = log or (lambda _msg: None)
+        self.progress = progress
+        self.log: Callable[[str], None] = progress.line if progress else (lambda _msg: None)
+        executor.on_task = progress.task if progress else None
         self.store = st.open_store(cfg.store)
 
     def _committed(self) -> int:
@@ -160,10 +160,15 @@ class RoundRunner:
             plan = plan_round(cfg, store, ids, rnd)
             tiers = ", ".join(f"{tier}: {len(c)}" for tier, c in plan.by_tier().items())
             self.log(f"round {rnd + 1}/{cfg.federation.rounds}: {len(plan.clients)} clients ({tiers}) [{self.executor.name}]")
+            if self.progress:
+                self.progress.round_started(rnd, {t: len(c) for t, c in plan.by_tier().items()})
             try:
                 self.executor.run_round(cfg, plan, started)
             except RoundFailed as e:
                 raise self._failure(rnd, str(e)) from e
+            finally:
+                if self.progress:
+                    self.progress.round_finished()
             if self._committed() <= rnd:
                 raise self._failure(rnd, "finished without committing its global")
             if not self._evaluated(rnd):

@@ -7,12 +7,15 @@ within 1e-5); only the process boundaries differ. The model and data load once p
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import store as st
 from .config import HetLoRAConfig
-from .run import RoundFailed, RoundRunner, local_config, log_to_stderr
+from .progress import Progress
+from .run import RoundFailed, RoundRunner, local_config
 from .steps.aggregate import aggregate_task
 from .steps.evaluate import evaluate_task
 from .steps.plan import RoundPlan, load_plan
@@ -20,16 +23,26 @@ from .steps.prune import prune_task
 from .steps.train import train_task
 
 
-def execute_round(cfg: HetLoRAConfig, plan: RoundPlan, started_at: float = 0.0) -> None:
+def execute_round(cfg: HetLoRAConfig, plan: RoundPlan, started_at: float = 0.0,
+                  on_task: Callable[[str, str], None] | None = None) -> None:
     """Run every task of an already planned round: train + prune each client, aggregate
-    (quorum, commit), evaluate (and push metrics), in the order the pipeline's DAG runs them."""
+    (quorum, commit), evaluate (and push metrics), in the order the pipeline's DAG runs them.
+    ``on_task(kind, status)`` hears each task start and end (the progress display)."""
     cfg_json, rnd = cfg.to_json(), plan.round
+    note = on_task or (lambda _kind, _status: None)
     reports = []
     for c in plan.clients:
-        train_task(cfg_json, rnd, c.client_id)
+        note(f"train {c.tier}", "started")
+        out = json.loads(train_task(cfg_json, rnd, c.client_id))
+        note(f"train {c.tier}", "SUCCESS" if out["status"] == "trained" else "FAILURE")
+        note(f"prune {c.tier}", "started")
         reports.append(prune_task(cfg_json, rnd, c.client_id))
-    aggregate_task(cfg_json, rnd, reports)
-    evaluate_task(cfg_json, rnd, started_at)
+        note(f"prune {c.tier}", "SUCCESS" if json.loads(reports[-1])["status"] != "failed" else "FAILURE")
+    for kind, call in (("aggregate", lambda: aggregate_task(cfg_json, rnd, reports)),
+                       ("evaluate", lambda: evaluate_task(cfg_json, rnd, started_at))):
+        note(kind, "started")
+        call()
+        note(kind, "SUCCESS")
 
 
 def execute_planned_round(cfg: HetLoRAConfig, rnd: int, started_at: float = 0.0) -> None:
@@ -42,10 +55,11 @@ class InProcessExecutor:
     """Every task in this process; a step's error fails the round (worded by the runner)."""
 
     name, command = "in-process", "hetlora simulate"
+    on_task: Callable[[str, str], None] | None = None
 
     def run_round(self, cfg: HetLoRAConfig, plan: RoundPlan, started_at: float) -> None:
         try:
-            execute_round(cfg, plan, started_at)
+            execute_round(cfg, plan, started_at, self.on_task)
         except Exception as e:  # noqa: BLE001 - any step error fails this round; the store keeps what committed
             raise RoundFailed(f"failed: {type(e).__name__}: {e}") from e
 
@@ -60,4 +74,4 @@ def simulate(cfg: HetLoRAConfig, out_dir: str | Path, progress: bool = True) -> 
     """Run (or resume) every round of ``cfg`` in-process; the store is a local directory under
     ``out_dir`` unless the config names an S3 store; results.json and the plot go to ``out_dir``."""
     cfg = local_config(cfg, out_dir)
-    return RoundRunner(cfg, InProcessExecutor(), out_dir, log=log_to_stderr if progress else None).run()
+    return RoundRunner(cfg, InProcessExecutor(), out_dir, Progress(cfg.federation.rounds) if progress else None).run()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from hetlora_core.cli import config_option, fail, load_cfg, main, set_option
+from hetlora_core.cli import config_option, fail, load_cfg, main, quiet_libraries, set_option, verbose_option
 
 __all__ = ["main"]
 
@@ -18,20 +18,25 @@ __all__ = ["main"]
 @set_option
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/local", show_default=True,
               help="Run directory: store/ (unless the config names an S3 store), pipeline-root/, results.json, plot.")
-def run(config: str | None, sets: tuple[str, ...], out: str) -> None:
+@verbose_option
+def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool) -> None:
     """Run a whole federated fine-tuning locally through kfp.local: each round is the real round
     pipeline (train -> self-prune per tier, aggregate, evaluate), each task a subprocess.
 
     Rerunning with the same --out resumes from the last committed round. With store.kind: s3 the
-    artifacts go to that MinIO/S3 (credentials from HETLORA_S3_ACCESS_KEY / HETLORA_S3_SECRET_KEY)."""
+    artifacts go to that MinIO/S3 (credentials from HETLORA_S3_ACCESS_KEY / HETLORA_S3_SECRET_KEY).
+
+    The console shows one progress display; each task's full output is in OUT/logs/round-NNNN/
+    (a failed task's last lines are printed with its name; -v prints everything as it comes)."""
     from hetlora_core.run import RoundFailed, RunConfigMismatch, summary_line
     from hetlora_core.store import StoreError
 
     from .runners import run_local
 
     cfg = load_cfg(config, sets)
+    quiet_libraries(verbose)
     try:
-        res = run_local(cfg, out)
+        res = run_local(cfg, out, verbose=verbose)
     except (RoundFailed, RunConfigMismatch, StoreError) as e:
         fail(str(e))
     click.echo(f"{summary_line(res, Path(out))}, plot: {Path(out) / 'perplexity.png'}")

@@ -9,46 +9,79 @@ from the round's plan (tiers with no selected client are simply absent).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hetlora_core import store as st
 from hetlora_core.config import HetLoRAConfig
 from hetlora_core.corpus import client_ids
-from hetlora_core.run import RoundFailed, RoundRunner, check_or_record_config, local_config, log_to_stderr
+from hetlora_core.progress import Progress
+from hetlora_core.run import RoundFailed, RoundRunner, check_or_record_config, local_config
 from hetlora_core.steps.plan import RoundPlan, plan_round
 
-from .round import build_evaluate_pipeline, build_round_pipeline, compile_evaluate, compile_round
+from .round import build_evaluate_pipeline, build_round_pipeline, compile_evaluate, compile_round, tier_groups
+from .task_logs import TaskLogs, captured
 
 __all__ = ["KfpLocalExecutor", "KubeflowExecutor", "RoundFailed", "run_local", "submit_run", "wait_for_run"]
 
 
 class KfpLocalExecutor:
     """Each round is the real round pipeline under kfp.local's SubprocessRunner (each task a
-    subprocess in this machine's environment); artifacts of KFP itself go to ``pipeline_root``."""
+    subprocess in this machine's environment); artifacts of KFP itself go to ``pipeline_root``.
+
+    kfp.local's output (executor inputs, each task's own output, library warnings) goes to one log
+    file per task under ``log_root/round-NNNN/`` (``pipelines.task_logs``); a failed task's tail is
+    shown with its name. ``verbose`` echoes everything to the console as kfp.local prints it."""
 
     name, command = "kfp.local", "hetlora run"
 
-    def __init__(self, pipeline_root: str | Path) -> None:
+    def __init__(self, pipeline_root: str | Path, log_root: str | Path | None = None, verbose: bool = False,
+                 show: Callable[[str], None] | None = None) -> None:
         from kfp import local
 
         root = Path(pipeline_root).resolve()
         root.mkdir(parents=True, exist_ok=True)
+        self.log_root = Path(log_root) if log_root else root.parent / "logs"
+        self.verbose, self.show = verbose, show or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.on_task: Callable[[str, str], None] | None = None
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
 
-    def run_round(self, cfg: HetLoRAConfig, plan: RoundPlan, started_at: float) -> None:
+    def _run(self, call: Callable[[], Any], folder: str, kinds: dict[str, str]) -> None:
+        def on_task(task: str, status: str) -> None:
+            if self.on_task:
+                self.on_task(kinds.get(task, task), status)
+
+        logs = TaskLogs(self.log_root / folder, echo=sys.__stderr__ if self.verbose else None, on_task=on_task)
         try:
-            build_round_pipeline(cfg, plan)(config_json=cfg.to_json(), round_index=plan.round, round_started_at=started_at)
-        except RuntimeError as e:  # kfp.local: a task failed (its log is above)
-            raise RoundFailed(f"failed under kfp.local: {e}") from e
+            with captured(logs):
+                call()
+        except RuntimeError as e:  # kfp.local: a task failed
+            failed = logs.failed[-1] if logs.failed else ""
+            where = logs.path_of(failed) or logs.dir
+            if failed and not self.verbose:
+                self.show(f"task {failed} failed; the end of its log ({where}):\n{logs.tail(failed).rstrip()}")
+            raise RoundFailed(f"failed under kfp.local: {'task ' + failed if failed else e} failed (log: {where})") from e
+        finally:
+            logs.close()
+
+    def run_round(self, cfg: HetLoRAConfig, plan: RoundPlan, started_at: float) -> None:
+        # kfp names a component used once per tier loop "train-client", "train-client-2", ... in the
+        # order the DAG creates them (tier_groups' order): map those names back to the tiers.
+        kinds = {"aggregate-round": "aggregate", "evaluate-round": "evaluate"}
+        for i, (tier, _ids) in enumerate(tier_groups(cfg, plan)):
+            suffix = "" if i == 0 else f"-{i + 1}"
+            kinds.update({f"train-client{suffix}": f"train {tier.name}", f"prune-client{suffix}": f"prune {tier.name}"})
+        self._run(lambda: build_round_pipeline(cfg, plan)(config_json=cfg.to_json(), round_index=plan.round,
+                                                          round_started_at=started_at),
+                  st.round_name(plan.round), kinds)
 
     def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
-        try:
-            build_evaluate_pipeline(cfg, rnd)(config_json=cfg.to_json(), round_index=rnd)
-        except RuntimeError as e:
-            raise RoundFailed(f"failed under kfp.local: {e}") from e
+        self._run(lambda: build_evaluate_pipeline(cfg, rnd)(config_json=cfg.to_json(), round_index=rnd),
+                  f"{st.round_name(rnd)}-evaluate", {"evaluate-round": "evaluate"})
 
 
 # v2beta1 run states that end a run. kfp.Client.wait_for_run_completion stops only on
@@ -86,6 +119,7 @@ class KubeflowExecutor:
             client = kfp.Client(host=host, namespace=cfg.kubeflow.namespace)
         self.client, self.host, self.timeout_s, self.poll_s, self.wait = client, host.rstrip("/"), timeout_s, poll_s, wait
         self.log = log or (lambda _msg: None)
+        self.on_task: Callable[[str, str], None] | None = None  # a Kubeflow run is watched as a whole
         self.run_ids: list[str] = []
 
     def _submit(self, cfg: HetLoRAConfig, compile_to: Any, name: str, arguments: dict[str, Any], what: str) -> None:
@@ -113,19 +147,23 @@ class KubeflowExecutor:
                      f"evaluation of round {rnd + 1}")
 
 
-def run_local(cfg: HetLoRAConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run (or resume) every round through kfp.local; results.json and the plot in ``out_dir``."""
+def run_local(cfg: HetLoRAConfig, out_dir: str | Path, verbose: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every round through kfp.local; results.json and the plot in ``out_dir``,
+    one log file per task under ``out_dir/logs``."""
     out = Path(out_dir).resolve()
     cfg = local_config(cfg, out)
-    return RoundRunner(cfg, KfpLocalExecutor(out / "pipeline-root"), out).run()
+    shown = Progress(cfg.federation.rounds) if progress else None
+    executor = KfpLocalExecutor(out / "pipeline-root", out / "logs", verbose, shown.line if shown else None)
+    return RoundRunner(cfg, executor, out, shown).run()
 
 
 def submit_run(cfg: HetLoRAConfig, host: str, out_dir: str | Path, client: Any = None, timeout_s: float = 6 * 3600,
                poll_s: float = 10.0) -> tuple[dict[str, Any], list[str]]:
     """Drive every round on Kubeflow at ``host`` (one KFP run per round, each waited for);
     returns (results, the KFP run ids). Stops at the first failed round; rerun to resume."""
-    executor = KubeflowExecutor(cfg, host, client, timeout_s, poll_s, log=log_to_stderr)
-    return RoundRunner(cfg, executor, out_dir).run(), executor.run_ids
+    shown = Progress(cfg.federation.rounds)
+    executor = KubeflowExecutor(cfg, host, client, timeout_s, poll_s, log=shown.line)
+    return RoundRunner(cfg, executor, out_dir, shown).run(), executor.run_ids
 
 
 def submit_next_round(cfg: HetLoRAConfig, host: str, client: Any = None) -> str:
@@ -135,6 +173,6 @@ def submit_next_round(cfg: HetLoRAConfig, host: str, client: Any = None) -> str:
     rnd = st.last_committed_round(store, cfg.experiment) + 1
     if rnd >= cfg.federation.rounds:
         raise RoundFailed(f"all {cfg.federation.rounds} rounds of {cfg.experiment} are committed; nothing to submit")
-    executor = KubeflowExecutor(cfg, host, client, wait=False, log=log_to_stderr)
+    executor = KubeflowExecutor(cfg, host, client, wait=False, log=Progress(cfg.federation.rounds).line)
     executor.run_round(cfg, plan_round(cfg, store, client_ids(cfg.data), rnd), time.time())
     return executor.run_ids[0]
