@@ -25,6 +25,7 @@ from .data import ClientData, sample_batch
 from .faults import failpoint
 from .methods import method_for
 from .regulariser import regulariser
+from .threads import task_threads
 
 
 @dataclass
@@ -88,8 +89,7 @@ def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: Clie
 def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData, cfg: HetLoRAConfig, rnd: int) -> TrainResult:
     """Train ``received`` (already truncated to the client's rank) on the client's data."""
     prev_threads = torch.get_num_threads()
-    if cfg.training.threads:
-        torch.set_num_threads(cfg.training.threads)
+    torch.set_num_threads(task_threads(cfg.training.threads))  # the CPUs this task may use (threads.py)
     start = time.perf_counter()
     peft_model = peft_bridge.attach(model, received)
     try:

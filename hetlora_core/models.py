@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -263,15 +263,3 @@ def load_base_model(cfg: ModelConfig, fresh: bool = False) -> tuple[PreTrainedMo
     key = str(_cached_folder(_TOKENIZER_DIR if tiny else _MODEL_DIR, "tokenizer_config.json" if tiny else "config.json"))
     model = load(cfg.name, cfg.tiny_hidden if tiny else 0, cfg.tiny_layers if tiny else 0, key)
     return model, load_tokenizer()
-
-
-def model_summary(model: PreTrainedModel) -> dict[str, Any]:
-    """A few facts about a model for logs and run manifests."""
-    cfg = model.config
-    return {
-        "class": type(model).__name__,
-        "params": sum(p.numel() for p in model.parameters()),
-        "layers": cfg.num_hidden_layers,
-        "hidden": cfg.hidden_size,
-        "vocab": cfg.vocab_size,
-    }

@@ -7,6 +7,7 @@ from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
 from hetlora_core.config import HetLoRAConfig, TierConfig
+from hetlora_core.threads import CONCURRENT_TASKS_ENV
 
 # Env var names the store reads (hetlora_core.store.s3); the Secret holds keys accesskey/secretkey.
 SECRET_KEYS = {"accesskey": "HETLORA_S3_ACCESS_KEY", "secretkey": "HETLORA_S3_SECRET_KEY"}
@@ -43,6 +44,14 @@ def use_store_secret(task: PipelineTask, cfg: HetLoRAConfig) -> PipelineTask:
     never appear in the compiled YAML, the run's parameters or the KFP UI."""
     if cfg.store.kind == "s3":
         kubernetes.use_secret_as_env(task, secret_name=cfg.kubeflow.store_secret, secret_key_to_env=dict(SECRET_KEYS))
+    return task
+
+
+def share_cpus(task: PipelineTask, concurrent_tasks: int | None) -> PipelineTask:
+    """Tell a model task how many tasks share its machine (kfp.local runs two at once); it then
+    gives torch floor(CPUs / that) threads (hetlora_core.threads). Nothing is set for the cluster."""
+    if concurrent_tasks:
+        task.set_env_variable(CONCURRENT_TASKS_ENV, str(concurrent_tasks))
     return task
 
 

@@ -38,8 +38,11 @@ def tier_groups(cfg: HetLoRAConfig, plan: RoundPlan) -> list[tuple[Any, list[str
     return out
 
 
-def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components | None = None) -> Callable[..., Any]:
-    """A ``@dsl.pipeline`` for round ``plan.round``; defaults embed the (credential-free) config."""
+def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components | None = None,
+                         concurrent_tasks: int | None = None) -> Callable[..., Any]:
+    """A ``@dsl.pipeline`` for round ``plan.round``; defaults embed the (credential-free) config.
+    ``concurrent_tasks``: how many tasks one machine runs at once (kfp.local), so each model task
+    sizes its torch threads to its share of the CPUs; None in the cluster (a pod's own quota counts)."""
     comps = comps or build(cfg.kubeflow.image)
     groups = tier_groups(cfg, plan)
     largest = max(cfg.ranks.tiers, key=lambda t: t.rank)
@@ -57,6 +60,7 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
                 platform.use_store_secret(train, cfg)
                 platform.harden(train, cfg.federation.client_timeout_s + HARD_TIMEOUT_GRACE_S)
                 train.set_retry(num_retries=2, backoff_duration="30s")  # preemption: re-run overwrites the same keys
+                platform.share_cpus(train, concurrent_tasks)
                 prune = comps.prune(config_json=config_json, round_index=round_index, client_id=client_id).after(train)
                 prune.set_display_name(f"prune-{tier.name}")
                 platform.set_small_resources(prune)
@@ -72,6 +76,7 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
         ev = comps.evaluate(config_json=config_json, round_index=round_index, round_started_at=round_started_at).after(agg)
         ev.set_display_name("evaluate")
         platform.set_tier_resources(ev, largest)  # evaluation runs the model at r_max
+        platform.share_cpus(ev, concurrent_tasks)
         platform.use_store_secret(ev, cfg)
         platform.harden(ev)
 

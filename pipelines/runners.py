@@ -40,7 +40,7 @@ class KfpLocalExecutor:
     name, command = "kfp.local", "hetlora run"
 
     def __init__(self, pipeline_root: str | Path, log_root: str | Path | None = None, verbose: bool = False,
-                 show: Callable[[str], None] | None = None) -> None:
+                 show: Callable[[str], None] | None = None, concurrent_tasks: int | None = 2) -> None:
         from kfp import local
 
         root = Path(pipeline_root).resolve()
@@ -48,6 +48,9 @@ class KfpLocalExecutor:
         self.log_root = Path(log_root) if log_root else root.parent / "logs"
         self.verbose, self.show = verbose, show or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.on_task: Callable[[str, str], None] | None = None
+        # kfp.local's SubprocessRunner runs at most two tasks at once (../shared/PLATFORM-NOTES.md):
+        # each model task gets half the CPUs instead of all of them twice over.
+        self.concurrent_tasks = concurrent_tasks
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
 
     def _run(self, call: Callable[[], Any], folder: str, kinds: dict[str, str]) -> None:
@@ -75,8 +78,8 @@ class KfpLocalExecutor:
         for i, (tier, _ids) in enumerate(tier_groups(cfg, plan)):
             suffix = "" if i == 0 else f"-{i + 1}"
             kinds.update({f"train-client{suffix}": f"train {tier.name}", f"prune-client{suffix}": f"prune {tier.name}"})
-        self._run(lambda: build_round_pipeline(cfg, plan)(config_json=cfg.to_json(), round_index=plan.round,
-                                                          round_started_at=started_at),
+        self._run(lambda: build_round_pipeline(cfg, plan, concurrent_tasks=self.concurrent_tasks)(
+                      config_json=cfg.to_json(), round_index=plan.round, round_started_at=started_at),
                   st.round_name(plan.round), kinds)
 
     def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:

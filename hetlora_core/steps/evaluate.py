@@ -54,6 +54,11 @@ def evaluate(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> dict[str, Any]:
     gman = st.get_manifest(store, st.global_prefix(cfg.experiment, rnd))
     if gman is None:
         raise st.NotFound(f"round {rnd} of {cfg.experiment} is not committed; nothing to evaluate")
+    import torch
+
+    from ..threads import task_threads
+
+    torch.set_num_threads(task_threads(cfg.training.threads))  # the CPUs this task may use (threads.py)
     method, model = method_for(cfg), runtime.model(cfg)
     glob = load_global(cfg, store, rnd + 1, method.model_spec(model))
     ranks = {c: (s.get("module_ranks") or int(s["rank"])) for c, s in gman["clients"].items()}

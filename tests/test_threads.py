@@ -1,0 +1,58 @@
+"""Torch threads per task: the cgroup quota and the affinity mask, shared by concurrent tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hetlora_core import threads
+
+
+def test_cgroup_v2_and_v1_quotas(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert threads.cgroup_cpu_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert threads.cgroup_cpu_quota(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads.cgroup_cpu_quota(v1) == 3.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert threads.cgroup_cpu_quota(v1) is None
+    assert threads.cgroup_cpu_quota(tmp_path / "none") is None
+
+
+def test_task_threads_share_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert threads.task_threads(3, concurrent=2, cpus=16) == 3  # training.threads set: used as is
+    assert threads.task_threads(0, concurrent=2, cpus=16) == 8
+    assert threads.task_threads(0, concurrent=2, cpus=1.5) == 1  # never 0
+    monkeypatch.setenv(threads.CONCURRENT_TASKS_ENV, "4")
+    assert threads.task_threads(0, cpus=8) == 2
+    monkeypatch.delenv(threads.CONCURRENT_TASKS_ENV)
+    assert threads.task_threads(0, cpus=8) == 8
+
+
+def test_kfp_local_round_tells_model_tasks_how_many_share_the_machine(tmp_path: Path) -> None:
+    """The env var is set on the kfp.local build only; the compiled (cluster) pipeline has none."""
+    import yaml
+    from hetlora_kfp.pipelines.round import build_round_pipeline
+    from kfp import compiler
+
+    from hetlora_core.config import load_config
+    from hetlora_core.steps.plan import ClientPlan, RoundPlan
+
+    cfg = load_config("configs/smoke.yaml")
+    plan = RoundPlan("smoke", 0, [ClientPlan("a", "small", 2), ClientPlan("b", "large", 8)],
+                     {"a": {"rank": 2, "tier": "small"}, "b": {"rank": 8, "tier": "large"}})
+    envs = {}
+    for n in (2, None):
+        compiler.Compiler().compile(build_round_pipeline(cfg, plan, concurrent_tasks=n), str(tmp_path / "p.yaml"))
+        spec = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+        envs[n] = {name: ex["container"].get("env", []) for name, ex in spec["deploymentSpec"]["executors"].items()}
+    want = {"name": threads.CONCURRENT_TASKS_ENV, "value": "2"}
+    model_tasks = [e for e in envs[2] if "train" in e or "evaluate" in e]
+    assert len(model_tasks) == 3 and all(want in envs[2][e] for e in model_tasks)  # 2 tiers' train + evaluate
+    assert not any(want in env for e, env in envs[2].items() if e not in model_tasks)
+    assert not any(want in env for env in envs[None].values())
