@@ -186,14 +186,6 @@ def _facts_of(updates: Sequence[ClientUpdate]) -> list[ClientFacts]:
     return [ClientFacts(u.client_id, u.num_samples, u.adapter.ranks, u.adapter.nbytes()) for u in updates]
 
 
-def _by_rank(adapters: Sequence[LoraAdapter], m: str) -> list[tuple[int, list[int]]]:
-    """(rank, indices) of the adapters at module ``m``, ranks in order of first appearance."""
-    out: dict[int, list[int]] = {}
-    for i, a in enumerate(adapters):
-        out.setdefault(int(a.A[m].shape[0]), []).append(i)
-    return list(out.items())
-
-
 class _Scratch:
     """Reused float64 buffers (grown on demand), so a group allocates nothing per client."""
 
@@ -210,26 +202,46 @@ class _Scratch:
 class _FactorSums:
     """Running float64 sums ``sum_k W[k, j] pad(A_k)``, ``sum_k W[k, j] pad(B_k)`` and the column
     weights ``sum_k W[k, j]`` per module at ``r_max`` (component j of client k weighs ``W[k, j] =
-    p_k`` if ``j < r_k`` else 0, its zero padding)."""
+    p_k`` if ``j < r_k`` else 0, its zero padding). B is accumulated transposed (component j = row j
+    of both sums), so every update of a sum runs over contiguous rows. A module's sums are allocated
+    at its first group and freed when it is finished (fed module by module, the allocator then
+    hands the next module the same, already mapped, memory)."""
 
-    def __init__(self, prev_global: LoraAdapter, r_max: int) -> None:
-        self.prev, self.r_max = prev_global, r_max
-        self.a = {m: np.zeros((r_max, prev_global.A[m].shape[1])) for m in prev_global.modules}
-        self.b = {m: np.zeros((prev_global.B[m].shape[0], r_max)) for m in prev_global.modules}
-        self.col = {m: np.zeros(r_max) for m in prev_global.modules}
+    def __init__(self, prev_global: LoraAdapter, r_max: int, cfg: StrategyConfig) -> None:
+        self.prev, self.r_max, self.cfg = prev_global, r_max, cfg
+        self._sums: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # module -> (a, bt, col)
+        self._done: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # module -> (A, B) float32
         self._scratch = _Scratch()
 
     def add(self, adapters: Sequence[LoraAdapter], w: Mapping[str, np.ndarray]) -> None:
-        """Add the adapters with weights ``w[module]`` (one per adapter): per module and rank, one
-        weighted reduction of the stacked A and one of the stacked B (B kept out x r, so every
-        client's B is one contiguous row of the stack)."""
-        for m in self.a:
-            wm = np.asarray(w[m], dtype=np.float64)
-            for r, idx in _by_rank(adapters, m):
-                wk = wm if len(idx) == len(adapters) else wm[idx]
-                self.a[m][:r] += self._weighted_sum([adapters[i].A[m] for i in idx], wk).reshape(r, -1)
-                self.b[m][:, :r] += self._weighted_sum([adapters[i].B[m] for i in idx], wk).reshape(-1, r)
-                self.col[m][:r] += wk.sum()
+        """Add a group of adapters of equal per-module ranks with weights ``w[module]`` (one per
+        adapter), module by module. Each module's sums see the same operations whatever order the
+        modules and groups come in (``add_module``), so the result does not depend on it."""
+        ranks = adapters[0].ranks
+        if any(a.ranks != ranks for a in adapters[1:]):
+            raise AdapterError("a group's adapters must have equal per-module ranks (see rank_groups)")
+        for m in ranks:
+            self.add_module(m, adapters, w[m])
+
+    def add_module(self, m: str, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
+        """Module ``m`` of a group (equal ranks there): one weighted reduction of the stacked A and
+        one of the stacked B^T; a group of one is just its weighted adds (stacking only adds calls)."""
+        if m not in self._sums:
+            self._sums[m] = (np.zeros((self.r_max, self.prev.A[m].shape[1])), np.zeros((self.r_max, self.prev.B[m].shape[0])),
+                             np.zeros(self.r_max))
+        a, bt, col = self._sums[m]
+        r = adapters[0].A[m].shape[0]
+        if len(adapters) == 1:
+            x, wk = adapters[0], float(w[0])
+            tmp = self._scratch.get("stack", max(x.A[m].size, x.B[m].size))
+            _add_scaled(a[:r], x.A[m], wk, tmp)
+            _add_scaled(bt[:r], x.B[m].T, wk, tmp)
+            col[:r] += wk
+            return
+        ws = np.asarray(w, dtype=np.float64)
+        a[:r] += self._weighted_sum([x.A[m] for x in adapters], ws).reshape(r, -1)
+        bt[:r] += self._weighted_sum([x.B[m].T for x in adapters], ws).reshape(r, -1)
+        col[:r] += ws.sum()
 
     def _weighted_sum(self, xs: list[np.ndarray], w: np.ndarray) -> np.ndarray:
         """``sum_k w_k x_k`` in float64 for equal-shape float32 arrays: the float32 -> float64 cast
@@ -241,24 +253,30 @@ class _FactorSums:
         np.dot(w, stack.reshape(k, rows * cols), out=out)
         return out
 
-    def result(self, cfg: StrategyConfig) -> LoraAdapter:
-        """``normalisation="paper"`` uses W as is (the paper's formula); ``"rank_aware"`` divides
-        column j by ``sum_k W[k, j]`` so a component trained by few clients is not shrunk by ``p_k^2``
-        in B A. Components with ``sum_k W[k, j] == 0`` keep the previous global value
-        (``untrained_components = "keep"``) or become zero (``"zero"``, paper-literal)."""
-        A_g, B_g = {}, {}
+    def finish(self, m: str) -> None:
+        """Module ``m``'s float32 factors; its float64 sums are freed. ``normalisation="paper"``
+        uses W as is (the paper's formula); ``"rank_aware"`` divides column j by ``sum_k W[k, j]``
+        so a component trained by few clients is not shrunk by ``p_k^2`` in B A. Components with
+        ``sum_k W[k, j] == 0`` keep the previous global value (``untrained_components = "keep"``)
+        or become zero (``"zero"``, paper-literal)."""
+        r_max, in_f, out_f = self.r_max, self.prev.A[m].shape[1], self.prev.B[m].shape[0]
+        a, bt, col = self._sums.pop(m, None) or (np.zeros((r_max, in_f)), np.zeros((r_max, out_f)), np.zeros(r_max))
+        if self.cfg.normalisation == "rank_aware":
+            inv = 1.0 / np.where(col > 0, col, 1.0)  # untrained: handled below
+            a *= inv[:, None]
+            bt *= inv[:, None]
+        untrained = col == 0
+        if self.cfg.untrained_components == "keep" and untrained.any():
+            a[untrained] = self.prev.A[m][untrained]
+            bt[untrained] = self.prev.B[m][:, untrained].T
+        self._done[m] = (a.astype(np.float32), np.ascontiguousarray(bt.T, dtype=np.float32))
+
+    def result(self) -> LoraAdapter:
         for m in self.prev.modules:
-            a, b, col = self.a[m].copy(), self.b[m].copy(), self.col[m]
-            if cfg.normalisation == "rank_aware":
-                inv = 1.0 / np.where(col > 0, col, 1.0)  # untrained: handled below
-                a *= inv[:, None]
-                b *= inv[None, :]
-            untrained = col == 0
-            if cfg.untrained_components == "keep" and untrained.any():
-                a[untrained] = self.prev.A[m][untrained]
-                b[:, untrained] = self.prev.B[m][:, untrained]
-            A_g[m], B_g[m] = a.astype(np.float32), b.astype(np.float32)
-        return LoraAdapter(A_g, B_g, self.prev.scale)
+            if m not in self._done:
+                self.finish(m)
+        return LoraAdapter({m: self._done[m][0] for m in self.prev.modules}, {m: self._done[m][1] for m in self.prev.modules},
+                           self.prev.scale)
 
 
 def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p: dict[str, np.ndarray],
@@ -271,10 +289,13 @@ def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p
     Components with ``sum_k W[k, j] == 0`` keep the previous global value (``untrained_components
     = "keep"``) or become zero (``"zero"``, paper-literal; then they can never train again).
     Clients are reduced group by group (``rank_groups``), float64 accumulation, float32 result."""
-    sums = _FactorSums(prev_global, r_max)
-    for idx in rank_groups(_facts_of(updates)):
-        sums.add([updates[i].adapter for i in idx], {m: p[m][idx] for m in prev_global.modules})
-    return sums.result(cfg)
+    sums = _FactorSums(prev_global, r_max, cfg)
+    groups = [(idx, [updates[i].adapter for i in idx]) for idx in rank_groups(_facts_of(updates))]
+    for m in prev_global.modules:  # module by module: one module's sums live at a time
+        for idx, adapters in groups:
+            sums.add_module(m, adapters, p[m][idx])
+        sums.finish(m)
+    return sums.result()
 
 
 def _add_scaled(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray) -> None:
@@ -321,41 +342,56 @@ class _DeltaSums:
     column-stacked ``[w_k s_k B_k]`` (out x R) by the row-stacked ``[A_k]`` (R x in) per group, into
     a float64 (out x in) sum, never a dense delta per client. Where the round's whole stacked rank
     (``total_ranks``, known from the facts up front) is at most half of min(out, in), the stacked
-    factors themselves are kept and ``result`` factors their product through ``_low_rank_svd``
-    (no out x in SVD): the same best rank-r approximation, at a fraction of the cost."""
+    factors themselves are kept and ``finish`` factors their product through ``_low_rank_svd``
+    (no out x in SVD): the same best rank-r approximation, at a fraction of the cost. A module's
+    sum is allocated at its first group and freed when it is finished, as in ``_FactorSums``."""
 
     def __init__(self, prev_global: LoraAdapter, r_max: int, total_ranks: Mapping[str, int]) -> None:
         self.prev, self.r_max = prev_global, r_max
-        shapes = {m: (prev_global.B[m].shape[0], prev_global.A[m].shape[1]) for m in prev_global.modules}
-        self.shapes = shapes
-        self.dense = {m: np.zeros(s) for m, s in shapes.items() if 2 * total_ranks[m] > min(s)}
-        self.stacked: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {m: ([], []) for m in shapes if m not in self.dense}
+        self.shapes = {m: (prev_global.B[m].shape[0], prev_global.A[m].shape[1]) for m in prev_global.modules}
+        self.low_rank = {m for m, s in self.shapes.items() if 2 * total_ranks[m] <= min(s)}
+        self.dense: dict[str, np.ndarray] = {}
+        self.stacked: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self._done: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._scratch = _Scratch()
 
     def add(self, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
+        """Add a group with sample weights ``w``, module by module (see ``_FactorSums.add``)."""
+        for m in self.shapes:
+            self.add_module(m, adapters, w)
+
+    def add_module(self, m: str, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
         ws = np.asarray(w, dtype=np.float64) * np.array([a.scale for a in adapters], dtype=np.float64)
-        for m, (out_f, in_f) in self.shapes.items():
-            Bc = np.concatenate([a.B[m] for a in adapters], axis=1, dtype=np.float64)
-            Bc *= np.repeat(ws, [a.A[m].shape[0] for a in adapters])  # column block k times w_k s_k
-            Ac = np.concatenate([a.A[m] for a in adapters], axis=0, dtype=np.float64)
-            if m in self.dense:
-                prod = self._scratch.get("prod", out_f * in_f).reshape(out_f, in_f)
-                np.matmul(Bc, Ac, out=prod)
-                self.dense[m] += prod
-            else:
-                self.stacked[m][0].append(Bc)
-                self.stacked[m][1].append(Ac)
+        Bc = np.concatenate([a.B[m] for a in adapters], axis=1, dtype=np.float64)
+        Bc *= np.repeat(ws, [a.A[m].shape[0] for a in adapters])  # column block k times w_k s_k
+        Ac = np.concatenate([a.A[m] for a in adapters], axis=0, dtype=np.float64)
+        if m in self.low_rank:
+            Bs, As = self.stacked.setdefault(m, ([], []))
+            Bs.append(Bc)
+            As.append(Ac)
+            return
+        out_f, in_f = self.shapes[m]
+        if m not in self.dense:
+            self.dense[m] = np.zeros((out_f, in_f))
+        prod = self._scratch.get("prod", out_f * in_f).reshape(out_f, in_f)
+        np.matmul(Bc, Ac, out=prod)
+        self.dense[m] += prod
+
+    def finish(self, m: str) -> None:
+        """Module ``m``'s balanced factors by SVD; its sums are freed."""
+        shape = self.shapes[m]
+        if m in self.low_rank:
+            Bs, As = self.stacked.pop(m, ([np.zeros((shape[0], 1))], [np.zeros((1, shape[1]))]))
+            U, S, Vh = _low_rank_svd(np.concatenate(Bs, axis=1), np.concatenate(As, axis=0), self.r_max)
+        else:
+            U, S, Vh = np.linalg.svd(self.dense.pop(m, np.zeros(shape)), full_matrices=False)
+        self._done[m] = _balanced(U, S, Vh, self.r_max, self.prev.scale, shape)
 
     def result(self) -> LoraAdapter:
-        A_g, B_g = {}, {}
-        for m, shape in self.shapes.items():
-            if m in self.dense:
-                U, S, Vh = np.linalg.svd(self.dense[m], full_matrices=False)
-            else:
-                Bs, As = self.stacked[m]
-                U, S, Vh = _low_rank_svd(np.concatenate(Bs, axis=1), np.concatenate(As, axis=0), self.r_max)
-            A_g[m], B_g[m] = _balanced(U, S, Vh, self.r_max, self.prev.scale, shape)
-        return LoraAdapter(A_g, B_g, self.prev.scale)
+        for m in self.shapes:
+            if m not in self._done:
+                self.finish(m)
+        return LoraAdapter({m: self._done[m][0] for m in self.shapes}, {m: self._done[m][1] for m in self.shapes}, self.prev.scale)
 
 
 def recon_svd(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], r_max: int) -> tuple[LoraAdapter, dict[str, np.ndarray]]:
@@ -364,8 +400,11 @@ def recon_svd(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], r_max: 
     w = n / n.sum()
     facts = _facts_of(updates)
     sums = _DeltaSums(prev_global, r_max, {m: sum(f.ranks[m] for f in facts) for m in prev_global.modules})
-    for idx in rank_groups(facts):
-        sums.add([updates[i].adapter for i in idx], w[idx])
+    groups = [(idx, [updates[i].adapter for i in idx]) for idx in rank_groups(facts)]
+    for m in prev_global.modules:  # module by module, as in average_factors
+        for idx, adapters in groups:
+            sums.add_module(m, adapters, w[idx])
+        sums.finish(m)
     return sums.result(), {m: w for m in prev_global.modules}
 
 
@@ -434,13 +473,32 @@ class Aggregation:
                 raise ValueError("sparsity weights need every client's delta norms: make the facts with client_facts(update, cfg)")
             self.p, self.fallback = _weights(n, [d for d in norms if d is not None] if weighting(cfg) == "sparsity" else None,
                                              modules, cfg)
-            self._sums = _FactorSums(prev_global, r_max)
+            self._sums = _FactorSums(prev_global, r_max, cfg)
         self.groups = rank_groups(self.facts)
         self._added = [False] * len(self.facts)
 
     def add(self, indices: Sequence[int], adapters: Sequence[LoraAdapter]) -> None:
-        """Add clients ``indices`` (a group) whose adapters are ``adapters``; the clipping decided
-        in their facts is applied here."""
+        """Add clients ``indices`` (an entry of ``groups``) whose adapters are ``adapters``; the
+        clipping decided in their facts is applied here."""
+        idx, clipped = self._take(indices, adapters)
+        if isinstance(self._sums, _DeltaSums):
+            self._sums.add(clipped, next(iter(self.p.values()))[idx])
+        else:
+            self._sums.add(clipped, {m: w[idx] for m, w in self.p.items()})
+
+    def add_all(self, adapters: Sequence[LoraAdapter]) -> None:
+        """Add every client at once (``adapters[i]`` is client i's), module by module: the same
+        operations on each module's sums as ``add`` group by group, so the same bytes, with a
+        module's sums kept in cache across the groups."""
+        if len(adapters) != len(self.facts):
+            raise ValueError(f"{len(self.facts)} clients but {len(adapters)} adapters")
+        taken = [self._take(g, [adapters[i] for i in g]) for g in self.groups]
+        for m, w in self.p.items():
+            for idx, clipped in taken:
+                self._sums.add_module(m, clipped, w[idx])
+            self._sums.finish(m)
+
+    def _take(self, indices: Sequence[int], adapters: Sequence[LoraAdapter]) -> tuple[list[int], list[LoraAdapter]]:
         if len(indices) != len(adapters):
             raise ValueError(f"{len(indices)} client indices but {len(adapters)} adapters")
         clipped = []
@@ -451,19 +509,15 @@ class Aggregation:
             if a.ranks != f.ranks:
                 raise AdapterError(f"client {f.client_id}: ranks {a.ranks} differ from its facts' {f.ranks}")
             clipped.append(clip_adapter(a, f.clip))
-        idx = list(indices)
-        if isinstance(self._sums, _DeltaSums):
-            self._sums.add(clipped, next(iter(self.p.values()))[idx])
-        else:
-            self._sums.add(clipped, {m: w[idx] for m, w in self.p.items()})
-        for i in idx:
+        for i in indices:
             self._added[i] = True
+        return list(indices), clipped
 
     def result(self) -> tuple[LoraAdapter, AggregationInfo]:
         missing = [f.client_id for f, done in zip(self.facts, self._added, strict=True) if not done]
         if missing:
             raise ValueError(f"aggregation incomplete: clients {missing[:5]} were never added")
-        new = self._sums.result() if isinstance(self._sums, _DeltaSums) else self._sums.result(self.cfg)
+        new = self._sums.result()
         ids = [f.client_id for f in self.facts]
         p = self.p
         info = AggregationInfo(fallback=self.fallback, clipped=[f.client_id for f in self.facts if f.clip is not None])
@@ -486,6 +540,5 @@ def aggregate(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], cfg: St
         if u.adapter.rank > r_max:
             raise AdapterError(f"client {u.client_id}: rank {u.adapter.rank} > r_max {r_max}")
     agg = Aggregation(prev_global, [client_facts(u, cfg) for u in updates], cfg, r_max)
-    for idx in agg.groups:
-        agg.add(idx, [updates[i].adapter for i in idx])
+    agg.add_all([u.adapter for u in updates])
     return agg.result()
