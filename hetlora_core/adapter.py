@@ -85,8 +85,10 @@ class LoraAdapter:
             same.setdefault((self.A[m].shape, self.B[m].shape), []).append(m)
         out = {}
         for ms in same.values():
-            a = np.stack([self.A[m] for m in ms], dtype=np.float64)  # (M, r, in)
-            b = np.stack([self.B[m] for m in ms], dtype=np.float64)  # (M, out, r)
+            (r, in_f), out_f = self.A[ms[0]].shape, self.B[ms[0]].shape[0]
+            # np.stack's layout, from one concatenate (np.stack adds Python work per array)
+            a = np.concatenate([self.A[m] for m in ms], axis=0, dtype=np.float64).reshape(len(ms), r, in_f)
+            b = np.concatenate([self.B[m] for m in ms], axis=0, dtype=np.float64).reshape(len(ms), out_f, r)
             sq = np.sum((b.transpose(0, 2, 1) @ b) * (a @ a.transpose(0, 2, 1)), axis=(1, 2))
             for m, v in zip(ms, sq.tolist(), strict=True):
                 out[m] = abs(self.scale) * max(v, 0.0) ** 0.5
