@@ -34,10 +34,12 @@ import numpy as np
 from .adapter import AdapterError, LoraAdapter
 from .config import StrategyConfig
 
-# A group holds at most this many bytes of float32 factors (one client more if a single one is
-# larger): the most the streaming aggregate step holds decoded at once, and the size of the float64
-# stack a group is copied into, module by module (2x the largest module's share of it).
-GROUP_BYTES = 32 * 2**20
+# A group holds at most this many bytes of float32 factors (or one client, if it alone is larger):
+# the most the streaming aggregate step holds decoded at once; a group is copied into a float64 stack
+# one module at a time (2x that module's share of it). Larger groups mean fewer, larger reductions:
+# factor averaging of 300 SmolLM2 q/v clients measured 5.5x / 5.1x / 4.8x the numpy floor with
+# groups of 32 / 64 / 128 MiB (4.7x / 6.7x / 8.7x with 16 / 8 / 4 MiB).
+GROUP_BYTES = 64 * 2**20
 
 
 @dataclass
