@@ -38,7 +38,7 @@ from .config import StrategyConfig
 # the most the streaming aggregate step holds decoded at once; a group is copied into a float64 stack
 # one module at a time (2x that module's share of it). Larger groups mean fewer, larger reductions:
 # factor averaging of 300 SmolLM2 q/v clients measured 5.5x / 5.1x / 4.8x the numpy floor with
-# groups of 32 / 64 / 128 MiB (4.7x / 6.7x / 8.7x with 16 / 8 / 4 MiB).
+# groups of 32 / 64 / 128 MiB (6.7x / 8.7x / 10.9x with 16 / 8 / 4 MiB; one run, machine shared).
 GROUP_BYTES = 64 * 2**20
 
 
