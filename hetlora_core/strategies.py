@@ -12,18 +12,34 @@ Three code paths cover every method of HETLORA.md:
 * full fine-tuning FedAvg (``full_ft``): ``average_tensors`` over full weight deltas.
 
 Everything is numpy (float64 accumulation, float32 results): the aggregate step loads no torch.
+
+Clients are reduced in *groups*: clients with the same per-module ranks, in batches of at most
+``GROUP_BYTES`` of factors (``rank_groups``). A group costs one float32 -> float64 copy into a reused
+stack and one weighted reduction (a GEMV of the weights against the stack, or for Recon+SVD one GEMM
+of the stacked factors) per module, instead of a Python loop over clients and modules. The weights
+need only a few numbers per client (``ClientFacts``: ranks, sample count, delta norms), so
+``Aggregation`` can also be fed group by group: the aggregate step keeps the facts of every upload
+and then holds one group of decoded uploads at a time (``steps/aggregate.py``). ``aggregate`` is the
+same object fed from memory, so both give the same bytes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .adapter import AdapterError, LoraAdapter
 from .config import StrategyConfig
+
+# A group holds at most this many bytes of float32 factors (or one client, if it alone is larger):
+# the most the streaming aggregate step holds decoded at once; a group is copied into a float64 stack
+# one module at a time (2x that module's share of it). Larger groups mean fewer, larger reductions:
+# factor averaging of 300 SmolLM2 q/v clients measured 5.5x / 5.1x / 4.8x the numpy floor with
+# groups of 32 / 64 / 128 MiB (6.7x / 8.7x / 10.9x with 16 / 8 / 4 MiB; one run, machine shared).
+GROUP_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -45,11 +61,41 @@ class AggregationInfo:
     clipped: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ClientFacts:
+    """What the weights, the clipping and the grouping need from one client; everything else is
+    read from its adapter group by group. ``norms`` (``||s B A||_F`` per module, after clipping)
+    is computed only when the sparsity weights or the clipping need it."""
+
+    client_id: str
+    num_samples: int
+    ranks: dict[str, int]
+    nbytes: int  # float32 factor bytes
+    norms: dict[str, float] | None = None
+    clip: float | None = None  # the factor B is scaled by (update-norm clipping), None if not clipped
+
+
 def weighting(cfg: StrategyConfig) -> str:
     """Which weights the factor-averaging path uses for this strategy."""
     if cfg.name == "hetlora":
         return "sparsity" if cfg.sparsity_weights else "uniform"
     return {"zero_pad": "uniform", "homlora": "samples"}.get(cfg.name, "samples")
+
+
+def clip_factor(norms: Mapping[str, float], clip_norm: float | None) -> float | None:
+    """``clip_norm / ||update||`` for a client whose total ``||s B A||_F`` over modules exceeds
+    ``clip_norm``, else None."""
+    if clip_norm is None:
+        return None
+    norm = math.sqrt(sum(n * n for n in norms.values()))
+    return clip_norm / norm if norm > clip_norm else None
+
+
+def clip_adapter(adapter: LoraAdapter, factor: float | None) -> LoraAdapter:
+    """The adapter with B scaled by ``factor`` (a new object; A is shared, never written), or itself."""
+    if factor is None:
+        return adapter
+    return LoraAdapter(dict(adapter.A), {m: b * factor for m, b in adapter.B.items()}, adapter.scale)
 
 
 def clip_updates(updates: Sequence[ClientUpdate], clip_norm: float | None) -> tuple[list[ClientUpdate], list[str]]:
@@ -61,31 +107,35 @@ def clip_updates(updates: Sequence[ClientUpdate], clip_norm: float | None) -> tu
         return list(updates), []
     out, clipped = [], []
     for u in updates:
-        norm = math.sqrt(sum(n * n for n in u.adapter.delta_norms().values()))
-        if norm > clip_norm:
-            f = clip_norm / norm
-            a = u.adapter.clone()
-            a.B = {m: b * f for m, b in a.B.items()}
-            out.append(ClientUpdate(u.client_id, a, u.num_samples))
+        f = clip_factor(u.adapter.delta_norms(), clip_norm)
+        out.append(u if f is None else ClientUpdate(u.client_id, clip_adapter(u.adapter, f), u.num_samples))
+        if f is not None:
             clipped.append(u.client_id)
-        else:
-            out.append(u)
     return out, clipped
 
 
-def client_weights(updates: Sequence[ClientUpdate], cfg: StrategyConfig) -> tuple[dict[str, np.ndarray], str]:
-    """Weights ``p[module]``, float64 arrays of shape (K,) summing to 1, and a fallback note.
+def client_facts(update: ClientUpdate, cfg: StrategyConfig) -> ClientFacts:
+    """The facts of one client under ``cfg``: clipping decided here (it depends on the client alone),
+    norms measured on the clipped adapter, as the weights see it."""
+    a = update.adapter
+    sparsity = cfg.name != "recon_svd" and weighting(cfg) == "sparsity"
+    norms = a.delta_norms() if sparsity or cfg.clip_norm is not None else None
+    f = clip_factor(norms, cfg.clip_norm) if norms is not None else None
+    if f is not None and sparsity:
+        norms = clip_adapter(a, f).delta_norms()
+    return ClientFacts(update.client_id, update.num_samples, a.ranks, a.nbytes(), norms if sparsity else None, f)
 
-    Sparsity weights ``S_k = ||B_k A_k||_F`` per module (or, per client, the norm over all modules);
-    if every ``S_k`` is zero (round 0: all B are zero) fall back to sample-count weights."""
-    modules = updates[0].adapter.modules
-    n = np.array([u.num_samples for u in updates], dtype=np.float64)
+
+def _weights(n: np.ndarray, norms: Sequence[Mapping[str, float]] | None, modules: Sequence[str],
+             cfg: StrategyConfig) -> tuple[dict[str, np.ndarray], str]:
+    """``p[module]`` from sample counts ``n`` and (sparsity weighting) per-client module norms."""
     kind = weighting(cfg)
     if kind == "uniform":
-        return {m: np.full(len(updates), 1.0 / len(updates)) for m in modules}, ""
+        return {m: np.full(len(n), 1.0 / len(n)) for m in modules}, ""
     if kind == "samples":
         return {m: n / n.sum() for m in modules}, ""
-    norms = [u.adapter.delta_norms() for u in updates]
+    if norms is None:
+        raise ValueError("sparsity weights need every client's delta norms")
     if cfg.weight_granularity == "client":
         per_client = np.array([math.sqrt(sum(v * v for v in d.values())) for d in norms])
         raw = {m: per_client for m in modules}
@@ -103,6 +153,134 @@ def client_weights(updates: Sequence[ClientUpdate], cfg: StrategyConfig) -> tupl
     return out, fallback
 
 
+def client_weights(updates: Sequence[ClientUpdate], cfg: StrategyConfig) -> tuple[dict[str, np.ndarray], str]:
+    """Weights ``p[module]``, float64 arrays of shape (K,) summing to 1, and a fallback note.
+
+    Sparsity weights ``S_k = ||B_k A_k||_F`` per module (or, per client, the norm over all modules);
+    if every ``S_k`` is zero (round 0: all B are zero) fall back to sample-count weights."""
+    n = np.array([u.num_samples for u in updates], dtype=np.float64)
+    norms = [u.adapter.delta_norms() for u in updates] if weighting(cfg) == "sparsity" else None
+    return _weights(n, norms, updates[0].adapter.modules, cfg)
+
+
+def rank_groups(facts: Sequence[ClientFacts], max_bytes: int | None = None) -> list[list[int]]:
+    """Client indices in groups of equal per-module ranks (signatures in order of first appearance,
+    clients in input order) of at most ``max_bytes`` (default ``GROUP_BYTES``) each, or one client."""
+    max_bytes = GROUP_BYTES if max_bytes is None else max_bytes
+    by_sig: dict[tuple[tuple[str, int], ...], list[int]] = {}
+    for i, f in enumerate(facts):
+        by_sig.setdefault(tuple(sorted(f.ranks.items())), []).append(i)
+    groups: list[list[int]] = []
+    for members in by_sig.values():
+        cur: list[int] = []
+        size = 0
+        for i in members:
+            if cur and size + facts[i].nbytes > max_bytes:
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append(i)
+            size += facts[i].nbytes
+        groups.append(cur)
+    return groups
+
+
+def _facts_of(updates: Sequence[ClientUpdate]) -> list[ClientFacts]:
+    return [ClientFacts(u.client_id, u.num_samples, u.adapter.ranks, u.adapter.nbytes()) for u in updates]
+
+
+class _Scratch:
+    """Reused float64 buffers (grown on demand), so a group allocates nothing per client."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, size: int) -> np.ndarray:
+        buf = self._bufs.get(name)
+        if buf is None or buf.size < size:
+            buf = self._bufs[name] = np.empty(size)
+        return buf[:size]
+
+
+class _FactorSums:
+    """Running float64 sums ``sum_k W[k, j] pad(A_k)``, ``sum_k W[k, j] pad(B_k)`` and the column
+    weights ``sum_k W[k, j]`` per module at ``r_max`` (component j of client k weighs ``W[k, j] =
+    p_k`` if ``j < r_k`` else 0, its zero padding). B is accumulated transposed (component j = row j
+    of both sums), so every update of a sum runs over contiguous rows. A module's sums are allocated
+    at its first group and freed when it is finished (fed module by module, the allocator then
+    hands the next module the same, already mapped, memory)."""
+
+    def __init__(self, prev_global: LoraAdapter, r_max: int, cfg: StrategyConfig) -> None:
+        self.prev, self.r_max, self.cfg = prev_global, r_max, cfg
+        self._sums: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # module -> (a, bt, col)
+        self._done: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # module -> (A, B) float32
+        self._scratch = _Scratch()
+
+    def add(self, adapters: Sequence[LoraAdapter], w: Mapping[str, np.ndarray]) -> None:
+        """Add a group of adapters of equal per-module ranks with weights ``w[module]`` (one per
+        adapter), module by module. Each module's sums see the same operations whatever order the
+        modules and groups come in (``add_module``), so the result does not depend on it."""
+        ranks = adapters[0].ranks
+        if any(a.ranks != ranks for a in adapters[1:]):
+            raise AdapterError("a group's adapters must have equal per-module ranks (see rank_groups)")
+        for m in ranks:
+            self.add_module(m, adapters, w[m])
+
+    def add_module(self, m: str, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
+        """Module ``m`` of a group (equal ranks there): one weighted reduction of the stacked A and
+        one of the stacked B^T; a group of one is just its weighted adds (stacking only adds calls)."""
+        if m not in self._sums:
+            self._sums[m] = (np.zeros((self.r_max, self.prev.A[m].shape[1])), np.zeros((self.r_max, self.prev.B[m].shape[0])),
+                             np.zeros(self.r_max))
+        a, bt, col = self._sums[m]
+        r = adapters[0].A[m].shape[0]
+        if len(adapters) == 1:
+            x, wk = adapters[0], float(w[0])
+            tmp = self._scratch.get("stack", max(x.A[m].size, x.B[m].size))
+            _add_scaled(a[:r], x.A[m], wk, tmp)
+            _add_scaled(bt[:r], x.B[m].T, wk, tmp)
+            col[:r] += wk
+            return
+        ws = np.asarray(w, dtype=np.float64)
+        a[:r] += self._weighted_sum([x.A[m] for x in adapters], ws).reshape(r, -1)
+        bt[:r] += self._weighted_sum([x.B[m].T for x in adapters], ws).reshape(r, -1)
+        col[:r] += ws.sum()
+
+    def _weighted_sum(self, xs: list[np.ndarray], w: np.ndarray) -> np.ndarray:
+        """``sum_k w_k x_k`` in float64 for equal-shape float32 arrays: the float32 -> float64 cast
+        happens in one copy into a reused (k, ...) stack, then one GEMV with the weights."""
+        k, (rows, cols) = len(xs), xs[0].shape
+        stack = self._scratch.get("stack", k * rows * cols)
+        np.concatenate(xs, axis=0, out=stack.reshape(k * rows, cols))  # = np.stack's layout, without its per-array Python
+        out = self._scratch.get("sum", rows * cols)
+        np.dot(w, stack.reshape(k, rows * cols), out=out)
+        return out
+
+    def finish(self, m: str) -> None:
+        """Module ``m``'s float32 factors; its float64 sums are freed. ``normalisation="paper"``
+        uses W as is (the paper's formula); ``"rank_aware"`` divides column j by ``sum_k W[k, j]``
+        so a component trained by few clients is not shrunk by ``p_k^2`` in B A. Components with
+        ``sum_k W[k, j] == 0`` keep the previous global value (``untrained_components = "keep"``)
+        or become zero (``"zero"``, paper-literal)."""
+        r_max, in_f, out_f = self.r_max, self.prev.A[m].shape[1], self.prev.B[m].shape[0]
+        a, bt, col = self._sums.pop(m, None) or (np.zeros((r_max, in_f)), np.zeros((r_max, out_f)), np.zeros(r_max))
+        if self.cfg.normalisation == "rank_aware":
+            inv = 1.0 / np.where(col > 0, col, 1.0)  # untrained: handled below
+            a *= inv[:, None]
+            bt *= inv[:, None]
+        untrained = col == 0
+        if self.cfg.untrained_components == "keep" and untrained.any():
+            a[untrained] = self.prev.A[m][untrained]
+            bt[untrained] = self.prev.B[m][:, untrained].T
+        self._done[m] = (a.astype(np.float32), np.ascontiguousarray(bt.T, dtype=np.float32))
+
+    def result(self) -> LoraAdapter:
+        for m in self.prev.modules:
+            if m not in self._done:
+                self.finish(m)
+        return LoraAdapter({m: self._done[m][0] for m in self.prev.modules}, {m: self._done[m][1] for m in self.prev.modules},
+                           self.prev.scale)
+
+
 def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p: dict[str, np.ndarray],
                     cfg: StrategyConfig, r_max: int) -> LoraAdapter:
     """``B_g = sum_k p_k pad(B_k)``, ``A_g = sum_k p_k pad(A_k)`` per module, component by component.
@@ -111,34 +289,15 @@ def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p
     ``normalisation="paper"`` uses W as is (the paper's formula); ``"rank_aware"`` divides column j
     by ``sum_k W[k, j]`` so a component trained by few clients is not shrunk by ``p_k^2`` in B A.
     Components with ``sum_k W[k, j] == 0`` keep the previous global value (``untrained_components
-    = "keep"``) or become zero (``"zero"``, paper-literal; then they can never train again)."""
-    A_g, B_g = {}, {}
-    for m in prev_global.modules:
-        # Float64 accumulators, with B accumulated transposed (component j = row j of both), so each
-        # client's update is a weighted add over contiguous rows; the product goes through one reused
-        # scratch buffer, so nothing is allocated per client (measured ~1.5x faster than a temporary
-        # per client tensor; hetlora:averaging in benchmarks/bench_aggregation.py, 1000 clients x 4
-        # layers: 0.40 s, against 0.99 s for torch's fused add_). Rank-aware normalisation is then
-        # one division per component.
-        out_f, in_f = prev_global.B[m].shape[0], prev_global.A[m].shape[1]
-        a, bt = np.zeros((r_max, in_f)), np.zeros((r_max, out_f))
-        scratch = np.empty(r_max * max(in_f, out_f))
-        col = np.zeros(r_max)  # sum_k W[k, j]
-        for u, w in zip(updates, p[m], strict=True):  # one weight per client
-            r = u.adapter.A[m].shape[0]
-            _add_scaled(a[:r], u.adapter.A[m], w, scratch)
-            _add_scaled(bt[:r], u.adapter.B[m].T, w, scratch)
-            col[:r] += w
-        if cfg.normalisation == "rank_aware":
-            inv = 1.0 / np.where(col > 0, col, 1.0)  # untrained: handled below
-            a *= inv[:, None]
-            bt *= inv[:, None]
-        untrained = col == 0
-        if cfg.untrained_components == "keep" and untrained.any():
-            a[untrained] = prev_global.A[m][untrained]
-            bt[untrained] = prev_global.B[m][:, untrained].T
-        A_g[m], B_g[m] = a.astype(np.float32), np.ascontiguousarray(bt.T, dtype=np.float32)
-    return LoraAdapter(A_g, B_g, prev_global.scale)
+    = "keep"``) or become zero (``"zero"``, paper-literal; then they can never train again).
+    Clients are reduced group by group (``rank_groups``), float64 accumulation, float32 result."""
+    sums = _FactorSums(prev_global, r_max, cfg)
+    groups = [(idx, [updates[i].adapter for i in idx]) for idx in rank_groups(_facts_of(updates))]
+    for m in prev_global.modules:  # module by module: one module's sums live at a time
+        for idx, adapters in groups:
+            sums.add_module(m, adapters, p[m][idx])
+        sums.finish(m)
+    return sums.result()
 
 
 def _add_scaled(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray) -> None:
@@ -148,45 +307,225 @@ def _add_scaled(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray) -
     np.add(acc, tmp, out=acc)
 
 
+def _balanced(U: np.ndarray, S: np.ndarray, Vh: np.ndarray, rank: int, scale: float,
+              shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-``rank`` factors from an SVD (singular values descending): ``B = U_r sqrt(S_r / s)``,
+    ``A = sqrt(S_r / s) V_r^T``, zero-padded when fewer than ``rank`` singular values exist."""
+    r = min(rank, S.shape[0])
+    root = np.sqrt(S[:r] / scale)
+    B = np.zeros((shape[0], rank), np.float32)
+    A = np.zeros((rank, shape[1]), np.float32)
+    B[:, :r], A[:r] = U[:, :r] * root, root[:, None] * Vh[:r]
+    return A, B
+
+
 def svd_factor(delta: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Balanced rank-``rank`` factors with ``scale * B @ A`` = best rank-r approximation of ``delta``.
 
     ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_r^T``: components are ordered by singular
     value, so truncating (B, A) to any r' <= rank is again the best rank-r' approximation."""
     U, S, Vh = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
-    r = min(rank, S.shape[0])
-    root = np.sqrt(S[:r] / scale)
-    B = np.zeros((delta.shape[0], rank), np.float32)
-    A = np.zeros((rank, delta.shape[1]), np.float32)
-    B[:, :r], A[:r] = U[:, :r] * root, root[:, None] * Vh[:r]
-    return A, B
+    return _balanced(U, S, Vh, rank, scale, (delta.shape[0], delta.shape[1]))
+
+
+def _low_rank_svd(Bc: np.ndarray, Ac: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading ``rank`` singular triplets of ``Bc @ Ac`` (out x R by R x in, R small) without
+    forming it: ``Bc = Q_b R_b``, ``Ac^T = Q_a R_a``, so ``Bc Ac = Q_b (R_b R_a^T) Q_a^T`` and the SVD
+    of the R x R core gives the SVD of the product (exact up to rounding, not an approximation)."""
+    Qb, Rb = np.linalg.qr(Bc)
+    Qa, Ra = np.linalg.qr(Ac.T)
+    U, S, Vh = np.linalg.svd(Rb @ Ra.T)
+    k = min(rank, S.shape[0])
+    return Qb @ U[:, :k], S, Vh[:k] @ Qa.T
+
+
+class _DeltaSums:
+    """Recon+SVD's ``dW = sum_k w_k s_k B_k A_k`` per module, fed group by group: one GEMM of the
+    column-stacked ``[w_k s_k B_k]`` (out x R) by the row-stacked ``[A_k]`` (R x in) per group, into
+    a float64 (out x in) sum, never a dense delta per client. Where the round's whole stacked rank
+    (``total_ranks``, known from the facts up front) is at most half of min(out, in), the stacked
+    factors themselves are kept and ``finish`` factors their product through ``_low_rank_svd``
+    (no out x in SVD): the same best rank-r approximation, at a fraction of the cost. A module's
+    sum is allocated at its first group and freed when it is finished, as in ``_FactorSums``."""
+
+    def __init__(self, prev_global: LoraAdapter, r_max: int, total_ranks: Mapping[str, int]) -> None:
+        self.prev, self.r_max = prev_global, r_max
+        self.shapes = {m: (prev_global.B[m].shape[0], prev_global.A[m].shape[1]) for m in prev_global.modules}
+        self.low_rank = {m for m, s in self.shapes.items() if 2 * total_ranks[m] <= min(s)}
+        self.dense: dict[str, np.ndarray] = {}
+        self.stacked: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self._done: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._scratch = _Scratch()
+
+    def add(self, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
+        """Add a group with sample weights ``w``, module by module (see ``_FactorSums.add``)."""
+        for m in self.shapes:
+            self.add_module(m, adapters, w)
+
+    def add_module(self, m: str, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
+        ws = np.asarray(w, dtype=np.float64) * np.array([a.scale for a in adapters], dtype=np.float64)
+        Bc = np.concatenate([a.B[m] for a in adapters], axis=1, dtype=np.float64)
+        Bc *= np.repeat(ws, [a.A[m].shape[0] for a in adapters])  # column block k times w_k s_k
+        Ac = np.concatenate([a.A[m] for a in adapters], axis=0, dtype=np.float64)
+        if m in self.low_rank:
+            Bs, As = self.stacked.setdefault(m, ([], []))
+            Bs.append(Bc)
+            As.append(Ac)
+            return
+        out_f, in_f = self.shapes[m]
+        if m not in self.dense:
+            self.dense[m] = np.zeros((out_f, in_f))
+        prod = self._scratch.get("prod", out_f * in_f).reshape(out_f, in_f)
+        np.matmul(Bc, Ac, out=prod)
+        self.dense[m] += prod
+
+    def finish(self, m: str) -> None:
+        """Module ``m``'s balanced factors by SVD; its sums are freed."""
+        shape = self.shapes[m]
+        if m in self.low_rank:
+            Bs, As = self.stacked.pop(m, ([np.zeros((shape[0], 1))], [np.zeros((1, shape[1]))]))
+            U, S, Vh = _low_rank_svd(np.concatenate(Bs, axis=1), np.concatenate(As, axis=0), self.r_max)
+        else:
+            U, S, Vh = np.linalg.svd(self.dense.pop(m, np.zeros(shape)), full_matrices=False)
+        self._done[m] = _balanced(U, S, Vh, self.r_max, self.prev.scale, shape)
+
+    def result(self) -> LoraAdapter:
+        for m in self.shapes:
+            if m not in self._done:
+                self.finish(m)
+        return LoraAdapter({m: self._done[m][0] for m in self.shapes}, {m: self._done[m][1] for m in self.shapes}, self.prev.scale)
 
 
 def recon_svd(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], r_max: int) -> tuple[LoraAdapter, dict[str, np.ndarray]]:
     """FlexLoRA: ``dW = sum_k n_k/n * s B_k A_k`` per module, refactored at ``r_max`` by SVD."""
     n = np.array([u.num_samples for u in updates], dtype=np.float64)
     w = n / n.sum()
-    A_g, B_g = {}, {}
-    for m in prev_global.modules:
-        delta = np.zeros((prev_global.B[m].shape[0], prev_global.A[m].shape[1]))
-        for u, wk in zip(updates, w, strict=True):
-            delta += wk * u.adapter.delta(m)
-        A_g[m], B_g[m] = svd_factor(delta, r_max, prev_global.scale)
-    return LoraAdapter(A_g, B_g, prev_global.scale), {m: w for m in prev_global.modules}
+    facts = _facts_of(updates)
+    sums = _DeltaSums(prev_global, r_max, {m: sum(f.ranks[m] for f in facts) for m in prev_global.modules})
+    groups = [(idx, [updates[i].adapter for i in idx]) for idx in rank_groups(facts)]
+    for m in prev_global.modules:  # module by module, as in average_factors
+        for idx, adapters in groups:
+            sums.add_module(m, adapters, w[idx])
+        sums.finish(m)
+    return sums.result(), {m: w for m in prev_global.modules}
+
+
+class TensorSums:
+    """Full fine-tuning FedAvg fed one client at a time: ``sum_k n_k/n * delta_k`` per tensor,
+    accumulated in float64 through one reused scratch buffer (a full delta is the whole model: the
+    aggregate step holds one at a time). Clients are added in index order."""
+
+    def __init__(self, num_samples: Sequence[int]) -> None:
+        n = np.array(num_samples, dtype=np.float64)
+        self.w = n / n.sum()
+        self.acc: dict[str, np.ndarray] = {}
+        self._scratch = _Scratch()
+        self._next = 0
+
+    def add(self, index: int, delta: Mapping[str, np.ndarray]) -> None:
+        if index != self._next:
+            raise ValueError(f"full-weight deltas are added in client order: expected client {self._next}, got {index}")
+        for k, x in delta.items():
+            acc = self.acc.setdefault(k, np.zeros(x.shape))
+            _add_scaled(acc, x, self.w[index], self._scratch.get("tmp", x.size))
+        self._next += 1
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self._next != len(self.w):
+            raise ValueError(f"aggregation incomplete: {self._next} of {len(self.w)} full-weight deltas added")
+        return {k: acc.astype(np.float32) for k, acc in self.acc.items()}
 
 
 def average_tensors(deltas: Sequence[dict[str, np.ndarray]], num_samples: Sequence[int]) -> dict[str, np.ndarray]:
-    """Full fine-tuning FedAvg: the sample-weighted mean of full weight deltas, accumulated in
-    float64 through one scratch buffer per tensor (a full delta is the whole model: no per-client copies)."""
-    n = np.array(num_samples, dtype=np.float64)
-    w = n / n.sum()
-    out = {}
-    for k in deltas[0]:
-        acc, scratch = np.zeros(deltas[0][k].shape), np.empty(deltas[0][k].size)
-        for d, wi in zip(deltas, w, strict=True):  # one sample count per delta
-            _add_scaled(acc, d[k], wi, scratch)
-        out[k] = acc.astype(np.float32)
-    return out
+    """Full fine-tuning FedAvg: the sample-weighted mean of full weight deltas (``TensorSums``)."""
+    sums = TensorSums(num_samples)
+    for i, d in enumerate(deltas):
+        sums.add(i, d)
+    return sums.result()
+
+
+class Aggregation:
+    """One LoRA aggregation, fed group by group. The weights, the clipping and the groups follow
+    from the clients' facts alone, so a caller may hold one group's adapters at a time: call
+    ``add`` for every entry of ``groups``, in that order (the order fixes the float64 sums, hence
+    the bytes), then ``result``. ``aggregate`` does exactly this from memory."""
+
+    def __init__(self, prev_global: LoraAdapter, facts: Sequence[ClientFacts], cfg: StrategyConfig, r_max: int) -> None:
+        if not facts:
+            raise AdapterError("aggregate: no client updates to aggregate")
+        if cfg.name == "full_ft":
+            raise ValueError("full_ft aggregates full weight deltas: call average_tensors")
+        modules = prev_global.modules
+        for f in facts:
+            if set(f.ranks) != set(modules):
+                raise AdapterError(f"client {f.client_id}: modules differ from the global adapter's")
+            if max(f.ranks.values()) > r_max:
+                raise AdapterError(f"client {f.client_id}: rank {max(f.ranks.values())} > r_max {r_max}")
+        self.facts, self.cfg = list(facts), cfg
+        n = np.array([f.num_samples for f in facts], dtype=np.float64)
+        self.fallback = ""
+        self._sums: _FactorSums | _DeltaSums
+        if cfg.name == "recon_svd":
+            w = n / n.sum()
+            self.p = {m: w for m in modules}
+            self._sums = _DeltaSums(prev_global, r_max, {m: sum(f.ranks[m] for f in facts) for m in modules})
+        else:
+            norms = [f.norms for f in facts]
+            if weighting(cfg) == "sparsity" and any(d is None for d in norms):
+                raise ValueError("sparsity weights need every client's delta norms: make the facts with client_facts(update, cfg)")
+            self.p, self.fallback = _weights(n, [d for d in norms if d is not None] if weighting(cfg) == "sparsity" else None,
+                                             modules, cfg)
+            self._sums = _FactorSums(prev_global, r_max, cfg)
+        self.groups = rank_groups(self.facts)
+        self._added = [False] * len(self.facts)
+
+    def add(self, indices: Sequence[int], adapters: Sequence[LoraAdapter]) -> None:
+        """Add clients ``indices`` (an entry of ``groups``) whose adapters are ``adapters``; the
+        clipping decided in their facts is applied here."""
+        idx, clipped = self._take(indices, adapters)
+        if isinstance(self._sums, _DeltaSums):
+            self._sums.add(clipped, next(iter(self.p.values()))[idx])
+        else:
+            self._sums.add(clipped, {m: w[idx] for m, w in self.p.items()})
+
+    def add_all(self, adapters: Sequence[LoraAdapter]) -> None:
+        """Add every client at once (``adapters[i]`` is client i's), module by module: the same
+        operations on each module's sums as ``add`` group by group, so the same bytes, with a
+        module's sums kept in cache across the groups."""
+        if len(adapters) != len(self.facts):
+            raise ValueError(f"{len(self.facts)} clients but {len(adapters)} adapters")
+        taken = [self._take(g, [adapters[i] for i in g]) for g in self.groups]
+        for m, w in self.p.items():
+            for idx, clipped in taken:
+                self._sums.add_module(m, clipped, w[idx])
+            self._sums.finish(m)
+
+    def _take(self, indices: Sequence[int], adapters: Sequence[LoraAdapter]) -> tuple[list[int], list[LoraAdapter]]:
+        if len(indices) != len(adapters):
+            raise ValueError(f"{len(indices)} client indices but {len(adapters)} adapters")
+        clipped = []
+        for i, a in zip(indices, adapters, strict=True):
+            f = self.facts[i]
+            if self._added[i]:
+                raise ValueError(f"client {f.client_id} was added twice")
+            if a.ranks != f.ranks:
+                raise AdapterError(f"client {f.client_id}: ranks {a.ranks} differ from its facts' {f.ranks}")
+            clipped.append(clip_adapter(a, f.clip))
+        for i in indices:
+            self._added[i] = True
+        return list(indices), clipped
+
+    def result(self) -> tuple[LoraAdapter, AggregationInfo]:
+        missing = [f.client_id for f, done in zip(self.facts, self._added, strict=True) if not done]
+        if missing:
+            raise ValueError(f"aggregation incomplete: clients {missing[:5]} were never added")
+        new = self._sums.result()
+        ids = [f.client_id for f in self.facts]
+        p = self.p
+        info = AggregationInfo(fallback=self.fallback, clipped=[f.client_id for f in self.facts if f.clip is not None])
+        info.weights = {m: {c: float(w) for c, w in zip(ids, p[m], strict=True)} for m in p}
+        info.client_weights = {c: float(sum(p[m][k] for m in p) / len(p)) for k, c in enumerate(ids)}
+        return new, info
 
 
 def aggregate(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], cfg: StrategyConfig,
@@ -202,14 +541,6 @@ def aggregate(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], cfg: St
             raise AdapterError(f"client {u.client_id}: modules differ from the global adapter's")
         if u.adapter.rank > r_max:
             raise AdapterError(f"client {u.client_id}: rank {u.adapter.rank} > r_max {r_max}")
-    updates, clipped = clip_updates(updates, cfg.clip_norm)
-    info = AggregationInfo(clipped=clipped)
-    if cfg.name == "recon_svd":
-        new, p = recon_svd(prev_global, updates, r_max)
-    else:
-        p, info.fallback = client_weights(updates, cfg)
-        new = average_factors(prev_global, updates, p, cfg, r_max)
-    ids = [u.client_id for u in updates]
-    info.weights = {m: {c: float(w) for c, w in zip(ids, p[m], strict=True)} for m in p}
-    info.client_weights = {c: float(sum(p[m][k] for m in p) / len(p)) for k, c in enumerate(ids)}
-    return new, info
+    agg = Aggregation(prev_global, [client_facts(u, cfg) for u in updates], cfg, r_max)
+    agg.add_all([u.adapter for u in updates])
+    return agg.result()

@@ -176,3 +176,203 @@ def test_full_ft_average_and_clipping():
     assert float(np.abs(new.delta(M)).max()) < 5
     unclipped, _ = aggregate(prev, [*ups, huge], StrategyConfig(), R_MAX)
     assert float(np.abs(unclipped.delta(M)).max()) > 1e4
+
+
+# ---------------------------------------------------------------- grouped paths vs a per-client reference
+# The library reduces clients in groups of equal ranks (one stacked reduction per module); these
+# references are the straightforward per-client loops over dense, zero-padded factors.
+
+SHAPES = {"p": (24, 30), "q": (36, 16), "v": (12, 30)}  # module -> (out, in), all different
+
+
+def _mk(g: np.random.Generator, ranks: dict[str, int], zero_b: bool = False) -> LoraAdapter:
+    return LoraAdapter({m: g.standard_normal((ranks[m], i), np.float32) for m, (o, i) in SHAPES.items()},
+                       {m: (np.zeros if zero_b else lambda s, d: g.standard_normal(s, d))((o, ranks[m]), np.float32)
+                        for m, (o, i) in SHAPES.items()}, 1.5)
+
+
+def mixed_clients(seed: int = 0, k: int = 17, r_max: int = 6) -> tuple[LoraAdapter, list[ClientUpdate]]:
+    """``k`` clients of ranks 1..r_max - 1 (component r_max - 1 is never trained), a few with
+    per-module ranks (module pruning), sample counts 1..; the previous global is random."""
+    g = np.random.default_rng(seed)
+    prev = _mk(g, dict.fromkeys(SHAPES, r_max))
+    ups = []
+    for c in range(k):
+        r = int(g.integers(1, r_max))
+        ranks = {m: (max(1, r - i) if c % 5 == 0 else r) for i, m in enumerate(SHAPES)}
+        ups.append(ClientUpdate(f"c{c:02d}", _mk(g, ranks), int(g.integers(1, 100))))
+    return prev, ups
+
+
+def reference_weights(updates, cfg: StrategyConfig) -> tuple[dict[str, np.ndarray], list[ClientUpdate]]:
+    """Clipping, then p[m] per client: norms from the dense product (not the Gram form)."""
+    def dense_norms(a: LoraAdapter) -> dict[str, float]:
+        return {m: float(np.linalg.norm(a.scale * a.B[m].astype(np.float64) @ a.A[m].astype(np.float64))) for m in SHAPES}
+
+    clipped = []
+    for u in updates:
+        total = sum(v * v for v in dense_norms(u.adapter).values()) ** 0.5
+        a = u.adapter
+        if cfg.clip_norm is not None and total > cfg.clip_norm:
+            a = LoraAdapter(a.A, {m: b * (cfg.clip_norm / total) for m, b in a.B.items()}, a.scale)
+        clipped.append(ClientUpdate(u.client_id, a, u.num_samples))
+    n = np.array([u.num_samples for u in clipped], np.float64)
+    kind = {"zero_pad": "uniform", "homlora": "samples", "recon_svd": "samples"}.get(
+        cfg.name, "sparsity" if cfg.sparsity_weights else "uniform")
+    p = {}
+    for m in SHAPES:
+        if kind == "uniform":
+            s = np.ones(len(n))
+        elif kind == "samples":
+            s = n.copy()
+        else:
+            norms = [dense_norms(u.adapter) for u in clipped]
+            s = np.array([sum(v * v for v in d.values()) ** 0.5 if cfg.weight_granularity == "client" else d[m] for d in norms])
+            if cfg.sample_weighted:
+                s = s * n
+            if s.sum() == 0:
+                s = n.copy()
+        p[m] = s / s.sum()
+    return p, clipped
+
+
+def reference_average(prev: LoraAdapter, updates, cfg: StrategyConfig, r_max: int) -> tuple[LoraAdapter, dict[str, np.ndarray]]:
+    p, clipped = reference_weights(updates, cfg)
+    A, B = {}, {}
+    for m in SHAPES:
+        W = np.zeros((len(clipped), r_max))
+        a, b = np.zeros((r_max, SHAPES[m][1])), np.zeros((SHAPES[m][0], r_max))
+        for k, u in enumerate(clipped):
+            r = u.adapter.A[m].shape[0]
+            W[k, :r] = p[m][k]
+            pad = u.adapter.pad(r_max)
+            a += W[k][:, None] * pad.A[m].astype(np.float64)
+            b += W[k][None, :] * pad.B[m].astype(np.float64)
+        col = W.sum(0)
+        if cfg.normalisation == "rank_aware":
+            a, b = a / np.where(col > 0, col, 1)[:, None], b / np.where(col > 0, col, 1)[None, :]
+        if cfg.untrained_components == "keep":
+            a[col == 0], b[:, col == 0] = prev.A[m][col == 0], prev.B[m][:, col == 0]
+        A[m], B[m] = a.astype(np.float32), b.astype(np.float32)
+    return LoraAdapter(A, B, prev.scale), p
+
+
+@pytest.mark.parametrize("cfg_kw", [
+    {"name": "hetlora"}, {"name": "hetlora", "weight_granularity": "client"}, {"name": "hetlora", "sample_weighted": True},
+    {"name": "hetlora", "sparsity_weights": False}, {"name": "zero_pad"}, {"name": "homlora"},
+    {"name": "hetlora", "clip_norm": 4.0}, {"name": "hetlora", "weight_granularity": "client", "clip_norm": 4.0},
+])
+@pytest.mark.parametrize("normalisation", ["paper", "rank_aware"])
+@pytest.mark.parametrize("untrained", ["keep", "zero"])
+@pytest.mark.parametrize("group_bytes", [None, 3000])  # default groups; or one to three clients per group
+def test_grouped_factor_averaging_matches_the_per_client_reference(cfg_kw, normalisation, untrained, group_bytes, monkeypatch):
+    import hetlora_core.strategies as strategies
+
+    if group_bytes:
+        monkeypatch.setattr(strategies, "GROUP_BYTES", group_bytes)
+    prev, ups = mixed_clients()
+    r_max = 6
+    cfg = StrategyConfig(normalisation=normalisation, untrained_components=untrained, **cfg_kw)
+    new, info = aggregate(prev, ups, cfg, r_max)
+    ref, p = reference_average(prev, ups, cfg, r_max)
+    for m in SHAPES:
+        assert new.A[m].dtype == new.B[m].dtype == np.float32 and new.B[m].flags.c_contiguous
+        assert np.allclose(new.A[m], ref.A[m], rtol=1e-6, atol=1e-6) and np.allclose(new.B[m], ref.B[m], rtol=1e-6, atol=1e-6)
+        assert [info.weights[m][u.client_id] for u in ups] == pytest.approx(p[m].tolist(), rel=1e-9, abs=1e-12)
+    assert info.client_weights == pytest.approx({u.client_id: float(np.mean([p[m][k] for m in SHAPES])) for k, u in enumerate(ups)})
+    if cfg.clip_norm:
+        assert info.clipped and info.clipped == [u.client_id for u in ups if u.client_id in info.clipped]
+    if untrained == "keep":  # nobody trains component r_max - 1: the previous global's value stays
+        assert all(np.array_equal(new.A[m][-1], prev.A[m][-1]) for m in SHAPES)
+
+
+def test_average_factors_grouped_matches_reference_with_given_weights():
+    import hetlora_core.strategies as strategies
+
+    prev, ups = mixed_clients(seed=1, k=9)
+    p = {m: np.random.default_rng(2).random(len(ups)) for m in SHAPES}
+    cfg = StrategyConfig(untrained_components="zero")
+    got = strategies.average_factors(prev, ups, p, cfg, 6)
+    for m in SHAPES:
+        a = sum(p[m][k] * u.adapter.pad(6).A[m].astype(np.float64) for k, u in enumerate(ups))
+        b = sum(p[m][k] * u.adapter.pad(6).B[m].astype(np.float64) for k, u in enumerate(ups))
+        assert np.allclose(got.A[m], a, rtol=1e-6, atol=1e-6) and np.allclose(got.B[m], b, rtol=1e-6, atol=1e-6)
+
+
+def test_fallback_to_sample_weights_when_every_norm_is_zero_grouped():
+    g = np.random.default_rng(4)
+    prev = _mk(g, dict.fromkeys(SHAPES, 4))
+    ups = [ClientUpdate(f"z{k}", _mk(g, dict.fromkeys(SHAPES, 1 + k % 3), zero_b=True), 10 * (k + 1)) for k in range(5)]
+    new, info = aggregate(prev, ups, StrategyConfig(), 4)
+    ref, p = reference_average(prev, ups, StrategyConfig(), 4)
+    assert "sample-count" in info.fallback
+    assert all(np.allclose(new.A[m], ref.A[m], atol=1e-6) for m in SHAPES)
+
+
+def best_rank(delta: np.ndarray, r: int) -> np.ndarray:
+    U, S, Vh = np.linalg.svd(delta, full_matrices=False)
+    return (U[:, :r] * S[:r]) @ Vh[:r]
+
+
+@pytest.mark.parametrize("k, group_bytes", [(2, None), (3, 3000), (17, None), (17, 3000)])  # few clients: the low-rank route
+def test_recon_svd_stacked_gemm_matches_the_per_client_reference(k, group_bytes, monkeypatch):
+    import hetlora_core.strategies as strategies
+
+    if group_bytes:
+        monkeypatch.setattr(strategies, "GROUP_BYTES", group_bytes)
+    prev, ups = mixed_clients(seed=5, k=k)
+    r_max = 6
+    new, info = aggregate(prev, ups, StrategyConfig(name="recon_svd"), r_max)
+    n = np.array([u.num_samples for u in ups], np.float64)
+    w = n / n.sum()
+    for m in SHAPES:
+        ref = sum(wk * u.adapter.scale * u.adapter.B[m].astype(np.float64) @ u.adapter.A[m].astype(np.float64)
+                  for wk, u in zip(w, ups, strict=True))
+        got = new.delta(m).astype(np.float64)
+        assert np.allclose(got, best_rank(ref, r_max), atol=1e-5), m
+        for r in (1, 2, 3):  # every truncation is the best rank-r approximation
+            assert np.linalg.norm(new.truncate(r).delta(m) - ref) == pytest.approx(np.linalg.norm(best_rank(ref, r) - ref), abs=1e-5)
+        # balanced factors: |B[:, j]| == |A[j]| for every component
+        assert np.allclose(np.linalg.norm(new.B[m], axis=0), np.linalg.norm(new.A[m], axis=1), rtol=1e-5, atol=1e-6)
+        assert [info.weights[m][u.client_id] for u in ups] == pytest.approx(w.tolist())
+    small = {m for m, (o, i) in SHAPES.items() if 2 * sum(u.adapter.A[m].shape[0] for u in ups) <= min(o, i)}
+    if k in (2, 17):  # the cases exercise both routes: QR of the stacked factors, or the dense sum
+        assert bool(small) == (k == 2)
+
+
+def test_recon_svd_with_all_zero_updates_is_zero():
+    g = np.random.default_rng(6)
+    prev = _mk(g, dict.fromkeys(SHAPES, 4))
+    ups = [ClientUpdate(f"z{k}", _mk(g, dict.fromkeys(SHAPES, 1), zero_b=True), 3) for k in range(2)]
+    new, _ = aggregate(prev, ups, StrategyConfig(name="recon_svd"), 4)
+    assert all(np.count_nonzero(new.delta(m)) == 0 and np.isfinite(new.A[m]).all() for m in SHAPES)
+
+
+def test_rank_groups_split_by_rank_signature_and_bytes():
+    from hetlora_core.strategies import ClientFacts, rank_groups
+
+    def f(i: int, r: int, nbytes: int, **ranks: int) -> ClientFacts:
+        return ClientFacts(f"c{i}", 1, {"a": r, "b": ranks.get("b", r)}, nbytes)
+
+    facts = [f(0, 2, 10), f(1, 4, 10), f(2, 2, 10), f(3, 2, 10, b=1), f(4, 4, 10), f(5, 2, 10), f(6, 4, 100)]
+    assert rank_groups(facts) == [[0, 2, 5], [1, 4, 6], [3]]
+    assert rank_groups(facts, max_bytes=20) == [[0, 2], [5], [1, 4], [6], [3]]  # a client larger than the cap is a group
+
+
+def test_aggregation_fed_group_by_group_checks_what_it_is_fed():
+    from hetlora_core.adapter import AdapterError
+    from hetlora_core.strategies import Aggregation, client_facts
+
+    prev, ups = mixed_clients(seed=7, k=6)
+    cfg = StrategyConfig()
+    agg = Aggregation(prev, [client_facts(u, cfg) for u in ups], cfg, 6)
+    g0 = agg.groups[0]
+    with pytest.raises(AdapterError, match="differ from its facts"):
+        agg.add(g0, [ups[(i + 1) % len(ups)].adapter if ups[(i + 1) % len(ups)].adapter.ranks != ups[i].adapter.ranks
+                     else _mk(np.random.default_rng(0), dict.fromkeys(SHAPES, 5)) for i in g0])
+    agg = Aggregation(prev, [client_facts(u, cfg) for u in ups], cfg, 6)
+    agg.add(g0, [ups[i].adapter for i in g0])
+    with pytest.raises(ValueError, match="never added"):
+        agg.result()
+    with pytest.raises(ValueError, match="added twice"):
+        agg.add(g0, [ups[i].adapter for i in g0])

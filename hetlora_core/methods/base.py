@@ -2,7 +2,8 @@
 
 Model-free (numpy; used by the plan, prune and aggregate steps, which never import torch):
 ``initial_global``, ``decode`` (the validation of every upload, the trust boundary), ``encode``,
-``spec_of``, ``aggregate``, ``prune``, ``client_ranks``.
+``spec_of``, ``aggregate``, ``prune``, ``client_ranks``; and, for a method that ``streams``,
+``summarise`` + ``aggregate_stream`` (the aggregate step then holds one group of uploads at a time).
 Model-side (import torch lazily; used by the train and evaluate steps): ``model_spec``,
 ``receive``, ``train``, ``evaluate``.
 
@@ -49,11 +50,28 @@ class Aggregated:
     clipped: list[str] | None = None
 
 
+class Stream(abc.ABC):
+    """One aggregation fed group by group (a method that ``streams``): its weights are fixed by the
+    clients' summaries, so the caller holds one group's states at a time. Call ``add`` for every
+    entry of ``groups`` (indices into the summaries), in that order, then ``result``."""
+
+    groups: list[list[int]]
+
+    @abc.abstractmethod
+    def add(self, indices: list[int], states: list[State]) -> None: ...
+
+    @abc.abstractmethod
+    def result(self) -> Aggregated: ...
+
+
 class Method(abc.ABC):
     """One federated method. ``trains_lora`` and ``prunes`` answer the questions other code asks."""
 
     name: str
     trains_lora: bool
+    # Whether ``summarise`` and ``aggregate_stream`` exist: the aggregate step then keeps only each
+    # upload's summary after validating it and reads the uploads again, group by group.
+    streams: bool = False
 
     def __init__(self, cfg: HetLoRAConfig) -> None:
         self.cfg = cfg
@@ -81,6 +99,15 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def aggregate(self, prev: State, updates: list[ClientUpdate]) -> Aggregated: ...
+
+    def summarise(self, update: ClientUpdate) -> Any:
+        """What the aggregation needs of one validated update besides its tensors (``streams`` only)."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream its aggregation")
+
+    def aggregate_stream(self, prev: State, summaries: list[Any]) -> Stream:
+        """The aggregation of the clients ``summaries`` describe, to be fed their states group by
+        group; the same bytes as ``aggregate`` over the same updates (``streams`` only)."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream its aggregation")
 
     def prune(self, received: State, trained: State) -> tuple[State, PruneDecision | None]:
         """The client's self-pruning decision (model-free); the default keeps the update as is."""

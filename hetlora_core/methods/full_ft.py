@@ -16,8 +16,8 @@ from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
 
 from ..adapter import canonical_safetensors, read_safetensors_metadata
-from ..strategies import average_tensors
-from .base import Aggregated, ClientUpdate, Method, Spec, UploadError
+from ..strategies import TensorSums, average_tensors
+from .base import Aggregated, ClientUpdate, Method, Spec, Stream, UploadError
 
 if TYPE_CHECKING:
     from ..evaluation import EvalResult
@@ -26,8 +26,26 @@ FORMAT = "hetlora-full-delta/1"
 Delta = dict[str, np.ndarray]
 
 
+class _FullStream(Stream):
+    """FedAvg by sample counts, one client per group (a delta is the size of the model)."""
+
+    def __init__(self, summaries: list[tuple[str, int]]) -> None:
+        self.summaries = summaries
+        self.sums = TensorSums([n for _, n in summaries])
+        self.groups = [[i] for i in range(len(summaries))]
+
+    def add(self, indices: list[int], states: list[Delta]) -> None:
+        for i, d in zip(indices, states, strict=True):
+            self.sums.add(i, d)
+
+    def result(self) -> Aggregated:
+        total = sum(n for _, n in self.summaries)
+        return Aggregated(self.sums.result(), {c: n / total for c, n in self.summaries})
+
+
 class FullFineTuning(Method):
     trains_lora = False
+    streams = True  # the weights are the sample counts
 
     # ------------------------------------------------------------ model-free
     def initial_global(self, spec: Spec) -> Delta:
@@ -62,6 +80,12 @@ class FullFineTuning(Method):
         n = sum(u.num_samples for u in updates)
         new = average_tensors([u.state for u in updates], [u.num_samples for u in updates])
         return Aggregated(new, {u.client_id: u.num_samples / n for u in updates})
+
+    def summarise(self, update: ClientUpdate) -> tuple[str, int]:
+        return update.client_id, update.num_samples
+
+    def aggregate_stream(self, prev: Delta, summaries: list[tuple[str, int]]) -> Stream:
+        return _FullStream(summaries)
 
     # ------------------------------------------------------------ model-side
     def model_spec(self, model: Any) -> Spec:

@@ -12,14 +12,29 @@ from typing import TYPE_CHECKING, Any
 from .. import strategies
 from ..adapter import AdapterError, LoraAdapter, init_global
 from ..pruning import PruneDecision, self_prune
-from .base import Aggregated, ClientUpdate, Method, Spec
+from .base import Aggregated, ClientUpdate, Method, Spec, Stream
 
 if TYPE_CHECKING:
     from ..evaluation import EvalResult
 
 
+class _LoraStream(Stream):
+    """``strategies.Aggregation`` behind the method interface."""
+
+    def __init__(self, agg: strategies.Aggregation) -> None:
+        self.agg, self.groups = agg, agg.groups
+
+    def add(self, indices: list[int], states: list[LoraAdapter]) -> None:
+        self.agg.add(indices, states)
+
+    def result(self) -> Aggregated:
+        new, info = self.agg.result()
+        return Aggregated(new, info.client_weights, info.fallback, info.clipped)
+
+
 class LoraMethod(Method):
     trains_lora = True
+    streams = True  # the weights need only each client's facts (ranks, samples, delta norms)
 
     @property
     def prunes(self) -> bool:
@@ -47,6 +62,13 @@ class LoraMethod(Method):
         ups = [strategies.ClientUpdate(u.client_id, u.state, u.num_samples) for u in updates]
         new, info = strategies.aggregate(prev, ups, self.cfg.strategy, self.cfg.ranks.r_max)
         return Aggregated(new, info.client_weights, info.fallback, info.clipped)
+
+    def summarise(self, update: ClientUpdate) -> strategies.ClientFacts:
+        return strategies.client_facts(strategies.ClientUpdate(update.client_id, update.state, update.num_samples),
+                                       self.cfg.strategy)
+
+    def aggregate_stream(self, prev: LoraAdapter, summaries: list[strategies.ClientFacts]) -> Stream:
+        return _LoraStream(strategies.Aggregation(prev, summaries, self.cfg.strategy, self.cfg.ranks.r_max))
 
     def prune(self, received: LoraAdapter, trained: LoraAdapter) -> tuple[LoraAdapter, PruneDecision | None]:
         if trained.ranks != received.ranks:

@@ -5,10 +5,19 @@ Security: every upload is untrusted. It is read through its checksummed manifest
 method's validation against the spec of the *committed* global (never one an upload imposes), its
 rank may not exceed the client's planned rank, and its manifest fields are type- and range-checked.
 A violation drops that client with a reason naming it; nothing a client uploads raises out of here.
+
+Memory: two passes over the uploads. The first reads, verifies and validates each upload in turn
+and keeps only what the weights need (``Method.summarise``: for the LoRA methods the ranks, the
+sample count and the per-module delta norms, r x r Gram form), the manifest fields and the sha256
+it validated. The second reads the valid uploads again, group by group (``Stream.groups``: equal
+ranks, at most ``strategies.GROUP_BYTES`` of factors), checks each is still those bytes and adds
+the group to the method's running sums. The step holds one upload plus one group, whatever the
+number of clients, and pays for it by reading and hashing every valid upload twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -20,9 +29,10 @@ from .. import store as st
 from ..adapter import AdapterError
 from ..config import HetLoRAConfig
 from ..faults import failpoint
-from ..methods import ClientUpdate, Spec, UploadError, method_for
+from ..methods import ClientUpdate, Method, Spec, UploadError, method_for
+from ..methods.base import Aggregated, State, Stream
 from .common import config_of, load_global
-from .plan import RoundPlan, load_plan
+from .plan import ClientPlan, RoundPlan, load_plan
 
 MAX_NUM_SAMPLES = 10**12  # beyond any real client; bounds the float arithmetic of the weights
 REPORT_FIELDS = ("rank_before", "rank_after", "pruned", "train_loss", "num_samples", "num_tokens", "train_seconds",
@@ -65,20 +75,108 @@ def _report(man: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _majority_spec(method: Any, updates: list[ClientUpdate], dropped: dict[str, str], prefix_of: Any) -> Spec:
+@dataclass
+class _Upload:
+    """The first pass's record of one valid upload: what the aggregation needs, never its tensors
+    (a method that does not stream keeps its whole ``ClientUpdate`` in ``summary``)."""
+
+    client_id: str
+    prefix: str
+    key: str  # the object its manifest names
+    sha256: str  # of the bytes the first pass validated
+    max_rank: int  # the client's planned rank
+    spec: Spec
+    ranks: dict[str, int]
+    report: dict[str, Any]
+    summary: Any
+
+
+# What an upload can do wrong: its client is dropped with the message (StoreUnavailable is not here:
+# the store, not the client, failed, and the task fails to be retried).
+_CLIENT_FAULTS = (st.StoreError, AdapterError, UploadError, KeyError, ValueError)
+
+
+def _first_read(method: Method, store: st.Store, prefix: str, client: ClientPlan, spec: Spec | None) -> _Upload:
+    data, man = st.get_artifact(store, prefix)
+    state = method.decode(data, spec, where=prefix, max_rank=client.rank)
+    n, report = _num_samples(man, prefix), _report(man, prefix)
+    update = ClientUpdate(client.client_id, state, n)
+    return _Upload(client.client_id, prefix, f"{prefix}/{man['object']}", man["sha256"], client.rank, method.spec_of(state),
+                   method.client_ranks(state), report, method.summarise(update) if method.streams else update)
+
+
+def _second_read(method: Method, store: st.Store, u: _Upload, spec: Spec) -> State:
+    """The upload again, if it still is the bytes the first pass validated (decoded again: the
+    state is rebuilt from those very bytes, so the validation cannot disagree)."""
+    data = store.get_bytes(u.key)
+    got = hashlib.sha256(data).hexdigest()
+    if got != u.sha256:
+        raise st.ChecksumMismatch(f"{u.key}: changed between the aggregate step's two reads (sha256 {got}, validated "
+                                  f"{u.sha256}); the client is dropped, not aggregated with bytes nobody validated")
+    return method.decode(data, spec, where=u.prefix, max_rank=u.max_rank)
+
+
+def _majority_spec(uploads: list[_Upload], dropped: dict[str, str]) -> Spec:
     """Round 0 has no committed global: the tensor names and shapes most uploads agree on win, and
     the others are dropped (so one client cannot impose its own and get the honest ones dropped)."""
-    votes = Counter(tuple(sorted(method.spec_of(u.state).items())) for u in updates)
+    votes = Counter(tuple(sorted(u.spec.items())) for u in uploads)
     (winner, count), = votes.most_common(1)
     spec = dict(winner)
-    for u in [u for u in updates if method.spec_of(u.state) != spec]:
-        updates.remove(u)
-        theirs = method.spec_of(u.state)
+    for u in [u for u in uploads if u.spec != spec]:
+        uploads.remove(u)
+        theirs = u.spec
         dropped[u.client_id] = (
-            f"{prefix_of(u.client_id)}: modules or shapes differ from the {count} upload(s) that agree: "
+            f"{u.prefix}: modules or shapes differ from the {count} upload(s) that agree: "
             f"extra {sorted(set(theirs) - set(spec))}, missing {sorted(set(spec) - set(theirs))}, "
             f"other shape {sorted(m for m in set(spec) & set(theirs) if spec[m] != theirs[m])}")
     return spec
+
+
+def _check_quorum(cfg: HetLoRAConfig, plan: RoundPlan, uploads: list[_Upload], dropped: dict[str, str]) -> None:
+    need = max(1, math.ceil(cfg.federation.quorum * len(plan.clients) - 1e-9))
+    if len(uploads) < need:
+        raise QuorumError(f"round {plan.round}: {len(uploads)} valid client uploads, quorum needs {need} of {len(plan.clients)} "
+                          f"(federation.quorum={cfg.federation.quorum}); dropped: {dropped}. The global adapter is unchanged; "
+                          "rerun the round or lower federation.quorum")
+
+
+def _feed(method: Method, store: st.Store, spec: Spec, stream: Stream, uploads: list[_Upload]) -> tuple[int, str] | None:
+    """Read every group and add it to ``stream``; (index, reason) of the first upload that fails."""
+    for group in stream.groups:
+        states = []  # the one group held at a time (rebinding frees the previous one)
+        for i in group:
+            try:
+                states.append(_second_read(method, store, uploads[i], spec))
+            except st.StoreUnavailable:
+                raise
+            except _CLIENT_FAULTS as e:
+                return i, str(e)
+        stream.add(group, states)
+    return None
+
+
+def _second_pass(cfg: HetLoRAConfig, store: st.Store, method: Method, base: State, spec: Spec, plan: RoundPlan,
+                 uploads: list[_Upload], dropped: dict[str, str]) -> Aggregated:
+    """Aggregate the valid uploads group by group; an upload that fails its second read is dropped.
+
+    Dropping a client here changes every other client's weight: p_k is normalised over the clients
+    that take part, the sparsity weights fall back to sample counts only if *all* of theirs are
+    zero, rank-aware normalisation divides by the weights of the clients that trained each
+    component, and the quorum counts them. The partial sums already hold the old weights, so they
+    are thrown away: the client is recorded in ``dropped``, the quorum checked again (QuorumError
+    if it no longer holds, with nothing written), the weights recomputed from the first-pass
+    summaries of the clients left, and the second pass restarts. Nothing has been written before it
+    completes, so nothing aggregated with a dropped client is ever committed; every restart drops a
+    client, so it ends. (The global is then exactly what these uploads alone give.)"""
+    while True:
+        stream = method.aggregate_stream(base, [u.summary for u in uploads])
+        failed = _feed(method, store, spec, stream, uploads)
+        if failed is None:
+            return stream.result()
+        i, why = failed
+        dropped[uploads[i].client_id] = why
+        del uploads[i]
+        _check_quorum(cfg, plan, uploads, dropped)
 
 
 def aggregate(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan) -> dict[str, Any]:
@@ -87,45 +185,36 @@ def aggregate(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan) -> dict[str,
     exp, rnd, method = cfg.experiment, plan.round, method_for(cfg)
     prev = load_global(cfg, store, rnd, None) if rnd > 0 else None
     spec = method.spec_of(prev) if prev is not None else None
-    updates: list[ClientUpdate] = []
+    uploads: list[_Upload] = []
     dropped: dict[str, str] = {}
-    manifests: dict[str, dict[str, Any]] = {}
-    for c in plan.clients:
-        prefix = st.client_prefix(exp, rnd, c.client_id)
+    for c in plan.clients:  # first pass: verify, validate, summarise; no tensors are kept
         try:
-            data, man = st.get_artifact(store, prefix)
-            state = method.decode(data, spec, where=prefix, max_rank=c.rank)
-            n, report = _num_samples(man, prefix), _report(man, prefix)
-            updates.append(ClientUpdate(c.client_id, state, n))
-            manifests[c.client_id] = report
+            uploads.append(_first_read(method, store, st.client_prefix(exp, rnd, c.client_id), c, spec))
         except st.StoreUnavailable:
             raise  # the store, not the client: fail the task so it is retried
-        except (st.StoreError, AdapterError, UploadError, KeyError, ValueError) as e:
+        except _CLIENT_FAULTS as e:
             dropped[c.client_id] = str(e)
-    if spec is None and updates:
-        spec = _majority_spec(method, updates, dropped, lambda cid: st.client_prefix(exp, rnd, cid))
-        for cid in dropped:
-            manifests.pop(cid, None)
-    need = max(1, math.ceil(cfg.federation.quorum * len(plan.clients) - 1e-9))
-    if len(updates) < need:
-        raise QuorumError(f"round {rnd}: {len(updates)} valid client uploads, quorum needs {need} of {len(plan.clients)} "
-                          f"(federation.quorum={cfg.federation.quorum}); dropped: {dropped}. The global adapter is unchanged; "
-                          "rerun the round or lower federation.quorum")
+    if spec is None and uploads:
+        spec = _majority_spec(uploads, dropped)
+    _check_quorum(cfg, plan, uploads, dropped)
     assert spec is not None
-    agg = method.aggregate(prev if prev is not None else method.initial_global(spec), updates)
+    base = prev if prev is not None else method.initial_global(spec)
+    if method.streams:
+        agg = _second_pass(cfg, store, method, base, spec, plan, uploads, dropped)
+    else:
+        agg = method.aggregate(base, [u.summary for u in uploads])
     state = {c: dict(v) for c, v in plan.state.items()}
-    for u in updates:  # pruned ranks persist across rounds
-        ranks = method.client_ranks(u.state)
-        if ranks:
-            entry: dict[str, Any] = {"rank": max(ranks.values()), "tier": state[u.client_id]["tier"]}
-            if len(set(ranks.values())) > 1:
-                entry["module_ranks"] = ranks
+    for u in uploads:  # pruned ranks persist across rounds
+        if u.ranks:
+            entry: dict[str, Any] = {"rank": max(u.ranks.values()), "tier": state[u.client_id]["tier"]}
+            if len(set(u.ranks.values())) > 1:
+                entry["module_ranks"] = u.ranks
             state[u.client_id] = entry
     manifest = {
         "round": rnd, "strategy": method.name, "clients": state,
-        "participants": [u.client_id for u in updates], "dropped": dropped, "weights": agg.weights,
+        "participants": [u.client_id for u in uploads], "dropped": dropped, "weights": agg.weights,
         "weight_fallback": agg.fallback, "clipped": agg.clipped or [], "aggregate_seconds": time.perf_counter() - start,
-        "client_reports": manifests,
+        "client_reports": {u.client_id: u.report for u in uploads},
     }
     return st.put_artifact(store, st.global_prefix(exp, rnd), method.encode(agg.state), manifest)
 
