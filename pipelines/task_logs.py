@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import sys
 import threading
@@ -48,6 +49,8 @@ class TaskLogs(io.TextIOBase):
 
     def write(self, s: str) -> int:
         tid = threading.get_ident()
+        if self.closed:  # a straggler after the run: nowhere to route it, and never an error
+            return len(s)
         with self._lock:
             text = self._partial.pop(tid, "") + s
             *lines, rest = text.split("\n")
@@ -110,9 +113,16 @@ def captured(logs: TaskLogs) -> Iterator[TaskLogs]:
                file: TextIO | None = None, line: str | None = None) -> None:
         logs.write(warnings.formatwarning(message, category, filename, lineno, line))
 
+    # kfp.local swaps the root logger's handlers per task from several threads at once, and its
+    # save/restore is not thread-safe: a handler bound to this router can outlive the run. Restore
+    # exactly the handlers there were before, so nothing logs into a closed router later.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     with warnings.catch_warnings(), contextlib.redirect_stdout(logs):
         warnings.showwarning = to_log
         try:
             yield logs
         finally:
             sys.stdout.flush()
+            root.handlers[:] = handlers
+            root.setLevel(level)

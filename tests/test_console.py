@@ -101,3 +101,20 @@ def test_hetlora_run_console_is_quiet_and_a_failed_task_shows_its_tail(tmp_path:
     assert "error: round 0 failed under kfp.local: task aggregate-round failed" in bad.stderr
     assert "rerun `hetlora run` to resume at round 0" in bad.stderr
     assert "Executing task" not in bad.stderr
+
+
+def test_no_handler_bound_to_the_router_survives_the_run(tmp_path: Path) -> None:
+    """Regression: kfp.local's per-task logger swap is not thread-safe and left a root handler
+    bound to the (closed) router; later log records then printed 'Logging error' tracebacks."""
+    import logging
+
+    from hetlora_kfp.pipelines.task_logs import captured
+
+    root = logging.getLogger()
+    before = root.handlers[:]
+    logs = TaskLogs(tmp_path)
+    with captured(logs):
+        root.addHandler(logging.StreamHandler(sys.stdout))  # what the racing restore leaves behind
+    logs.close()
+    assert root.handlers == before
+    logs.write("late line\n")  # a straggler after close is dropped, not an error
