@@ -9,7 +9,9 @@ Three code paths cover every method of HETLORA.md:
   rank-aware normalisation, and what happens to components no client trained.
 * reconstruction + SVD (``recon_svd``, FlexLoRA): average ``dW_k = s B_k A_k`` by sample counts and
   factor the result by SVD with balanced factors, so truncating to r is the best rank-r approximation.
-* full fine-tuning FedAvg (``full_ft``): ``average_tensors`` over full weight deltas.
+* full fine-tuning FedAvg (``full_ft``): ``methods.full_ft.average_tensors`` over full weight deltas.
+
+The SVD half of Recon+SVD lives in ``svd.py``, the shared float64 buffers in ``reduce.py``.
 
 Everything is numpy (float64 accumulation, float32 results): the aggregate step loads no torch.
 
@@ -33,6 +35,8 @@ import numpy as np
 
 from .adapter import AdapterError, LoraAdapter
 from .config import StrategyConfig
+from .reduce import Scratch, add_scaled
+from .svd import DeltaSums
 
 # A group holds at most this many bytes of float32 factors (or one client, if it alone is larger):
 # the most the streaming aggregate step holds decoded at once; a group is copied into a float64 stack
@@ -188,19 +192,6 @@ def _facts_of(updates: Sequence[ClientUpdate]) -> list[ClientFacts]:
     return [ClientFacts(u.client_id, u.num_samples, u.adapter.ranks, u.adapter.nbytes()) for u in updates]
 
 
-class _Scratch:
-    """Reused float64 buffers (grown on demand), so a group allocates nothing per client."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, size: int) -> np.ndarray:
-        buf = self._bufs.get(name)
-        if buf is None or buf.size < size:
-            buf = self._bufs[name] = np.empty(size)
-        return buf[:size]
-
-
 class _FactorSums:
     """Running float64 sums ``sum_k W[k, j] pad(A_k)``, ``sum_k W[k, j] pad(B_k)`` and the column
     weights ``sum_k W[k, j]`` per module at ``r_max`` (component j of client k weighs ``W[k, j] =
@@ -213,7 +204,7 @@ class _FactorSums:
         self.prev, self.r_max, self.cfg = prev_global, r_max, cfg
         self._sums: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # module -> (a, bt, col)
         self._done: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # module -> (A, B) float32
-        self._scratch = _Scratch()
+        self._scratch = Scratch()
 
     def add(self, adapters: Sequence[LoraAdapter], w: Mapping[str, np.ndarray]) -> None:
         """Add a group of adapters of equal per-module ranks with weights ``w[module]`` (one per
@@ -236,8 +227,8 @@ class _FactorSums:
         if len(adapters) == 1:
             x, wk = adapters[0], float(w[0])
             tmp = self._scratch.get("stack", max(x.A[m].size, x.B[m].size))
-            _add_scaled(a[:r], x.A[m], wk, tmp)
-            _add_scaled(bt[:r], x.B[m].T, wk, tmp)
+            add_scaled(a[:r], x.A[m], wk, tmp)
+            add_scaled(bt[:r], x.B[m].T, wk, tmp)
             col[:r] += wk
             return
         ws = np.asarray(w, dtype=np.float64)
@@ -300,148 +291,18 @@ def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p
     return sums.result()
 
 
-def _add_scaled(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray) -> None:
-    """``acc += w * x`` in float64 without allocating: the product goes into ``scratch``."""
-    tmp = scratch[:x.size].reshape(x.shape)
-    np.multiply(x, w, out=tmp)
-    np.add(acc, tmp, out=acc)
-
-
-def _balanced(U: np.ndarray, S: np.ndarray, Vh: np.ndarray, rank: int, scale: float,
-              shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Rank-``rank`` factors from an SVD (singular values descending): ``B = U_r sqrt(S_r / s)``,
-    ``A = sqrt(S_r / s) V_r^T``, zero-padded when fewer than ``rank`` singular values exist."""
-    r = min(rank, S.shape[0])
-    root = np.sqrt(S[:r] / scale)
-    B = np.zeros((shape[0], rank), np.float32)
-    A = np.zeros((rank, shape[1]), np.float32)
-    B[:, :r], A[:r] = U[:, :r] * root, root[:, None] * Vh[:r]
-    return A, B
-
-
-def svd_factor(delta: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Balanced rank-``rank`` factors with ``scale * B @ A`` = best rank-r approximation of ``delta``.
-
-    ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_r^T``: components are ordered by singular
-    value, so truncating (B, A) to any r' <= rank is again the best rank-r' approximation."""
-    U, S, Vh = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
-    return _balanced(U, S, Vh, rank, scale, (delta.shape[0], delta.shape[1]))
-
-
-def _low_rank_svd(Bc: np.ndarray, Ac: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The leading ``rank`` singular triplets of ``Bc @ Ac`` (out x R by R x in, R small) without
-    forming it: ``Bc = Q_b R_b``, ``Ac^T = Q_a R_a``, so ``Bc Ac = Q_b (R_b R_a^T) Q_a^T`` and the SVD
-    of the R x R core gives the SVD of the product (exact up to rounding, not an approximation)."""
-    Qb, Rb = np.linalg.qr(Bc)
-    Qa, Ra = np.linalg.qr(Ac.T)
-    U, S, Vh = np.linalg.svd(Rb @ Ra.T)
-    k = min(rank, S.shape[0])
-    return Qb @ U[:, :k], S, Vh[:k] @ Qa.T
-
-
-class _DeltaSums:
-    """Recon+SVD's ``dW = sum_k w_k s_k B_k A_k`` per module, fed group by group: one GEMM of the
-    column-stacked ``[w_k s_k B_k]`` (out x R) by the row-stacked ``[A_k]`` (R x in) per group, into
-    a float64 (out x in) sum, never a dense delta per client. Where the round's whole stacked rank
-    (``total_ranks``, known from the facts up front) is at most half of min(out, in), the stacked
-    factors themselves are kept and ``finish`` factors their product through ``_low_rank_svd``
-    (no out x in SVD): the same best rank-r approximation, at a fraction of the cost. A module's
-    sum is allocated at its first group and freed when it is finished, as in ``_FactorSums``."""
-
-    def __init__(self, prev_global: LoraAdapter, r_max: int, total_ranks: Mapping[str, int]) -> None:
-        self.prev, self.r_max = prev_global, r_max
-        self.shapes = {m: (prev_global.B[m].shape[0], prev_global.A[m].shape[1]) for m in prev_global.modules}
-        self.low_rank = {m for m, s in self.shapes.items() if 2 * total_ranks[m] <= min(s)}
-        self.dense: dict[str, np.ndarray] = {}
-        self.stacked: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
-        self._done: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._scratch = _Scratch()
-
-    def add(self, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
-        """Add a group with sample weights ``w``, module by module (see ``_FactorSums.add``)."""
-        for m in self.shapes:
-            self.add_module(m, adapters, w)
-
-    def add_module(self, m: str, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
-        ws = np.asarray(w, dtype=np.float64) * np.array([a.scale for a in adapters], dtype=np.float64)
-        Bc = np.concatenate([a.B[m] for a in adapters], axis=1, dtype=np.float64)
-        Bc *= np.repeat(ws, [a.A[m].shape[0] for a in adapters])  # column block k times w_k s_k
-        Ac = np.concatenate([a.A[m] for a in adapters], axis=0, dtype=np.float64)
-        if m in self.low_rank:
-            Bs, As = self.stacked.setdefault(m, ([], []))
-            Bs.append(Bc)
-            As.append(Ac)
-            return
-        out_f, in_f = self.shapes[m]
-        if m not in self.dense:
-            self.dense[m] = np.zeros((out_f, in_f))
-        prod = self._scratch.get("prod", out_f * in_f).reshape(out_f, in_f)
-        np.matmul(Bc, Ac, out=prod)
-        self.dense[m] += prod
-
-    def finish(self, m: str) -> None:
-        """Module ``m``'s balanced factors by SVD; its sums are freed."""
-        shape = self.shapes[m]
-        if m in self.low_rank:
-            Bs, As = self.stacked.pop(m, ([np.zeros((shape[0], 1))], [np.zeros((1, shape[1]))]))
-            U, S, Vh = _low_rank_svd(np.concatenate(Bs, axis=1), np.concatenate(As, axis=0), self.r_max)
-        else:
-            U, S, Vh = np.linalg.svd(self.dense.pop(m, np.zeros(shape)), full_matrices=False)
-        self._done[m] = _balanced(U, S, Vh, self.r_max, self.prev.scale, shape)
-
-    def result(self) -> LoraAdapter:
-        for m in self.shapes:
-            if m not in self._done:
-                self.finish(m)
-        return LoraAdapter({m: self._done[m][0] for m in self.shapes}, {m: self._done[m][1] for m in self.shapes}, self.prev.scale)
-
-
 def recon_svd(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], r_max: int) -> tuple[LoraAdapter, dict[str, np.ndarray]]:
     """FlexLoRA: ``dW = sum_k n_k/n * s B_k A_k`` per module, refactored at ``r_max`` by SVD."""
     n = np.array([u.num_samples for u in updates], dtype=np.float64)
     w = n / n.sum()
     facts = _facts_of(updates)
-    sums = _DeltaSums(prev_global, r_max, {m: sum(f.ranks[m] for f in facts) for m in prev_global.modules})
+    sums = DeltaSums(prev_global, r_max, {m: sum(f.ranks[m] for f in facts) for m in prev_global.modules})
     groups = [(idx, [updates[i].adapter for i in idx]) for idx in rank_groups(facts)]
     for m in prev_global.modules:  # module by module, as in average_factors
         for idx, adapters in groups:
             sums.add_module(m, adapters, w[idx])
         sums.finish(m)
     return sums.result(), {m: w for m in prev_global.modules}
-
-
-class TensorSums:
-    """Full fine-tuning FedAvg fed one client at a time: ``sum_k n_k/n * delta_k`` per tensor,
-    accumulated in float64 through one reused scratch buffer (a full delta is the whole model: the
-    aggregate step holds one at a time). Clients are added in index order."""
-
-    def __init__(self, num_samples: Sequence[int]) -> None:
-        n = np.array(num_samples, dtype=np.float64)
-        self.w = n / n.sum()
-        self.acc: dict[str, np.ndarray] = {}
-        self._scratch = _Scratch()
-        self._next = 0
-
-    def add(self, index: int, delta: Mapping[str, np.ndarray]) -> None:
-        if index != self._next:
-            raise ValueError(f"full-weight deltas are added in client order: expected client {self._next}, got {index}")
-        for k, x in delta.items():
-            acc = self.acc.setdefault(k, np.zeros(x.shape))
-            _add_scaled(acc, x, self.w[index], self._scratch.get("tmp", x.size))
-        self._next += 1
-
-    def result(self) -> dict[str, np.ndarray]:
-        if self._next != len(self.w):
-            raise ValueError(f"aggregation incomplete: {self._next} of {len(self.w)} full-weight deltas added")
-        return {k: acc.astype(np.float32) for k, acc in self.acc.items()}
-
-
-def average_tensors(deltas: Sequence[dict[str, np.ndarray]], num_samples: Sequence[int]) -> dict[str, np.ndarray]:
-    """Full fine-tuning FedAvg: the sample-weighted mean of full weight deltas (``TensorSums``)."""
-    sums = TensorSums(num_samples)
-    for i, d in enumerate(deltas):
-        sums.add(i, d)
-    return sums.result()
 
 
 class Aggregation:
@@ -464,11 +325,11 @@ class Aggregation:
         self.facts, self.cfg = list(facts), cfg
         n = np.array([f.num_samples for f in facts], dtype=np.float64)
         self.fallback = ""
-        self._sums: _FactorSums | _DeltaSums
+        self._sums: _FactorSums | DeltaSums
         if cfg.name == "recon_svd":
             w = n / n.sum()
             self.p = {m: w for m in modules}
-            self._sums = _DeltaSums(prev_global, r_max, {m: sum(f.ranks[m] for f in facts) for m in modules})
+            self._sums = DeltaSums(prev_global, r_max, {m: sum(f.ranks[m] for f in facts) for m in modules})
         else:
             norms = [f.norms for f in facts]
             if weighting(cfg) == "sparsity" and any(d is None for d in norms):
@@ -483,7 +344,7 @@ class Aggregation:
         """Add clients ``indices`` (an entry of ``groups``) whose adapters are ``adapters``; the
         clipping decided in their facts is applied here."""
         idx, clipped = self._take(indices, adapters)
-        if isinstance(self._sums, _DeltaSums):
+        if isinstance(self._sums, DeltaSums):
             self._sums.add(clipped, next(iter(self.p.values()))[idx])
         else:
             self._sums.add(clipped, {m: w[idx] for m, w in self.p.items()})

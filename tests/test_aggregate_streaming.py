@@ -162,7 +162,7 @@ def test_the_step_holds_one_group_not_every_upload(tmp_path: Path, monkeypatch: 
 
 def test_full_fine_tuning_streams_one_delta_at_a_time_to_the_same_bytes(tmp_path: Path) -> None:
     from hetlora_core.methods import method_for
-    from hetlora_core.strategies import average_tensors
+    from hetlora_core.methods.full_ft import average_tensors
 
     cfg = config_from_dict({"experiment": "f", "store": {"root": str(tmp_path)}, "data": {"num_clients": 4},
                             "strategy": {"name": "full_ft"}, "federation": {"clients_per_round": 4, "quorum": 0.5}})

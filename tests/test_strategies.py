@@ -7,7 +7,9 @@ import pytest
 
 from hetlora_core.adapter import LoraAdapter
 from hetlora_core.config import StrategyConfig
-from hetlora_core.strategies import ClientUpdate, aggregate, average_tensors, svd_factor
+from hetlora_core.methods.full_ft import average_tensors
+from hetlora_core.strategies import ClientUpdate, aggregate
+from hetlora_core.svd import svd_factor
 
 M = "m"
 R_MAX = 3

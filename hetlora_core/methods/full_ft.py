@@ -8,6 +8,7 @@ client instead of failing the round.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
 
 from ..adapter import canonical_safetensors, read_safetensors_metadata
-from ..strategies import TensorSums, average_tensors
+from ..reduce import Scratch, add_scaled
 from .base import Aggregated, ClientUpdate, Method, Spec, Stream, UploadError
 
 if TYPE_CHECKING:
@@ -107,3 +108,37 @@ class FullFineTuning(Method):
 
         r = evaluate_full(model, glob, clients, self.cfg)
         return r, r
+
+
+class TensorSums:
+    """Full fine-tuning FedAvg fed one client at a time: ``sum_k n_k/n * delta_k`` per tensor,
+    accumulated in float64 through one reused scratch buffer (a full delta is the whole model: the
+    aggregate step holds one at a time). Clients are added in index order."""
+
+    def __init__(self, num_samples: Sequence[int]) -> None:
+        n = np.array(num_samples, dtype=np.float64)
+        self.w = n / n.sum()
+        self.acc: dict[str, np.ndarray] = {}
+        self._scratch = Scratch()
+        self._next = 0
+
+    def add(self, index: int, delta: Mapping[str, np.ndarray]) -> None:
+        if index != self._next:
+            raise ValueError(f"full-weight deltas are added in client order: expected client {self._next}, got {index}")
+        for k, x in delta.items():
+            acc = self.acc.setdefault(k, np.zeros(x.shape))
+            add_scaled(acc, x, self.w[index], self._scratch.get("tmp", x.size))
+        self._next += 1
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self._next != len(self.w):
+            raise ValueError(f"aggregation incomplete: {self._next} of {len(self.w)} full-weight deltas added")
+        return {k: acc.astype(np.float32) for k, acc in self.acc.items()}
+
+
+def average_tensors(deltas: Sequence[dict[str, np.ndarray]], num_samples: Sequence[int]) -> dict[str, np.ndarray]:
+    """Full fine-tuning FedAvg: the sample-weighted mean of full weight deltas (``TensorSums``)."""
+    sums = TensorSums(num_samples)
+    for i, d in enumerate(deltas):
+        sums.add(i, d)
+    return sums.result()

@@ -1,0 +1,101 @@
+"""The SVD half of Recon+SVD (FlexLoRA): sums of ``w_k s_k B_k A_k`` per module and their balanced
+re-factoring at ``r_max``. Kept apart from ``strategies`` (factor averaging and the weights) so each
+file holds one concern; numpy only."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .adapter import LoraAdapter
+from .reduce import Scratch
+
+
+def _balanced(U: np.ndarray, S: np.ndarray, Vh: np.ndarray, rank: int, scale: float,
+              shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-``rank`` factors from an SVD (singular values descending): ``B = U_r sqrt(S_r / s)``,
+    ``A = sqrt(S_r / s) V_r^T``, zero-padded when fewer than ``rank`` singular values exist."""
+    r = min(rank, S.shape[0])
+    root = np.sqrt(S[:r] / scale)
+    B = np.zeros((shape[0], rank), np.float32)
+    A = np.zeros((rank, shape[1]), np.float32)
+    B[:, :r], A[:r] = U[:, :r] * root, root[:, None] * Vh[:r]
+    return A, B
+
+
+def svd_factor(delta: np.ndarray, rank: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced rank-``rank`` factors with ``scale * B @ A`` = best rank-r approximation of ``delta``.
+
+    ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_r^T``: components are ordered by singular
+    value, so truncating (B, A) to any r' <= rank is again the best rank-r' approximation."""
+    U, S, Vh = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
+    return _balanced(U, S, Vh, rank, scale, (delta.shape[0], delta.shape[1]))
+
+
+def _low_rank_svd(Bc: np.ndarray, Ac: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The leading ``rank`` singular triplets of ``Bc @ Ac`` (out x R by R x in, R small) without
+    forming it: ``Bc = Q_b R_b``, ``Ac^T = Q_a R_a``, so ``Bc Ac = Q_b (R_b R_a^T) Q_a^T`` and the SVD
+    of the R x R core gives the SVD of the product (exact up to rounding, not an approximation)."""
+    Qb, Rb = np.linalg.qr(Bc)
+    Qa, Ra = np.linalg.qr(Ac.T)
+    U, S, Vh = np.linalg.svd(Rb @ Ra.T)
+    k = min(rank, S.shape[0])
+    return Qb @ U[:, :k], S, Vh[:k] @ Qa.T
+
+
+class DeltaSums:
+    """Recon+SVD's ``dW = sum_k w_k s_k B_k A_k`` per module, fed group by group: one GEMM of the
+    column-stacked ``[w_k s_k B_k]`` (out x R) by the row-stacked ``[A_k]`` (R x in) per group, into
+    a float64 (out x in) sum, never a dense delta per client. Where the round's whole stacked rank
+    (``total_ranks``, known from the facts up front) is at most half of min(out, in), the stacked
+    factors themselves are kept and ``finish`` factors their product through ``_low_rank_svd``
+    (no out x in SVD): the same best rank-r approximation, at a fraction of the cost. A module's
+    sum is allocated at its first group and freed when it is finished, as in ``strategies._FactorSums``."""
+
+    def __init__(self, prev_global: LoraAdapter, r_max: int, total_ranks: Mapping[str, int]) -> None:
+        self.prev, self.r_max = prev_global, r_max
+        self.shapes = {m: (prev_global.B[m].shape[0], prev_global.A[m].shape[1]) for m in prev_global.modules}
+        self.low_rank = {m for m, s in self.shapes.items() if 2 * total_ranks[m] <= min(s)}
+        self.dense: dict[str, np.ndarray] = {}
+        self.stacked: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self._done: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._scratch = Scratch()
+
+    def add(self, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
+        """Add a group with sample weights ``w``, module by module (see ``strategies._FactorSums.add``)."""
+        for m in self.shapes:
+            self.add_module(m, adapters, w)
+
+    def add_module(self, m: str, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
+        ws = np.asarray(w, dtype=np.float64) * np.array([a.scale for a in adapters], dtype=np.float64)
+        Bc = np.concatenate([a.B[m] for a in adapters], axis=1, dtype=np.float64)
+        Bc *= np.repeat(ws, [a.A[m].shape[0] for a in adapters])  # column block k times w_k s_k
+        Ac = np.concatenate([a.A[m] for a in adapters], axis=0, dtype=np.float64)
+        if m in self.low_rank:
+            Bs, As = self.stacked.setdefault(m, ([], []))
+            Bs.append(Bc)
+            As.append(Ac)
+            return
+        out_f, in_f = self.shapes[m]
+        if m not in self.dense:
+            self.dense[m] = np.zeros((out_f, in_f))
+        prod = self._scratch.get("prod", out_f * in_f).reshape(out_f, in_f)
+        np.matmul(Bc, Ac, out=prod)
+        self.dense[m] += prod
+
+    def finish(self, m: str) -> None:
+        """Module ``m``'s balanced factors by SVD; its sums are freed."""
+        shape = self.shapes[m]
+        if m in self.low_rank:
+            Bs, As = self.stacked.pop(m, ([np.zeros((shape[0], 1))], [np.zeros((1, shape[1]))]))
+            U, S, Vh = _low_rank_svd(np.concatenate(Bs, axis=1), np.concatenate(As, axis=0), self.r_max)
+        else:
+            U, S, Vh = np.linalg.svd(self.dense.pop(m, np.zeros(shape)), full_matrices=False)
+        self._done[m] = _balanced(U, S, Vh, self.r_max, self.prev.scale, shape)
+
+    def result(self) -> LoraAdapter:
+        for m in self.shapes:
+            if m not in self._done:
+                self.finish(m)
+        return LoraAdapter({m: self._done[m][0] for m in self.shapes}, {m: self._done[m][1] for m in self.shapes}, self.prev.scale)
