@@ -143,8 +143,29 @@ class RoundRunner:
                 f"{len(man.get('participants', []))} clients" + (f", {len(dropped)} dropped" if dropped else "")
                 + (f"; pruned: {', '.join(pruned)}" if pruned else ""))
 
+    def check_model(self) -> None:
+        """Reject a ``model.target_modules`` the model lacks (and, where the model is loaded in
+        this machine's executors, a hub id that cannot be had) before anything is recorded or any
+        client trains: ``ConfigError``/``ModelError`` naming the field and the fix. Cheap: the model
+        is built on the meta device. Kubeflow's tasks load the model in the cluster, so there the
+        driver neither downloads it nor insists on seeing it."""
+        if self.cfg.strategy.name == "full_ft":  # trains every weight: target_modules unused
+            return
+        from .targets import check_model
+
+        here = getattr(self.executor, "loads_model_here", True)
+        names = check_model(self.cfg.model, download=here)
+        if names is None and here:
+            from .model_source import model_folder
+
+            model_folder(self.cfg.model.name)  # raises the one-line ModelError saying how to provide it
+        elif names is None:
+            self.log(f"model {self.cfg.model.name} is not in this machine's Hugging Face cache: its target modules are "
+                     "checked when the first task loads it")
+
     def run(self) -> dict[str, Any]:
         cfg, store = self.cfg, self.store
+        self.check_model()
         check_or_record_config(cfg, store)
         t0 = time.perf_counter()
         done = self._committed()
