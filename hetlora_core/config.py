@@ -285,6 +285,15 @@ class KubeflowConfig:
     store_secret: str = "hetlora-store"  # Secret with keys accesskey / secretkey
     pipeline_root: str = "minio://hetlora/pipeline-root"
     experiment: str = "hetlora"
+    # A PersistentVolumeClaim holding a Hugging Face hub cache (e.g. filled by a Job running
+    # `hf download ORG/NAME` with HF_TOKEN from a Secret): mounted as the train and evaluate tasks'
+    # hub cache, so a hub-id model.name loads offline in the cluster. "": none.
+    model_cache_pvc: str = ""
+
+    def __post_init__(self) -> None:
+        pvc = self.model_cache_pvc
+        _check(not pvc or (len(pvc) <= 253 and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", pvc) is not None),
+               "kubeflow.model_cache_pvc", f"must be a PersistentVolumeClaim name (lowercase letters, digits, '-', '.'), got {pvc!r}")
 
 
 @dataclass(frozen=True)
