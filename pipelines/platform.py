@@ -57,7 +57,8 @@ def use_model_cache(task: PipelineTask, cfg: HetLoRAConfig) -> PipelineTask:
     Security: the tasks stay offline (the images set HF_HUB_OFFLINE=1) and get no hub token: only
     whatever filled the volume needs HF_TOKEN. Make the claim ReadOnlyMany where the storage allows."""
     if cfg.kubeflow.model_cache_pvc:
-        kubernetes.mount_pvc(task, pvc_name=cfg.kubeflow.model_cache_pvc, mount_path=HF_HUB_CACHE_PATH)
+        # The claim is an HF_HOME (what `hf download` fills with HF_HOME on it): its hub/ folder is the cache.
+        kubernetes.mount_pvc(task, pvc_name=cfg.kubeflow.model_cache_pvc, mount_path=HF_HUB_CACHE_PATH, sub_path="hub")
     return task
 
 

@@ -141,7 +141,8 @@ def test_model_cache_pvc_is_mounted_on_the_model_tasks_only(tmp_path):
     spec, platform = yaml.safe_load_all(path.read_text())
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     mounted = {ex for ex, plat in k8s.items()
-               if any(m.get("constant") == "hf-cache" and m["mountPath"] == HF_HUB_CACHE_PATH for m in plat.get("pvcMount", []))}
+               if any(m.get("constant") == "hf-cache" and m["mountPath"] == HF_HUB_CACHE_PATH and m.get("subPath") == "hub"
+                      for m in plat.get("pvcMount", []))}
     model_tasks = {ex for ex in k8s if "train" in ex or "evaluate" in ex}
     assert model_tasks and mounted == model_tasks, (mounted, sorted(k8s))
     with pytest.raises(ValueError, match="kubeflow.model_cache_pvc"):
