@@ -239,3 +239,23 @@ def test_gpt2_conv1d_layers_are_wrapped_without_peft_guessing(tmp_path, recwarn)
     assert spec["transformer.h.0.attn.c_attn"] == (96, 32)  # 3 x n_embd out, n_embd in
     detach(attach(model, init_global(spec, 4, 2.0, 0)))
     assert not [w for w in recwarn.list if "fan_in_fan_out" in str(w.message)]
+
+
+def test_a_run_recorded_with_the_old_default_list_resumes_under_auto(tmp_path):
+    """Runs recorded before ``auto`` existed hold target_modules [q_proj, v_proj]: the same modules,
+    so resuming them is no config mismatch; a different list still is."""
+    from hetlora_core.run import RunConfigMismatch, check_or_record_config
+    from hetlora_core.store import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    old = load_config(None, {"model.name": "tiny", "model.target_modules": ["v_proj", "q_proj"]})
+    check_or_record_config(old, store)
+    new = load_config(None, {"model.name": "tiny"})
+    check_or_record_config(new, store, ("q_proj", "v_proj"))  # auto resolved to the recorded list
+    with pytest.raises(RunConfigMismatch, match="model"):
+        check_or_record_config(load_config(None, {"model.name": "tiny", "model.target_modules": "all-linear"}), store,
+                               ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"))
+    fresh = LocalStore(tmp_path / "fresh")
+    check_or_record_config(old, fresh)
+    with pytest.raises(RunConfigMismatch, match="model"):
+        check_or_record_config(new, fresh)  # resolution unknown: compared as written
