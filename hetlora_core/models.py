@@ -141,10 +141,11 @@ def _tokenizer_into(model_folder: Path) -> None:
     """Copy SmolLM2's tokenizer files into its model folder, so that the folder is a complete
     Hugging Face model (``model.name: <that folder>`` and peft's ``AutoPeftModelForCausalLM`` find
     the tokenizer there). Per file through a temp name and a rename: a reader never sees half a
-    file. A read-only (prebuilt) folder is left as it is."""
+    file, and tokenizer_config.json (what marks a tokenizer as present) comes last. A read-only
+    (prebuilt) folder is left as it is."""
     src = _cached_folder(_TOKENIZER_DIR, "tokenizer_config.json")
     try:
-        for f in sorted(src.iterdir()):
+        for f in sorted(src.iterdir(), key=lambda f: (f.name == "tokenizer_config.json", f.name)):
             dest = model_folder / f.name
             if f.is_file() and not dest.exists():
                 tmp = model_folder / f".tmp-{f.name}-{os.getpid()}"
@@ -158,7 +159,7 @@ def _tokenizer_into(model_folder: Path) -> None:
 def load_tokenizer(cfg: ModelConfig | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of ``cfg``'s model: its own (``AutoTokenizer`` from the model folder) for a
     folder or hub id; SmolLM2's for the built-ins (``tiny`` shares it) and for ``cfg=None``.
-    ``cfg`` is keyword-free for old callers: ``load_tokenizer()`` is SmolLM2's.
+    ``load_tokenizer()`` (no cfg, as every caller before model folders) stays SmolLM2's.
 
     SmolLM2's (vocab 49,152) is built from the GGUF once and cached as a normal folder.
 
