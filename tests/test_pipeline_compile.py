@@ -147,3 +147,14 @@ def test_model_cache_pvc_is_mounted_on_the_model_tasks_only(tmp_path):
     assert model_tasks and mounted == model_tasks, (mounted, sorted(k8s))
     with pytest.raises(ValueError, match="kubeflow.model_cache_pvc"):
         replace(make_cfg(), **{"kubeflow.model_cache_pvc": "Bad_Name"})
+
+
+def test_compile_rejects_a_target_module_the_model_lacks(tmp_path):
+    from click.testing import CliRunner
+    from hetlora_kfp.pipelines.cli import main
+
+    out = tmp_path / "r.yaml"
+    res = CliRunner().invoke(main, ["compile", "--set", "model.name=tiny", "--set", "model.target_modules=[q_proj, qkv]",
+                                    "--out", str(out)])
+    assert res.exit_code != 0 and "model.target_modules: ['qkv'] not found" in res.output and "'o_proj'" in res.output
+    assert not out.exists() and "Traceback" not in res.output
