@@ -89,6 +89,7 @@ def simulate(config: str | None, sets: tuple[str, ...], out: str, quiet: bool, v
 
     Writes OUT/results.json (config, per-round metrics, ranks, prune events, aggregation weights,
     bytes, timings) and OUT/perplexity.png. Interrupted runs resume from the last committed round."""
+    from .model_source import ModelError
     from .run import RoundFailed, RunConfigMismatch, summary_line
     from .simulate import simulate as run_sim
     from .store import StoreError
@@ -97,7 +98,7 @@ def simulate(config: str | None, sets: tuple[str, ...], out: str, quiet: bool, v
     quiet_libraries(verbose)
     try:
         res = run_sim(cfg, out, progress=not quiet)
-    except (RoundFailed, RunConfigMismatch, StoreError) as e:
+    except (RoundFailed, RunConfigMismatch, StoreError, ConfigError, ModelError) as e:
         fail(str(e))
     click.echo(summary_line(res, Path(out)))
 
@@ -140,10 +141,12 @@ def inspect(file: str, r_min: int, r_max: int | None, as_json: bool) -> None:
 @click.option("--merge", is_flag=True, help="Also merge the adapter into the base weights and save a transformers model.")
 def export(run_dir: str, out: str, rnd: int | None, merge: bool) -> None:
     """Write a run's global adapter as a standard peft adapter folder (PeftModel.from_pretrained
-    loads it), and with --merge a merged transformers model under OUT/merged."""
+    loads it, and so does AutoPeftModelForCausalLM: adapter_config.json names the base model), and with
+    --merge a merged transformers model (+ tokenizer) in the base's dtype under OUT/merged."""
     from . import runtime
     from . import store as st
     from .config import config_from_dict
+    from .models import base_dtype, base_name_or_path
     from .peft_bridge import attach, save_peft_folder
 
     store = st.LocalStore(Path(run_dir) / "store")
@@ -164,17 +167,24 @@ def export(run_dir: str, out: str, rnd: int | None, merge: bool) -> None:
         fail(f"export writes LoRA adapters; a {cfg.strategy.name} run has none")
     adapter = runtime.global_adapter(cfg, store, rnd)
     # The full-vocabulary model even for model.vocab=corpus runs: q/v adapters fit it unchanged.
-    model = runtime.model(replace(cfg, **{"model.vocab": "full"}))
-    save_peft_folder(model, adapter, out)
+    model: Any = runtime.model(replace(cfg, **{"model.vocab": "full"}))  # a transformers PreTrainedModel
+    base = base_name_or_path(cfg.model)
+    if base is None:  # tiny: built in memory, so the export carries its base for peft to load
+        model.save_pretrained(Path(out) / "base", safe_serialization=True)
+        runtime.load_base_model_tokenizer(cfg).save_pretrained(Path(out) / "base")
+        base = str((Path(out) / "base").resolve())
+    save_peft_folder(model, adapter, out, base)
     runtime.load_base_model_tokenizer(cfg).save_pretrained(out)
-    click.echo(f"peft adapter of round {rnd} (rank {adapter.rank}) written to {out}")
+    click.echo(f"peft adapter of round {rnd} (rank {adapter.rank}) written to {out} (base: {base})")
     if merge:
         import copy
 
         merged = attach(copy.deepcopy(model), adapter).merge_and_unload()
+        merged.config.use_cache = True  # the base is kept without a KV cache for training; inference wants it
+        merged = merged.to(base_dtype(cfg.model))
         merged.save_pretrained(Path(out) / "merged", safe_serialization=True)
         runtime.load_base_model_tokenizer(cfg).save_pretrained(Path(out) / "merged")
-        click.echo(f"merged model written to {Path(out) / 'merged'}")
+        click.echo(f"merged model ({base_dtype(cfg.model)}) written to {Path(out) / 'merged'}")
 
 
 @main.group()

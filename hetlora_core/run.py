@@ -61,9 +61,22 @@ class Executor(Protocol):
 _MUTABLE_SECTIONS = ("federation", "metrics", "kubeflow", "store")
 
 
-def check_or_record_config(cfg: HetLoRAConfig, store: st.Store) -> None:
+def _same_targets(d: dict[str, Any], mine: Any, targets: tuple[str, ...] | None) -> dict[str, Any]:
+    """``d`` with ``model.target_modules`` replaced by the module names this run's setting
+    (``mine``) resolved to, where ``d`` says the same (that setting, or exactly those names): a run
+    recorded with ``[q_proj, v_proj]`` (the old default) resumes under ``auto``."""
+    tm = d.get("model", {}).get("target_modules")
+    if targets is None or tm is None:
+        return d
+    if tm == mine or (isinstance(tm, list) and sorted(tm) == sorted(targets)):
+        return {**d, "model": {**d["model"], "target_modules": sorted(targets)}}
+    return d
+
+
+def check_or_record_config(cfg: HetLoRAConfig, store: st.Store, targets: tuple[str, ...] | None = None) -> None:
     """Resuming with a different config would silently mix two runs: refuse, say how to fix it.
-    Only the number of rounds may grow (extending a finished run is a normal resume)."""
+    Only the number of rounds may grow (extending a finished run is a normal resume). ``targets``:
+    the module names ``model.target_modules`` resolved to (then a list equal to them is the same)."""
     key = st.config_key(cfg.experiment)
     mine = json.loads(cfg.to_json())  # JSON-normalised (tuples become lists) to compare like with like
     theirs = st.get_json(store, key)
@@ -72,8 +85,9 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store) -> None:
             theirs = json.loads(config_from_dict(theirs).to_json())
         except ConfigError:
             pass  # not loadable by this version: compared as stored (and reported as different)
-        a = {k: v for k, v in theirs.items() if k not in _MUTABLE_SECTIONS}
-        b = {k: v for k, v in mine.items() if k not in _MUTABLE_SECTIONS}
+        tm = mine["model"]["target_modules"]
+        a = {k: v for k, v in _same_targets(theirs, tm, targets).items() if k not in _MUTABLE_SECTIONS}
+        b = {k: v for k, v in _same_targets(mine, tm, targets).items() if k not in _MUTABLE_SECTIONS}
         fa = {k: v for k, v in theirs.get("federation", {}).items() if k != "rounds"}
         fb = {k: v for k, v in mine["federation"].items() if k != "rounds"}
         if a != b or fa != fb:
@@ -143,9 +157,31 @@ class RoundRunner:
                 f"{len(man.get('participants', []))} clients" + (f", {len(dropped)} dropped" if dropped else "")
                 + (f"; pruned: {', '.join(pruned)}" if pruned else ""))
 
+    def check_model(self) -> tuple[str, ...] | None:
+        """The module names ``model.target_modules`` resolves to (None: not known here). Rejects a
+        ``model.target_modules`` the model lacks (and, where the model is loaded in
+        this machine's executors, a hub id that cannot be had) before anything is recorded or any
+        client trains: ``ConfigError``/``ModelError`` naming the field and the fix. Cheap: the model
+        is built on the meta device. Kubeflow's tasks load the model in the cluster, so there the
+        driver neither downloads it nor insists on seeing it."""
+        if self.cfg.strategy.name == "full_ft":  # trains every weight: target_modules unused
+            return None
+        from .targets import check_model
+
+        here = getattr(self.executor, "loads_model_here", True)
+        names = check_model(self.cfg.model, download=here)
+        if names is None and here:
+            from .model_source import model_folder
+
+            model_folder(self.cfg.model.name)  # raises the one-line ModelError saying how to provide it
+        elif names is None:
+            self.log(f"model {self.cfg.model.name} is not in this machine's Hugging Face cache: its target modules are "
+                     "checked when the first task loads it")
+        return names
+
     def run(self) -> dict[str, Any]:
         cfg, store = self.cfg, self.store
-        check_or_record_config(cfg, store)
+        check_or_record_config(cfg, store, self.check_model())
         t0 = time.perf_counter()
         done = self._committed()
         if done:

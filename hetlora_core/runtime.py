@@ -32,12 +32,12 @@ def _model(mcfg: ModelConfig, dcfg: DataConfig | None) -> torch.nn.Module:
 
 @functools.lru_cache(maxsize=4)
 def _raw_clients(mcfg: ModelConfig, dcfg: DataConfig) -> tuple[ClientData, ...]:
-    return tuple(build_clients(dcfg, load_tokenizer()))
+    return tuple(build_clients(dcfg, load_tokenizer(mcfg)))
 
 
 @functools.lru_cache(maxsize=4)
 def _keep(mcfg: ModelConfig, dcfg: DataConfig) -> torch.Tensor:
-    return vocab.keep_ids(load_tokenizer(), _raw_clients(mcfg, dcfg))
+    return vocab.keep_ids(load_tokenizer(mcfg), _raw_clients(mcfg, dcfg))
 
 
 @functools.lru_cache(maxsize=4)
@@ -45,7 +45,7 @@ def _clients(mcfg: ModelConfig, dcfg: DataConfig) -> tuple[ClientData, ...]:
     raw = _raw_clients(mcfg, dcfg)
     if mcfg.vocab == "full":
         return raw
-    return tuple(vocab.remap_clients(raw, _keep(mcfg, dcfg), len(load_tokenizer())))
+    return tuple(vocab.remap_clients(raw, _keep(mcfg, dcfg), len(load_tokenizer(mcfg))))
 
 
 def model(cfg: HetLoRAConfig) -> torch.nn.Module:
@@ -83,4 +83,4 @@ def global_adapter(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> LoraAdapter
 
 def load_base_model_tokenizer(cfg: HetLoRAConfig) -> Any:
     """The tokenizer that goes with the base model (for export)."""
-    return load_tokenizer()
+    return load_tokenizer(cfg.model)

@@ -28,6 +28,8 @@ def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool) -> N
 
     The console shows one progress display; each task's full output is in OUT/logs/round-NNNN/
     (a failed task's last lines are printed with its name; -v prints everything as it comes)."""
+    from hetlora_core.config import ConfigError
+    from hetlora_core.model_source import ModelError
     from hetlora_core.run import RoundFailed, RunConfigMismatch, summary_line
     from hetlora_core.store import StoreError
 
@@ -37,7 +39,7 @@ def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool) -> N
     quiet_libraries(verbose)
     try:
         res = run_local(cfg, out, verbose=verbose)
-    except (RoundFailed, RunConfigMismatch, StoreError) as e:
+    except (RoundFailed, RunConfigMismatch, StoreError, ConfigError, ModelError) as e:
         fail(str(e))
     click.echo(f"{summary_line(res, Path(out))}, plot: {Path(out) / 'perplexity.png'}")
 
@@ -58,6 +60,15 @@ def compile_cmd(config: str | None, sets: tuple[str, ...], out: str, rnd: int) -
     from .round import compile_round
 
     cfg = load_cfg(config, sets)
+    if cfg.strategy.name != "full_ft":  # a target module the model lacks fails here, not in every client task
+        from hetlora_core.config import ConfigError
+        from hetlora_core.model_source import ModelError
+        from hetlora_core.targets import check_model
+
+        try:
+            check_model(cfg.model, download=False)
+        except (ConfigError, ModelError) as e:
+            fail(str(e))
     ids = client_ids(cfg.data)
     with tempfile.TemporaryDirectory() as tmp:
         # Round 0 needs no store (initial ranks come from the config); the plan goes to a scratch dir.
@@ -82,6 +93,8 @@ def submit(config: str | None, sets: tuple[str, ...], host: str, out: str, no_wa
 
     Needs store.kind: s3 reachable from here (credentials in HETLORA_S3_ACCESS_KEY /
     HETLORA_S3_SECRET_KEY) and, in the cluster, the Secret named by kubeflow.store_secret."""
+    from hetlora_core.config import ConfigError
+    from hetlora_core.model_source import ModelError
     from hetlora_core.run import RoundFailed, RunConfigMismatch, summary_line
     from hetlora_core.store import StoreError
 
@@ -95,7 +108,7 @@ def submit(config: str | None, sets: tuple[str, ...], host: str, out: str, no_wa
             click.echo(f"submitted run {submit_next_round(cfg, host)}")
             return
         res, ids = submit_run(cfg, host, out, timeout_s=timeout)
-    except (RoundFailed, RunConfigMismatch, StoreError) as e:
+    except (RoundFailed, RunConfigMismatch, StoreError, ConfigError, ModelError) as e:
         fail(str(e))
     except Exception as e:  # noqa: BLE001 - kfp/urllib3 errors (refused, DNS, HTTP 4xx/5xx): say where and what
         first = (str(e).splitlines() or [""])[0][:300]

@@ -47,6 +47,21 @@ def use_store_secret(task: PipelineTask, cfg: HetLoRAConfig) -> PipelineTask:
     return task
 
 
+# The images' Hugging Face hub cache (HF_HOME=/tmp/hetlora/.cache/huggingface in images/Dockerfile*);
+# a PVC mounted here is found with no env var, and kfp.local (which ignores mounts) is unaffected.
+HF_HUB_CACHE_PATH = "/tmp/hetlora/.cache/huggingface/hub"
+
+
+def use_model_cache(task: PipelineTask, cfg: HetLoRAConfig) -> PipelineTask:
+    """Mount ``kubeflow.model_cache_pvc`` as the task's Hugging Face hub cache (model tasks only).
+    Security: the tasks stay offline (the images set HF_HUB_OFFLINE=1) and get no hub token: only
+    whatever filled the volume needs HF_TOKEN. Make the claim ReadOnlyMany where the storage allows."""
+    if cfg.kubeflow.model_cache_pvc:
+        # The claim is an HF_HOME (what `hf download` fills with HF_HOME on it): its hub/ folder is the cache.
+        kubernetes.mount_pvc(task, pvc_name=cfg.kubeflow.model_cache_pvc, mount_path=HF_HUB_CACHE_PATH, sub_path="hub")
+    return task
+
+
 def share_cpus(task: PipelineTask, concurrent_tasks: int | None) -> PipelineTask:
     """Tell a model task how many tasks share its machine (kfp.local runs two at once); it then
     gives torch floor(CPUs / that) threads (hetlora_core.threads). Nothing is set for the cluster."""

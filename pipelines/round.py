@@ -58,6 +58,7 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
                 platform.set_tier_resources(train, tier)
                 platform.place_on_tier(train, tier)
                 platform.use_store_secret(train, cfg)
+                platform.use_model_cache(train, cfg)
                 platform.harden(train, cfg.federation.client_timeout_s + HARD_TIMEOUT_GRACE_S)
                 train.set_retry(num_retries=2, backoff_duration="30s")  # preemption: re-run overwrites the same keys
                 platform.share_cpus(train, concurrent_tasks)
@@ -78,6 +79,7 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
         platform.set_tier_resources(ev, largest)  # evaluation runs the model at r_max
         platform.share_cpus(ev, concurrent_tasks)
         platform.use_store_secret(ev, cfg)
+        platform.use_model_cache(ev, cfg)
         platform.harden(ev)
 
     return round_pipeline
@@ -96,6 +98,7 @@ def build_evaluate_pipeline(cfg: HetLoRAConfig, rnd: int, comps: Components | No
         ev.set_display_name("evaluate")
         platform.set_tier_resources(ev, largest)
         platform.use_store_secret(ev, cfg)
+        platform.use_model_cache(ev, cfg)
         platform.harden(ev)
 
     return evaluate_pipeline

@@ -113,6 +113,7 @@ class KubeflowExecutor:
     needs the store too (the runner plans and resumes from it), with credentials from its environment."""
 
     name, command = "Kubeflow", "hetlora submit"
+    loads_model_here = False  # the tasks load the model in the cluster (RoundRunner.check_model)
 
     def __init__(self, cfg: HetLoRAConfig, host: str, client: Any = None, timeout_s: float = 6 * 3600,
                  poll_s: float = 10.0, wait: bool = True, log: Any = None) -> None:

@@ -127,3 +127,34 @@ def test_tier_groups_place_explicit_ranks_on_covering_tier():
     plan = RoundPlan("x", 0, [ClientPlan("a", "rank-3", 3), ClientPlan("b", "rank-8", 8), ClientPlan("c", "small", 2)], {})
     groups = {t.name: ids for t, ids in tier_groups(cfg, plan)}
     assert groups == {"small": ["c"], "medium": ["a"], "large": ["b"]}
+
+
+def test_model_cache_pvc_is_mounted_on_the_model_tasks_only(tmp_path):
+    """kubeflow.model_cache_pvc: the Hugging Face cache volume behind a hub-id model.name goes to
+    train and evaluate (which load the model), not to prune and aggregate (model-free)."""
+    from hetlora_kfp.pipelines.platform import HF_HUB_CACHE_PATH
+
+    from hetlora_core.config import replace
+
+    path = tmp_path / "r.yaml"
+    compile_round(replace(make_cfg(), **{"kubeflow.model_cache_pvc": "hf-cache"}), make_plan(), str(path))
+    spec, platform = yaml.safe_load_all(path.read_text())
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    mounted = {ex for ex, plat in k8s.items()
+               if any(m.get("constant") == "hf-cache" and m["mountPath"] == HF_HUB_CACHE_PATH and m.get("subPath") == "hub"
+                      for m in plat.get("pvcMount", []))}
+    model_tasks = {ex for ex in k8s if "train" in ex or "evaluate" in ex}
+    assert model_tasks and mounted == model_tasks, (mounted, sorted(k8s))
+    with pytest.raises(ValueError, match="kubeflow.model_cache_pvc"):
+        replace(make_cfg(), **{"kubeflow.model_cache_pvc": "Bad_Name"})
+
+
+def test_compile_rejects_a_target_module_the_model_lacks(tmp_path):
+    from click.testing import CliRunner
+    from hetlora_kfp.pipelines.cli import main
+
+    out = tmp_path / "r.yaml"
+    res = CliRunner().invoke(main, ["compile", "--set", "model.name=tiny", "--set", "model.target_modules=[q_proj, qkv]",
+                                    "--out", str(out)])
+    assert res.exit_code != 0 and "model.target_modules: ['qkv'] not found" in res.output and "'o_proj'" in res.output
+    assert not out.exists() and "Traceback" not in res.output
