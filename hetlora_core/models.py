@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hetlora_core.config import ModelConfig
+from hetlora_core.precision import from_pretrained_kwargs
 
 if TYPE_CHECKING:  # transformers costs ~4 s to import: only the loaders import it, lazily
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -165,7 +166,7 @@ def _tokenizer_from(folder: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def _freeze(model: PreTrainedModel) -> PreTrainedModel:
+def _freeze(model: PreTrainedModel, quantize: str = "none") -> PreTrainedModel:
     """float32, eval mode, no gradients, no KV cache: the state every caller expects.
 
     ``use_cache`` is off because training never reuses keys/values and the cache only costs memory;
@@ -173,7 +174,8 @@ def _freeze(model: PreTrainedModel) -> PreTrainedModel:
     """
     # transformers decorates PreTrainedModel.to with functools.wraps; typeshed's _Wrapped is no
     # descriptor, so mypy wants ``self`` passed again.
-    model = model.to(torch.float32)  # type: ignore[arg-type]
+    if quantize == "none":  # a bitsandbytes 4bit model keeps its NF4 weights (and cannot be cast)
+        model = model.to(torch.float32)  # type: ignore[arg-type]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -181,7 +183,7 @@ def _freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def _load_smollm2() -> PreTrainedModel:
+def _load_smollm2(quantize: str = "none") -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     folder = _cached_folder(_MODEL_DIR, "config.json")
@@ -204,7 +206,7 @@ def _load_smollm2() -> PreTrainedModel:
         _build_cached_folder(folder, build)
         _log(f"SmolLM2 cached as safetensors at {folder} ({time.perf_counter() - t0:.1f} s)")
     try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **from_pretrained_kwargs(quantize))
     except Exception as e:  # a cache from an incompatible version: say how to recover
         raise ModelError(f"cannot load the cached SmolLM2 at {folder} ({e}); delete that folder to rebuild it") from e
 
@@ -240,11 +242,11 @@ def _build_tiny(hidden: int, layers: int, tok: PreTrainedTokenizerBase) -> PreTr
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str, tiny_hidden: int, tiny_layers: int, cache_key: str) -> PreTrainedModel:
+def _load_cached(name: str, tiny_hidden: int, tiny_layers: int, cache_key: str, quantize: str = "none") -> PreTrainedModel:
     """``cache_key`` is the folder the model (or, for ``tiny``, its tokenizer) comes from, so the
     process cache is keyed on what the environment picked, not only on the name."""
     if name == "smollm2-135m":
-        return _freeze(_load_smollm2())
+        return _freeze(_load_smollm2(quantize), quantize)
     if name == "tiny":
         return _freeze(_build_tiny(tiny_hidden, tiny_layers, load_tokenizer()))
     raise ModelError(f"model.name: unknown model {name!r}; use 'smollm2-135m' or 'tiny'")
@@ -261,5 +263,7 @@ def load_base_model(cfg: ModelConfig, fresh: bool = False) -> tuple[PreTrainedMo
     tiny = cfg.name == "tiny"
     load = _load_cached.__wrapped__ if fresh else _load_cached
     key = str(_cached_folder(_TOKENIZER_DIR if tiny else _MODEL_DIR, "tokenizer_config.json" if tiny else "config.json"))
-    model = load(cfg.name, cfg.tiny_hidden if tiny else 0, cfg.tiny_layers if tiny else 0, key)
+    if tiny and cfg.quantize != "none":
+        raise ModelError("model.quantize: 4bit loads a saved model with bitsandbytes; the in-code 'tiny' model has none: use smollm2-135m")
+    model = load(cfg.name, cfg.tiny_hidden if tiny else 0, cfg.tiny_layers if tiny else 0, key, cfg.quantize)
     return model, load_tokenizer()
