@@ -111,7 +111,8 @@ def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData
         def reg_fn() -> torch.Tensor | None:
             return regulariser(A, B, ranks, cfg.pruning, cfg.ranks.r_min) if use_reg else None
 
-        loss, reg, tokens = _loop(peft_model, peft_bridge.lora_parameters(peft_model), client, cfg, rnd, reg_fn)
+        with precision.checkpointing(model, cfg.model.gradient_checkpointing):
+            loss, reg, tokens = _loop(peft_model, peft_bridge.lora_parameters(peft_model), client, cfg, rnd, reg_fn)
         trained = peft_bridge.extract(peft_model, received.scale)
     finally:
         peft_bridge.detach(peft_model)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,17 +164,30 @@ def from_pretrained_kwargs(mcfg: ModelConfig | str) -> dict[str, Any]:
 
 def place(model: torch.nn.Module, mcfg: ModelConfig, prec: Precision) -> torch.nn.Module:
     """Put the (frozen, float32) base model on the decided device, once per process; prepare a 4bit
-    model for k-bit training; turn on gradient checkpointing where configured."""
+    model for k-bit training (float32 norms, no gradients into the base)."""
     if prec.quantize == "4bit":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=mcfg.gradient_checkpointing)
-        for p in model.parameters():  # prepare_* leaves non-quantized params trainable; the base stays frozen
+        # checkpointing is switched per training call (checkpointing() below), not here
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for p in model.parameters():  # the base stays frozen: only LoRA trains
             p.requires_grad_(False)
-    else:
-        model = model.to(prec.device)
-    if mcfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        # Non-reentrant checkpointing works with a frozen base: the reentrant variant needs an input
-        # that requires grad (peft's enable_input_require_grads) or LoRA gets no gradient.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+        return model
+    return model.to(prec.device)
+
+
+@contextlib.contextmanager
+def checkpointing(model: torch.nn.Module, on: bool) -> Iterator[None]:
+    """Gradient checkpointing for one training call (``model.gradient_checkpointing``), off again
+    after: the base model is shared per process by everything that uses the same weights."""
+    enable, disable = getattr(model, "gradient_checkpointing_enable", None), getattr(model, "gradient_checkpointing_disable", None)
+    if not (on and callable(enable) and callable(disable)):
+        yield
+        return
+    # Non-reentrant checkpointing works with a frozen base: the reentrant variant needs an input
+    # that requires grad (peft's enable_input_require_grads) or LoRA gets no gradient.
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        disable()

@@ -119,3 +119,36 @@ def test_results_json_records_the_decision(tmp_path: Path) -> None:
     assert want["dtype"] == "float32" and want["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert res["precision"] == [{**want, "client_updates": 2}]
     assert res["config"]["model"]["dtype"] == "float32"
+
+
+def test_gradient_checkpointing_trains_the_same_adapter() -> None:
+    """Checkpointing recomputes each layer in backward (seen: twice the forwards of a module inside a layer), LoRA still
+    gets its gradients (the frozen-base pitfall of reentrant checkpointing), the update matches,
+    and the shared base model is left without checkpointing."""
+    import numpy as np
+
+    from hetlora_core import runtime
+    from hetlora_core.adapter import init_global
+    from hetlora_core.client import train_lora
+    from hetlora_core.peft_bridge import spec_from_model
+
+    cfg = load_config("configs/smoke.yaml", {"training.threads": 1, "training.local_steps": 2})
+    ck = replace(cfg, **{"model.gradient_checkpointing": True})
+    m = runtime.model(cfg)
+    g = init_global(spec_from_model(m, cfg.model.target_modules), 4, cfg.model.lora_scale, 0)
+    client = next(iter(runtime.clients(cfg).values()))
+    calls = []
+    hook = m.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        a = train_lora(m, g, client, cfg, 0).adapter
+        plain, calls[:] = len(calls), []
+        b = train_lora(runtime.model(ck), g, client, ck, 0).adapter
+    finally:
+        hook.remove()
+    assert (plain, len(calls)) == (2, 4)
+    assert not m.is_gradient_checkpointing
+    assert a is not None and b is not None
+    assert max(float(np.abs(b.B[k] - g.B[k]).max()) for k in g.B) > 0  # LoRA got gradients under checkpointing
+    for k in g.A:
+        np.testing.assert_allclose(a.A[k], b.A[k], atol=1e-5)
+        np.testing.assert_allclose(a.B[k], b.B[k], atol=1e-5)
