@@ -152,3 +152,16 @@ def test_gradient_checkpointing_trains_the_same_adapter() -> None:
     for k in g.A:
         np.testing.assert_allclose(a.A[k], b.A[k], atol=1e-5)
         np.testing.assert_allclose(a.B[k], b.B[k], atol=1e-5)
+
+
+def test_cli_refuses_an_unservable_request_before_any_round(tmp_path: Path) -> None:
+    """model.quantize: 4bit on a machine without CUDA/bitsandbytes: one line naming the field."""
+    from click.testing import CliRunner
+
+    from hetlora_core.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: 4bit may be servable here")
+    out = CliRunner().invoke(main, ["simulate", "-c", "configs/smoke.yaml", "--set", "model.quantize=4bit", "--out", str(tmp_path)])
+    assert out.exit_code != 0 and "model.quantize: '4bit' needs a CUDA device" in out.output
+    assert "Traceback" not in out.output and not (tmp_path / "store").exists()
