@@ -251,7 +251,8 @@ class KubeflowConfig:
     host: str = ""
     namespace: str = "kubeflow"
     image: str = "ghcr.io/hetlora/hetlora:0.1.0"
-    cuda_image: str = "ghcr.io/hetlora/hetlora:0.1.0-cuda"  # images/Dockerfile.cuda (make image-cuda: IMAGE:VERSION-cuda); default of tiers with gpu >= 1
+    # images/Dockerfile.cuda (make image-cuda tags IMAGE:VERSION-cuda): the default image of tiers with gpu >= 1
+    cuda_image: str = "ghcr.io/hetlora/hetlora:0.1.0-cuda"
     store_secret: str = "hetlora-store"  # Secret with keys accesskey / secretkey
     pipeline_root: str = "minio://hetlora/pipeline-root"
     experiment: str = "hetlora"
