@@ -61,6 +61,9 @@ class ModelConfig:
                "'float16' is CUDA-only (it needs a gradient scaler); on cpu use auto, float32 or bfloat16")
         _check(not (self.quantize == "4bit" and self.device == "cpu"), "model.quantize",
                "'4bit' (bitsandbytes NF4) needs CUDA; use model.device: auto or cuda, or model.quantize: none")
+        if self.quantize == "4bit":  # bitsandbytes quantizes saved weights at load; vocab.py cuts float rows
+            _check(self.name != "tiny", "model.quantize", "'4bit' needs a saved model; the in-code 'tiny' test model has none")
+            _check(self.vocab == "full", "model.quantize", "'4bit' cannot be combined with model.vocab: corpus (cut rows are float)")
 
 
 @dataclass(frozen=True)

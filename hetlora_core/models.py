@@ -263,7 +263,5 @@ def load_base_model(cfg: ModelConfig, fresh: bool = False) -> tuple[PreTrainedMo
     tiny = cfg.name == "tiny"
     load = _load_cached.__wrapped__ if fresh else _load_cached
     key = str(_cached_folder(_TOKENIZER_DIR if tiny else _MODEL_DIR, "tokenizer_config.json" if tiny else "config.json"))
-    if tiny and cfg.quantize != "none":
-        raise ModelError("model.quantize: 4bit loads a saved model with bitsandbytes; the in-code 'tiny' model has none: use smollm2-135m")
     model = load(cfg.name, cfg.tiny_hidden if tiny else 0, cfg.tiny_layers if tiny else 0, key, cfg.quantize)
     return model, load_tokenizer()

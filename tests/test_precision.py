@@ -75,6 +75,8 @@ def test_legacy_bf16_flag_maps_to_model_dtype() -> None:
     ({"model.quantize": "4bit", "model.device": "cpu"}, "model.quantize: '4bit'"),
     ({"model.quantize": "8bit"}, r"model.quantize: must be one of \['none', '4bit'\]"),
     ({"model.device": "tpu"}, "model.device: must be one of"),
+    ({"model.quantize": "4bit", "model.name": "tiny"}, "model.quantize: '4bit' needs a saved model"),
+    ({"model.quantize": "4bit", "model.vocab": "corpus"}, "model.quantize: '4bit' cannot be combined with model.vocab: corpus"),
 ])
 def test_config_rejects(sets: dict, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
@@ -162,6 +164,7 @@ def test_cli_refuses_an_unservable_request_before_any_round(tmp_path: Path) -> N
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: 4bit may be servable here")
-    out = CliRunner().invoke(main, ["simulate", "-c", "configs/smoke.yaml", "--set", "model.quantize=4bit", "--out", str(tmp_path)])
+    out = CliRunner().invoke(main, ["simulate", "-c", "configs/smoke.yaml", "--set", "model.quantize=4bit",
+                                    "--set", "model.name=smollm2-135m", "--out", str(tmp_path)])
     assert out.exit_code != 0 and "model.quantize: '4bit' needs a CUDA device" in out.output
     assert "Traceback" not in out.output and not (tmp_path / "store").exists()
