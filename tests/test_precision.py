@@ -109,15 +109,17 @@ def test_quantization_config_errors_and_none() -> None:
             pr.resolve(cfg)
 
 
-def test_results_json_records_the_decision(tmp_path: Path) -> None:
+def test_results_json_records_the_decision(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from hetlora_core.simulate import simulate
 
     cfg = replace(load_config("configs/smoke.yaml"), **{"federation.rounds": 1, "federation.clients_per_round": 2,
                                                         "training.local_steps": 1, "training.threads": 1,
                                                         "experiment": "prec", "training.bf16": None, "model.dtype": "float32"})
-    simulate(cfg, tmp_path, progress=False)
+    simulate(cfg, tmp_path, progress=True)
     res = json.loads((tmp_path / "results.json").read_text())
     want = pr.resolve(cfg).as_dict()
+    logged = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[hetlora] precision:")]
+    assert logged == [f"[hetlora] precision: {want['device']} float32: {want['reason']}"]  # once per run
     assert want["dtype"] == "float32" and want["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert res["precision"] == [{**want, "client_updates": 2}]
     assert res["config"]["model"]["dtype"] == "float32"
