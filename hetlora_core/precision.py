@@ -85,7 +85,7 @@ def decide(req_device: str, req_dtype: str, cuda_available: bool, cuda_bf16: boo
                               f"cpu ({why_dev}); use model.quantize: none on CPU")
         if not bnb_available:
             raise ConfigError("config: model.quantize: '4bit' needs the bitsandbytes package, which is not installed here; "
-                              "install it (pip install bitsandbytes; the CUDA image has it) or use model.quantize: none")
+                              "install it (pip install bitsandbytes; for the cluster add it to images/torch-cuda.lock) or use model.quantize: none")
     if device == "cuda":
         if req_dtype == "auto":
             dtype = "bfloat16" if cuda_bf16 else "float16"
