@@ -25,9 +25,17 @@ def parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def load_cfg(config: str | None, sets: tuple[str, ...]) -> HetLoRAConfig:
+def load_cfg(config: str | None, sets: tuple[str, ...], trains_here: bool = False) -> HetLoRAConfig:
+    """The config, validated; ``trains_here`` (simulate, run): also check that this machine can serve
+    model.device/dtype/quantize (CUDA, bf16, bitsandbytes), so a bad request is one line now, not a
+    failed task mid-round."""
     try:
-        return load_config(config, parse_sets(sets))
+        cfg = load_config(config, parse_sets(sets))
+        if trains_here:
+            from .precision import resolve
+
+            resolve(cfg)
+        return cfg
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
 
@@ -94,7 +102,7 @@ def simulate(config: str | None, sets: tuple[str, ...], out: str, quiet: bool, v
     from .simulate import simulate as run_sim
     from .store import StoreError
 
-    cfg = load_cfg(config, sets)
+    cfg = load_cfg(config, sets, trains_here=True)
     quiet_libraries(verbose)
     try:
         res = run_sim(cfg, out, progress=not quiet)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import peft_bridge
+from . import peft_bridge, precision
 from .adapter import LoraAdapter
 from .config import HetLoRAConfig
 from .data import ClientData, sample_batch
@@ -52,7 +52,13 @@ def client_seed(seed: int, rnd: int, client_id: str) -> int:
 
 
 def autocast(cfg: HetLoRAConfig) -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.training.bf16 else contextlib.nullcontext()
+    """The forward pass's autocast for this process's precision decision (precision.py)."""
+    return precision.resolve(cfg).autocast()
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (runtime.model placed them): batches go there."""
+    return next(model.parameters()).device
 
 
 def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: ClientData, cfg: HetLoRAConfig, rnd: int,
@@ -61,6 +67,9 @@ def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: Clie
     t = cfg.training
     gen = torch.Generator().manual_seed(client_seed(cfg.federation.seed, rnd, client.client_id))
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    prec, device = precision.resolve(cfg), _device_of(model)
+    # float16 on CUDA: scale the loss so small gradients do not underflow (disabled: a no-op).
+    scaler = torch.amp.GradScaler("cuda", enabled=prec.needs_scaler)
     losses, regs, tokens = [], [], 0
     deadline = time.monotonic() + cfg.federation.client_timeout_s
     model.train()
@@ -70,14 +79,16 @@ def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: Clie
                 raise ClientTimeout(f"client {client.client_id}: {step} of {t.local_steps} local steps done when "
                                     f"federation.client_timeout_s={cfg.federation.client_timeout_s} passed")
             failpoint("train_step", round=rnd, client=client.client_id, step=step)  # tests: a slow or dying client
-            batch = sample_batch(client.train_ids, t.batch_size, cfg.data.seq_len, gen)
-            with autocast(cfg):
+            # sampled on the CPU generator (same windows on every device), then moved
+            batch = sample_batch(client.train_ids, t.batch_size, cfg.data.seq_len, gen).to(device)
+            with prec.autocast():
                 loss = model(input_ids=batch, labels=batch).loss
             reg = reg_fn()
             total = loss.float() + (reg if reg is not None else 0.0)
             opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
+            scaler.scale(total).backward()
+            scaler.step(opt)  # plain opt.step() when the scaler is disabled
+            scaler.update()
             losses.append(float(loss.detach()))
             regs.append(float(reg.detach()) if reg is not None else 0.0)
             tokens += batch.numel()
@@ -100,7 +111,8 @@ def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData
         def reg_fn() -> torch.Tensor | None:
             return regulariser(A, B, ranks, cfg.pruning, cfg.ranks.r_min) if use_reg else None
 
-        loss, reg, tokens = _loop(peft_model, peft_bridge.lora_parameters(peft_model), client, cfg, rnd, reg_fn)
+        with precision.checkpointing(model, cfg.model.gradient_checkpointing):
+            loss, reg, tokens = _loop(peft_model, peft_bridge.lora_parameters(peft_model), client, cfg, rnd, reg_fn)
         trained = peft_bridge.extract(peft_model, received.scale)
     finally:
         peft_bridge.detach(peft_model)
@@ -119,11 +131,11 @@ def train_full(model: torch.nn.Module, global_delta: dict[str, np.ndarray], clie
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in global_delta:
-                    p.add_(peft_bridge.as_tensor(global_delta[n]))
+                    p.add_(peft_bridge.as_tensor(global_delta[n]).to(p.device))
                     p.requires_grad_(True)
         loss, reg, tokens = _loop(model, params, client, cfg, rnd, lambda: None)
         with torch.no_grad():
-            delta = {n: (p.detach() - base[n]).float().numpy() for n, p in model.named_parameters() if n in global_delta}
+            delta = {n: (p.detach() - base[n]).float().cpu().numpy() for n, p in model.named_parameters() if n in global_delta}
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():

@@ -71,6 +71,15 @@ class ModelConfig:
     # "corpus": keep only the embedding/output rows of tokens the Shakespeare corpus uses (faster
     # output layer on CPU; perplexity then normalised over those tokens). See vocab.py.
     vocab: Literal["full", "corpus"] = "full"
+    # Where and in what precision to train and evaluate (hetlora_core/precision.py decides "auto":
+    # CUDA when present; bf16 on GPUs that have it, else float16 with a gradient scaler; on CPU bf16
+    # only with native bf16 (amx_bf16/avx512_bf16), float32 otherwise). Weights stay float32; the
+    # dtype is the autocast compute dtype. The decision is logged and recorded in results.json.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # QLoRA: the frozen base in bitsandbytes NF4 (CUDA only); LoRA adapters stay float32.
+    quantize: Literal["none", "4bit"] = "none"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
 
     def __post_init__(self) -> None:
         kind = model_name_kind(self.name)
@@ -97,6 +106,13 @@ class ModelConfig:
         _check(self.lora_scale > 0, "model.lora_scale", f"must be > 0, got {self.lora_scale}")
         _check(self.tiny_hidden >= 8 and self.tiny_layers >= 1, "model.tiny_hidden/tiny_layers", "must be >= 8 and >= 1")
         _check(self.vocab in ("full", "corpus"), "model.vocab", f"must be 'full' or 'corpus', got {self.vocab!r}")
+        _check(not (self.dtype == "float16" and self.device == "cpu"), "model.dtype",
+               "'float16' is CUDA-only (it needs a gradient scaler); on cpu use auto, float32 or bfloat16")
+        _check(not (self.quantize == "4bit" and self.device == "cpu"), "model.quantize",
+               "'4bit' (bitsandbytes NF4) needs CUDA; use model.device: auto or cuda, or model.quantize: none")
+        if self.quantize == "4bit":  # bitsandbytes quantizes saved weights at load; vocab.py cuts float rows
+            _check(self.name != "tiny", "model.quantize", "'4bit' needs a saved model; the in-code 'tiny' test model has none")
+            _check(self.vocab == "full", "model.quantize", "'4bit' cannot be combined with model.vocab: corpus (cut rows are float)")
 
 
 @dataclass(frozen=True)
@@ -135,6 +151,9 @@ class TierConfig:
     memory_limit: str = "4Gi"
     gpu: int = 0
     priority_class: str = ""
+    # Container image of this tier's train tasks; empty: kubeflow.cuda_image when gpu >= 1, else
+    # kubeflow.image (see image_for). The CPU image has CPU-only torch: a GPU pod on it never uses its GPU.
+    image: str = ""
 
     def __post_init__(self) -> None:
         p = f"ranks.tiers[{self.name}]"
@@ -221,9 +240,11 @@ class TrainingConfig:
     batch_size: int = 2
     lr: float = 2e-3
     weight_decay: float = 0.0
-    # bf16 autocast pays only on CPUs with native bf16 (AVX512-BF16, AMX) or GPUs; on an AVX2-only
+    # Legacy switch, superseded by model.dtype: true == model.dtype bfloat16 (autocast), false ==
+    # model.dtype float32 (what configs written before model.dtype meant), null (default) == follow
+    # model.dtype. bf16 pays only on CPUs with native bf16 (AVX512-BF16, AMX) or GPUs; on an AVX2-only
     # CPU it is emulated: bf16 matmul peak 1.3 vs float32 36.9 GFLOP/s here (docs/benchmarks.md).
-    bf16: bool = False
+    bf16: bool | None = None
     threads: int = 0  # torch threads; 0 = torch's default
 
     def __post_init__(self) -> None:
@@ -282,6 +303,8 @@ class KubeflowConfig:
     host: str = ""
     namespace: str = "kubeflow"
     image: str = "ghcr.io/hetlora/hetlora:0.1.0"
+    # images/Dockerfile.cuda (make image-cuda tags IMAGE:VERSION-cuda): the default image of tiers with gpu >= 1
+    cuda_image: str = "ghcr.io/hetlora/hetlora:0.1.0-cuda"
     store_secret: str = "hetlora-store"  # Secret with keys accesskey / secretkey
     pipeline_root: str = "minio://hetlora/pipeline-root"
     experiment: str = "hetlora"
@@ -317,6 +340,11 @@ class HetLoRAConfig:
                f"must be non-empty and use only letters, digits, '-', '_' or '.', got {self.experiment!r}")
         _check(self.federation.clients_per_round <= self.data.num_clients, "federation.clients_per_round",
                f"{self.federation.clients_per_round} exceeds data.num_clients ({self.data.num_clients})")
+        if self.training.bf16 is not None:
+            legacy = "bfloat16" if self.training.bf16 else "float32"
+            _check(self.model.dtype in ("auto", legacy), "training.bf16",
+                   f"{str(self.training.bf16).lower()} (legacy for model.dtype {legacy}) contradicts model.dtype {self.model.dtype}; "
+                   "drop training.bf16 and set model.dtype only")
         if self.ranks.assignment == "explicit":
             _check(len(self.ranks.explicit) == self.data.num_clients, "ranks.explicit",
                    f"has {len(self.ranks.explicit)} ranks but data.num_clients is {self.data.num_clients}")
@@ -326,6 +354,11 @@ class HetLoRAConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def image_for(tier: TierConfig, kf: KubeflowConfig) -> str:
+    """The image a tier's model tasks run on: its own, else the CUDA image for GPU tiers, else the default."""
+    return tier.image or (kf.cuda_image if tier.gpu else kf.image)
 
 
 # ---------------------------------------------------------------- loading from plain data

@@ -14,18 +14,22 @@ from . import peft_bridge
 from .adapter import LoraAdapter, Ranks
 from .config import HetLoRAConfig
 from .data import ClientData, eval_windows
+from .precision import Precision, resolve
 
 EVAL_BATCH = 8
 
 
 @torch.no_grad()
-def nll(model: torch.nn.Module, windows: torch.Tensor, bf16: bool) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood and the number of predicted tokens."""
+def nll(model: torch.nn.Module, windows: torch.Tensor, bf16: bool | Precision) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood and the number of predicted tokens.
+
+    ``bf16``: the precision decision (precision.py); a bool is the old CPU-only form (True: bf16 autocast)."""
+    prec = bf16 if isinstance(bf16, Precision) else Precision("cpu", "bfloat16" if bf16 else "float32", "caller")
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], EVAL_BATCH):
-        batch = windows[i:i + EVAL_BATCH]
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
-        with ctx:
+        batch = windows[i:i + EVAL_BATCH].to(device)
+        with prec.autocast():
             logits = model(input_ids=batch).logits
         lp = torch.log_softmax(logits[:, :-1].float(), -1)
         tgt = batch[:, 1:]
@@ -54,6 +58,7 @@ def evaluate(model: torch.nn.Module, adapter: LoraAdapter | None, clients: Seque
 
     With ``ranks`` each client is evaluated with the adapter truncated to its own rank."""
     per_client, per_tok, tot_nll, tot_tok = {}, {}, 0.0, 0
+    prec = resolve(cfg)
     shared = None
     if adapter is not None and ranks is None:
         shared = peft_bridge.attach(model, adapter)
@@ -61,11 +66,11 @@ def evaluate(model: torch.nn.Module, adapter: LoraAdapter | None, clients: Seque
         for c in clients:
             windows = eval_windows(c.heldout_ids, cfg.data.seq_len, cfg.data.eval_max_tokens)
             if shared is not None or adapter is None:
-                s, n = nll(shared if shared is not None else model, windows, cfg.training.bf16)
+                s, n = nll(shared if shared is not None else model, windows, prec)
             else:
                 pm = peft_bridge.attach(model, adapter.truncate(ranks[c.client_id]))  # type: ignore[index]
                 try:
-                    s, n = nll(pm, windows, cfg.training.bf16)
+                    s, n = nll(pm, windows, prec)
                 finally:
                     peft_bridge.detach(pm)
             per_client[c.client_id], per_tok[c.client_id] = math.exp(s / n), n
@@ -83,7 +88,7 @@ def evaluate_full(model: torch.nn.Module, delta: Mapping[str, np.ndarray], clien
     saved = {k: params[k].detach().clone() for k in delta}  # restore exactly, not by subtracting
     with torch.no_grad():
         for k, d in delta.items():
-            params[k].add_(peft_bridge.as_tensor(d))
+            params[k].add_(peft_bridge.as_tensor(d).to(params[k].device))
     try:
         return evaluate(model, None, clients, cfg)
     finally:

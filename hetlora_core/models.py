@@ -37,6 +37,7 @@ import torch
 
 from hetlora_core.config import BUILTIN_MODELS, ModelConfig
 from hetlora_core.model_source import ModelError, model_folder
+from hetlora_core.precision import from_pretrained_kwargs
 
 __all__ = ["ModelError", "base_dtype", "base_name_or_path", "cache_dir", "load_base_model", "load_tokenizer", "warm_cache"]
 
@@ -204,7 +205,7 @@ def _tokenizer_from(folder: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def _freeze(model: PreTrainedModel) -> PreTrainedModel:
+def _freeze(model: PreTrainedModel, quantize: str = "none") -> PreTrainedModel:
     """float32, eval mode, no gradients, no KV cache: the state every caller expects.
 
     ``use_cache`` is off because training never reuses keys/values and the cache only costs memory;
@@ -212,7 +213,8 @@ def _freeze(model: PreTrainedModel) -> PreTrainedModel:
     """
     # transformers decorates PreTrainedModel.to with functools.wraps; typeshed's _Wrapped is no
     # descriptor, so mypy wants ``self`` passed again.
-    model = model.to(torch.float32)  # type: ignore[arg-type]
+    if quantize == "none":  # a bitsandbytes 4bit model keeps its NF4 weights (and cannot be cast)
+        model = model.to(torch.float32)  # type: ignore[arg-type]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -220,7 +222,7 @@ def _freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def _load_smollm2() -> PreTrainedModel:
+def _load_smollm2(quantize: str = "none") -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     folder = _cached_folder(_MODEL_DIR, "config.json")
@@ -245,7 +247,7 @@ def _load_smollm2() -> PreTrainedModel:
         load_tokenizer()
         _tokenizer_into(folder)
     try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **from_pretrained_kwargs(quantize))
     except Exception as e:  # a cache from an incompatible version: say how to recover
         raise ModelError(f"cannot load the cached SmolLM2 at {folder} ({e}); delete that folder to rebuild it") from e
 
@@ -288,13 +290,14 @@ def tiny_config(hidden: int, layers: int, tok: PreTrainedTokenizerBase | None = 
     )
 
 
-def _load_folder(folder: str) -> PreTrainedModel:
+def _load_folder(folder: str, quantize: str = "none") -> PreTrainedModel:
     """Any ``AutoModelForCausalLM`` from a local folder, checked against its own tokenizer."""
     from transformers import AutoModelForCausalLM
 
     try:
         # Security: trust_remote_code=False: a folder or hub repo's own modelling code never runs here.
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False,
+                                                     **from_pretrained_kwargs(quantize))
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"model.name: cannot load a causal LM from {folder} ({type(e).__name__}: {str(e)[:300]})") from None
     vocab, emb = len(_tokenizer_from(folder)), model.get_input_embeddings()
@@ -306,14 +309,14 @@ def _load_folder(folder: str) -> PreTrainedModel:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str, tiny_hidden: int, tiny_layers: int, cache_key: str) -> PreTrainedModel:
+def _load_cached(name: str, tiny_hidden: int, tiny_layers: int, cache_key: str, quantize: str = "none") -> PreTrainedModel:
     """``cache_key`` is the folder the model (or, for ``tiny``, its tokenizer) comes from, so the
     process cache is keyed on what the environment picked, not only on the name."""
     if name == "smollm2-135m":
-        return _freeze(_load_smollm2())
+        return _freeze(_load_smollm2(quantize), quantize)
     if name == "tiny":
         return _freeze(_build_tiny(tiny_hidden, tiny_layers, load_tokenizer()))
-    return _freeze(_load_folder(cache_key))
+    return _freeze(_load_folder(cache_key, quantize), quantize)
 
 
 def load_base_model(cfg: ModelConfig, fresh: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -330,7 +333,7 @@ def load_base_model(cfg: ModelConfig, fresh: bool = False) -> tuple[PreTrainedMo
         key = str(_cached_folder(_TOKENIZER_DIR if tiny else _MODEL_DIR, "tokenizer_config.json" if tiny else "config.json"))
     else:
         key = str(model_folder(cfg.name))
-    model = load(cfg.name, cfg.tiny_hidden if tiny else 0, cfg.tiny_layers if tiny else 0, key)
+    model = load(cfg.name, cfg.tiny_hidden if tiny else 0, cfg.tiny_layers if tiny else 0, key, cfg.quantize)
     return model, load_tokenizer(cfg)
 
 

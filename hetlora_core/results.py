@@ -47,7 +47,20 @@ def collect_results(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
         })
     base = st.get_json(store, st.baseline_key(exp))
     return {"config": cfg.to_dict(), "experiment": exp, "store": store.describe(), "rounds_committed": last + 1,
-            "baseline_ppl": base["global"]["ppl"] if base else None, "rounds": rounds}
+            "baseline_ppl": base["global"]["ppl"] if base else None, "rounds": rounds, "precision": precisions(rounds)}
+
+
+def precisions(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct (device, dtype, quantize, reason) decisions the clients' train tasks made, each
+    with how many client updates made it: read from the client manifests, so what is recorded is the
+    decision taken where training ran (a Kubeflow GPU pod, not the driver)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in rounds:
+        for rep in r["clients"].values():
+            if rep.get("precision"):
+                row = seen.setdefault(json.dumps(rep["precision"], sort_keys=True), {**rep["precision"], "client_updates": 0})
+                row["client_updates"] += 1
+    return [v for _, v in sorted(seen.items())]
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -26,7 +26,7 @@ from .config import ConfigError, HetLoRAConfig, config_from_dict, replace
 from .corpus import client_ids
 from .progress import Progress
 from .reporting import finish_run
-from .results import collect_results, write_results
+from .results import collect_results, precisions, write_results
 from .steps.plan import RoundPlan, plan_round
 
 
@@ -179,6 +179,13 @@ class RoundRunner:
                      "checked when the first task loads it")
         return names
 
+    def _log_precision(self, rnd: int) -> None:
+        man = st.get_manifest(self.store, st.global_prefix(self.cfg.experiment, rnd)) or {}
+        rounds = [{"clients": man.get("client_reports", {})}]
+        for p in precisions(rounds):
+            self.log(f"precision: {p['device']} {p['dtype']}" + (f" ({p['quantize']})" if p.get("quantize", "none") != "none" else "")
+                     + f": {p['reason']}")
+
     def run(self) -> dict[str, Any]:
         cfg, store = self.cfg, self.store
         check_or_record_config(cfg, store, self.check_model())
@@ -210,6 +217,8 @@ class RoundRunner:
             if not self._evaluated(rnd):
                 self._evaluate(rnd)
             self.log(self._round_line(rnd, time.perf_counter() - t))
+            if rnd == done:  # once per run: what the train tasks chose (model.device/dtype "auto")
+                self._log_precision(rnd)
         results = collect_results(cfg, store)
         results["wall_seconds_this_invocation"] = time.perf_counter() - t0
         write_results(results, self.out)

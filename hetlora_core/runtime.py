@@ -15,10 +15,11 @@ import torch
 from . import store as st
 from . import vocab
 from .adapter import LoraAdapter
-from .config import DataConfig, HetLoRAConfig, ModelConfig
+from .config import DataConfig, HetLoRAConfig, ModelConfig, TrainingConfig
 from .corpus import client_ids as corpus_client_ids
 from .data import ClientData, build_clients
 from .models import load_base_model, load_tokenizer
+from .precision import place, resolve_model
 
 
 @functools.lru_cache(maxsize=2)
@@ -26,8 +27,12 @@ def _model(mcfg: ModelConfig, dcfg: DataConfig | None) -> torch.nn.Module:
     """The shared base model; with ``model.vocab: corpus`` a private copy cut to the kept tokens
     (``dcfg`` is only part of the key then: the kept set includes the run's client tokens)."""
     if mcfg.vocab == "full" or dcfg is None:
-        return load_base_model(mcfg)[0]
-    return vocab.restrict_model(load_base_model(mcfg, fresh=True)[0], _keep(mcfg, dcfg))
+        base = load_base_model(mcfg)[0]
+    else:
+        base = vocab.restrict_model(load_base_model(mcfg, fresh=True)[0], _keep(mcfg, dcfg))
+    # Once per process, on the decided device (model.device). The training precision's legacy
+    # training.bf16 does not matter for placement, hence a default TrainingConfig.
+    return place(base, mcfg, resolve_model(mcfg, TrainingConfig()))
 
 
 @functools.lru_cache(maxsize=4)

@@ -35,7 +35,7 @@ def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool) -> N
 
     from .runners import run_local
 
-    cfg = load_cfg(config, sets)
+    cfg = load_cfg(config, sets, trains_here=True)  # kfp.local trains on this machine
     quiet_libraries(verbose)
     try:
         res = run_local(cfg, out, verbose=verbose)

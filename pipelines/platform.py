@@ -39,6 +39,13 @@ def place_on_tier(task: PipelineTask, tier: TierConfig) -> PipelineTask:
     return task
 
 
+def place_on_gpu_tier(task: PipelineTask, tier: TierConfig) -> PipelineTask:
+    """The evaluate task gets the largest tier's resources (it runs the model at r_max); when those
+    include a GPU it also needs that tier's node pool (GPU nodes are usually tainted), and it runs
+    on the tier's (CUDA) image. CPU-only: it stays unplaced, as before (any node with the room)."""
+    return place_on_tier(task, tier) if tier.gpu else task
+
+
 def use_store_secret(task: PipelineTask, cfg: HetLoRAConfig) -> PipelineTask:
     """Store credentials as env vars from a Kubernetes Secret: never a pipeline parameter, so they
     never appear in the compiled YAML, the run's parameters or the KFP UI."""

@@ -152,7 +152,10 @@ def node_problems(tier: TierConfig, node: k8s.V1Node) -> list[Problem]:
     have, want = allocatable(node), tier_requests(tier)
     field_of = {"cpu": "cpu_request", "memory": "memory_request", GPU: "gpu"}
     for r, need in want.items():
-        if need > have[r]:
+        if r == GPU and need > 0 and have[r] == 0:  # a pool member without GPUs: usually no device plugin
+            out.append(Problem(r, f"no allocatable {GPU}", f"no {GPU} is advertised: install the NVIDIA device plugin "
+                               f"(or GPU operator) on the pool's GPU nodes (docs/deploy.md), or set ranks.tiers[{t}].gpu: 0", 3))
+        elif need > have[r]:
             out.append(Problem(r, f"allocatable {r} {fmt_quantity(have[r], r)} < {fmt_quantity(need, r)}",
                                f"only {fmt_quantity(have[r], r)} allocatable {r}: lower "
                                f"ranks.tiers[{t}].{field_of[r]} or add a larger node to the pool", 3))

@@ -19,6 +19,7 @@ EXPECTED = {
     "bench_bytes.py": ("bytes-quick.json", []),
     "bench_flops.py": ("flops-quick.json", []),
     "bench_pipeline_overhead.py": ("pipeline_overhead.json", ["ratio", "ratio_vs_cold", "in_process_cold_s"]),
+    "bench_precision.py": ("precision-quick.json", ["auto_vs_float32", "bf16_vs_float32"]),
     "bench_regulariser.py": ("regulariser-quick.json", ["ratio"]),
     "bench_threads.py": ("threads-quick.json", ["ratio"]),
     "bench_vocab.py": ("vocab-quick.json", ["train_ratio", "eval_ratio"]),

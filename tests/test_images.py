@@ -258,7 +258,7 @@ def test_make_tags_images_with_the_package_version() -> None:
     version = pyproject()["project"]["version"]
     assert cpu == f"ghcr.io/hetlora/hetlora:{version}" == KubeflowConfig().image, \
         "the config's default image must be the one `make images` builds"
-    assert cuda == f"{cpu}-cuda"
+    assert cuda == f"{cpu}-cuda" == KubeflowConfig().cuda_image, "GPU tiers default to the image `make image-cuda` builds"
     assert minio.startswith("ghcr.io/hetlora/minio:v0.0.0-")
     dry = subprocess.run([make, "-n", "-C", str(ROOT), "images", "DOCKER=docker"], capture_output=True, text=True,
                          check=False)

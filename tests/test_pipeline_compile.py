@@ -31,7 +31,8 @@ def make_cfg(**store):
         "experiment": "compile-test", "model": {"name": "tiny"}, "data": {"num_clients": 6},
         "ranks": {"r_min": 2, "r_max": 8, "tiers": TIERS},
         "store": {"kind": "s3", "endpoint": "minio.hetlora:9000", **store},
-        "kubeflow": {"store_secret": "my-store-secret", "image": "registry.example/hetlora:9.9"},
+        "kubeflow": {"store_secret": "my-store-secret", "image": "registry.example/hetlora:9.9",
+                     "cuda_image": "registry.example/hetlora-cuda:9.9"},
     })
 
 
@@ -86,7 +87,51 @@ def test_each_tier_has_its_placement_and_resources(compiled, tier):
     tol = tier["tolerations"][0]
     assert plat["tolerations"] == [{k: v for k, v in tol.items()}]
     assert plat["activeDeadlineSeconds"] == "4200"  # client_timeout_s + grace
-    assert spec["deploymentSpec"]["executors"][exe]["container"]["image"] == "registry.example/hetlora:9.9"
+    # GPU tiers default to the CUDA image (the CPU image's torch cannot use the GPU the pod requests)
+    want = "registry.example/hetlora-cuda:9.9" if tier.get("gpu") else "registry.example/hetlora:9.9"
+    assert spec["deploymentSpec"]["executors"][exe]["container"]["image"] == want
+
+
+def _task_executor(spec: dict, display: str) -> str:
+    """The executor of the (top-level) task named ``display``."""
+    (task,) = [t for t in spec["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == display]
+    return spec["components"][task["componentRef"]["name"]]["executorLabel"]
+
+
+def test_tier_image_override_and_gpu_evaluate_on_the_cuda_image(tmp_path):
+    """A tier's own image wins; the model-free tasks stay on the CPU image; evaluation (the largest
+    tier's resources: here a GPU) runs on the CUDA image, on the GPU pool, requesting the GPU."""
+    tiers = [dict(TIERS[0], image="registry.example/custom-small:1"), *TIERS[1:]]
+    cfg = config_from_dict({**make_cfg().to_dict(), "ranks": {"r_min": 2, "r_max": 8, "tiers": tiers}})
+    path = tmp_path / "r.yaml"
+    compile_round(cfg, make_plan(), str(path))
+    spec, platform = yaml.safe_load_all(path.read_text())
+    exe = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    image = {t["name"]: exe[executors_for(spec, t["name"])[0]]["container"]["image"] for t in TIERS}
+    assert image == {"small": "registry.example/custom-small:1", "medium": "registry.example/hetlora:9.9",
+                     "large": "registry.example/hetlora-cuda:9.9"}
+    ev = _task_executor(spec, "evaluate")
+    assert exe[ev]["container"]["image"] == "registry.example/hetlora-cuda:9.9"
+    acc = exe[ev]["container"]["resources"]["accelerator"]
+    assert (acc["resourceCount"], acc["resourceType"]) == ("1", "nvidia.com/gpu")
+    assert k8s[ev]["nodeSelector"]["labels"] == TIERS[2]["node_selector"]
+    assert exe[_task_executor(spec, "aggregate")]["container"]["image"] == "registry.example/hetlora:9.9"
+    # three distinct images -> three train component definitions
+    assert len({executors_for(spec, t["name"])[0] for t in TIERS}) == 3
+
+
+def test_cpu_only_tiers_use_one_image_and_leave_evaluate_unplaced(tmp_path):
+    tiers = [dict(t, gpu=0) for t in TIERS]
+    cfg = config_from_dict({**make_cfg().to_dict(), "ranks": {"r_min": 2, "r_max": 8, "tiers": tiers}})
+    path = tmp_path / "r.yaml"
+    compile_round(cfg, make_plan(), str(path))
+    spec, platform = yaml.safe_load_all(path.read_text())
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example/hetlora:9.9"}
+    ev = _task_executor(spec, "evaluate")
+    assert "nodeSelector" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][ev]
+    assert "accelerator" not in spec["deploymentSpec"]["executors"][ev]["container"]["resources"]
 
 
 def test_secret_as_env_on_every_task_and_no_credentials_in_yaml(compiled):

@@ -236,6 +236,19 @@ def test_gpu_and_cpu_requests(cluster: Any, ns: str) -> None:
     assert rep.tiers[0].matching == ["gpu-1"]
 
 
+def test_gpu_tier_on_a_pool_without_advertised_gpus(cluster: Any, ns: str) -> None:
+    """A GPU tier whose pool nodes advertise no nvidia.com/gpu (no device plugin) fails, saying so."""
+    cluster.add_node("gpu-no-plugin", labels={TIER_KEY: "large"}, cpu="8")
+    cluster.add_node("gpu-ok", labels={"hetlora.io/tier": "other"}, cpu="8", gpu=1)
+    cluster.put_secret(ns, "hetlora-store", {"accesskey": "a", "secretkey": "b"})
+    rep = pf.run_preflight(make_cfg([tier("large", 16, gpu=1)], ns), cluster.core, skip_store=True)
+    (large,) = rep.tiers
+    assert not large.ok and not rep.ok
+    assert [p.text for p in large.problems["gpu-no-plugin"]] == ["no allocatable nvidia.com/gpu"]
+    assert any("install the NVIDIA device plugin" in f for f in large.fixes), large.fixes
+    assert large.fixes[0].startswith("node gpu-no-plugin:")  # the pool member, not the relabel candidate
+
+
 def test_cordoned_or_not_ready_node_does_not_count(cluster: Any, ns: str) -> None:
     cluster.add_node("w-large-1", labels={TIER_KEY: "large"}, taints=[taint("large")], unschedulable=True)
     cluster.add_node("w-large-2", labels={TIER_KEY: "large"}, taints=[taint("large")], ready=False)

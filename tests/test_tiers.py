@@ -27,3 +27,15 @@ def test_measure_rank_runs_a_real_training_subprocess():
     cfg = load_config("configs/smoke.yaml")
     m = measure_rank(cfg, 4, steps=1)
     assert m["rank"] == 4 and m["peak_rss_bytes"] > 100 * 2**20 and m["step_seconds"] > 0
+    # CPU: no GPU figure; the decision taken in the child is reported (CI has no CUDA)
+    assert m["peak_gpu_bytes"] is None and m["precision"]["device"] == "cpu"
+
+
+def test_render_reports_gpu_peak_per_rank():
+    cfg = load_config("configs/smoke.yaml")
+    prec = {"device": "cuda", "dtype": "bfloat16", "quantize": "none", "reason": "device cuda: CUDA available"}
+    meas = {r: {"rank": r, "peak_rss_bytes": 2**30, "peak_gpu_bytes": r * 100 * 2**20, "step_seconds": 0.1,
+                "tokens_per_second": 1e4, "precision": prec} for r in (2, 4, 8)}
+    text = render(cfg, meas, tier_table(cfg, meas), "cmd")
+    assert "# precision: cuda bfloat16" in text
+    assert "rank   8: peak GPU 800 MiB, peak RSS 1,024 MiB" in text

@@ -37,6 +37,7 @@ from .plan import ClientPlan, RoundPlan, load_plan
 MAX_NUM_SAMPLES = 10**12  # beyond any real client; bounds the float arithmetic of the weights
 REPORT_FIELDS = ("rank_before", "rank_after", "pruned", "train_loss", "num_samples", "num_tokens", "train_seconds",
                  "bytes_up", "bytes_down")
+PRECISION_KEYS = frozenset({"device", "dtype", "quantize", "reason"})  # hetlora_core.precision.Precision.as_dict
 
 
 class QuorumError(RuntimeError):
@@ -72,6 +73,12 @@ def _report(man: dict[str, Any], where: str) -> dict[str, Any]:
         if not ok:
             raise UploadError(f"{where}: manifest field {k} has a bad value {str(v)[:40]!r}")
         out[k] = v
+    p = man.get("precision")
+    # Untrusted like every manifest field: only short strings under known keys pass into results.json.
+    if p is not None:
+        if not (isinstance(p, dict) and set(p) <= PRECISION_KEYS and all(isinstance(x, str) and len(x) <= 300 for x in p.values())):
+            raise UploadError(f"{where}: manifest field precision has a bad value {str(p)[:60]!r}")
+        out["precision"] = dict(p)
     return out
 
 

@@ -13,7 +13,7 @@ import logging
 from dataclasses import asdict, dataclass
 
 from .. import store as st
-from ..config import HetLoRAConfig
+from ..config import ConfigError, HetLoRAConfig
 from ..faults import failpoint
 from ..methods import method_for
 from .common import config_of, load_global
@@ -35,11 +35,13 @@ def train(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_id: str) -> Trai
     """Read the global, send it through the method (LoRA: truncate to the client's rank), train on
     this client's data, upload the trained state and its manifest."""
     from .. import runtime  # the model and the data: only the model-side steps load them
+    from ..precision import resolve
 
     cp = load_plan(cfg, store, rnd).client(client_id)  # KeyError: not in the plan -> the task fails
     try:
         # Inside the try: a `raise` here is a client-side crash (soft, the quorum decides); `exit` kills the task.
         failpoint("train_start", round=rnd, client=client_id)
+        prec = resolve(cfg)  # a machine that cannot serve model.device/dtype/quantize: ConfigError, the task fails
         method, model = method_for(cfg), runtime.model(cfg)
         client = runtime.client_data(cfg, client_id)
         received = method.receive(load_global(cfg, store, rnd, method.model_spec(model)), cp.module_ranks or cp.rank)
@@ -48,8 +50,8 @@ def train(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_id: str) -> Trai
             "client_id": client_id, "round": rnd, "tier": cp.tier, "rank_before": cp.rank,
             "received_ranks": method.client_ranks(received), "num_samples": res.num_samples, "num_tokens": res.num_tokens,
             "train_loss": res.train_loss, "reg_loss": res.reg_loss, "train_seconds": res.seconds,
-            "bytes_down": method.nbytes(received)})
-    except (st.StoreError, KeyError):
+            "bytes_down": method.nbytes(received), "precision": prec.as_dict()})
+    except (st.StoreError, KeyError, ConfigError):
         raise
     except Exception as e:  # noqa: BLE001 - any client-side failure drops this client only
         log.warning("client %s failed in round %d: %s", client_id, rnd, e)
