@@ -209,6 +209,31 @@ def tiers_measure(config: str | None, sets: tuple[str, ...], steps: int, headroo
 
 
 @main.group()
+def data() -> None:
+    """Client data: per-client folders (data.source: folder; README "Bring your own data")."""
+
+
+@data.command("export-shakespeare")
+@config_option
+@set_option
+@click.option("--out", "-o", type=click.Path(file_okay=False), required=True, help="New folder: one sub-folder per client.")
+@click.option("--format", "fmt", type=click.Choice(["text", "prompt_completion"]), default="text", show_default=True,
+              help="text: the exact train/held-out text of each role (same tokens as the built-in source); "
+                   "prompt_completion: next-speech pairs (previous speaker's speech -> this role's answer).")
+def data_export_shakespeare(config: str | None, sets: tuple[str, ...], out: str, fmt: str) -> None:
+    """Write the Shakespeare roles that data.* chooses as <OUT>/<client_id>/{train,eval}.jsonl."""
+    from .corpus import DataError
+    from .export_data import export_shakespeare
+
+    cfg = load_cfg(config, sets)
+    try:
+        ids = export_shakespeare(cfg.data, Path(out), fmt)  # type: ignore[arg-type]
+    except DataError as e:
+        fail(str(e))
+    click.echo(f"{len(ids)} client folders ({fmt}) written to {out}: {', '.join(ids)}")
+
+
+@main.group()
 def cache() -> None:
     """The on-disk model cache (SmolLM2 converted from its GGUF once, then loaded as safetensors)."""
 

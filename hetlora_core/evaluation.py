@@ -13,24 +13,32 @@ import torch
 from . import peft_bridge
 from .adapter import LoraAdapter, Ranks
 from .config import HetLoRAConfig
-from .data import ClientData, eval_windows
+from .data import IGNORE, Batch, ClientData, eval_batch
 
 EVAL_BATCH = 8
 
 
 @torch.no_grad()
-def nll(model: torch.nn.Module, windows: torch.Tensor, bf16: bool) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood and the number of predicted tokens."""
+def nll(model: torch.nn.Module, windows: torch.Tensor | Batch, bf16: bool) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood and the number of predicted tokens. A ``Batch``
+    with masked labels (instruction data) counts only its answer tokens; text windows count all."""
     total, count = 0.0, 0
-    for i in range(0, windows.shape[0], EVAL_BATCH):
-        batch = windows[i:i + EVAL_BATCH]
+    for i in range(0, windows.shape[0] if isinstance(windows, torch.Tensor) else windows.input_ids.shape[0], EVAL_BATCH):
+        part = windows.rows(i, i + EVAL_BATCH) if isinstance(windows, Batch) else None
+        batch = part.input_ids if part is not None else windows[i:i + EVAL_BATCH]  # type: ignore[index]
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
         with ctx:
-            logits = model(input_ids=batch).logits
+            logits = model(input_ids=batch, attention_mask=part.attention_mask if part is not None else None).logits
         lp = torch.log_softmax(logits[:, :-1].float(), -1)
-        tgt = batch[:, 1:]
-        total -= float(lp.gather(-1, tgt[..., None]).sum())
-        count += tgt.numel()
+        if part is None:  # text windows: the exact computation the reference results were made with
+            tgt = batch[:, 1:]
+            total -= float(lp.gather(-1, tgt[..., None]).sum())
+            count += tgt.numel()
+        else:
+            tgt = part.labels[:, 1:]
+            keep = tgt != IGNORE
+            total -= float(lp.gather(-1, tgt.clamp_min(0)[..., None])[..., 0][keep].sum())
+            count += int(keep.sum())
     return total, count
 
 
@@ -59,7 +67,7 @@ def evaluate(model: torch.nn.Module, adapter: LoraAdapter | None, clients: Seque
         shared = peft_bridge.attach(model, adapter)
     try:
         for c in clients:
-            windows = eval_windows(c.heldout_ids, cfg.data.seq_len, cfg.data.eval_max_tokens)
+            windows = eval_batch(c, cfg.data)
             if shared is not None or adapter is None:
                 s, n = nll(shared if shared is not None else model, windows, cfg.training.bf16)
             else:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from . import store as st
 from .config import ConfigError, HetLoRAConfig, config_from_dict, replace
-from .corpus import client_ids
+from .datasource import client_ids
 from .progress import Progress
 from .reporting import finish_run
 from .results import collect_results, write_results
@@ -154,7 +154,7 @@ class RoundRunner:
             if not self._evaluated(rnd):
                 self.log(f"round {rnd + 1} is committed but not evaluated: evaluating it")
                 self._evaluate(rnd)
-        ids = client_ids(cfg.data)
+        ids = client_ids(cfg)
         for rnd in range(done, cfg.federation.rounds):
             started, t = time.time(), time.perf_counter()
             plan = plan_round(cfg, store, ids, rnd)

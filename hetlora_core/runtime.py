@@ -3,6 +3,9 @@
 Cached per process (keyed on the config sections they depend on), so an in-process simulation
 pays for them once and a KFP task once per task. The steps that need them (train, evaluate) import
 this module lazily; the model-free steps never do.
+
+Folder data (``data.source: folder``) is built per client: ``client_data(cfg, id)`` reads only that
+client's folder, so a client's train task never sees another client's data.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import torch
 from . import store as st
 from . import vocab
 from .adapter import LoraAdapter
-from .config import DataConfig, HetLoRAConfig, ModelConfig
-from .corpus import client_ids as corpus_client_ids
+from .config import DataConfig, HetLoRAConfig, ModelConfig, StoreConfig
 from .data import ClientData, build_clients
+from .datasource import client_ids as source_client_ids
 from .models import load_base_model, load_tokenizer
 
 
@@ -30,9 +33,27 @@ def _model(mcfg: ModelConfig, dcfg: DataConfig | None) -> torch.nn.Module:
     return vocab.restrict_model(load_base_model(mcfg, fresh=True)[0], _keep(mcfg, dcfg))
 
 
+def tokenizer(cfg: HetLoRAConfig) -> Any:
+    """The tokenizer every data path uses."""
+    return _tokenizer_for(cfg.model)
+
+
+def _tokenizer_for(mcfg: ModelConfig) -> Any:
+    """The one place that picks the tokenizer for a model config (point it at the model's own)."""
+    return load_tokenizer()
+
+
 @functools.lru_cache(maxsize=4)
 def _raw_clients(mcfg: ModelConfig, dcfg: DataConfig) -> tuple[ClientData, ...]:
     return tuple(build_clients(dcfg, load_tokenizer()))
+
+
+# Small: a process that walks every client (the evaluate step) holds only a few at a time.
+@functools.lru_cache(maxsize=8)
+def _folder_client(mcfg: ModelConfig, dcfg: DataConfig, scfg: StoreConfig, client_id: str) -> ClientData:
+    from .folder_data import build_folder_client
+
+    return build_folder_client(dcfg, scfg, _tokenizer_for(mcfg), client_id)
 
 
 @functools.lru_cache(maxsize=4)
@@ -53,14 +74,20 @@ def model(cfg: HetLoRAConfig) -> torch.nn.Module:
 
 
 def clients(cfg: HetLoRAConfig) -> dict[str, ClientData]:
-    return {c.client_id: c for c in _clients(cfg.model, cfg.data)}
+    """Every client's data at once: only for Shakespeare or tools (folder data: see ``client_data``)."""
+    return {c.client_id: c for c in all_client_data(cfg)}
 
 
 def all_client_data(cfg: HetLoRAConfig) -> list[ClientData]:
+    if cfg.data.source == "folder":
+        return [client_data(cfg, c) for c in client_ids(cfg)]
     return list(_clients(cfg.model, cfg.data))
 
 
 def client_data(cfg: HetLoRAConfig, client_id: str) -> ClientData:
+    """One client's data. Folder data: reads that client's folder only (isolation, see module doc)."""
+    if cfg.data.source == "folder":
+        return _folder_client(cfg.model, cfg.data, cfg.store, client_id)
     data = clients(cfg)
     if client_id not in data:
         raise KeyError(f"client {client_id!r} is not in this run's data (data.num_clients={cfg.data.num_clients})")
@@ -68,8 +95,8 @@ def client_data(cfg: HetLoRAConfig, client_id: str) -> ClientData:
 
 
 def client_ids(cfg: HetLoRAConfig) -> list[str]:
-    """The run's client ids (from the corpus alone: no tokenizer, no model)."""
-    return corpus_client_ids(cfg.data)
+    """The run's client ids (corpus roles or folder names: no tokenizer, no model, no client file read)."""
+    return source_client_ids(cfg)
 
 
 def global_adapter(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> LoraAdapter:

@@ -52,13 +52,13 @@ def compile_cmd(config: str | None, sets: tuple[str, ...], out: str, rnd: int) -
     """Compile one round's pipeline to KFP IR YAML (PipelineSpec + Kubernetes platform spec:
     per-tier node selectors, tolerations, resources, and the store Secret as env vars)."""
     from hetlora_core import store as st
-    from hetlora_core.corpus import client_ids
+    from hetlora_core.datasource import client_ids
     from hetlora_core.steps.plan import plan_round
 
     from .round import compile_round
 
     cfg = load_cfg(config, sets)
-    ids = client_ids(cfg.data)
+    ids = client_ids(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         # Round 0 needs no store (initial ranks come from the config); the plan goes to a scratch dir.
         store = st.LocalStore(tmp) if rnd == 0 else st.open_store(cfg.store)
