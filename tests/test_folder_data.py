@@ -169,7 +169,7 @@ def test_instruction_client_batches_and_truncation_report(tok, tmp_path, caplog)
     assert c.cut["samples_truncated"] == 1 and c.cut["prompt_tokens_cut"] > 0 and c.cut["completion_tokens_cut"] == 0
     assert "1 of 6 samples longer than data.seq_len=48" in caplog.text and c.num_samples(48) == 5
     b = c.train_samples.draw(4, torch.Generator().manual_seed(0))
-    assert isinstance(b, Batch) and b.input_ids.shape == b.labels.shape == b.attention_mask.shape
+    assert isinstance(b, Batch) and b.attention_mask is not None and b.input_ids.shape == b.labels.shape == b.attention_mask.shape
     assert bool((b.labels[b.attention_mask == 0] == IGNORE).all())  # padding never counts
     want = sum(int((c.train_samples.labels[i][1:] != IGNORE).sum()) for i in range(5))
     assert c.train_samples.target_tokens() == want and 0 < want < sum(len(x) for x in c.train_samples.ids)
