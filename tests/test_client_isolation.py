@@ -99,7 +99,12 @@ def test_the_driver_lists_clients_without_reading_them(tmp_path: Path, monkeypat
     cfg = folder_config(tmp_path / "data", tmp_path / "store")
     opened: list[str] = []
     real_open = builtins.open
-    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (opened.append(str(f)), real_open(f, *a, **k))[1])
+
+    def rec_open(f: Any, *a: Any, **k: Any) -> Any:
+        opened.append(str(f))
+        return real_open(f, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", rec_open)
     assert client_ids(cfg) == sorted(CLIENTS)
     monkeypatch.undo()
     assert not [p for p in opened if str(tmp_path / "data") in p]
