@@ -71,8 +71,13 @@ class DataConfig:
     seq_len: int = 64
     eval_max_tokens: int = 256  # per client, held-out tokens used for perplexity
     seed: int = 0
+    # ROUGE-L of greedy answers to the first eval prompts (prompt_completion / chat data only; 0 turns it off)
+    rouge_max_prompts: int = 8  # per client and round
+    rouge_max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
+        _check(self.rouge_max_prompts >= 0, "data.rouge_max_prompts", f"must be >= 0 (0: no ROUGE-L), got {self.rouge_max_prompts}")
+        _check(1 <= self.rouge_max_new_tokens <= 1024, "data.rouge_max_new_tokens", f"must be in [1, 1024], got {self.rouge_max_new_tokens}")
         _check(self.source in ("shakespeare", "folder"), "data.source", f"must be 'shakespeare' or 'folder', got {self.source!r}")
         if self.source == "folder":
             _check(bool(self.path), "data.path", "is required with data.source: folder (a local directory or s3://bucket/prefix)")

@@ -141,6 +141,8 @@ class ClientData:
     train_samples: Samples | None = None  # instruction data (prompt_completion / chat)
     heldout_samples: Samples | None = None
     cut: dict[str, int] = field(default_factory=dict)  # truncation counts (instruct.build_samples)
+    # (prompt token ids, reference answer) of the first eval records, for ROUGE-L (rouge.py)
+    eval_prompts: tuple[tuple[Tensor, str], ...] = ()
 
     def num_samples(self, seq_len: int) -> int:
         """Non-overlapping training windows of ``seq_len`` tokens (sample-count weights, FedAvg);

@@ -20,7 +20,7 @@ from .config import DataConfig, StoreConfig
 from .corpus import DataError, _split
 from .data import ClientData, _tokenize
 from .datasource import open_source
-from .instruct import build_samples
+from .instruct import build_samples, prompt_text
 from .records import join_text, parse_files, split_records
 
 log = logging.getLogger("hetlora")
@@ -57,4 +57,7 @@ def build_folder_client(data: DataConfig, store: StoreConfig, tokenizer: Any, cl
                     cut["prompt_tokens_cut"], cut["completion_tokens_cut"])
     chars = sum(len(c) for r in train + held for _, c in r.messages)
     empty = torch.zeros(0, dtype=torch.long)
-    return ClientData(client_id, "", client_id, empty, empty, chars, tr, ev, cut)
+    # Prompts keep their last seq_len tokens (the prompt side is what truncation cuts, as in training).
+    prompts = tuple((_tokenize(tokenizer, prompt_text(tokenizer, r))[-data.seq_len:], r.reference)
+                    for r in held[: data.rouge_max_prompts])
+    return ClientData(client_id, "", client_id, empty, empty, chars, tr, ev, cut, prompts)

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rouge_score import rouge_scorer
 from test_client_isolation import CLIENTS, folder_config, make_folders
 
-from hetlora_core import runtime
+from hetlora_core import peft_bridge, runtime
 from hetlora_core import store as st
 from hetlora_core.evaluation import evaluate
+from hetlora_core.rouge import greedy_answers
 from hetlora_core.run import local_config
 from hetlora_core.simulate import simulate
 from hetlora_core.steps import evaluate as eval_step
@@ -48,3 +50,18 @@ def test_federated_perplexity_equals_central(tmp_path: Path, monkeypatch: pytest
     # the count is answer tokens only: eval.jsonl holds 2 pairs per client, each answer a few tokens
     assert central.tokens == sum(c.heldout_samples.target_tokens() for c in clients if c.heldout_samples is not None)
     assert res["rounds"][0]["global_ppl"] == pytest.approx(ev["global"]["ppl"], rel=1e-12)
+
+    # ROUGE-L per round: every client answered its 2 eval prompts; one client recomputed by hand
+    rl = ev["rouge_l"]
+    assert sorted(rl["per_client"]) == sorted(CLIENTS) and rl["prompts"] == 2 * len(CLIENTS)
+    assert res["rounds"][0]["rouge_l"] == pytest.approx(sum(rl["per_client"].values()) / len(CLIENTS), rel=1e-12)
+    alice = runtime.client_data(cfg, "alice")
+    assert [ref for _, ref in alice.eval_prompts] == ["Answer 6 from alice.", "Answer 7 from alice."]
+    pm = peft_bridge.attach(model, glob)
+    try:
+        answers = greedy_answers(pm, runtime.tokenizer(cfg), alice, cfg.data.rouge_max_new_tokens)
+    finally:
+        peft_bridge.detach(pm)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    want = sum(scorer.score(ref, a)["rougeL"].fmeasure for a, (_, ref) in zip(answers, alice.eval_prompts, strict=True)) / 2
+    assert rl["per_client"]["alice"] == pytest.approx(want, abs=1e-12)

@@ -90,8 +90,36 @@ def evaluate(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> dict[str, Any]:
     ranks = {c: (s.get("module_ranks") or int(s["rank"])) for c, s in gman["clients"].items()}
     full, own = per_client(cfg, lambda cs: method.evaluate(model, glob, cs, ranks))
     out = {"round": rnd, "global": _as_dict(full), "personal": _as_dict(own), "eval_seconds": time.perf_counter() - start}
+    rouge = _rouge(cfg, model, glob)
+    if rouge is not None:
+        out["rouge_l"] = rouge
+        out["eval_seconds"] = time.perf_counter() - start
     st.put_json(store, st.eval_key(cfg.experiment, rnd), out)
     return out
+
+
+def _rouge(cfg: HetLoRAConfig, model: Any, glob: Any) -> dict[str, Any] | None:
+    """ROUGE-L of the global adapter (r_max) on folder instruction data, client by client
+    (rouge.py); None for text data, Shakespeare, full fine-tuning or rouge_max_prompts: 0."""
+    from .. import peft_bridge, runtime
+    from ..adapter import LoraAdapter
+    from ..rouge import client_rouge
+
+    if cfg.data.source != "folder" or cfg.data.rouge_max_prompts == 0 or not isinstance(glob, LoraAdapter):
+        return None
+    tok, sums, counts = runtime.tokenizer(cfg), {}, {}
+    pm = peft_bridge.attach(model, glob)
+    try:
+        for cid in runtime.client_ids(cfg):
+            c = runtime.client_data(cfg, cid)  # one client's folder at a time (isolated reader)
+            if c.eval_prompts:
+                sums[cid], counts[cid] = client_rouge(pm, tok, c, cfg.data.rouge_max_new_tokens)
+    finally:
+        peft_bridge.detach(pm)
+    if not counts:
+        return None
+    n = sum(counts.values())
+    return {"mean": sum(sums.values()) / n, "per_client": {c: sums[c] / counts[c] for c in sums}, "prompts": n}
 
 
 def evaluate_task(config_json: str, round_index: int, round_started_at: float = 0.0) -> str:
