@@ -86,6 +86,8 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store) -> None:
 def local_config(cfg: HetLoRAConfig, out_dir: str | Path) -> HetLoRAConfig:
     """A local store under OUT/store unless the config names an S3 store. The path is absolute
     because kfp.local's component subprocesses run in their own working directories."""
+    if cfg.data.source == "folder" and not cfg.data.path.startswith("s3://"):
+        cfg = replace(cfg, **{"data.path": str(Path(cfg.data.path).resolve())})  # same reason: tasks' own cwd
     if cfg.store.kind == "local":
         return replace(cfg, **{"store.root": str((Path(out_dir) / "store").resolve())})
     return cfg
