@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from hetlora_kfp.pipelines.runners import run_local
+from test_client_isolation import CLIENTS, folder_config, make_folders
 
 from hetlora_core import store as st
 from hetlora_core.config import HetLoRAConfig, StoreConfig
@@ -17,7 +18,6 @@ from hetlora_core.datasource import client_ids
 from hetlora_core.steps.plan import plan_round
 from hetlora_core.steps.train import train
 from hetlora_core.store.s3 import S3Store
-from test_client_isolation import CLIENTS, folder_config, make_folders
 
 
 def upload_clients(tmp_path: Path, store_cfg: StoreConfig) -> str:
