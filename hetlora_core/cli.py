@@ -89,6 +89,7 @@ def simulate(config: str | None, sets: tuple[str, ...], out: str, quiet: bool, v
 
     Writes OUT/results.json (config, per-round metrics, ranks, prune events, aggregation weights,
     bytes, timings) and OUT/perplexity.png. Interrupted runs resume from the last committed round."""
+    from .corpus import DataError
     from .run import RoundFailed, RunConfigMismatch, summary_line
     from .simulate import simulate as run_sim
     from .store import StoreError
@@ -97,7 +98,7 @@ def simulate(config: str | None, sets: tuple[str, ...], out: str, quiet: bool, v
     quiet_libraries(verbose)
     try:
         res = run_sim(cfg, out, progress=not quiet)
-    except (RoundFailed, RunConfigMismatch, StoreError) as e:
+    except (RoundFailed, RunConfigMismatch, StoreError, DataError) as e:  # DataError: bad client folders
         fail(str(e))
     click.echo(summary_line(res, Path(out)))
 

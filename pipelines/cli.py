@@ -28,6 +28,7 @@ def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool) -> N
 
     The console shows one progress display; each task's full output is in OUT/logs/round-NNNN/
     (a failed task's last lines are printed with its name; -v prints everything as it comes)."""
+    from hetlora_core.corpus import DataError
     from hetlora_core.run import RoundFailed, RunConfigMismatch, summary_line
     from hetlora_core.store import StoreError
 
@@ -37,7 +38,7 @@ def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool) -> N
     quiet_libraries(verbose)
     try:
         res = run_local(cfg, out, verbose=verbose)
-    except (RoundFailed, RunConfigMismatch, StoreError) as e:
+    except (RoundFailed, RunConfigMismatch, StoreError, DataError) as e:
         fail(str(e))
     click.echo(f"{summary_line(res, Path(out))}, plot: {Path(out) / 'perplexity.png'}")
 
@@ -82,6 +83,7 @@ def submit(config: str | None, sets: tuple[str, ...], host: str, out: str, no_wa
 
     Needs store.kind: s3 reachable from here (credentials in HETLORA_S3_ACCESS_KEY /
     HETLORA_S3_SECRET_KEY) and, in the cluster, the Secret named by kubeflow.store_secret."""
+    from hetlora_core.corpus import DataError
     from hetlora_core.run import RoundFailed, RunConfigMismatch, summary_line
     from hetlora_core.store import StoreError
 
@@ -95,7 +97,7 @@ def submit(config: str | None, sets: tuple[str, ...], host: str, out: str, no_wa
             click.echo(f"submitted run {submit_next_round(cfg, host)}")
             return
         res, ids = submit_run(cfg, host, out, timeout_s=timeout)
-    except (RoundFailed, RunConfigMismatch, StoreError) as e:
+    except (RoundFailed, RunConfigMismatch, StoreError, DataError) as e:
         fail(str(e))
     except Exception as e:  # noqa: BLE001 - kfp/urllib3 errors (refused, DNS, HTTP 4xx/5xx): say where and what
         first = (str(e).splitlines() or [""])[0][:300]
