@@ -23,19 +23,18 @@ def nll(model: torch.nn.Module, windows: torch.Tensor | Batch, bf16: bool) -> tu
     """Summed next-token negative log-likelihood and the number of predicted tokens. A ``Batch``
     with masked labels (instruction data) counts only its answer tokens; text windows count all."""
     total, count = 0.0, 0
-    for i in range(0, windows.shape[0] if isinstance(windows, torch.Tensor) else windows.input_ids.shape[0], EVAL_BATCH):
-        part = windows.rows(i, i + EVAL_BATCH) if isinstance(windows, Batch) else None
-        batch = part.input_ids if part is not None else windows[i:i + EVAL_BATCH]  # type: ignore[index]
+    b = windows if isinstance(windows, Batch) else Batch.lm(windows)
+    for i in range(0, b.input_ids.shape[0], EVAL_BATCH):
+        part = b.rows(i, i + EVAL_BATCH)
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
         with ctx:
-            logits = model(input_ids=batch, attention_mask=part.attention_mask if part is not None else None).logits
+            logits = model(input_ids=part.input_ids, attention_mask=part.attention_mask).logits
         lp = torch.log_softmax(logits[:, :-1].float(), -1)
-        if part is None:  # text windows: the exact computation the reference results were made with
-            tgt = batch[:, 1:]
+        tgt = part.labels[:, 1:]
+        if part.attention_mask is None:  # text windows: every next token counts (the reference computation)
             total -= float(lp.gather(-1, tgt[..., None]).sum())
             count += tgt.numel()
-        else:
-            tgt = part.labels[:, 1:]
+        else:  # instruction data: answer tokens only (labels IGNORE on prompt and padding)
             keep = tgt != IGNORE
             total -= float(lp.gather(-1, tgt.clamp_min(0)[..., None])[..., 0][keep].sum())
             count += int(keep.sum())

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from rouge_score import rouge_scorer
 from test_client_isolation import CLIENTS, folder_config, make_folders
 
 from hetlora_core import peft_bridge, runtime
 from hetlora_core import store as st
-from hetlora_core.evaluation import evaluate
+from hetlora_core.data import IGNORE
+from hetlora_core.evaluation import evaluate, nll
 from hetlora_core.rouge import greedy_answers
 from hetlora_core.run import local_config
 from hetlora_core.simulate import simulate
@@ -50,6 +52,16 @@ def test_federated_perplexity_equals_central(tmp_path: Path, monkeypatch: pytest
     # the count is answer tokens only: eval.jsonl holds 2 pairs per client, each answer a few tokens
     assert central.tokens == sum(c.heldout_samples.target_tokens() for c in clients if c.heldout_samples is not None)
     assert res["rounds"][0]["global_ppl"] == pytest.approx(ev["global"]["ppl"], rel=1e-12)
+    # the masked nll agrees with the model's own loss (HF's masked mean over labels != -100)
+    held = clients[0].heldout_samples
+    assert held is not None
+    b = held.eval_batch(cfg.data.eval_max_tokens)
+    assert b.attention_mask is not None
+    total, n = nll(model, b, False)
+    with torch.no_grad():
+        hf_loss = float(model(**b.model_inputs()).loss)
+    assert n == int((b.labels[:, 1:] != IGNORE).sum()) < int(b.attention_mask.sum())
+    assert total / n == pytest.approx(hf_loss, rel=1e-5)
 
     # ROUGE-L per round: every client answered its 2 eval prompts; one client recomputed by hand
     rl = ev["rouge_l"]
