@@ -97,6 +97,7 @@ def simulate(config: str | None, sets: tuple[str, ...], out: str, quiet: bool, v
 
     Writes OUT/results.json (config, per-round metrics, ranks, prune events, aggregation weights,
     bytes, timings) and OUT/perplexity.png. Interrupted runs resume from the last committed round."""
+    from .corpus import DataError
     from .model_source import ModelError
     from .run import RoundFailed, RunConfigMismatch, summary_line
     from .simulate import simulate as run_sim
@@ -106,7 +107,7 @@ def simulate(config: str | None, sets: tuple[str, ...], out: str, quiet: bool, v
     quiet_libraries(verbose)
     try:
         res = run_sim(cfg, out, progress=not quiet)
-    except (RoundFailed, RunConfigMismatch, StoreError, ConfigError, ModelError) as e:
+    except (RoundFailed, RunConfigMismatch, StoreError, ConfigError, ModelError, DataError) as e:  # DataError: bad client folders
         fail(str(e))
     click.echo(summary_line(res, Path(out)))
 
@@ -224,6 +225,31 @@ def tiers_measure(config: str | None, sets: tuple[str, ...], steps: int, headroo
         click.echo(f"tier table written to {out}")
     else:
         click.echo(text)
+
+
+@main.group()
+def data() -> None:
+    """Client data: per-client folders (data.source: folder; README "Bring your own data")."""
+
+
+@data.command("export-shakespeare")
+@config_option
+@set_option
+@click.option("--out", "-o", type=click.Path(file_okay=False), required=True, help="New folder: one sub-folder per client.")
+@click.option("--format", "fmt", type=click.Choice(["text", "prompt_completion"]), default="text", show_default=True,
+              help="text: the exact train/held-out text of each role (same tokens as the built-in source); "
+                   "prompt_completion: next-speech pairs (previous speaker's speech -> this role's answer).")
+def data_export_shakespeare(config: str | None, sets: tuple[str, ...], out: str, fmt: str) -> None:
+    """Write the Shakespeare roles that data.* chooses as <OUT>/<client_id>/{train,eval}.jsonl."""
+    from .corpus import DataError
+    from .export_data import export_shakespeare
+
+    cfg = load_cfg(config, sets)
+    try:
+        ids = export_shakespeare(cfg.data, Path(out), fmt)  # type: ignore[arg-type]
+    except DataError as e:
+        fail(str(e))
+    click.echo(f"{len(ids)} client folders ({fmt}) written to {out}: {', '.join(ids)}")
 
 
 @main.group()

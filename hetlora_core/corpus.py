@@ -90,27 +90,29 @@ def _clean_speech(lines: list[str]) -> str:
     return "\n".join(ln.strip() for ln in text.splitlines() if ln.strip())
 
 
-def _parse_play(path: Path) -> tuple[str, dict[str, tuple[str, list[str]]]]:
-    """(title, {ROLE KEY: (display name, [speech, ...])}) for one markdown play.
+def play_speeches(path: Path) -> tuple[str, list[tuple[str, str] | None]]:
+    """(title, [(speaker, speech) | None, ...]) for one markdown play, in play order; ``None`` marks
+    an act/scene heading (a conversation boundary). Joint speakers are included (callers filter).
 
     A speech runs from its ``**NAME**`` heading to the next speaker or act/scene heading; blank
     lines do not end it (a speech often continues after an inline ``_Exit X_``).
     """
     title, titled = path.stem.replace("-", " ").title(), False  # one file lacks a "# Title" line
-    roles: dict[str, tuple[str, list[str]]] = {}
+    out: list[tuple[str, str] | None] = []
     speaker: str | None = None
     buf: list[str] = []
 
     def flush() -> None:
-        if speaker is not None and not _is_joint(speaker):
+        if speaker is not None:
             speech = _clean_speech(buf)
             if speech:
-                roles.setdefault(speaker.upper(), (speaker, []))[1].append(speech)
+                out.append((speaker, speech))
 
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith("#"):
             flush()
             speaker, buf = None, []
+            out.append(None)
             if line.startswith("# ") and not titled:  # later "# EPILOGUE" headings are not titles
                 title, titled = line[2:].strip(), True
         elif m := _SPEAKER.match(line):
@@ -119,6 +121,16 @@ def _parse_play(path: Path) -> tuple[str, dict[str, tuple[str, list[str]]]]:
         elif speaker is not None:
             buf.append(line)
     flush()
+    return title, out
+
+
+def _parse_play(path: Path) -> tuple[str, dict[str, tuple[str, list[str]]]]:
+    """(title, {ROLE KEY: (display name, [speech, ...])}) for one markdown play (single voices only)."""
+    title, seq = play_speeches(path)
+    roles: dict[str, tuple[str, list[str]]] = {}
+    for item in seq:
+        if item is not None and not _is_joint(item[0]):
+            roles.setdefault(item[0].upper(), (item[0], []))[1].append(item[1])
     return title, roles
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,87 @@ from hetlora_core.store.base import atomic_write
 DATA_FORMAT_VERSION = 2
 
 
+IGNORE = -100  # label of tokens the loss skips (prompt, system/user turns, padding): HF's ignore_index
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one training or evaluation step feeds the model. Text windows are their own labels
+    with no mask (exactly today's call); instruction samples carry masked labels and padding."""
+
+    input_ids: Tensor  # (batch, length) long
+    labels: Tensor  # same shape; IGNORE where no loss is taken
+    attention_mask: Tensor | None = None  # None: no padding
+
+    @staticmethod
+    def lm(ids: Tensor) -> Batch:
+        return Batch(ids, ids, None)
+
+    def model_inputs(self) -> dict[str, Tensor]:
+        out = {"input_ids": self.input_ids, "labels": self.labels}
+        if self.attention_mask is not None:
+            out["attention_mask"] = self.attention_mask
+        return out
+
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens in the batch."""
+        return int(self.attention_mask.sum()) if self.attention_mask is not None else self.input_ids.numel()
+
+    def rows(self, start: int, stop: int) -> Batch:
+        m = self.attention_mask
+        return Batch(self.input_ids[start:stop], self.labels[start:stop], None if m is None else m[start:stop])
+
+    def to(self, device: torch.device | str) -> Batch:
+        m = self.attention_mask
+        return Batch(self.input_ids.to(device), self.labels.to(device), None if m is None else m.to(device))
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Variable-length instruction samples (already truncated to seq_len) with their labels."""
+
+    ids: tuple[Tensor, ...]
+    labels: tuple[Tensor, ...]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def target_tokens(self, idx: list[int] | None = None) -> int:
+        """Answer tokens the loss counts (a label at position 0 is never predicted)."""
+        return sum(int((self.labels[i][1:] != IGNORE).sum()) for i in (range(len(self)) if idx is None else idx))
+
+    def collate(self, idx: list[int]) -> Batch:
+        """Right-padded to the longest chosen sample; padding has mask 0 and label IGNORE."""
+        n = max(len(self.ids[i]) for i in idx)
+        ids = torch.full((len(idx), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(idx), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(idx), n), dtype=torch.long)
+        for row, i in enumerate(idx):
+            k = len(self.ids[i])
+            ids[row, :k], labels[row, :k], mask[row, :k] = self.ids[i], self.labels[i], 1
+        return Batch(ids, labels, mask)
+
+    def draw(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """``batch_size`` samples drawn uniformly with replacement using only ``generator`` (as text windows)."""
+        return self.collate(torch.randint(0, len(self), (batch_size,), generator=generator).tolist())
+
+    def eval_batch(self, max_tokens: int) -> Batch:
+        """The first samples, in order, until ``max_tokens`` answer tokens (at least one sample)."""
+        idx: list[int] = []
+        total = 0
+        for i in range(len(self)):
+            if idx and total >= max_tokens:
+                break
+            idx.append(i)
+            total += self.target_tokens([i])
+        return self.collate(idx)
+
+
 @dataclass(frozen=True)
 class ClientData:
-    """One federated client: a role's tokenised text, split into train and held-out parts."""
+    """One federated client: a role's tokenised text, split into train and held-out parts; or, for
+    instruction data (``train_samples`` set), masked samples and empty ``*_ids``."""
 
     client_id: str  # stable slug "<play-file>--<role>", e.g. "hamlet--horatio"
     play: str
@@ -60,9 +138,17 @@ class ClientData:
     train_ids: Tensor  # 1-D torch.long
     heldout_ids: Tensor  # 1-D torch.long, text that never appears in train_ids
     num_chars: int  # characters of the role's text actually used (after the max_chars cut)
+    train_samples: Samples | None = None  # instruction data (prompt_completion / chat)
+    heldout_samples: Samples | None = None
+    cut: dict[str, int] = field(default_factory=dict)  # truncation counts (instruct.build_samples)
+    # (prompt token ids, reference answer) of the first eval records, for ROUGE-L (rouge.py)
+    eval_prompts: tuple[tuple[Tensor, str], ...] = ()
 
     def num_samples(self, seq_len: int) -> int:
-        """Non-overlapping training windows of ``seq_len`` tokens (sample-count weights, FedAvg)."""
+        """Non-overlapping training windows of ``seq_len`` tokens (sample-count weights, FedAvg);
+        for instruction data, the number of training samples."""
+        if self.train_samples is not None:
+            return len(self.train_samples)
         return len(self.train_ids) // seq_len
 
 
@@ -153,6 +239,13 @@ def sample_batch(ids: Tensor, batch_size: int, seq_len: int, generator: torch.Ge
         raise DataError(f"text has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}; lower data.seq_len")
     starts = torch.randint(0, n - seq_len + 1, (batch_size,), generator=generator)
     return ids[starts[:, None] + torch.arange(seq_len)]
+
+
+def eval_batch(client: ClientData, cfg: DataConfig) -> Tensor | Batch:
+    """A client's held-out evaluation input: text windows (a tensor, as before) or a masked batch."""
+    if client.heldout_samples is not None:
+        return client.heldout_samples.eval_batch(cfg.eval_max_tokens)
+    return eval_windows(client.heldout_ids, cfg.seq_len, cfg.eval_max_tokens)
 
 
 def eval_windows(ids: Tensor, seq_len: int, max_tokens: int) -> Tensor:

@@ -13,28 +13,35 @@ import torch
 from . import peft_bridge
 from .adapter import LoraAdapter, Ranks
 from .config import HetLoRAConfig
-from .data import ClientData, eval_windows
+from .data import IGNORE, Batch, ClientData, eval_batch
 from .precision import Precision, resolve
 
 EVAL_BATCH = 8
 
 
 @torch.no_grad()
-def nll(model: torch.nn.Module, windows: torch.Tensor, bf16: bool | Precision) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood and the number of predicted tokens.
+def nll(model: torch.nn.Module, windows: torch.Tensor | Batch, bf16: bool | Precision) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood and the number of predicted tokens. A ``Batch``
+    with masked labels (instruction data) counts only its answer tokens; text windows count all.
 
     ``bf16``: the precision decision (precision.py); a bool is the old CPU-only form (True: bf16 autocast)."""
     prec = bf16 if isinstance(bf16, Precision) else Precision("cpu", "bfloat16" if bf16 else "float32", "caller")
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, windows.shape[0], EVAL_BATCH):
-        batch = windows[i:i + EVAL_BATCH].to(device)
+    b = windows if isinstance(windows, Batch) else Batch.lm(windows)
+    for i in range(0, b.input_ids.shape[0], EVAL_BATCH):
+        part = b.rows(i, i + EVAL_BATCH).to(device)
         with prec.autocast():
-            logits = model(input_ids=batch).logits
+            logits = model(input_ids=part.input_ids, attention_mask=part.attention_mask).logits
         lp = torch.log_softmax(logits[:, :-1].float(), -1)
-        tgt = batch[:, 1:]
-        total -= float(lp.gather(-1, tgt[..., None]).sum())
-        count += tgt.numel()
+        tgt = part.labels[:, 1:]
+        if part.attention_mask is None:  # text windows: every next token counts (the reference computation)
+            total -= float(lp.gather(-1, tgt[..., None]).sum())
+            count += tgt.numel()
+        else:  # instruction data: answer tokens only (labels IGNORE on prompt and padding)
+            keep = tgt != IGNORE
+            total -= float(lp.gather(-1, tgt.clamp_min(0)[..., None])[..., 0][keep].sum())
+            count += int(keep.sum())
     return total, count
 
 
@@ -64,7 +71,7 @@ def evaluate(model: torch.nn.Module, adapter: LoraAdapter | None, clients: Seque
         shared = peft_bridge.attach(model, adapter)
     try:
         for c in clients:
-            windows = eval_windows(c.heldout_ids, cfg.data.seq_len, cfg.data.eval_max_tokens)
+            windows = eval_batch(c, cfg.data)
             if shared is not None or adapter is None:
                 s, n = nll(shared if shared is not None else model, windows, prec)
             else:

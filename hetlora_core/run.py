@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from . import store as st
 from .config import ConfigError, HetLoRAConfig, config_from_dict, replace
-from .corpus import client_ids
+from .datasource import client_ids
 from .progress import Progress
 from .reporting import finish_run
 from .results import collect_results, precisions, write_results
@@ -100,6 +100,8 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store, targets: tuple[s
 def local_config(cfg: HetLoRAConfig, out_dir: str | Path) -> HetLoRAConfig:
     """A local store under OUT/store unless the config names an S3 store. The path is absolute
     because kfp.local's component subprocesses run in their own working directories."""
+    if cfg.data.source == "folder" and not cfg.data.path.startswith("s3://"):
+        cfg = replace(cfg, **{"data.path": str(Path(cfg.data.path).resolve())})  # same reason: tasks' own cwd
     if cfg.store.kind == "local":
         return replace(cfg, **{"store.root": str((Path(out_dir) / "store").resolve())})
     return cfg
@@ -197,7 +199,7 @@ class RoundRunner:
             if not self._evaluated(rnd):
                 self.log(f"round {rnd + 1} is committed but not evaluated: evaluating it")
                 self._evaluate(rnd)
-        ids = client_ids(cfg.data)
+        ids = client_ids(cfg)
         for rnd in range(done, cfg.federation.rounds):
             started, t = time.time(), time.perf_counter()
             plan = plan_round(cfg, store, ids, rnd)

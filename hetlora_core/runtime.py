@@ -3,6 +3,9 @@
 Cached per process (keyed on the config sections they depend on), so an in-process simulation
 pays for them once and a KFP task once per task. The steps that need them (train, evaluate) import
 this module lazily; the model-free steps never do.
+
+Folder data (``data.source: folder``) is built per client: ``client_data(cfg, id)`` reads only that
+client's folder, so a client's train task never sees another client's data.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import torch
 from . import store as st
 from . import vocab
 from .adapter import LoraAdapter
-from .config import DataConfig, HetLoRAConfig, ModelConfig, TrainingConfig
-from .corpus import client_ids as corpus_client_ids
+from .config import DataConfig, HetLoRAConfig, ModelConfig, StoreConfig, TrainingConfig
 from .data import ClientData, build_clients
+from .datasource import client_ids as source_client_ids
 from .models import load_base_model, load_tokenizer
 from .precision import place, resolve_model
 
@@ -35,14 +38,33 @@ def _model(mcfg: ModelConfig, dcfg: DataConfig | None) -> torch.nn.Module:
     return place(base, mcfg, resolve_model(mcfg, TrainingConfig()))
 
 
+def tokenizer(cfg: HetLoRAConfig) -> Any:
+    """The tokenizer every data path uses."""
+    return _tokenizer_for(cfg.model)
+
+
+def _tokenizer_for(mcfg: ModelConfig) -> Any:
+    """The one place that picks the tokenizer for a model config: the model's own (SmolLM2's for
+    the built-ins)."""
+    return load_tokenizer(mcfg)
+
+
 @functools.lru_cache(maxsize=4)
 def _raw_clients(mcfg: ModelConfig, dcfg: DataConfig) -> tuple[ClientData, ...]:
-    return tuple(build_clients(dcfg, load_tokenizer(mcfg)))
+    return tuple(build_clients(dcfg, _tokenizer_for(mcfg)))
+
+
+# Small: a process that walks every client (the evaluate step) holds only a few at a time.
+@functools.lru_cache(maxsize=8)
+def _folder_client(mcfg: ModelConfig, dcfg: DataConfig, scfg: StoreConfig, client_id: str) -> ClientData:
+    from .folder_data import build_folder_client
+
+    return build_folder_client(dcfg, scfg, _tokenizer_for(mcfg), client_id)
 
 
 @functools.lru_cache(maxsize=4)
 def _keep(mcfg: ModelConfig, dcfg: DataConfig) -> torch.Tensor:
-    return vocab.keep_ids(load_tokenizer(mcfg), _raw_clients(mcfg, dcfg))
+    return vocab.keep_ids(_tokenizer_for(mcfg), _raw_clients(mcfg, dcfg))
 
 
 @functools.lru_cache(maxsize=4)
@@ -58,14 +80,20 @@ def model(cfg: HetLoRAConfig) -> torch.nn.Module:
 
 
 def clients(cfg: HetLoRAConfig) -> dict[str, ClientData]:
-    return {c.client_id: c for c in _clients(cfg.model, cfg.data)}
+    """Every client's data at once: only for Shakespeare or tools (folder data: see ``client_data``)."""
+    return {c.client_id: c for c in all_client_data(cfg)}
 
 
 def all_client_data(cfg: HetLoRAConfig) -> list[ClientData]:
+    if cfg.data.source == "folder":
+        return [client_data(cfg, c) for c in client_ids(cfg)]
     return list(_clients(cfg.model, cfg.data))
 
 
 def client_data(cfg: HetLoRAConfig, client_id: str) -> ClientData:
+    """One client's data. Folder data: reads that client's folder only (isolation, see module doc)."""
+    if cfg.data.source == "folder":
+        return _folder_client(cfg.model, cfg.data, cfg.store, client_id)
     data = clients(cfg)
     if client_id not in data:
         raise KeyError(f"client {client_id!r} is not in this run's data (data.num_clients={cfg.data.num_clients})")
@@ -73,8 +101,8 @@ def client_data(cfg: HetLoRAConfig, client_id: str) -> ClientData:
 
 
 def client_ids(cfg: HetLoRAConfig) -> list[str]:
-    """The run's client ids (from the corpus alone: no tokenizer, no model)."""
-    return corpus_client_ids(cfg.data)
+    """The run's client ids (corpus roles or folder names: no tokenizer, no model, no client file read)."""
+    return source_client_ids(cfg)
 
 
 def global_adapter(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> LoraAdapter:

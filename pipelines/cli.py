@@ -29,6 +29,7 @@ def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool) -> N
     The console shows one progress display; each task's full output is in OUT/logs/round-NNNN/
     (a failed task's last lines are printed with its name; -v prints everything as it comes)."""
     from hetlora_core.config import ConfigError
+    from hetlora_core.corpus import DataError
     from hetlora_core.model_source import ModelError
     from hetlora_core.run import RoundFailed, RunConfigMismatch, summary_line
     from hetlora_core.store import StoreError
@@ -39,7 +40,7 @@ def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool) -> N
     quiet_libraries(verbose)
     try:
         res = run_local(cfg, out, verbose=verbose)
-    except (RoundFailed, RunConfigMismatch, StoreError, ConfigError, ModelError) as e:
+    except (RoundFailed, RunConfigMismatch, StoreError, ConfigError, ModelError, DataError) as e:
         fail(str(e))
     click.echo(f"{summary_line(res, Path(out))}, plot: {Path(out) / 'perplexity.png'}")
 
@@ -54,7 +55,7 @@ def compile_cmd(config: str | None, sets: tuple[str, ...], out: str, rnd: int) -
     """Compile one round's pipeline to KFP IR YAML (PipelineSpec + Kubernetes platform spec:
     per-tier node selectors, tolerations, resources, and the store Secret as env vars)."""
     from hetlora_core import store as st
-    from hetlora_core.corpus import client_ids
+    from hetlora_core.datasource import client_ids
     from hetlora_core.steps.plan import plan_round
 
     from .round import compile_round
@@ -69,7 +70,7 @@ def compile_cmd(config: str | None, sets: tuple[str, ...], out: str, rnd: int) -
             check_model(cfg.model, download=False)
         except (ConfigError, ModelError) as e:
             fail(str(e))
-    ids = client_ids(cfg.data)
+    ids = client_ids(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         # Round 0 needs no store (initial ranks come from the config); the plan goes to a scratch dir.
         store = st.LocalStore(tmp) if rnd == 0 else st.open_store(cfg.store)
@@ -94,6 +95,7 @@ def submit(config: str | None, sets: tuple[str, ...], host: str, out: str, no_wa
     Needs store.kind: s3 reachable from here (credentials in HETLORA_S3_ACCESS_KEY /
     HETLORA_S3_SECRET_KEY) and, in the cluster, the Secret named by kubeflow.store_secret."""
     from hetlora_core.config import ConfigError
+    from hetlora_core.corpus import DataError
     from hetlora_core.model_source import ModelError
     from hetlora_core.run import RoundFailed, RunConfigMismatch, summary_line
     from hetlora_core.store import StoreError
@@ -108,7 +110,7 @@ def submit(config: str | None, sets: tuple[str, ...], host: str, out: str, no_wa
             click.echo(f"submitted run {submit_next_round(cfg, host)}")
             return
         res, ids = submit_run(cfg, host, out, timeout_s=timeout)
-    except (RoundFailed, RunConfigMismatch, StoreError, ConfigError, ModelError) as e:
+    except (RoundFailed, RunConfigMismatch, StoreError, ConfigError, ModelError, DataError) as e:
         fail(str(e))
     except Exception as e:  # noqa: BLE001 - kfp/urllib3 errors (refused, DNS, HTTP 4xx/5xx): say where and what
         first = (str(e).splitlines() or [""])[0][:300]

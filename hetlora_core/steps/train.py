@@ -50,7 +50,9 @@ def train(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_id: str) -> Trai
             "client_id": client_id, "round": rnd, "tier": cp.tier, "rank_before": cp.rank,
             "received_ranks": method.client_ranks(received), "num_samples": res.num_samples, "num_tokens": res.num_tokens,
             "train_loss": res.train_loss, "reg_loss": res.reg_loss, "train_seconds": res.seconds,
-            "bytes_down": method.nbytes(received), "precision": prec.as_dict()})
+            "bytes_down": method.nbytes(received), "precision": prec.as_dict(),
+            # instruction data longer than data.seq_len: what was cut (prompt side first), never silent
+            **({"data_cut": client.cut} if client.cut else {})})
     except (st.StoreError, KeyError, ConfigError):
         raise
     except Exception as e:  # noqa: BLE001 - any client-side failure drops this client only

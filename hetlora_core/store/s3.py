@@ -77,10 +77,13 @@ class S3Store(Store):
     """A bucket on an S3 endpoint (``host:port``). Creates the bucket if missing."""
 
     def __init__(self, endpoint: str, bucket: str, secure: bool = False, region: str = "",
-                 retry_deadline_s: float = 60.0, credentials: tuple[str, str] | None = None) -> None:
+                 retry_deadline_s: float = 60.0, credentials: tuple[str, str] | None = None,
+                 create_bucket: bool = True) -> None:
         """``credentials`` (access, secret) is for callers that hold them already (``hetlora
         preflight`` reads the cluster's Secret); otherwise they come from the environment. They are
-        never part of a config, so a config can be logged and compiled into YAML safely."""
+        never part of a config, so a config can be logged and compiled into YAML safely.
+        ``create_bucket=False`` is for readers of data the user put there (``data.path``): a
+        missing bucket is then their mistake to hear about, not something to create."""
         if not endpoint or "://" in endpoint or "/" in endpoint:
             raise ValueError(f"store.endpoint must be host:port without scheme or path, got {endpoint!r}")
         try:
@@ -96,7 +99,8 @@ class S3Store(Store):
         self._client = Minio(endpoint, access_key=access, secret_key=secret, session_token=token,
                              secure=secure, region=region or None,
                              http_client=_pool(connect, max(5.0, min(READ_TIMEOUT_S, self.retry_deadline_s))))
-        self._retry("create bucket", bucket, self._ensure_bucket)
+        if create_bucket:
+            self._retry("create bucket", bucket, self._ensure_bucket)
 
     def describe(self) -> str:
         scheme = "https" if self.secure else "http"
