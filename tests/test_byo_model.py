@@ -276,3 +276,24 @@ def test_auto_gives_the_same_bytes_as_the_old_default_list(tmp_path):
         store = st.LocalStore(tmp_path / f"r{i}" / "store")
         shas.append([st.get_manifest(store, st.global_prefix(cfg.experiment, r))["sha256"] for r in range(2)])
     assert shas[0] == shas[1]
+
+
+def test_kubeflow_driver_leaves_an_unseen_hub_model_to_the_tasks(tmp_path, monkeypatch):
+    """``hetlora submit``'s driver need not hold the model (the tasks read it from the cluster's
+    cache volume): an uncached hub id is logged there, while a local executor stops on it."""
+    from hetlora_core.run import RoundRunner
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    cfg = load_config(None, {"model.name": "acme/not-here", "store.root": str(tmp_path / "store")})
+
+    class Remote:
+        name, command, on_task, loads_model_here = "Kubeflow", "hetlora submit", None, False
+
+    lines: list[str] = []
+    runner = RoundRunner(cfg, Remote(), tmp_path)
+    runner.log = lines.append
+    assert runner.check_model() is None and "checked when the first task loads it" in lines[0]
+    Remote.loads_model_here = True
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set"):
+        RoundRunner(cfg, Remote(), tmp_path).check_model()
