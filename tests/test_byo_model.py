@@ -64,12 +64,15 @@ def run_cfg(name: str, experiment: str, target_modules: Any = "auto") -> Any:
     })
 
 
+SLOW = pytest.mark.slow  # ~5-10 s each alone, ~20 s on a shared 2-core machine: Llama and GPT-2 (Linear, Conv1D) stay fast
+
+
 @pytest.mark.parametrize("arch,targets,expect", [
     ("llama", "auto", {"q_proj", "v_proj"}),
-    ("qwen2", "auto", {"q_proj", "v_proj"}),
-    ("gemma", "auto", {"q_proj", "v_proj"}),
+    pytest.param("qwen2", "auto", {"q_proj", "v_proj"}, marks=SLOW),
+    pytest.param("gemma", "auto", {"q_proj", "v_proj"}, marks=SLOW),
     ("gpt2", "auto", {"c_attn"}),
-    ("phi3", "all-linear", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+    pytest.param("phi3", "all-linear", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}, marks=SLOW),
 ])
 def test_any_architecture_trains_two_rounds_and_exports_for_peft(tmp_path, monkeypatch, arch, targets, expect):
     """A folder model through the whole path: simulate commits both rounds, the export loads with
@@ -259,3 +262,38 @@ def test_a_run_recorded_with_the_old_default_list_resumes_under_auto(tmp_path):
     check_or_record_config(old, fresh)
     with pytest.raises(RunConfigMismatch, match="model"):
         check_or_record_config(new, fresh)  # resolution unknown: compared as written
+
+
+@pytest.mark.slow
+def test_auto_gives_the_same_bytes_as_the_old_default_list(tmp_path):
+    """The default changed from [q_proj, v_proj] to auto: the committed globals are byte-identical."""
+    from hetlora_core import store as st
+
+    shas = []
+    for i, tm in enumerate(("auto", ["q_proj", "v_proj"])):
+        cfg = run_cfg("tiny", "same-bytes", tm)
+        simulate(cfg, tmp_path / f"r{i}", progress=False)
+        store = st.LocalStore(tmp_path / f"r{i}" / "store")
+        shas.append([st.get_manifest(store, st.global_prefix(cfg.experiment, r))["sha256"] for r in range(2)])
+    assert shas[0] == shas[1]
+
+
+def test_kubeflow_driver_leaves_an_unseen_hub_model_to_the_tasks(tmp_path, monkeypatch):
+    """``hetlora submit``'s driver need not hold the model (the tasks read it from the cluster's
+    cache volume): an uncached hub id is logged there, while a local executor stops on it."""
+    from hetlora_core.run import RoundRunner
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    cfg = load_config(None, {"model.name": "acme/not-here", "store.root": str(tmp_path / "store")})
+
+    class Remote:
+        name, command, on_task, loads_model_here = "Kubeflow", "hetlora submit", None, False
+
+    lines: list[str] = []
+    runner = RoundRunner(cfg, Remote(), tmp_path)
+    runner.log = lines.append
+    assert runner.check_model() is None and "checked when the first task loads it" in lines[0]
+    Remote.loads_model_here = True
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set"):
+        RoundRunner(cfg, Remote(), tmp_path).check_model()
