@@ -90,7 +90,8 @@ LAST_SUCCESS_ROUND = _m("hetlora_last_successful_round", "Index of the run's las
 
 CLIENT_METRICS = (CLIENT_TASK_DURATION, CLIENT_TRAIN_LOSS, CLIENT_START_RANK, CLIENT_RANK, CLIENT_RANKS_PRUNED,
                   CLIENT_UPLOAD_BYTES, CLIENT_DOWNLOAD_BYTES, CLIENT_AGG_WEIGHT, CLIENT_HELDOUT_PPL)
-ROUND_METRICS = (ROUND_DURATION, GLOBAL_HELDOUT_PPL, ROUND_MEAN_TRAIN_LOSS, ROUND_CLIENTS, ROUND_UPLOAD_BYTES,
+ROUND_ROUGE_L = _m("hetlora_round_rouge_l", "ROUGE-L F of the round's global adapter's greedy answers (instruction data only).")
+ROUND_METRICS = (ROUND_DURATION, GLOBAL_HELDOUT_PPL, ROUND_ROUGE_L, ROUND_MEAN_TRAIN_LOSS, ROUND_CLIENTS, ROUND_UPLOAD_BYTES,
                  ROUND_DOWNLOAD_BYTES, ROUND_RANKS_PRUNED)
 RUN_METRICS = (LAST_SUCCESS_TS, LAST_SUCCESS_ROUND)
 
@@ -266,6 +267,7 @@ def push_round_metrics(
     bytes_down: int,
     ranks_pruned: int | None = None,
     committed_at: float | None = None,
+    rouge_l: float | None = None,
 ) -> bool:
     """Push a committed round's outcome to ``{run, round}`` and mark it as the run's last
     successful round in ``{run}`` (``committed_at``: Unix time, default now).
@@ -284,6 +286,7 @@ def push_round_metrics(
         reg = _registry([
             (ROUND_DURATION, duration_s),
             (GLOBAL_HELDOUT_PPL, global_ppl),
+            (ROUND_ROUGE_L, rouge_l),  # None (not pushed) unless the data has completions
             (ROUND_MEAN_TRAIN_LOSS, mean_train_loss),
             (ROUND_CLIENTS, clients),
             (ROUND_UPLOAD_BYTES, bytes_up),

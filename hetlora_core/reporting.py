@@ -30,7 +30,8 @@ def push_round_outcome(cfg: HetLoRAConfig, rnd: int, gman: dict[str, Any], ev: d
         mean_train_loss=sum(losses) / len(losses) if losses else float("nan"), clients=len(reports),
         bytes_up=sum(int(r.get("bytes_up", 0)) for r in reports.values()),
         bytes_down=sum(int(r.get("bytes_down", 0)) for r in reports.values()),
-        ranks_pruned=sum(int(r.get("rank_before", 0)) - int(r.get("rank_after", 0)) for r in reports.values()))
+        ranks_pruned=sum(int(r.get("rank_before", 0)) - int(r.get("rank_after", 0)) for r in reports.values()),
+        rouge_l=(ev.get("rouge_l") or {}).get("mean"))
 
 
 def finish_run(cfg: HetLoRAConfig, results: dict[str, Any]) -> None:

@@ -99,7 +99,17 @@ def plot_results(results: dict[str, Any], path: str | Path) -> None:
     ax.set_ylabel("held-out perplexity")
     ax.set_title(f"{results['experiment']}: {results['config']['strategy']['name']}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    rouge = [(r["round"] + 1, r["rouge_l"]) for r in rounds if r.get("rouge_l") is not None]
+    if rouge:  # instruction folder data: ROUGE-L of the global adapter's greedy answers, right axis
+        axr = ax.twinx()
+        axr.plot([x for x, _ in rouge], [y for _, y in rouge], marker="^", color="tab:green", label="ROUGE-L (global)")
+        axr.set_ylabel("ROUGE-L (F)")
+        axr.set_ylim(0, max(1e-3, 1.25 * max(y for _, y in rouge)))  # from 0: small gains are not magnified
+    handles, labels = ax.get_legend_handles_labels()
+    if rouge:
+        h2, l2 = axr.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels)
     ranks = [sorted(r["client_ranks"].values()) for r in results["rounds"]]
     if ranks:
         ax2.boxplot(ranks, positions=[r["round"] + 1 for r in results["rounds"]])

@@ -16,7 +16,7 @@ from hetlora_core import runtime
 from hetlora_core.config import load_config, replace
 from hetlora_core.simulate import simulate
 
-COMMANDS = ["run", "simulate", "compile", "submit", "inspect", "export", "tiers", "preflight", "bench", "cache"]
+COMMANDS = ["run", "simulate", "compile", "submit", "inspect", "export", "tiers", "preflight", "bench", "cache", "data"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

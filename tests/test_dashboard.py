@@ -206,7 +206,7 @@ def push_sample_run(pg: Pushgateway, run: str) -> None:
                 total_up, total_down, pruned = total_up + up, total_down + down, pruned + rank - after
         assert metrics.push_round_metrics(cfg, run, rnd, duration_s=60.0 + rnd, global_ppl=29.0 - rnd,
                                           mean_train_loss=3.0 - 0.1 * rnd, clients=6, bytes_up=total_up,
-                                          bytes_down=total_down, ranks_pruned=pruned)
+                                          bytes_down=total_down, ranks_pruned=pruned, rouge_l=0.2 + 0.05 * rnd)
 
 
 def test_every_panel_query_returns_data_for_a_pushed_run(pushgateway: Pushgateway, prometheus: Prometheus) -> None:

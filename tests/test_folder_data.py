@@ -222,3 +222,21 @@ def test_config_rules():
         config_from_dict({"data": {"source": "folder", "path": "s3://bucket/prefix"}})
     with pytest.raises(ConfigError, match="data.format"):
         config_from_dict({"data": {"format": "csv"}})
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_export_and_a_bad_folder_is_one_error_line(tmp_path):
+    from click.testing import CliRunner
+    from hetlora_kfp.pipelines.cli import main
+
+    out = CliRunner().invoke(main, ["data", "export-shakespeare", "--out", str(tmp_path / "pc"), "--format", "prompt_completion",
+                                    "--set", "data.num_clients=3", "--set", "data.min_chars=2000", "--set", "data.max_chars=2000"])
+    assert out.exit_code == 0, out.output
+    assert "3 client folders (prompt_completion) written" in out.output and len(list((tmp_path / "pc").iterdir())) == 3
+    (tmp_path / "pc" / ".git").mkdir()
+    bad = CliRunner().invoke(main, ["simulate", "--out", str(tmp_path / "run"), "--set", "data.source=folder",
+                                    "--set", f"data.path={tmp_path / 'pc'}", "--set", "data.num_clients=3",
+                                    "--set", "federation.clients_per_round=2", "--set", "model.name=tiny"])
+    assert bad.exit_code == 1 and "error: client folder '.git'" in bad.output and "Traceback" not in bad.output

@@ -43,7 +43,7 @@ CLIENT_VALUE_OF = {  # metric name -> function of the pushed kwargs
     "hetlora_client_heldout_perplexity": lambda v: v["heldout_ppl"],
 }
 ROUND = dict(duration_s=95.5, global_ppl=28.75, mean_train_loss=3.375, clients=2, bytes_up=1_388_888,
-             bytes_down=4_691_356, ranks_pruned=2)
+             bytes_down=4_691_356, ranks_pruned=2, rouge_l=0.3125)
 ROUND_VALUE_OF = {
     "hetlora_round_duration_seconds": ROUND["duration_s"],
     "hetlora_global_heldout_perplexity": ROUND["global_ppl"],
@@ -52,6 +52,7 @@ ROUND_VALUE_OF = {
     "hetlora_round_upload_bytes": ROUND["bytes_up"],
     "hetlora_round_download_bytes": ROUND["bytes_down"],
     "hetlora_round_ranks_pruned": ROUND["ranks_pruned"],
+    "hetlora_round_rouge_l": ROUND["rouge_l"],
 }
 
 
