@@ -31,10 +31,14 @@ def greedy_answers(model: Any, tokenizer: Any, client: ClientData, max_new_token
     """Greedy completions of the client's eval prompts (one at a time: no padding to get wrong)."""
     out = []
     eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device  # the model sits on the decided device (precision.py)
     for ids, _ref in client.eval_prompts:
-        x = ids[None, :]
+        x = ids[None, :].to(device)
+        # use_cache=True explicitly: the frozen base has config.use_cache off (training never reuses keys
+        # and values); decoding should not depend on which default generate() falls back to.
         gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
+                             use_cache=True, eos_token_id=eos,
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
         out.append(tokenizer.decode(gen[0, x.shape[1]:], skip_special_tokens=True))
     return out
 
