@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=2, help="local steps per timed update")
     ap.add_argument("--reps", type=int, help="timed updates per dtype, interleaved (default 3, quick 2)")
+    ap.add_argument("--bf16-reps", type=int, help="timed updates of explicit bf16 (default: --reps). 1: no warm-up "
+                    "either (emulated bf16 on an AVX2 CPU takes minutes per SmolLM2 step; a warm-up's < 1 s does not matter)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-n", type=int, help="largest peak matmul (default 2048, quick 512)")
     ap.add_argument("--out", default=None)
@@ -71,12 +73,15 @@ def main() -> None:
         peft_bridge.detach(pm)
 
     peak = {dt: matmul_peak(getattr(torch, dt), max_n)["gflops"] for dt in ("float32", "bfloat16")}
-    for c in cfgs.values():  # warm-up (allocations, autocast caches)
-        train_lora(model, received, client, replace(c, **{"training.local_steps": 1}), 0)
+    bf16_reps = args.bf16_reps or reps
+    for n, c in cfgs.items():  # warm-up (allocations, autocast caches)
+        if not (n == "bfloat16" and bf16_reps == 1):
+            train_lora(model, received, client, replace(c, **{"training.local_steps": 1}), 0)
     times: dict[str, list[float]] = {n: [] for n in cfgs}
-    for _ in range(reps):
+    for i in range(reps):
         for n, c in cfgs.items():
-            times[n].append(train_lora(model, received, client, c, 0).seconds / args.steps)
+            if n != "bfloat16" or i < bf16_reps:
+                times[n].append(train_lora(model, received, client, c, 0).seconds / args.steps)
     peak = {dt: max(v, matmul_peak(getattr(torch, dt), max_n)["gflops"]) for dt, v in peak.items()}  # best of before/after
 
     tokens = batch * seq
@@ -89,7 +94,7 @@ def main() -> None:
         rows.append([n if n == dt else f"{n} (= {dt})", tokens / step, flops / step / 1e9, peak[dt], per[n]["mfu_vs_own_peak"]])
     res = {
         "bench": "precision", "quick": args.quick, "model": base.model.name, "batch": batch, "seq_len": seq, "rank": args.rank,
-        "threads": args.threads, "steps": args.steps, "reps": reps, "flops_per_step_counted": flops,
+        "threads": args.threads, "steps": args.steps, "reps": reps, "bf16_reps": bf16_reps, "flops_per_step_counted": flops,
         "auto_decision": auto.as_dict(), "peak_gflops": peak, "by_dtype": per,
         "auto_vs_float32": per["auto"]["tokens_per_s"] / per["float32"]["tokens_per_s"],
         "bf16_vs_float32": per["bfloat16"]["tokens_per_s"] / per["float32"]["tokens_per_s"],

@@ -170,3 +170,16 @@ def test_cli_refuses_an_unservable_request_before_any_round(tmp_path: Path) -> N
                                     "--set", "model.name=smollm2-135m", "--out", str(tmp_path)])
     assert out.exit_code != 0 and "model.quantize: '4bit' needs a CUDA device" in out.output
     assert "Traceback" not in out.output and not (tmp_path / "store").exists()
+
+
+def test_place_prepares_a_kbit_model_and_keeps_the_base_frozen() -> None:
+    """The QLoRA placement path (peft's prepare_model_for_kbit_training) on a private tiny model:
+    the API still fits and the base stays frozen and float32 (the NF4 load itself needs a GPU)."""
+    from hetlora_core.models import load_base_model
+
+    mcfg = load_config("configs/smoke.yaml").model
+    model = load_base_model(mcfg, fresh=True)[0]
+    placed = pr.place(model, mcfg, Precision("cuda", "bfloat16", "test", quantize="4bit"))
+    assert placed is model
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in placed.parameters())
+    assert next(placed.parameters()).device.type == "cpu"  # a bnb model is placed at load, never moved here
