@@ -12,11 +12,13 @@ from typing import Any
 from kfp import dsl
 
 from .aggregate_round.component import MAX_TIERS, aggregate_round
+from .evaluate_client.component import evaluate_client
 from .evaluate_round.component import evaluate_round
 from .prune_client.component import prune_client
 from .train_client.component import train_client
 
-__all__ = ["Components", "build", "MAX_TIERS", "train_client", "prune_client", "aggregate_round", "evaluate_round"]
+__all__ = ["Components", "build", "MAX_TIERS", "train_client", "prune_client", "aggregate_round", "evaluate_round",
+           "evaluate_client"]
 
 
 @dataclass(frozen=True)
@@ -25,9 +27,11 @@ class Components:
     prune: Any
     aggregate: Any
     evaluate: Any
+    evaluate_client: Any
 
 
 def build(image: str) -> Components:
-    """The four components for ``image`` (the project image built from images/)."""
+    """The five components for ``image`` (the project image built from images/)."""
     deco = dsl.component(base_image=image, install_kfp_package=False)
-    return Components(deco(train_client), deco(prune_client), deco(aggregate_round), deco(evaluate_round))
+    return Components(deco(train_client), deco(prune_client), deco(aggregate_round), deco(evaluate_round),
+                      deco(evaluate_client))

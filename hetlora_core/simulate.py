@@ -18,6 +18,7 @@ from .progress import Progress
 from .run import RoundFailed, RoundRunner, local_config
 from .steps.aggregate import aggregate_task
 from .steps.evaluate import evaluate_task
+from .steps.evaluate_client import evaluate_client_task
 from .steps.plan import RoundPlan, load_plan
 from .steps.prune import prune_task
 from .steps.train import train_task
@@ -26,7 +27,8 @@ from .steps.train import train_task
 def execute_round(cfg: HetLoRAConfig, plan: RoundPlan, started_at: float = 0.0,
                   on_task: Callable[[str, str], None] | None = None) -> None:
     """Run every task of an already planned round: train + prune each client, aggregate
-    (quorum, commit), evaluate (and push metrics), in the order the pipeline's DAG runs them.
+    (quorum, commit), evaluate (folder data: each client, then the server; metrics pushed), in the
+    order the pipeline's DAG runs them.
     ``on_task(kind, status)`` hears each task start and end (the progress display)."""
     cfg_json, rnd = cfg.to_json(), plan.round
     note = on_task or (lambda _kind, _status: None)
@@ -38,11 +40,30 @@ def execute_round(cfg: HetLoRAConfig, plan: RoundPlan, started_at: float = 0.0,
         note(f"prune {c.tier}", "started")
         reports.append(prune_task(cfg_json, rnd, c.client_id))
         note(f"prune {c.tier}", "SUCCESS" if json.loads(reports[-1])["status"] != "failed" else "FAILURE")
-    for kind, call in (("aggregate", lambda: aggregate_task(cfg_json, rnd, reports)),
-                       ("evaluate", lambda: evaluate_task(cfg_json, rnd, started_at))):
-        note(kind, "started")
-        call()
-        note(kind, "SUCCESS")
+    note("aggregate", "started")
+    aggregate_task(cfg_json, rnd, reports)
+    note("aggregate", "SUCCESS")
+    evaluate_round(cfg, rnd, started_at, note, plan.state)
+
+
+def evaluate_round(cfg: HetLoRAConfig, rnd: int, started_at: float = 0.0,
+                   note: Callable[[str, str], None] | None = None, state: dict[str, dict[str, Any]] | None = None) -> None:
+    """The evaluation of committed round ``rnd`` as the pipeline runs it: folder data first has
+    every client of the run evaluate on its own data (``evaluate_client_task``), then the server
+    combines their sums; Shakespeare is one central evaluate task. ``state``: every client's
+    tier at the round's start (the plan's), only for the progress display's task names."""
+    cfg_json, tell = cfg.to_json(), note or (lambda _kind, _status: None)
+    if cfg.data.source == "folder":
+        if state is None:
+            state = load_plan(cfg, st.open_store(cfg.store), rnd).state
+        for cid in sorted(state):
+            kind = f"evaluate {state[cid].get('tier', '')}".rstrip()
+            tell(kind, "started")
+            out = json.loads(evaluate_client_task(cfg_json, rnd, cid))
+            tell(kind, "SUCCESS" if out["status"] == "evaluated" else "FAILURE")
+    tell("evaluate", "started")
+    evaluate_task(cfg_json, rnd, started_at)
+    tell("evaluate", "SUCCESS")
 
 
 def execute_planned_round(cfg: HetLoRAConfig, rnd: int, started_at: float = 0.0) -> None:
@@ -65,7 +86,7 @@ class InProcessExecutor:
 
     def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
         try:
-            evaluate_task(cfg.to_json(), rnd)
+            evaluate_round(cfg, rnd)
         except Exception as e:  # noqa: BLE001
             raise RoundFailed(f"failed: {type(e).__name__}: {e}") from e
 

@@ -1,5 +1,7 @@
 """The round DAG: per non-empty rank tier a ParallelFor of (train -> self-prune) on that tier's
-node pool, fan-in with ``dsl.Collected`` into aggregation, then evaluation.
+node pool, fan-in with ``dsl.Collected`` into aggregation, then evaluation. Folder data is evaluated
+federated: per tier a ParallelFor of evaluate-client over ALL the run's clients of that tier (each
+on its own data, on its tier's node pool), fanned in to the evaluate task that combines their sums.
 
 The DAG is built per round from the driver's plan, so tiers with no selected client are simply
 absent (a ParallelFor over an empty list fails under kfp.local) and each tier's resources are
@@ -13,7 +15,8 @@ from typing import Any
 from kfp import compiler, dsl
 
 from hetlora_core.config import ConfigError, HetLoRAConfig, TierConfig, image_for
-from hetlora_core.steps.plan import RoundPlan
+from hetlora_core import store as st
+from hetlora_core.steps.plan import ClientPlan, RoundPlan, load_plan
 from hetlora_kfp.components import MAX_TIERS, Components, build
 
 from . import platform
@@ -36,6 +39,59 @@ def tier_groups(cfg: HetLoRAConfig, plan: RoundPlan) -> list[tuple[Any, list[str
     if len(out) > MAX_TIERS:
         raise ConfigError(f"config: ranks.tiers: a round pipeline supports at most {MAX_TIERS} tiers, got {len(out)}")
     return out
+
+
+def eval_groups(cfg: HetLoRAConfig, state: dict[str, dict[str, Any]]) -> list[tuple[Any, list[str]]]:
+    """(TierConfig, client ids) of EVERY client of the run (``state``: each client's tier and rank
+    at the round's start, ``RoundPlan.state``) for federated evaluation, non-empty tiers only."""
+    everyone = [ClientPlan(c, str(s["tier"]), int(s["rank"])) for c, s in sorted(state.items())]
+    return tier_groups(cfg, RoundPlan(cfg.experiment, 0, everyone, state))
+
+
+def add_client_evals(cfg: HetLoRAConfig, comps_for: Callable[[TierConfig | None], Components], state: dict[str, dict[str, Any]],
+                     config_json: Any, round_index: Any, after: Any = None, concurrent_tasks: int | None = None) -> dict[str, Any]:
+    """Folder data: per tier a ParallelFor of evaluate-client over all of that tier's clients (each
+    reads only its own data), placed like the tier's train tasks; returns the evaluate task's
+    ``evals_<i>`` inputs (``dsl.Collected`` statuses: they order evaluate after every client).
+    Shakespeare: none (its evaluation stays central)."""
+    if cfg.data.source != "folder":
+        return {}
+    collected = {}
+    for i, (tier, ids) in enumerate(eval_groups(cfg, state)):
+        with dsl.ParallelFor(ids, parallelism=max(1, len(ids))) as client_id:
+            evc = comps_for(tier).evaluate_client(config_json=config_json, round_index=round_index, client_id=client_id)
+            if after is not None:
+                evc.after(after)
+            evc.set_display_name(f"evaluate-{tier.name}")
+            platform.set_tier_resources(evc, tier)
+            platform.place_on_tier(evc, tier)
+            platform.use_store_secret(evc, cfg)
+            platform.use_model_cache(evc, cfg)
+            platform.harden(evc, cfg.federation.client_timeout_s + HARD_TIMEOUT_GRACE_S)
+            evc.set_retry(num_retries=2, backoff_duration="30s")  # a re-run overwrites the same report key
+            platform.share_cpus(evc, concurrent_tasks)
+        collected[f"evals_{i}"] = dsl.Collected(evc.output)
+    return collected
+
+
+def add_evaluate(cfg: HetLoRAConfig, comps_for: Callable[[TierConfig | None], Components], evals: dict[str, Any],
+                 concurrent_tasks: int | None = None, **params: Any) -> Any:
+    """The evaluate task. Shakespeare: it runs the model at r_max on every client's data, with the
+    largest tier's resources (and its GPU pool). Folder data: it only combines the clients' sums
+    (``evals``), model-free, so it gets small resources and no model cache."""
+    largest = max(cfg.ranks.tiers, key=lambda t: t.rank)
+    ev = comps_for(largest).evaluate(**params, **evals)
+    ev.set_display_name("evaluate")
+    platform.use_store_secret(ev, cfg)
+    platform.harden(ev)
+    if evals:
+        platform.set_small_resources(ev)
+        return ev
+    platform.set_tier_resources(ev, largest)  # evaluation runs the model at r_max
+    platform.place_on_gpu_tier(ev, largest)
+    platform.share_cpus(ev, concurrent_tasks)
+    platform.use_model_cache(ev, cfg)
+    return ev
 
 
 def components_by_image(cfg: HetLoRAConfig, comps: Components | None) -> Callable[[TierConfig | None], Components]:
@@ -63,7 +119,6 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
     comps_for = components_by_image(cfg, comps)
     default = comps_for(None)
     groups = tier_groups(cfg, plan)
-    largest = max(cfg.ranks.tiers, key=lambda t: t.rank)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=f"HetLoRA round {plan.round} of {cfg.experiment}",
                   pipeline_root=cfg.kubeflow.pipeline_root)
@@ -92,34 +147,30 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
         platform.use_store_secret(agg, cfg)
         platform.harden(agg)
         agg.set_retry(num_retries=2, backoff_duration="10s")
-        ev = comps_for(largest).evaluate(config_json=config_json, round_index=round_index,
-                                         round_started_at=round_started_at).after(agg)
-        ev.set_display_name("evaluate")
-        platform.set_tier_resources(ev, largest)  # evaluation runs the model at r_max
-        platform.place_on_gpu_tier(ev, largest)
-        platform.share_cpus(ev, concurrent_tasks)
-        platform.use_store_secret(ev, cfg)
-        platform.use_model_cache(ev, cfg)
-        platform.harden(ev)
+        evals = add_client_evals(cfg, comps_for, plan.state, config_json, round_index, agg, concurrent_tasks)
+        ev = add_evaluate(cfg, comps_for, evals, concurrent_tasks, config_json=config_json, round_index=round_index,
+                          round_started_at=round_started_at)
+        if not evals:
+            ev.after(agg)
 
     return round_pipeline
 
 
-def build_evaluate_pipeline(cfg: HetLoRAConfig, rnd: int, comps: Components | None = None) -> Callable[..., Any]:
-    """A one-task pipeline that evaluates committed round ``rnd`` (and records the baseline if it
-    is missing): what the round runner submits when a round committed but was never evaluated."""
-    largest = max(cfg.ranks.tiers, key=lambda t: t.rank)
+def build_evaluate_pipeline(cfg: HetLoRAConfig, rnd: int, comps: Components | None = None,
+                            state: dict[str, dict[str, Any]] | None = None) -> Callable[..., Any]:
+    """A pipeline that evaluates committed round ``rnd`` (and records the baseline if it is
+    missing): what the round runner submits when a round committed but was never evaluated. Folder
+    data: every client's evaluate-client task first (``state``: each client's tier and rank at the
+    round's start; read from the round's stored plan when not given)."""
+    if cfg.data.source == "folder" and state is None:
+        state = load_plan(cfg, st.open_store(cfg.store), rnd).state
 
     @dsl.pipeline(name=EVALUATE_PIPELINE_NAME, description=f"HetLoRA: evaluate round {rnd} of {cfg.experiment}",
                   pipeline_root=cfg.kubeflow.pipeline_root)
     def evaluate_pipeline(config_json: str = cfg.to_json(), round_index: int = rnd):
-        ev = components_by_image(cfg, comps)(largest).evaluate(config_json=config_json, round_index=round_index)
-        ev.set_display_name("evaluate")
-        platform.set_tier_resources(ev, largest)
-        platform.place_on_gpu_tier(ev, largest)
-        platform.use_store_secret(ev, cfg)
-        platform.use_model_cache(ev, cfg)
-        platform.harden(ev)
+        comps_for = components_by_image(cfg, comps)
+        evals = add_client_evals(cfg, comps_for, state or {}, config_json, round_index)
+        add_evaluate(cfg, comps_for, evals, config_json=config_json, round_index=round_index)
 
     return evaluate_pipeline
 

@@ -21,9 +21,9 @@ from hetlora_core.config import HetLoRAConfig
 from hetlora_core.corpus import client_ids
 from hetlora_core.progress import Progress
 from hetlora_core.run import RoundFailed, RoundRunner, check_or_record_config, local_config
-from hetlora_core.steps.plan import RoundPlan, plan_round
+from hetlora_core.steps.plan import RoundPlan, load_plan, plan_round
 
-from .round import build_evaluate_pipeline, build_round_pipeline, compile_evaluate, compile_round, tier_groups
+from .round import build_evaluate_pipeline, build_round_pipeline, compile_evaluate, compile_round, eval_groups, tier_groups
 from .task_logs import TaskLogs, captured
 
 __all__ = ["KfpLocalExecutor", "KubeflowExecutor", "RoundFailed", "run_local", "submit_run", "wait_for_run"]
@@ -78,13 +78,24 @@ class KfpLocalExecutor:
         for i, (tier, _ids) in enumerate(tier_groups(cfg, plan)):
             suffix = "" if i == 0 else f"-{i + 1}"
             kinds.update({f"train-client{suffix}": f"train {tier.name}", f"prune-client{suffix}": f"prune {tier.name}"})
+        kinds.update(self._eval_kinds(cfg, plan.state))
         self._run(lambda: build_round_pipeline(cfg, plan, concurrent_tasks=self.concurrent_tasks)(
                       config_json=cfg.to_json(), round_index=plan.round, round_started_at=started_at),
                   st.round_name(plan.round), kinds)
 
+    @staticmethod
+    def _eval_kinds(cfg: HetLoRAConfig, state: dict[str, dict[str, Any]]) -> dict[str, str]:
+        """Folder data's evaluate-client task names ("evaluate-client", "evaluate-client-2", ... in
+        eval_groups' order) mapped to "evaluate <tier>" for the progress display."""
+        if cfg.data.source != "folder":
+            return {}
+        return {f"evaluate-client{'' if i == 0 else f'-{i + 1}'}": f"evaluate {tier.name}"
+                for i, (tier, _ids) in enumerate(eval_groups(cfg, state))}
+
     def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
-        self._run(lambda: build_evaluate_pipeline(cfg, rnd)(config_json=cfg.to_json(), round_index=rnd),
-                  f"{st.round_name(rnd)}-evaluate", {"evaluate-round": "evaluate"})
+        state = load_plan(cfg, st.open_store(cfg.store), rnd).state if cfg.data.source == "folder" else None
+        self._run(lambda: build_evaluate_pipeline(cfg, rnd, state=state)(config_json=cfg.to_json(), round_index=rnd),
+                  f"{st.round_name(rnd)}-evaluate", {"evaluate-round": "evaluate", **self._eval_kinds(cfg, state or {})})
 
 
 # v2beta1 run states that end a run. kfp.Client.wait_for_run_completion stops only on

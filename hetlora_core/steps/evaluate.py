@@ -5,25 +5,29 @@ result goes to the round's eval key, and the round's metrics to the Pushgateway 
 It also records the base model's perplexity (the baseline) the first time it runs in a run, so a
 round committed by a task that died before evaluating is completed by evaluating it again.
 
-Folder data (``data.source: folder``) is evaluated client by client (``per_client``): each
-client's eval split is read through its own isolated reader, evaluated, and reduced to its sums
-(negative log-likelihood and token count); the round's perplexity combines those sums
-token-weighted, which equals one central evaluation over all eval splits (tests/test_fed_eval.py)
-while never holding two clients' data at once. Every client is evaluated every round.
+Folder data (``data.source: folder``) is evaluated federated: no task reads every client's data.
+Each client's own evaluate-client task (``steps/evaluate_client.py``) evaluates the global on its
+own eval split and uploads only sums; this step reads those reports from the store, checks them
+(``eval_reports``: they are untrusted uploads) and combines them token-weighted, which equals one
+central evaluation over all eval splits (tests/test_fed_eval.py). It opens no client folder and
+loads no model. A bad or missing report is left out and named in the record (``eval_dropped``).
+Shakespeare (the embedded demo) keeps its central evaluation, which its reference results used.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .. import eval_reports
 from .. import store as st
 from ..config import HetLoRAConfig
 from ..methods import method_for
 from .common import config_of, load_global
+
+REPORT_MAX_BYTES = 1 << 20  # a client's sums are a few hundred bytes (plus one number per client id)
 
 
 @dataclass
@@ -37,24 +41,6 @@ def _as_dict(r: Any) -> dict[str, Any]:
     return {"ppl": r.ppl, "per_client": r.per_client, "tokens": r.tokens}
 
 
-def per_client(cfg: HetLoRAConfig, fn: Callable[[list[Any]], tuple[Any, ...]]) -> tuple[Any, ...]:
-    """``fn`` over every client's data, one client at a time, its results combined token-weighted.
-
-    Shakespeare: ``fn`` once over all clients (the central evaluation the reference results were
-    made with). Folder data: ``fn([client])`` per client through ``runtime.client_data`` (only that
-    client's folder is read), then each result's per-client sums are combined: exp(sum log(ppl_k) n_k
-    / sum n_k) = exp(sum nll_k / sum n_k), the central token-weighted perplexity."""
-    from .. import runtime
-    from ..evaluation import EvalResult
-
-    if cfg.data.source != "folder":
-        return fn(runtime.all_client_data(cfg))
-    parts = [fn([runtime.client_data(cfg, cid)]) for cid in runtime.client_ids(cfg)]
-    return tuple(EvalResult.combine({k: v for p in parts for k, v in p[i].per_client.items()},
-                                    {k: v for p in parts for k, v in p[i].per_client_tokens.items()})
-                 for i in range(len(parts[0])))
-
-
 def evaluate_baseline(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
     """Perplexity of the base model before any round (stored once per run)."""
     from .. import runtime
@@ -64,8 +50,7 @@ def evaluate_baseline(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
     got = st.get_json(store, key)
     if got is not None:
         return got
-    model = runtime.model(cfg)
-    (r,) = per_client(cfg, lambda cs: (evaluate_model(model, None, cs, cfg),))
+    r = evaluate_model(runtime.model(cfg), None, runtime.all_client_data(cfg), cfg)
     out = {"round": -1, "global": _as_dict(r), "personal": _as_dict(r)}
     st.put_json(store, key, out)
     return out
@@ -75,11 +60,13 @@ def evaluate(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> dict[str, Any]:
     """Evaluate committed round ``rnd`` (and the baseline if missing); writes the round's eval key."""
     from .. import runtime
 
-    evaluate_baseline(cfg, store)
     start = time.perf_counter()
     gman = st.get_manifest(store, st.global_prefix(cfg.experiment, rnd))
     if gman is None:
         raise st.NotFound(f"round {rnd} of {cfg.experiment} is not committed; nothing to evaluate")
+    if cfg.data.source == "folder":
+        return evaluate_federated(cfg, store, rnd, sorted(gman["clients"]), start)
+    evaluate_baseline(cfg, store)
     import torch
 
     from ..threads import task_threads
@@ -88,38 +75,45 @@ def evaluate(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> dict[str, Any]:
     method, model = method_for(cfg), runtime.model(cfg)
     glob = load_global(cfg, store, rnd + 1, method.model_spec(model))
     ranks = {c: (s.get("module_ranks") or int(s["rank"])) for c, s in gman["clients"].items()}
-    full, own = per_client(cfg, lambda cs: method.evaluate(model, glob, cs, ranks))
+    full, own = method.evaluate(model, glob, runtime.all_client_data(cfg), ranks)
     out = {"round": rnd, "global": _as_dict(full), "personal": _as_dict(own), "eval_seconds": time.perf_counter() - start}
-    rouge = _rouge(cfg, model, glob)
-    if rouge is not None:
-        out["rouge_l"] = rouge
-        out["eval_seconds"] = time.perf_counter() - start
     st.put_json(store, st.eval_key(cfg.experiment, rnd), out)
     return out
 
 
-def _rouge(cfg: HetLoRAConfig, model: Any, glob: Any) -> dict[str, Any] | None:
-    """ROUGE-L of the global adapter (r_max) on folder instruction data, client by client
-    (rouge.py); None for text data, Shakespeare, full fine-tuning or rouge_max_prompts: 0."""
-    from .. import peft_bridge, runtime
-    from ..adapter import LoraAdapter
-    from ..rouge import client_rouge
-
-    if cfg.data.source != "folder" or cfg.data.rouge_max_prompts == 0 or not isinstance(glob, LoraAdapter):
-        return None
-    tok, sums, counts = runtime.tokenizer(cfg), {}, {}
-    pm = peft_bridge.attach(model, glob)
+def _read_report(store: st.Store, key: str) -> Any:
+    """A client's report as stored: None when absent, the exception when unreadable (too large,
+    not JSON, not an object): reasons for the record, never this task's failure."""
     try:
-        for cid in runtime.client_ids(cfg):
-            c = runtime.client_data(cfg, cid)  # one client's folder at a time (isolated reader)
-            if c.eval_prompts:
-                sums[cid], counts[cid] = client_rouge(pm, tok, c, cfg.data.rouge_max_new_tokens)
-    finally:
-        peft_bridge.detach(pm)
-    if not counts:
-        return None
-    n = sum(counts.values())
-    return {"mean": sum(sums.values()) / n, "per_client": {c: sums[c] / counts[c] for c in sums}, "prompts": n}
+        return st.get_json(store, key, max_bytes=REPORT_MAX_BYTES)
+    except st.InvalidJSON as e:
+        return e
+
+
+def evaluate_federated(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_ids: list[str], start: float) -> dict[str, Any]:
+    """Folder data: the round's metrics (and the baseline, while missing) from the clients' own
+    reports. ``client_ids``: every client of the run (the committed global manifest's list), so a
+    report under any other name is never read. ``NotFound`` when no client reported usable sums:
+    the round stays committed but unevaluated, and evaluating it again (the runner does) retries."""
+    # Security: client reports are untrusted uploads; eval_reports.check_all validates every one.
+    raw = {c: _read_report(store, st.client_eval_key(cfg.experiment, rnd, c)) for c in client_ids}
+    good, dropped = eval_reports.check_all(raw, rnd)
+    full, own = eval_reports.combine_mode(good, "global"), eval_reports.combine_mode(good, "personal")
+    if full is None or own is None:
+        raise st.NotFound(f"round {rnd} of {cfg.experiment}: no client reported usable evaluation sums ({dropped})")
+    base_key = st.baseline_key(cfg.experiment)
+    base = eval_reports.combine_mode(good, "base")
+    if base is not None and not store.exists(base_key):
+        st.put_json(store, base_key, {"round": -1, "global": base, "personal": base,
+                                      "eval_clients": sorted(c for c in good if "base" in good[c])})
+    out: dict[str, Any] = {"round": rnd, "global": full, "personal": own, "federated": True,
+                           "eval_missing": sorted(c for c, r in raw.items() if r is None), "eval_dropped": dropped}
+    rouge = eval_reports.combine_rouge(good)
+    if rouge is not None and cfg.data.rouge_max_prompts:
+        out["rouge_l"] = rouge
+    out["eval_seconds"] = time.perf_counter() - start
+    st.put_json(store, st.eval_key(cfg.experiment, rnd), out)
+    return out
 
 
 def evaluate_task(config_json: str, round_index: int, round_started_at: float = 0.0) -> str:

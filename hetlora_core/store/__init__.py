@@ -50,6 +50,7 @@ from .factory import open_store
 from .layout import (
     baseline_key,
     check_segment,
+    client_eval_key,
     client_prefix,
     config_key,
     eval_key,
@@ -92,6 +93,7 @@ __all__ = [
     "config_key",
     "dir_prefix",
     "drop_payload",
+    "client_eval_key",
     "eval_key",
     "experiments",
     "get_artifact",

@@ -24,6 +24,7 @@ _ROUND_DIGITS = 4
 __all__ = [
     "baseline_key",
     "check_segment",
+    "client_eval_key",
     "client_prefix",
     "config_key",
     "eval_key",
@@ -106,6 +107,12 @@ def eval_key(experiment: str, rnd: int) -> str:
     return f"{round_prefix(experiment, rnd)}/eval/metrics.json"
 
 
+def client_eval_key(experiment: str, rnd: int, client_id: str) -> str:
+    """``<exp>/round-0007/eval/clients/<id>.json``: one client's evaluation sums (federated
+    evaluation of folder data: written by that client's own task; untrusted by the server)."""
+    return f"{round_prefix(experiment, rnd)}/eval/clients/{check_segment(str(client_id), 'client_id')}.json"
+
+
 # ---------------------------------------------------------------- queries
 
 
@@ -158,6 +165,7 @@ def layout_table() -> str:
         (f"{trained_prefix(exp, rnd, cid)}/{files}", "the client's trained adapter, before pruning"),
         (f"{client_prefix(exp, rnd, cid)}/{files}", "the client's upload (after self-pruning)"),
         (f"{global_prefix(exp, rnd)}/{files}", "global adapter; manifest written last = commit"),
+        (client_eval_key(exp, rnd, cid), "folder data: the client's own evaluation sums"),
         (eval_key(exp, rnd), "held-out perplexity: global and per client"),
     ]
     width = max(len(pattern) for pattern, _ in rows) + 2
