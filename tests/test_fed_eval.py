@@ -1,10 +1,15 @@
-"""Federated evaluation of folder data: per-client sums, combined token-weighted, give the same
-perplexity as one central evaluation over the same eval splits; and a whole simulated round on
-folder data (instruction records) reports it."""
+"""Federated evaluation of folder data: every client evaluates the global on its own eval split in
+its own task and reports only sums; the server combines them token-weighted, which gives the same
+perplexity (and baseline) as one central evaluation over the same eval splits. The server opens no
+client folder; a client's task opens only its own; forged reports are left out and named."""
 
 from __future__ import annotations
 
+import builtins
+import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,35 +25,65 @@ from hetlora_core.evaluation import evaluate, nll
 from hetlora_core.rouge import greedy_answers
 from hetlora_core.run import local_config
 from hetlora_core.simulate import simulate
-from hetlora_core.steps import evaluate as eval_step
+from hetlora_core.steps.evaluate import evaluate as server_evaluate
+from hetlora_core.steps.evaluate_client import evaluate_client
 
 
-def test_federated_perplexity_equals_central(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    make_folders(tmp_path / "data", n=8)
-    cfg = folder_config(tmp_path / "data", tmp_path / "store")
-    calls: list[list[str]] = []
-    real = eval_step.per_client
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One simulated round on three folder clients (instruction records), shared by the tests."""
+    tmp = tmp_path_factory.mktemp("fedeval")
+    make_folders(tmp / "data", n=8)
+    cfg = folder_config(tmp / "data", tmp / "store")
+    res = simulate(cfg, tmp / "run", progress=False)
+    store = st.open_store(local_config(cfg, tmp / "run").store)  # simulate's store is OUT/store
+    return {"tmp": tmp, "cfg": cfg, "res": res, "store": store}
 
-    def spy(c: Any, fn: Any) -> Any:
-        def counted(cs: list[Any]) -> Any:
-            calls.append([x.client_id for x in cs])
-            return fn(cs)
-        return real(c, counted)
 
-    monkeypatch.setattr(eval_step, "per_client", spy)
-    res = simulate(cfg, tmp_path / "run", progress=False)
+def _record_paths(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[str]:
+    """Every path under ``root`` that open / os.scandir / os.lstat / os.listdir are called with."""
+    seen: list[str] = []
+
+    def wrap(real: Any) -> Any:
+        def rec(p: Any = ".", *a: Any, **k: Any) -> Any:
+            if isinstance(p, (str, os.PathLike)) and str(p).startswith(str(root)):
+                seen.append(str(p))
+            return real(p, *a, **k)
+        return rec
+
+    for mod, name in ((builtins, "open"), (os, "scandir"), (os, "lstat"), (os, "listdir"), (os, "stat")):
+        monkeypatch.setattr(mod, name, wrap(getattr(mod, name)))
+    return seen
+
+
+def test_federated_perplexity_equals_central(run: dict[str, Any]) -> None:
+    cfg, res, store = run["cfg"], run["res"], run["store"]
     assert res["rounds_committed"] == 1
-    assert calls and all(len(c) == 1 for c in calls)  # never two clients' data in one evaluation call
-    assert sorted(c[0] for c in calls[:3]) == sorted(CLIENTS)
-
-    store = st.open_store(local_config(cfg, tmp_path / "run").store)  # simulate's store is OUT/store
     ev = st.get_json(store, st.eval_key("iso", 0))
+    assert ev is not None and ev["federated"] is True and ev["eval_dropped"] == {} and ev["eval_missing"] == []
+    reports = {c: st.get_json(store, st.client_eval_key("iso", 0, c)) for c in CLIENTS}
+    assert all(r is not None and r["client_id"] == c for c, r in reports.items())  # every client reported, itself
+
     model, glob, clients = runtime.model(cfg), runtime.global_adapter(cfg, store, 0), runtime.all_client_data(cfg)
     central = evaluate(model, glob, clients, cfg)  # one pass over all eval splits at once
-    assert ev is not None and ev["global"]["tokens"] == central.tokens > 0
+    assert ev["global"]["tokens"] == central.tokens > 0
     assert abs(ev["global"]["ppl"] - central.ppl) <= 1e-6 * central.ppl
+    # the combine itself, by hand from the reports: exp(sum nll / sum tokens)
+    by_hand = math.exp(sum(r["global"]["nll"] for r in reports.values()) / sum(r["global"]["tokens"] for r in reports.values()))
+    assert abs(by_hand - central.ppl) <= 1e-6 * central.ppl
     for c, p in central.per_client.items():
         assert math.isclose(ev["global"]["per_client"][c], p, rel_tol=1e-9)
+    # personal: each client at its own rank (the global manifest's), centrally
+    gman = st.get_manifest(store, st.global_prefix("iso", 0))
+    assert gman is not None
+    ranks = {c: int(s["rank"]) for c, s in gman["clients"].items()}
+    assert len(set(ranks.values())) > 1  # the test covers truncation: clients of different ranks
+    own = evaluate(model, glob, clients, cfg, ranks)
+    assert abs(ev["personal"]["ppl"] - own.ppl) <= 1e-6 * own.ppl
+    # the baseline, combined from the clients' base-model sums of round 0
+    base, central_base = st.get_json(store, st.baseline_key("iso")), evaluate(model, None, clients, cfg)
+    assert base is not None and abs(base["global"]["ppl"] - central_base.ppl) <= 1e-6 * central_base.ppl
+    assert res["baseline_ppl"] == pytest.approx(base["global"]["ppl"], rel=1e-12)
     # the count is answer tokens only: eval.jsonl holds 2 pairs per client, each answer a few tokens
     assert central.tokens == sum(c.heldout_samples.target_tokens() for c in clients if c.heldout_samples is not None)
     assert res["rounds"][0]["global_ppl"] == pytest.approx(ev["global"]["ppl"], rel=1e-12)
@@ -77,3 +112,86 @@ def test_federated_perplexity_equals_central(tmp_path: Path, monkeypatch: pytest
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     want = sum(scorer.score(ref, a)["rougeL"].fmeasure for a, (_, ref) in zip(answers, alice.eval_prompts, strict=True)) / 2
     assert rl["per_client"]["alice"] == pytest.approx(want, abs=1e-12)
+
+
+def test_a_client_eval_task_reads_only_its_own_folder(run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, store, root = run["cfg"], run["store"], run["tmp"] / "data"
+    before = st.get_json(store, st.client_eval_key("iso", 0, "carol"))
+    runtime._folder_client.cache_clear()  # the per-process data cache would hide the reads
+    seen = _record_paths(monkeypatch, root)
+    out = evaluate_client(cfg, store, 0, "carol")
+    monkeypatch.undo()
+    assert str(root / "carol" / "eval.jsonl") in seen  # the recorder does see the data layer's reads
+    assert all(p.startswith(str(root / "carol")) for p in seen), sorted(set(seen))
+    assert before is not None and out["global"] == before["global"] and "base" not in out  # the baseline exists now
+
+
+def test_the_server_evaluate_step_opens_no_client_folder(run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, store, root = run["cfg"], run["store"], run["tmp"] / "data"
+    want = st.get_json(store, st.eval_key("iso", 0))
+    runtime._folder_client.cache_clear()
+    moved = root.with_name("data-away")
+    shutil.move(root, moved)  # no client data on the server at all
+    try:
+        seen = _record_paths(monkeypatch, root)
+        got = server_evaluate(cfg, store, 0)
+        monkeypatch.undo()
+    finally:
+        shutil.move(moved, root)
+    assert seen == []
+    assert want is not None and got["global"] == want["global"] and got["personal"] == want["personal"]
+
+
+FORGED: dict[str, Any] = {
+    "nan": '{"client_id": "bob", "round": 0, "global": {"nll": NaN, "tokens": 5}, "personal": {"nll": 1.0, "tokens": 5}}',
+    "negative tokens": {"global": {"nll": 3.0, "tokens": -5}},
+    "huge tokens": {"global": {"nll": 3.0, "tokens": 10**15}},
+    "huge nll": {"personal": {"nll": 1e300, "tokens": 5}},
+    "float tokens": {"global": {"nll": 3.0, "tokens": 5.0}},
+    "string nll": {"global": {"nll": "3.0", "tokens": 5}},
+    "bool tokens": {"global": {"nll": 3.0, "tokens": True}},
+    "rouge over 1": {"rouge": {"sum": 7.0, "prompts": 2}},
+    "other client": {"client_id": "alice"},
+    "not a dict": "[1, 2, 3]",
+    "not json": "{oops",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FORGED))
+def test_a_forged_client_report_is_left_out_and_named(run: dict[str, Any], kind: str) -> None:
+    cfg, store = run["cfg"], run["store"]
+    key = st.client_eval_key("iso", 0, "bob")
+    real = st.get_json(store, key)
+    assert real is not None
+    forged = FORGED[kind]
+    body = forged.encode() if isinstance(forged, str) else json.dumps({**real, **forged}).encode()
+    store.put_bytes(key, body)
+    try:
+        ev = server_evaluate(cfg, store, 0)
+    finally:
+        st.put_json(store, key, real)
+    assert list(ev["eval_dropped"]) == ["bob"] and ev["eval_missing"] == []
+    others = {c: st.get_json(store, st.client_eval_key("iso", 0, c)) for c in ("alice", "carol")}
+    want = math.exp(sum(r["global"]["nll"] for r in others.values() if r) / sum(r["global"]["tokens"] for r in others.values() if r))
+    assert ev["global"]["ppl"] == pytest.approx(want, rel=1e-12) and sorted(ev["global"]["per_client"]) == ["alice", "carol"]
+    assert all(math.isfinite(ev[m]["ppl"]) for m in ("global", "personal"))
+    assert "bob" not in ev["rouge_l"]["per_client"]
+
+
+def test_a_missing_report_is_named_and_none_at_all_fails_loudly(run: dict[str, Any]) -> None:
+    cfg, store = run["cfg"], run["store"]
+    saved = {c: st.get_json(store, st.client_eval_key("iso", 0, c)) for c in CLIENTS}
+    try:
+        store.delete(st.client_eval_key("iso", 0, "alice"))
+        ev = server_evaluate(cfg, store, 0)
+        assert ev["eval_missing"] == ["alice"] and "no report" in ev["eval_dropped"]["alice"]
+        assert sorted(ev["global"]["per_client"]) == ["bob", "carol"]
+        for c in CLIENTS[1:]:
+            store.delete(st.client_eval_key("iso", 0, c))
+        with pytest.raises(st.NotFound, match="no client reported usable"):
+            server_evaluate(cfg, store, 0)
+    finally:
+        for c, r in saved.items():
+            assert r is not None
+            st.put_json(store, st.client_eval_key("iso", 0, c), r)
+        server_evaluate(cfg, store, 0)
