@@ -203,3 +203,61 @@ def test_compile_rejects_a_target_module_the_model_lacks(tmp_path):
                                     "--out", str(out)])
     assert res.exit_code != 0 and "model.target_modules: ['qkv'] not found" in res.output and "'o_proj'" in res.output
     assert not out.exists() and "Traceback" not in res.output
+
+
+def _tasks_named(spec: dict, display: str) -> list[tuple[dict, str]]:
+    """(task, executor) of every task, at any depth, whose display name is ``display``."""
+    out = []
+
+    def walk(dag):
+        for task in dag.get("tasks", {}).values():
+            comp = task["componentRef"]["name"]
+            if task.get("taskInfo", {}).get("name") == display:
+                out.append((task, spec["components"][comp]["executorLabel"]))
+            if "dag" in spec["components"].get(comp, {}):
+                walk(spec["components"][comp]["dag"])
+
+    walk(spec["root"]["dag"])
+    return out
+
+
+def _folder_cfg(tmp_path):
+    (tmp_path / "data").mkdir(exist_ok=True)
+    return config_from_dict({**make_cfg().to_dict(), "data": {"source": "folder", "path": str(tmp_path / "data")}})
+
+
+def test_folder_data_evaluates_every_client_in_its_own_tier_task(tmp_path):
+    """Federated evaluation: one evaluate-client loop per tier over ALL the run's clients (here only
+    large clients train this round, yet every tier evaluates), each on its tier's pool and image;
+    the evaluate task is model-free and fans the loops in. Shakespeare keeps one central task."""
+    from hetlora_kfp.pipelines.round import build_evaluate_pipeline
+    from kfp import compiler
+
+    state = {f"c{i}": {"rank": r, "tier": t} for i, (t, r) in enumerate([("small", 2), ("small", 2), ("medium", 4), ("large", 8)])}
+    plan = RoundPlan("compile-test", 3, [ClientPlan("c3", "large", 8)], state)
+    cfg = _folder_cfg(tmp_path)
+    for build in ("round", "evaluate"):
+        path = tmp_path / f"{build}.yaml"
+        if build == "round":
+            compile_round(cfg, plan, str(path))
+        else:  # the evaluate-only pipeline (the runner passes the stored plan's state)
+            compiler.Compiler().compile(build_evaluate_pipeline(cfg, 3, state=state), package_path=str(path))
+        spec, platform = yaml.safe_load_all(path.read_text())
+        exe = spec["deploymentSpec"]["executors"]
+        k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        for t in TIERS:
+            ((task, ex),) = _tasks_named(spec, f"evaluate-{t['name']}")
+            assert task["componentRef"]["name"].startswith("comp-evaluate-client")
+            assert k8s[ex]["nodeSelector"]["labels"] == t["node_selector"]
+            want = "registry.example/hetlora-cuda:9.9" if t.get("gpu") else "registry.example/hetlora:9.9"
+            assert exe[ex]["container"]["image"] == want
+            assert exe[ex]["container"]["resources"]["resourceCpuLimit"] == t["cpu_limit"]
+        ev = spec["root"]["dag"]["tasks"]["evaluate-round"]
+        assert {f"evals_{i}" for i in range(3)} <= set(ev["inputs"]["parameters"]) and "evals_3" not in ev["inputs"]["parameters"]
+        assert "accelerator" not in exe[_task_executor(spec, "evaluate")]["container"]["resources"]  # it combines sums only
+    # Shakespeare: no evaluate-client task at all
+    path = tmp_path / "shakespeare.yaml"
+    compile_round(make_cfg(), plan, str(path))
+    spec, _ = yaml.safe_load_all(path.read_text())
+    assert "evaluate-client" not in path.read_text() and len(_tasks_named(spec, "evaluate")) == 1
+
