@@ -54,7 +54,8 @@ class Executor(Protocol):
         """Run every task of ``plan.round``."""
 
     def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
-        """Run only the evaluate step of a committed round (and the baseline if missing)."""
+        """Run only the evaluation of a committed round (and the baseline if missing): folder data,
+        every client's evaluate-client task, then the evaluate step that combines their sums."""
 
 
 # Sections a resumed run may change: where it runs and reports, and how many rounds it has.

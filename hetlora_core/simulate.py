@@ -43,10 +43,10 @@ def execute_round(cfg: HetLoRAConfig, plan: RoundPlan, started_at: float = 0.0,
     note("aggregate", "started")
     aggregate_task(cfg_json, rnd, reports)
     note("aggregate", "SUCCESS")
-    evaluate_round(cfg, rnd, started_at, note, plan.state)
+    execute_evaluation(cfg, rnd, started_at, note, plan.state)
 
 
-def evaluate_round(cfg: HetLoRAConfig, rnd: int, started_at: float = 0.0,
+def execute_evaluation(cfg: HetLoRAConfig, rnd: int, started_at: float = 0.0,
                    note: Callable[[str, str], None] | None = None, state: dict[str, dict[str, Any]] | None = None) -> None:
     """The evaluation of committed round ``rnd`` as the pipeline runs it: folder data first has
     every client of the run evaluate on its own data (``evaluate_client_task``), then the server
@@ -86,7 +86,7 @@ class InProcessExecutor:
 
     def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
         try:
-            evaluate_round(cfg, rnd)
+            execute_evaluation(cfg, rnd)
         except Exception as e:  # noqa: BLE001
             raise RoundFailed(f"failed: {type(e).__name__}: {e}") from e
 
