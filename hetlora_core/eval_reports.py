@@ -21,6 +21,7 @@ from typing import Any
 
 MODES = ("global", "personal", "base")
 MAX_COUNT = 10**12  # tokens or prompts one client may claim: far above any eval split, far below float trouble
+MAX_REASON_CHARS = 200  # a forged value quoted in a reason is cut: the eval record stays small
 MAX_NLL_PER_TOKEN = 700.0  # exp(700) still fits a float: a larger claim is forged or broken, not a perplexity
 
 
@@ -101,10 +102,10 @@ def check_all(raw: Mapping[str, Any], rnd: int) -> tuple[dict[str, dict[str, Any
         if rep is None:
             dropped[c] = "no report (its evaluate task failed or did not run)"
         elif isinstance(rep, Exception):
-            dropped[c] = f"unreadable: {rep}"
+            dropped[c] = f"unreadable: {rep}"[:MAX_REASON_CHARS]
         else:
             try:
                 good[c] = validate(rep, c, rnd)
             except (ValueError, TypeError) as e:
-                dropped[c] = f"invalid: {e}"
+                dropped[c] = f"invalid: {e}"[:MAX_REASON_CHARS]
     return good, dropped

@@ -44,9 +44,11 @@ def collect_results(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
             "global_ppl": ev.get("global", {}).get("ppl"),
             "personal_ppl": ev.get("personal", {}).get("ppl"),
             "per_client_ppl": ev.get("personal", {}).get("per_client", {}),
-            # instruction folder data only (steps/evaluate.py _rouge): global adapter, greedy answers
+            # instruction folder data only (steps/evaluate_client.py): global adapter, greedy answers
             "rouge_l": (ev.get("rouge_l") or {}).get("mean"),
             "per_client_rouge_l": (ev.get("rouge_l") or {}).get("per_client", {}),
+            # folder data: clients whose evaluation report was missing or invalid (left out of the metrics)
+            **({"eval_dropped": ev["eval_dropped"]} if ev.get("eval_dropped") else {}),
         })
     base = st.get_json(store, st.baseline_key(exp))
     return {"config": cfg.to_dict(), "experiment": exp, "store": store.describe(), "rounds_committed": last + 1,

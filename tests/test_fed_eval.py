@@ -22,6 +22,7 @@ from hetlora_core import peft_bridge, runtime
 from hetlora_core import store as st
 from hetlora_core.data import IGNORE
 from hetlora_core.evaluation import evaluate, nll
+from hetlora_core.results import collect_results
 from hetlora_core.rouge import greedy_answers
 from hetlora_core.run import local_config
 from hetlora_core.simulate import simulate
@@ -155,6 +156,7 @@ FORGED: dict[str, Any] = {
     "other client": {"client_id": "alice"},
     "not a dict": "[1, 2, 3]",
     "not json": "{oops",
+    "long string": {"global": {"nll": "x" * 5000, "tokens": 5}},
 }
 
 
@@ -169,9 +171,11 @@ def test_a_forged_client_report_is_left_out_and_named(run: dict[str, Any], kind:
     store.put_bytes(key, body)
     try:
         ev = server_evaluate(cfg, store, 0)
+        shown = collect_results(cfg, store)["rounds"][0]
     finally:
         st.put_json(store, key, real)
-    assert list(ev["eval_dropped"]) == ["bob"] and ev["eval_missing"] == []
+    assert list(ev["eval_dropped"]) == ["bob"] and ev["eval_missing"] == [] and len(ev["eval_dropped"]["bob"]) <= 200
+    assert shown["eval_dropped"] == ev["eval_dropped"]  # results.json names it too
     others = {c: st.get_json(store, st.client_eval_key("iso", 0, c)) for c in ("alice", "carol")}
     want = math.exp(sum(r["global"]["nll"] for r in others.values() if r) / sum(r["global"]["tokens"] for r in others.values() if r))
     assert ev["global"]["ppl"] == pytest.approx(want, rel=1e-12) and sorted(ev["global"]["per_client"]) == ["alice", "carol"]
