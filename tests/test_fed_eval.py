@@ -200,3 +200,18 @@ def test_a_missing_report_is_named_and_none_at_all_fails_loudly(run: dict[str, A
             assert r is not None
             st.put_json(store, st.client_eval_key("iso", 0, c), r)
         server_evaluate(cfg, store, 0)
+
+
+def test_a_committed_unevaluated_round_is_evaluated_by_every_client_again(run: dict[str, Any]) -> None:
+    """The runner's catch-up (a task killed between the commit and the evaluation): resuming runs
+    every client's evaluate-client task again (from the stored plan), then the server combine."""
+    cfg, store, tmp = run["cfg"], run["store"], run["tmp"]
+    want = st.get_json(store, st.eval_key("iso", 0))
+    store.delete(st.eval_key("iso", 0))
+    for c in CLIENTS:
+        store.delete(st.client_eval_key("iso", 0, c))
+    res = simulate(cfg, tmp / "run", progress=False)
+    assert all(store.exists(st.client_eval_key("iso", 0, c)) for c in CLIENTS)
+    got = st.get_json(store, st.eval_key("iso", 0))
+    assert want is not None and got is not None and got["global"] == want["global"] and got["rouge_l"] == want["rouge_l"]
+    assert res["rounds"][0]["global_ppl"] == want["global"]["ppl"]

@@ -40,3 +40,14 @@ def test_kfp_local_folder_round_reports_perplexity_from_client_tasks(tmp_path: P
     assert abs(ev["global"]["ppl"] - central.ppl) <= 1e-6 * central.ppl
     assert res["rounds"][0]["global_ppl"] == pytest.approx(ev["global"]["ppl"], rel=1e-12) and math.isfinite(res["baseline_ppl"])
     assert ev["rouge_l"]["prompts"] == len(CLIENTS)
+
+    # the evaluate-only pipeline (a round committed but never evaluated) runs every client's task too
+    store.delete(st.eval_key("fedkfp", 0))
+    for c in CLIENTS:
+        store.delete(st.client_eval_key("fedkfp", 0, c))
+    again = run_local(cfg, tmp_path / "kfp", progress=False)
+    assert all(store.exists(st.client_eval_key("fedkfp", 0, c)) for c in CLIENTS)
+    redone = st.get_json(store, st.eval_key("fedkfp", 0))
+    assert redone is not None and redone["global"] == ev["global"] and again["rounds"][0]["global_ppl"] == ev["global"]["ppl"]
+    evaluate_logs = sorted(p.name for p in (tmp_path / "kfp" / "logs" / f"{st.round_name(0)}-evaluate").iterdir())
+    assert sum("evaluate-client" in n for n in evaluate_logs) == len(CLIENTS), evaluate_logs
