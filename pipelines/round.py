@@ -157,11 +157,12 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
 
 
 def build_evaluate_pipeline(cfg: HetLoRAConfig, rnd: int, comps: Components | None = None,
-                            state: dict[str, dict[str, Any]] | None = None) -> Callable[..., Any]:
+                            state: dict[str, dict[str, Any]] | None = None, concurrent_tasks: int | None = None) -> Callable[..., Any]:
     """A pipeline that evaluates committed round ``rnd`` (and records the baseline if it is
     missing): what the round runner submits when a round committed but was never evaluated. Folder
     data: every client's evaluate-client task first (``state``: each client's tier and rank at the
-    round's start; read from the round's stored plan when not given)."""
+    round's start; read from the round's stored plan when not given). ``concurrent_tasks``: as in
+    ``build_round_pipeline`` (kfp.local)."""
     if cfg.data.source == "folder" and state is None:
         state = load_plan(cfg, st.open_store(cfg.store), rnd).state
 
@@ -169,8 +170,8 @@ def build_evaluate_pipeline(cfg: HetLoRAConfig, rnd: int, comps: Components | No
                   pipeline_root=cfg.kubeflow.pipeline_root)
     def evaluate_pipeline(config_json: str = cfg.to_json(), round_index: int = rnd):
         comps_for = components_by_image(cfg, comps)
-        evals = add_client_evals(cfg, comps_for, state or {}, config_json, round_index)
-        add_evaluate(cfg, comps_for, evals, config_json=config_json, round_index=round_index)
+        evals = add_client_evals(cfg, comps_for, state or {}, config_json, round_index, concurrent_tasks=concurrent_tasks)
+        add_evaluate(cfg, comps_for, evals, concurrent_tasks, config_json=config_json, round_index=round_index)
 
     return evaluate_pipeline
 

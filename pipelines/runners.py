@@ -94,7 +94,12 @@ class KfpLocalExecutor:
 
     def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
         state = load_plan(cfg, st.open_store(cfg.store), rnd).state if cfg.data.source == "folder" else None
-        self._run(lambda: build_evaluate_pipeline(cfg, rnd, state=state)(config_json=cfg.to_json(), round_index=rnd),
+
+        def call() -> Any:
+            pipeline = build_evaluate_pipeline(cfg, rnd, state=state, concurrent_tasks=self.concurrent_tasks)
+            return pipeline(config_json=cfg.to_json(), round_index=rnd)
+
+        self._run(call,
                   f"{st.round_name(rnd)}-evaluate", {"evaluate-round": "evaluate", **self._eval_kinds(cfg, state or {})})
 
 
