@@ -23,7 +23,7 @@ def modules_after_import(*names: str) -> set[str]:
 @pytest.mark.parametrize("module", [
     "hetlora_core.steps.plan", "hetlora_core.steps.prune", "hetlora_core.steps.aggregate",
     "hetlora_kfp.components.prune_client.component", "hetlora_kfp.components.aggregate_round.component",
-    "hetlora_core.run",
+    "hetlora_core.run", "hetlora_core.eval_reports", "hetlora_core.steps.evaluate",
 ])
 def test_model_free_step_loads_no_torch(module: str) -> None:
     loaded = modules_after_import(module)
