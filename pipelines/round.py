@@ -28,6 +28,20 @@ EVALUATE_PIPELINE_NAME = "hetlora-evaluate"
 HARD_TIMEOUT_GRACE_S = 600
 
 
+def on_client_pool(task: Any, name: str, tier: TierConfig, cfg: HetLoRAConfig, concurrent_tasks: int | None) -> None:
+    """The settings every client-side task (train, evaluate-client) gets: its tier's resources and
+    node pool, the store Secret and model cache, the hardened pod with the client's hard timeout,
+    and retries (preemption; a re-run overwrites the same keys)."""
+    task.set_display_name(name)
+    platform.set_tier_resources(task, tier)
+    platform.place_on_tier(task, tier)
+    platform.use_store_secret(task, cfg)
+    platform.use_model_cache(task, cfg)
+    platform.harden(task, cfg.federation.client_timeout_s + HARD_TIMEOUT_GRACE_S)
+    task.set_retry(num_retries=2, backoff_duration="30s")
+    platform.share_cpus(task, concurrent_tasks)
+
+
 def tier_groups(cfg: HetLoRAConfig, plan: RoundPlan) -> list[tuple[Any, list[str]]]:
     """(TierConfig, selected client ids) for every tier with at least one client, in tier order."""
     groups: dict[str, tuple[Any, list[str]]] = {}
@@ -62,14 +76,7 @@ def add_client_evals(cfg: HetLoRAConfig, comps_for: Callable[[TierConfig | None]
             evc = comps_for(tier).evaluate_client(config_json=config_json, round_index=round_index, client_id=client_id)
             if after is not None:
                 evc.after(after)
-            evc.set_display_name(f"evaluate-{tier.name}")
-            platform.set_tier_resources(evc, tier)
-            platform.place_on_tier(evc, tier)
-            platform.use_store_secret(evc, cfg)
-            platform.use_model_cache(evc, cfg)
-            platform.harden(evc, cfg.federation.client_timeout_s + HARD_TIMEOUT_GRACE_S)
-            evc.set_retry(num_retries=2, backoff_duration="30s")  # a re-run overwrites the same report key
-            platform.share_cpus(evc, concurrent_tasks)
+            on_client_pool(evc, f"evaluate-{tier.name}", tier, cfg, concurrent_tasks)  # a re-run overwrites the same report key
         collected[f"evals_{i}"] = dsl.Collected(evc.output)
     return collected
 
@@ -127,14 +134,7 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
         for i, (tier, ids) in enumerate(groups):
             with dsl.ParallelFor(ids, parallelism=max(1, len(ids))) as client_id:
                 train = comps_for(tier).train(config_json=config_json, round_index=round_index, client_id=client_id)
-                train.set_display_name(f"train-{tier.name}")
-                platform.set_tier_resources(train, tier)
-                platform.place_on_tier(train, tier)
-                platform.use_store_secret(train, cfg)
-                platform.use_model_cache(train, cfg)
-                platform.harden(train, cfg.federation.client_timeout_s + HARD_TIMEOUT_GRACE_S)
-                train.set_retry(num_retries=2, backoff_duration="30s")  # preemption: re-run overwrites the same keys
-                platform.share_cpus(train, concurrent_tasks)
+                on_client_pool(train, f"train-{tier.name}", tier, cfg, concurrent_tasks)  # a re-run overwrites the same keys
                 prune = default.prune(config_json=config_json, round_index=round_index, client_id=client_id).after(train)
                 prune.set_display_name(f"prune-{tier.name}")
                 platform.set_small_resources(prune)
