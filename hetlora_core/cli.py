@@ -165,7 +165,10 @@ def export(run_dir: str, out: str, rnd: int | None, merge: bool) -> None:
     recorded = st.get_json(store, st.config_key(exps[0]))
     if recorded is None:  # listed a moment ago: only a concurrent delete gets here
         fail(f"{run_dir}/store: {st.config_key(exps[0])} disappeared while reading it")
-    cfg = config_from_dict(recorded)
+    # Export on this machine's CPU from the full-precision base, whatever the run trained on (a CUDA
+    # or 4bit run is exported the same way: adapters are float32; a 4bit base could not be merged).
+    cfg = replace(config_from_dict(recorded), **{"model.device": "cpu", "model.dtype": "float32", "model.quantize": "none",
+                                                  "training.bf16": None})
     last = st.last_committed_round(store, cfg.experiment)
     rnd = last if rnd is None else rnd
     if rnd < 0 or rnd > last:

@@ -30,34 +30,39 @@ def sums(nll: float, tokens: int) -> dict[str, Any]:
     return {"nll": float(nll), "tokens": int(tokens)}
 
 
-def _count(v: Any, what: str, minimum: int) -> int:
+def _count(v: Any, what: str, minimum: int, maximum: int = MAX_COUNT) -> int:
     # bool is an int in Python: a forged `true` must not count as one token
-    if not isinstance(v, int) or isinstance(v, bool) or not minimum <= v <= MAX_COUNT:
-        raise ValueError(f"{what} must be an integer in [{minimum}, {MAX_COUNT}], got {v!r}")
+    if not isinstance(v, int) or isinstance(v, bool) or not minimum <= v <= maximum:
+        raise ValueError(f"{what} must be an integer in [{minimum}, {maximum}], got {v!r}")
     return v
 
 
 def _real(v: Any, what: str, maximum: float) -> float:
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0.0 <= v <= maximum:
-        raise ValueError(f"{what} must be a finite number in [0, {maximum:g}], got {v!r}")
+    # The range check first: it is False for NaN, rejects inf, and compares a forged 400-digit
+    # integer without converting it (math.isfinite(10**400) would raise OverflowError).
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= maximum:
+        raise ValueError(f"{what} must be a finite number in [0, {maximum:g}], got {str(v)[:40]}")
     return float(v)
 
 
-def _mode(d: Any, what: str) -> dict[str, Any]:
+def _mode(d: Any, what: str, max_tokens: int) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ValueError(f"{what} must be an object, got {type(d).__name__}")
-    n = _count(d.get("tokens"), f"{what}.tokens", 1)
+    n = _count(d.get("tokens"), f"{what}.tokens", 1, max_tokens)
     return sums(_real(d.get("nll"), f"{what}.nll", MAX_NLL_PER_TOKEN * n), n)
 
 
-def validate(report: Any, client_id: str, rnd: int) -> dict[str, Any]:
-    """The checked report of ``client_id`` for round ``rnd``; ``ValueError`` saying what is wrong."""
+def validate(report: Any, client_id: str, rnd: int, max_tokens: int = MAX_COUNT, max_prompts: int = MAX_COUNT) -> dict[str, Any]:
+    """The checked report of ``client_id`` for round ``rnd``; ``ValueError`` saying what is wrong.
+
+    ``max_tokens`` / ``max_prompts``: the most one client's eval split can give under the run's
+    config (the server knows them), so a forged count cannot outweigh the honest clients."""
     if not isinstance(report, dict):
         raise ValueError(f"not a JSON object ({type(report).__name__})")
     if report.get("client_id") != client_id or report.get("round") != rnd:
         raise ValueError(f"written for client {report.get('client_id')!r} round {report.get('round')!r}, "
                          f"expected {client_id!r} round {rnd}")
-    out: dict[str, Any] = {m: _mode(report[m], m) for m in MODES if m in report}
+    out: dict[str, Any] = {m: _mode(report[m], m, max_tokens) for m in MODES if m in report}
     for m in ("global", "personal"):
         if m not in out:
             raise ValueError(f"no {m} sums")
@@ -65,7 +70,7 @@ def validate(report: Any, client_id: str, rnd: int) -> dict[str, Any]:
         r = report["rouge"]
         if not isinstance(r, dict):
             raise ValueError(f"rouge must be an object, got {type(r).__name__}")
-        p = _count(r.get("prompts"), "rouge.prompts", 1)
+        p = _count(r.get("prompts"), "rouge.prompts", 1, max_prompts)
         out["rouge"] = {"sum": _real(r.get("sum"), "rouge.sum", float(p)), "prompts": p}  # ROUGE-L F is in [0, 1]
     return out
 
@@ -94,7 +99,8 @@ def combine_rouge(reports: Mapping[str, dict[str, Any]]) -> dict[str, Any] | Non
             "per_client": {c: r["sum"] / r["prompts"] for c, r in have.items()}}
 
 
-def check_all(raw: Mapping[str, Any], rnd: int) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+def check_all(raw: Mapping[str, Any], rnd: int, max_tokens: int = MAX_COUNT,
+              max_prompts: int = MAX_COUNT) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """(valid reports by client, reason by left-out client); ``raw[c]`` is None for a missing report
     and an ``Exception`` for one that could not be read (not JSON, too large)."""
     good, dropped = {}, {}
@@ -105,7 +111,7 @@ def check_all(raw: Mapping[str, Any], rnd: int) -> tuple[dict[str, dict[str, Any
             dropped[c] = f"unreadable: {rep}"[:MAX_REASON_CHARS]
         else:
             try:
-                good[c] = validate(rep, c, rnd)
-            except (ValueError, TypeError) as e:
+                good[c] = validate(rep, c, rnd, max_tokens, max_prompts)
+            except (ValueError, TypeError, OverflowError) as e:  # whatever a forged report does: dropped, named
                 dropped[c] = f"invalid: {e}"[:MAX_REASON_CHARS]
     return good, dropped

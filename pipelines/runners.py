@@ -18,7 +18,7 @@ from typing import Any
 
 from hetlora_core import store as st
 from hetlora_core.config import HetLoRAConfig
-from hetlora_core.corpus import client_ids
+from hetlora_core.datasource import client_ids
 from hetlora_core.progress import Progress
 from hetlora_core.run import RoundFailed, RoundRunner, check_or_record_config, local_config
 from hetlora_core.steps.plan import RoundPlan, load_plan, plan_round
@@ -189,10 +189,12 @@ def submit_run(cfg: HetLoRAConfig, host: str, out_dir: str | Path, client: Any =
 def submit_next_round(cfg: HetLoRAConfig, host: str, client: Any = None) -> str:
     """``submit --no-wait``: plan the next round and submit it without waiting; returns its run id."""
     store = st.open_store(cfg.store)
-    check_or_record_config(cfg, store)
+    progress = Progress(cfg.federation.rounds)
+    executor = KubeflowExecutor(cfg, host, client, wait=False, log=progress.line)
+    # The same target-module check (and resolved names for the config record) as a waiting submit.
+    check_or_record_config(cfg, store, RoundRunner(cfg, executor, ".", progress).check_model())
     rnd = st.last_committed_round(store, cfg.experiment) + 1
     if rnd >= cfg.federation.rounds:
         raise RoundFailed(f"all {cfg.federation.rounds} rounds of {cfg.experiment} are committed; nothing to submit")
-    executor = KubeflowExecutor(cfg, host, client, wait=False, log=Progress(cfg.federation.rounds).line)
-    executor.run_round(cfg, plan_round(cfg, store, client_ids(cfg.data), rnd), time.time())
+    executor.run_round(cfg, plan_round(cfg, store, client_ids(cfg), rnd), time.time())
     return executor.run_ids[0]

@@ -115,3 +115,24 @@ def test_core_never_imports_kfp_or_kubernetes():
             "print(bad); sys.exit(1 if bad else 0)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_export_of_a_gpu_run_works_on_a_cpu_machine(smoke_run, tmp_path):
+    """A run recorded with model.device cuda / bfloat16 (trained on GPU tiers) exports here: export
+    always loads the float32 base on this machine's CPU (adapters are float32 whatever trained them)."""
+    import shutil
+
+    from hetlora_core import store as st
+
+    out, cfg = smoke_run
+    run = tmp_path / "gpu-run"
+    shutil.copytree(out, run)
+    store = _store(run)
+    key = st.config_key(st.experiments(store)[0])
+    rec = st.get_json(store, key)
+    rec["model"].update({"device": "cuda", "dtype": "bfloat16"})
+    rec["training"]["bf16"] = None  # the legacy flag unset, as in a run configured with model.dtype
+    st.put_json(store, key, rec)
+    res = CliRunner().invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m" / "adapter_config.json").is_file()

@@ -149,6 +149,10 @@ FORGED: dict[str, Any] = {
     "negative tokens": {"global": {"nll": 3.0, "tokens": -5}},
     "huge tokens": {"global": {"nll": 3.0, "tokens": 10**15}},
     "huge nll": {"personal": {"nll": 1e300, "tokens": 5}},
+    "400-digit nll": {"global": {"nll": 10**400, "tokens": 5}},  # math.isfinite would overflow on it
+    # within MAX_COUNT but more than any eval split of this config gives: would outweigh the others
+    "more tokens than the config allows": {"global": {"nll": 3.0 * 10**6, "tokens": 10**6}},
+    "more prompts than the config allows": {"rouge": {"sum": 900.0, "prompts": 1000}},
     "float tokens": {"global": {"nll": 3.0, "tokens": 5.0}},
     "string nll": {"global": {"nll": "3.0", "tokens": 5}},
     "bool tokens": {"global": {"nll": 3.0, "tokens": True}},

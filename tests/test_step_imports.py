@@ -4,6 +4,7 @@ transformers or peft: each is imported in a fresh interpreter and ``sys.modules`
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,45 @@ print(json.dumps({"planned": [c.client_id for c in plan.clients], "result": json
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout)
     assert got["result"]["participants"] == got["planned"] and len(got["planned"]) == 2 and got["result"]["dropped"] == {}
+
+
+def test_federated_server_evaluate_runs_without_torch(tmp_path: Path) -> None:
+    """Folder data: the server's evaluate step only combines the clients' reports, so it runs in a
+    fresh interpreter where importing torch fails (a round committed first, reports written as the
+    evaluate-client tasks would)."""
+    data = tmp_path / "clients"
+    for c in "abcd":
+        (data / c).mkdir(parents=True)
+        (data / c / "train.jsonl").write_text('{"text": "to be or not to be"}\n')
+    code = r'''
+import builtins, json, sys
+real = builtins.__import__
+def guard(name, *a, **k):
+    if name.split(".")[0] in ("torch", "transformers", "peft"):
+        raise ImportError(f"model-free step imported {name}")
+    return real(name, *a, **k)
+builtins.__import__ = guard
+from hetlora_core import store as st
+from hetlora_core.adapter import init_global
+from hetlora_core.config import config_from_dict
+from hetlora_core.eval_reports import sums
+from hetlora_core.steps.plan import plan_round
+from hetlora_core.steps.evaluate import evaluate
+cfg = config_from_dict({"experiment": "x", "store": {"root": sys.argv[1]}, "model": {"name": "tiny"},
+                        "data": {"num_clients": 4, "source": "folder", "path": sys.argv[2]},
+                        "federation": {"clients_per_round": 2}, "ranks": {"r_min": 2, "r_max": 16}})
+store = st.open_store(cfg.store)
+plan = plan_round(cfg, store, ["a", "b", "c", "d"], 0)
+g = init_global({"m.q_proj": (6, 5)}, 16, cfg.model.lora_scale, 0)
+st.put_artifact(store, st.global_prefix("x", 0), g.to_bytes(),
+                {"round": 0, "clients": {c: {"rank": 4} for c in "abcd"}, "participants": ["a", "b"]})
+for i, c in enumerate("abcd"):
+    st.put_json(store, st.client_eval_key("x", 0, c), {"client_id": c, "round": 0, "global": sums(10.0 + i, 20),
+                "personal": sums(12.0, 20), "base": sums(30.0, 20)})
+print(json.dumps(evaluate(cfg, store, 0)))
+'''
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store"), str(data)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout)
+    assert got["federated"] is True and got["global"]["tokens"] == 80
+    assert abs(got["global"]["ppl"] - math.exp(46.0 / 80)) < 1e-9

@@ -67,3 +67,20 @@ def test_no_wait_submits_only_the_next_round(cfg):
     assert submit_next_round(cfg, "http://kfp.example", client=client) == "run-1"  # the next one
     with pytest.raises(RoundFailed, match="all 2 rounds of submit are committed"):
         submit_next_round(cfg, "http://kfp.example", client=client)
+
+
+def test_no_wait_plans_folder_data_with_the_folder_client_ids(cfg, tmp_path):
+    """`submit --no-wait` lists clients as every driver does (datasource), not as Shakespeare roles."""
+    from hetlora_kfp.pipelines.runners import submit_next_round
+
+    from hetlora_core.steps.plan import load_plan
+
+    data = tmp_path / "clients"
+    for c in ("alice", "bob", "carol"):
+        (data / c).mkdir(parents=True)
+        (data / c / "train.jsonl").write_text("".join(f'{{"text": "line {i} of {c}: to be or not to be"}}\n' for i in range(40)))
+    fcfg = replace(cfg, **{"data.source": "folder", "data.path": str(data), "data.num_clients": 3,
+                           "federation.clients_per_round": 2, "federation.rounds": 1})
+    submit_next_round(fcfg, "http://kfp.example", client=StandInKFP(fcfg))
+    plan = load_plan(fcfg, st.open_store(fcfg.store), 0)
+    assert {c.client_id for c in plan.clients} <= {"alice", "bob", "carol"} and len(plan.clients) == 2

@@ -58,8 +58,6 @@ def evaluate_baseline(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
 
 def evaluate(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> dict[str, Any]:
     """Evaluate committed round ``rnd`` (and the baseline if missing); writes the round's eval key."""
-    from .. import runtime
-
     start = time.perf_counter()
     gman = st.get_manifest(store, st.global_prefix(cfg.experiment, rnd))
     if gman is None:
@@ -69,6 +67,7 @@ def evaluate(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> dict[str, Any]:
     evaluate_baseline(cfg, store)
     import torch
 
+    from .. import runtime  # the model and the data: only the central (Shakespeare) path loads them
     from ..threads import task_threads
 
     torch.set_num_threads(task_threads(cfg.training.threads))  # the CPUs this task may use (threads.py)
@@ -97,7 +96,8 @@ def evaluate_federated(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_ids
     the round stays committed but unevaluated, and evaluating it again (the runner does) retries."""
     # Security: client reports are untrusted uploads; eval_reports.check_all validates every one.
     raw = {c: _read_report(store, st.client_eval_key(cfg.experiment, rnd, c)) for c in client_ids}
-    good, dropped = eval_reports.check_all(raw, rnd)
+    # A client's eval split gives at most eval_max_tokens answer tokens plus one sample (<= seq_len).
+    good, dropped = eval_reports.check_all(raw, rnd, cfg.data.eval_max_tokens + cfg.data.seq_len, max(1, cfg.data.rouge_max_prompts))
     full, own = eval_reports.combine_mode(good, "global"), eval_reports.combine_mode(good, "personal")
     if full is None or own is None:
         raise st.NotFound(f"round {rnd} of {cfg.experiment}: no client reported usable evaluation sums ({dropped})")
