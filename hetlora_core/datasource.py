@@ -119,18 +119,26 @@ class LocalSource(DataSource):
 
     def list_files(self, client_id: str) -> list[str]:
         with os.scandir(self._folder(client_id)) as it:
-            return sorted(e.name for e in it if e.is_file(follow_symlinks=False) or e.is_symlink())
+            # Everything but sub-folders: symlinks and special files are listed so that reading them
+            # is refused by name (read), instead of being skipped without a word.
+            return sorted(e.name for e in it if not e.is_dir(follow_symlinks=False))
 
     def read(self, client_id: str, name: str, max_bytes: int) -> bytes:
         path = self._folder(client_id) / name
-        st_ = os.lstat(path)
-        # Security: regular files only (no symlink out of the folder, no FIFO that blocks, no device).
-        if not stat.S_ISREG(st_.st_mode):
-            raise DataError(f"{path}: not a regular file (symlinks and special files are refused)")
-        if st_.st_size > max_bytes:
-            raise DataError(f"{path}: {st_.st_size} bytes, more than data.max_file_bytes={max_bytes}; split or shrink the file")
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)  # the file may have grown since lstat
+        # Security: regular files only (no symlink out of the folder, no FIFO that blocks, no device),
+        # checked on the opened descriptor: O_NOFOLLOW refuses a symlink and O_NONBLOCK keeps a FIFO
+        # from blocking the open, so a file swapped between a check and the read changes nothing.
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError as e:  # ELOOP: a symlink
+            raise DataError(f"{path}: not a regular file, or not readable ({e.strerror}; symlinks are refused)") from None
+        with os.fdopen(fd, "rb") as f:
+            st_ = os.fstat(f.fileno())
+            if not stat.S_ISREG(st_.st_mode):
+                raise DataError(f"{path}: not a regular file (symlinks and special files are refused)")
+            if st_.st_size > max_bytes:
+                raise DataError(f"{path}: {st_.st_size} bytes, more than data.max_file_bytes={max_bytes}; split or shrink the file")
+            data = f.read(max_bytes + 1)  # the file may grow while it is read
         if len(data) > max_bytes:
             raise DataError(f"{path}: more than data.max_file_bytes={max_bytes} bytes")
         return data

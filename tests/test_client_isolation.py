@@ -65,7 +65,7 @@ def test_one_train_task_opens_only_its_clients_paths(tmp_path: Path, monkeypatch
     plan_round(cfg, store, client_ids(cfg), 0)
 
     seen: list[str] = []
-    real_open, real_scandir, real_lstat = builtins.open, os.scandir, os.lstat
+    real_open, real_scandir, real_lstat, real_os_open = builtins.open, os.scandir, os.lstat, os.open
 
     def note(p: Any) -> None:
         if isinstance(p, (str, os.PathLike)) and str(p).startswith(str(root)):
@@ -83,9 +83,14 @@ def test_one_train_task_opens_only_its_clients_paths(tmp_path: Path, monkeypatch
         note(p)
         return real_lstat(p, *a, **k)
 
+    def rec_os_open(p: Any, *a: Any, **k: Any) -> Any:
+        note(p)
+        return real_os_open(p, *a, **k)
+
     monkeypatch.setattr(builtins, "open", rec_open)
     monkeypatch.setattr(os, "scandir", rec_scandir)
     monkeypatch.setattr(os, "lstat", rec_lstat)
+    monkeypatch.setattr(os, "open", rec_os_open)
     report = train(cfg, store, 0, "carol")
     monkeypatch.undo()
     assert report.status == "trained", report.reason

@@ -209,6 +209,10 @@ def test_size_caps_and_symlinks(tok, tmp_path):
     os.symlink(tmp_path / "bob", tmp_path / "eve")
     with pytest.raises(DataError, match="symlinks are refused"):
         build_folder_client(folder_cfg(tmp_path), STORE, tok, "eve")
+    (tmp_path / "trudy").mkdir()
+    os.mkfifo(tmp_path / "trudy" / "train.jsonl")  # nobody writes to it: reading it would block forever
+    with pytest.raises(DataError, match="trudy/train.jsonl: not a regular file"):
+        build_folder_client(folder_cfg(tmp_path), STORE, tok, "trudy")
 
 
 def test_config_rules():
