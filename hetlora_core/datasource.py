@@ -101,7 +101,7 @@ class DataSource:
 class LocalSource(DataSource):
     def __init__(self, root: str) -> None:
         self.root = root
-        self._root = Path(root)
+        self._root = Path(root).expanduser()  # "~/clients" as a shell would read it
 
     def list_client_ids(self) -> list[str]:
         if not self._root.is_dir():

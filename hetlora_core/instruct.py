@@ -91,7 +91,9 @@ def encode(tokenizer: Any, rec: Record, seq_len: int) -> tuple[list[int], list[i
     over = len(ids) - seq_len
     cut_prompt = cut_answer = 0
     if over > 0:
-        first = next(i for i, x in enumerate(labels) if x != IGNORE)
+        # No answer token at all (e.g. an empty completion): cut the prompt's head like any other
+        # overflow; the sample then carries no loss token (build_samples refuses a client of only such).
+        first = next((i for i, x in enumerate(labels) if x != IGNORE), len(labels))
         left = min(over, max(0, first - 1))  # keep one context token before the first answer token
         ids, labels = ids[left:], labels[left:]
         cut_prompt = left

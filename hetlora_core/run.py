@@ -93,8 +93,12 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store, targets: tuple[s
         fb = {k: v for k, v in mine["federation"].items() if k != "rounds"}
         if a != b or fa != fb:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) + (["federation"] if fa != fb else [])
+            hint = ""
+            if theirs.get("training", {}).get("bf16") is False and mine["training"]["bf16"] is None:
+                # Runs recorded before model.dtype existed stored the legacy default bf16: false (float32).
+                hint = "; a run recorded before model.dtype existed resumes with --set training.bf16=false"
             raise RunConfigMismatch(f"{store.describe()}/{key} holds experiment {cfg.experiment!r} with a different config "
-                                    f"(sections {diff}); use another experiment name or output directory to start fresh")
+                                    f"(sections {diff}); use another experiment name or output directory to start fresh{hint}")
     st.put_json(store, key, mine)
 
 
@@ -102,7 +106,7 @@ def local_config(cfg: HetLoRAConfig, out_dir: str | Path) -> HetLoRAConfig:
     """A local store under OUT/store unless the config names an S3 store. The path is absolute
     because kfp.local's component subprocesses run in their own working directories."""
     if cfg.data.source == "folder" and not cfg.data.path.startswith("s3://"):
-        cfg = replace(cfg, **{"data.path": str(Path(cfg.data.path).resolve())})  # same reason: tasks' own cwd
+        cfg = replace(cfg, **{"data.path": str(Path(cfg.data.path).expanduser().resolve())})  # same reason: tasks' own cwd
     if cfg.store.kind == "local":
         return replace(cfg, **{"store.root": str((Path(out_dir) / "store").resolve())})
     return cfg

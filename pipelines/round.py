@@ -87,7 +87,8 @@ def add_evaluate(cfg: HetLoRAConfig, comps_for: Callable[[TierConfig | None], Co
     largest tier's resources (and its GPU pool). Folder data: it only combines the clients' sums
     (``evals``), model-free, so it gets small resources and no model cache."""
     largest = max(cfg.ranks.tiers, key=lambda t: t.rank)
-    ev = comps_for(largest).evaluate(**params, **evals)
+    # Folder data: the model-free combine runs on the default (CPU) image, never a GPU tier's CUDA one.
+    ev = comps_for(None if evals else largest).evaluate(**params, **evals)
     ev.set_display_name("evaluate")
     platform.use_store_secret(ev, cfg)
     platform.harden(ev)

@@ -255,6 +255,7 @@ def test_folder_data_evaluates_every_client_in_its_own_tier_task(tmp_path):
         ev = spec["root"]["dag"]["tasks"]["evaluate-round"]
         assert {f"evals_{i}" for i in range(3)} <= set(ev["inputs"]["parameters"]) and "evals_3" not in ev["inputs"]["parameters"]
         assert "accelerator" not in exe[_task_executor(spec, "evaluate")]["container"]["resources"]  # it combines sums only
+        assert exe[_task_executor(spec, "evaluate")]["container"]["image"] == "registry.example/hetlora:9.9"  # never CUDA's
     # Shakespeare: no evaluate-client task at all
     path = tmp_path / "shakespeare.yaml"
     compile_round(make_cfg(), plan, str(path))

@@ -183,3 +183,20 @@ def test_place_prepares_a_kbit_model_and_keeps_the_base_frozen() -> None:
     assert placed is model
     assert all(not p.requires_grad and p.dtype == torch.float32 for p in placed.parameters())
     assert next(placed.parameters()).device.type == "cpu"  # a bnb model is placed at load, never moved here
+
+
+def test_a_run_recorded_with_the_legacy_bf16_default_says_how_to_resume(tmp_path):
+    """Runs recorded before model.dtype stored training.bf16: false; resuming with today's default
+    (null) is refused (auto could pick bf16 on another CPU) with the one setting that resumes it."""
+    from hetlora_core import store as st
+    from hetlora_core.config import HetLoRAConfig, replace
+    from hetlora_core.run import RunConfigMismatch, check_or_record_config
+
+    store = st.LocalStore(str(tmp_path))
+    now = HetLoRAConfig()
+    old = now.to_dict()
+    old["training"]["bf16"] = False
+    st.put_json(store, st.config_key(now.experiment), old)
+    with pytest.raises(RunConfigMismatch, match=r"resumes with --set training.bf16=false"):
+        check_or_record_config(now, store)
+    check_or_record_config(replace(now, **{"training.bf16": False}), store)  # the hint works
