@@ -5,8 +5,9 @@ and of what the machine has (CUDA, bf16 on that GPU, the CPU's flags, bitsandbyt
 branch is testable on fake flags. ``resolve`` is the thin impure wrapper that probes the machine.
 
 Why the CPU flags: bf16 pays only where the hardware multiplies bf16 natively. On an AVX2-only EPYC
-a bf16 matmul measured 28x slower than float32 (PyTorch emulates it); on an AMX Xeon of the same size
-4.4x faster (docs/benchmarks.md). So ``auto`` picks bf16 on CPU only with ``amx_bf16`` or ``avx512_bf16``.
+a bf16 matmul measured 28x slower than float32 (PyTorch emulates it; docs/benchmarks.md); on an AMX
+Xeon of the same size 4.4x faster (a figure from issue 11, measured on another machine of this project,
+not by a benchmark here). So ``auto`` picks bf16 on CPU only with ``amx_bf16`` or ``avx512_bf16``.
 
 How a dtype is applied: the frozen base weights and the LoRA parameters stay float32 and the
 forward pass runs under ``torch.autocast(device, dtype)``. That keeps float32 runs bit-identical
