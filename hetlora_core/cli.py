@@ -183,10 +183,10 @@ def export(run_dir: str, out: str, rnd: int | None, merge: bool) -> None:
     base = base_name_or_path(cfg.model)
     if base is None:  # tiny: built in memory, so the export carries its base for peft to load
         model.save_pretrained(Path(out) / "base", safe_serialization=True)
-        runtime.load_base_model_tokenizer(cfg).save_pretrained(Path(out) / "base")
+        runtime.tokenizer(cfg).save_pretrained(Path(out) / "base")
         base = str((Path(out) / "base").resolve())
     save_peft_folder(model, adapter, out, base)
-    runtime.load_base_model_tokenizer(cfg).save_pretrained(out)
+    runtime.tokenizer(cfg).save_pretrained(out)
     click.echo(f"peft adapter of round {rnd} (rank {adapter.rank}) written to {out} (base: {base})")
     if merge:
         import copy
@@ -195,7 +195,7 @@ def export(run_dir: str, out: str, rnd: int | None, merge: bool) -> None:
         merged.config.use_cache = True  # the base is kept without a KV cache for training; inference wants it
         merged = merged.to(base_dtype(cfg.model))
         merged.save_pretrained(Path(out) / "merged", safe_serialization=True)
-        runtime.load_base_model_tokenizer(cfg).save_pretrained(Path(out) / "merged")
+        runtime.tokenizer(cfg).save_pretrained(Path(out) / "merged")
         click.echo(f"merged model ({base_dtype(cfg.model)}) written to {Path(out) / 'merged'}")
 
 

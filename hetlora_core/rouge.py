@@ -12,6 +12,7 @@ client by default), each one forward pass of one token with the KV cache.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -19,11 +20,16 @@ import torch
 from .data import ClientData
 
 
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure of one pair (``rouge_score``'s default tokenizer: lowercase alphanumerics)."""
+@functools.lru_cache(maxsize=1)
+def _scorer() -> Any:
     from rouge_score import rouge_scorer  # lazy: only instruction-data evaluations pay the import
 
-    return float(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, prediction)["rougeL"].fmeasure)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure of one pair (``rouge_score``'s default tokenizer: lowercase alphanumerics)."""
+    return float(_scorer().score(reference, prediction)["rougeL"].fmeasure)
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ def _model(mcfg: ModelConfig, dcfg: DataConfig | None) -> torch.nn.Module:
 
 
 def tokenizer(cfg: HetLoRAConfig) -> Any:
-    """The tokenizer every data path uses."""
+    """The tokenizer every data path uses, and that export writes beside the adapter."""
     return _tokenizer_for(cfg.model)
 
 
@@ -72,7 +72,7 @@ def _clients(mcfg: ModelConfig, dcfg: DataConfig) -> tuple[ClientData, ...]:
     raw = _raw_clients(mcfg, dcfg)
     if mcfg.vocab == "full":
         return raw
-    return tuple(vocab.remap_clients(raw, _keep(mcfg, dcfg), len(load_tokenizer(mcfg))))
+    return tuple(vocab.remap_clients(raw, _keep(mcfg, dcfg), len(_tokenizer_for(mcfg))))
 
 
 def model(cfg: HetLoRAConfig) -> torch.nn.Module:
@@ -112,8 +112,3 @@ def global_adapter(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> LoraAdapter
 
     glob: LoraAdapter = load_global(cfg, store, rnd + 1, method_for(cfg).model_spec(model(cfg)))
     return glob
-
-
-def load_base_model_tokenizer(cfg: HetLoRAConfig) -> Any:
-    """The tokenizer that goes with the base model (for export)."""
-    return load_tokenizer(cfg.model)

@@ -42,7 +42,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _record_paths(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[str]:
-    """Every path under ``root`` that open / os.scandir / os.lstat / os.listdir are called with."""
+    """Every path under ``root`` that open / os.open / os.scandir / os.lstat / os.listdir / os.stat are called with."""
     seen: list[str] = []
 
     def wrap(real: Any) -> Any:
@@ -52,7 +52,7 @@ def _record_paths(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[str]:
             return real(p, *a, **k)
         return rec
 
-    for mod, name in ((builtins, "open"), (os, "scandir"), (os, "lstat"), (os, "listdir"), (os, "stat")):
+    for mod, name in ((builtins, "open"), (os, "open"), (os, "scandir"), (os, "lstat"), (os, "listdir"), (os, "stat")):
         monkeypatch.setattr(mod, name, wrap(getattr(mod, name)))
     return seen
 

@@ -50,7 +50,7 @@ def test_keep_covers_clients_and_special_tokens(cfgs):
     _, cut_cfg = cfgs
     keep = runtime._keep(cut_cfg.model, cut_cfg.data)
     assert torch.equal(keep, torch.unique(keep))  # sorted, no duplicates
-    tok = runtime.load_base_model_tokenizer(cut_cfg)
+    tok = runtime.tokenizer(cut_cfg)
     for c in runtime._raw_clients(cut_cfg.model, cut_cfg.data):
         assert torch.isin(c.train_ids, keep).all() and torch.isin(c.heldout_ids, keep).all()
     assert torch.isin(torch.tensor([tok.eos_token_id]), keep).all()
