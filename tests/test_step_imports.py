@@ -37,10 +37,8 @@ def test_the_check_can_fail() -> None:
     assert "torch" in loaded
 
 
-def test_prune_and_aggregate_task_bodies_run_without_torch(tmp_path: Path) -> None:
-    """Not just the import: a whole prune + aggregate of a planned round, in a fresh interpreter
-    where importing torch is made to fail."""
-    code = r'''
+# Prepended to the scripts below: a fresh interpreter in which importing any of HEAVY fails.
+NO_TORCH = r'''
 import builtins, json, sys
 real = builtins.__import__
 def guard(name, *a, **k):
@@ -48,6 +46,13 @@ def guard(name, *a, **k):
         raise ImportError(f"model-free step imported {name}")
     return real(name, *a, **k)
 builtins.__import__ = guard
+'''
+
+
+def test_prune_and_aggregate_task_bodies_run_without_torch(tmp_path: Path) -> None:
+    """Not just the import: a whole prune + aggregate of a planned round, in a fresh interpreter
+    where importing torch is made to fail."""
+    code = NO_TORCH + r'''
 import numpy as np
 from hetlora_core import store as st
 from hetlora_core.adapter import init_global
@@ -83,14 +88,7 @@ def test_federated_server_evaluate_runs_without_torch(tmp_path: Path) -> None:
     for c in "abcd":
         (data / c).mkdir(parents=True)
         (data / c / "train.jsonl").write_text('{"text": "to be or not to be"}\n')
-    code = r'''
-import builtins, json, sys
-real = builtins.__import__
-def guard(name, *a, **k):
-    if name.split(".")[0] in ("torch", "transformers", "peft"):
-        raise ImportError(f"model-free step imported {name}")
-    return real(name, *a, **k)
-builtins.__import__ = guard
+    code = NO_TORCH + r'''
 from hetlora_core import store as st
 from hetlora_core.adapter import init_global
 from hetlora_core.config import config_from_dict
