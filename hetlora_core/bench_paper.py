@@ -19,8 +19,6 @@ import hashlib
 import json
 import os
 import platform
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 
 import click
 
+from .bench_jobs import Job, run_jobs
 from .config import HetLoRAConfig, replace
 
 Overrides = dict[str, Any]
@@ -70,11 +69,35 @@ _TINY: Overrides = {
     "training.lr": 1e-2, "training.threads": 1, "pruning.lam": 0.5, "federation.rounds": 3,
     "federation.clients_per_round": 2,
 }  # one thread: on a busy machine two threads mostly wait for each other on such small matrices
+# gpu: the paper's shape (ranks 5..50, 5 local steps of batch 8, 6 of 24 clients per round, 20
+# rounds) on an accelerator, sized for one device call: about 9 minutes for every method over 3
+# seeds with --workers 9 on an H100-class GPU (the precision is decided there: bf16 autocast).
+# Roles of 16-20k characters give each client ~4k training tokens, about one epoch per round.
+_GPU: Overrides = {
+    **_REAL, "model.device": "auto", "model.dtype": "auto", "training.bf16": None, "training.threads": 1,
+    "data.num_clients": 24, "data.min_chars": 16000, "data.max_chars": 20000, "data.seq_len": 128, "data.eval_max_tokens": 512,
+    "ranks.r_min": 5, "ranks.r_max": 50,
+    "ranks.tiers": [{"name": "r5", "rank": 5}, {"name": "r10", "rank": 10}, {"name": "r25", "rank": 25}, {"name": "r50", "rank": 50}],
+    "training.local_steps": 5, "training.batch_size": 8, "training.lr": 3e-3, "federation.rounds": 20,
+    "federation.clients_per_round": 6,
+}
+# gpu-tiny: the gpu profile's shape on the random tiny model, for a CPU check of the profile and
+# of the parallel runner (tests, and machines without a GPU) in seconds.
+_GPU_TINY: Overrides = {
+    **_GPU, "model.name": "tiny", "model.tiny_hidden": 32, "model.tiny_layers": 1, "model.device": "cpu",
+    "data.num_clients": 8, "data.min_chars": 2000, "data.max_chars": 2500, "data.seq_len": 16, "data.eval_max_tokens": 16,
+    "ranks.r_min": 1, "ranks.r_max": 4, "ranks.tiers": [{"name": "small", "rank": 1}, {"name": "large", "rank": 4}],
+    "training.local_steps": 2, "training.batch_size": 2, "training.lr": 1e-2, "federation.rounds": 3,
+    "federation.clients_per_round": 3,
+}
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {"seeds": 1, "base": _TINY, "full_ft_lr": 1e-3, "sweep_rounds": 2, "sweep_step_budget": 4},
     "quick": {"seeds": 1, "base": _REAL, "full_ft_lr": 1e-4, "sweep_rounds": 3, "sweep_step_budget": 8},
     "full": {"seeds": 3, "base": {**_REAL, "federation.rounds": 8}, "full_ft_lr": 1e-4, "sweep_rounds": 3, "sweep_step_budget": 8},
+    "gpu": {"seeds": 3, "base": _GPU, "full_ft_lr": 1e-4, "sweep_rounds": 4, "sweep_step_budget": 20},
+    "gpu-tiny": {"seeds": 2, "base": _GPU_TINY, "full_ft_lr": 1e-3, "sweep_rounds": 2, "sweep_step_budget": 4},
 }
+TINY_PROFILES = ("tiny", "gpu-tiny")  # random model: their sweeps never steer a real model, nor the reverse
 # Coordinate sweep: each stage varies one setting of HetLoRA (full_ft_lr: of full fine-tuning) with
 # the earlier stages' winners fixed. local_steps is compared at equal client compute (rounds x steps).
 SWEEP: list[tuple[str, list[Any]]] = [
@@ -183,9 +206,10 @@ def run_one(cfg: HetLoRAConfig, run_dir: Path, meta: dict[str, Any], log: Callab
         torch.set_num_threads(threads)  # training.threads sets it process-wide: undo for later callers
     res = json.loads((run_dir / "results.json").read_text())
     keep = ("round", "global_ppl", "personal_ppl", "client_ranks", "prune_events", "bytes_up", "bytes_down",
-            "train_loss", "train_seconds", "eval_seconds", "participants")
+            "train_loss", "train_seconds", "eval_seconds", "participants", "rouge_l")
     rec = {**meta, "config": cfg.to_dict(), "wall_seconds": time.perf_counter() - w, "cpu_seconds": time.process_time() - c,
            "resumed_at_round": start, "baseline_ppl": res["baseline_ppl"], "params": trainable_params(cfg),
+           "precision": res.get("precision"),
            "rounds": [{k: r.get(k) for k in keep} for r in res["rounds"]]}
     st.atomic_write(done, json.dumps(rec, indent=1).encode())  # bench.json marks the run done: never half-written
     log(f"done {run_dir}: ppl {rec['baseline_ppl']:.2f} -> {rec['rounds'][-1]['global_ppl']:.2f} "
@@ -251,15 +275,39 @@ def machine() -> dict[str, Any]:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     import torch
 
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"nproc": os.cpu_count(), "cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_bf16" in flags,
-            "loadavg": os.getloadavg()[0]}
+            "loadavg": os.getloadavg()[0], "gpu": gpu,
+            "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if gpu else None}
+
+
+def _jobs(profile: str, base: HetLoRAConfig, prof: dict[str, Any], methods: list[str], seeds: int, out: Path) -> list[Job]:
+    """Every (method, seed) as a job. The slowest method's seeds (full fine-tuning: every upload is
+    the whole model) go first, so a worker pool does not wait for them at the end; the others go
+    seed by seed, so when a deadline cuts the bench short the finished runs are whole seeds."""
+    pairs = [(m, seed) for m in methods if m == "full_ft" for seed in range(seeds)]
+    pairs += [(m, seed) for seed in range(seeds) for m in methods if m != "full_ft"]
+    out_jobs = []
+    for m, seed in pairs:
+        cfg = method_config(base, m, seed, prof)
+        out_jobs.append(Job(cfg, out / "runs" / m / f"seed{seed}-{config_hash(cfg)}",
+                            {"method": m, "label": METHODS[m][0], "seed": seed, "profile": profile}))
+    return out_jobs
 
 
 def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None = None, seeds: int | None = None,
               sweep: bool = False, command: str = "", log: Callable[[str], None] = print,
-              vocab: str = "full") -> dict[str, Any]:
-    """Run every (method, seed) of ``profile`` (resumable) and write the report and plots."""
+              vocab: str = "full", workers: int = 1, deadline_s: float | None = None, run: bool = True,
+              task: str = "lm", device: str | None = None) -> dict[str, Any]:
+    """Run every (method, seed) of ``profile`` (resumable) and write the report and plots.
+
+    ``workers``: processes sharing the machine (bench_jobs.py); ``deadline_s``: seconds from now
+    after which no run starts; ``run=False``: only report the runs already finished under ``out``
+    (with the machine facts recorded when they ran), e.g. runs copied back from a GPU machine.
+    ``task``: ``lm`` (the roles' text, perplexity) or ``next-speech`` (bench_task.py); ``device``
+    overrides the profile's ``model.device`` (e.g. the gpu-tiny check on a GPU)."""
+    from .bench_task import task_overrides
     from .report import write_report
 
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
@@ -269,78 +317,52 @@ def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None =
     if bad:
         raise click.BadParameter(f"unknown method(s) {bad}; choose from {list(METHODS)}", param_hint="--methods")
     summary_path = out / "sweep" / "summary.json"
-    sweep_summary = run_sweep(profile, out, log) if sweep else (
+    sweep_summary = run_sweep(profile, out, log) if sweep and run else (
         json.loads(summary_path.read_text()) if summary_path.is_file() else None)
-    if sweep_summary and (profile == "tiny") != (sweep_summary["profile"] == "tiny"):
+    if sweep_summary and (profile in TINY_PROFILES) != (sweep_summary["profile"] in TINY_PROFILES):
         sweep_summary = None  # a tiny sweep never steers the real model, nor the reverse
     choices = dict(sweep_summary["choices"]) if sweep_summary else {}
     prof = {**prof, **({"full_ft_lr": choices["full_ft_lr"]} if "full_ft_lr" in choices else {})}
     base = replace(base_config(profile, choices), **{"model.vocab": vocab})
-    records = []
-    for seed in range(seeds or prof["seeds"]):
-        for m in methods:
-            cfg = method_config(base, m, seed, prof)
-            records.append(run_one(cfg, out / "runs" / m / f"seed{seed}-{config_hash(cfg)}",
-                                   {"method": m, "label": METHODS[m][0], "seed": seed, "profile": profile}, log))
-    meta = {"profile": profile, "command": command, "machine": machine(), "load_start": load0, "wall_seconds": time.perf_counter() - t0,
+    base = replace(base, **task_overrides(task, base, out, log), **({"model.device": device} if device else {}))
+    jobs = _jobs(profile, base, prof, methods, seeds or prof["seeds"], out)
+    meta_path = out / f"bench-meta-{profile}-{task}.json"
+    if run:
+        from .store.base import atomic_write
+
+        mach = {**machine(), "workers": workers}
+        ran: dict[str, Any] = {"machine": mach, "wall_seconds": None, "load_start": load0, "command": command}  # what --no-run reads back
+        # Written before the runs too: a bench killed at a device call's time limit can still be
+        # reported (--no-run) with the machine it ran on.
+        atomic_write(meta_path, json.dumps(ran, indent=1).encode())
+        if workers > 1:
+            _warm_model(base)  # once, before the workers: not one conversion per process
+        deadline = time.time() + deadline_s if deadline_s else None
+        records, missing = run_jobs(jobs, workers, log, deadline, threads=base.training.threads)
+        atomic_write(meta_path, json.dumps({**ran, "wall_seconds": time.perf_counter() - t0}, indent=1).encode())
+    else:
+        records = [json.loads((j.run_dir / "bench.json").read_text()) for j in jobs if (j.run_dir / "bench.json").is_file()]
+        missing = [f"{j.meta['method']} seed {j.meta['seed']}: no finished run in {j.run_dir}" for j in jobs
+                   if not (j.run_dir / "bench.json").is_file()]
+        saved: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        mach, load0 = saved.get("machine") or machine(), float(saved.get("load_start", load0))
+        command = str(saved.get("command") or command)
+    if not records:
+        raise click.ClickException(f"no finished runs under {out} for profile {profile!r} ({len(missing)} missing); nothing to report")
+    wall = json.loads(meta_path.read_text()).get("wall_seconds") if meta_path.is_file() else None
+    meta = {"profile": profile, "command": command, "machine": mach, "load_start": load0,
+            "wall_seconds": wall if wall is not None else sum(r["wall_seconds"] for r in records) / max(1, workers),
             "base": base.to_dict(), "full_ft_lr": prof["full_ft_lr"], "sweep": sweep_summary, "out": str(out),
-            "methods": methods, "labels": {m: METHODS[m][0] for m in methods}}
+            "methods": methods, "labels": {m: METHODS[m][0] for m in methods}, "missing": missing, "task": task,
+            "planned_runs": len(jobs)}
     write_report(records, meta, report)
-    log(f"report: {report} ({meta['wall_seconds']:.0f} s)")
+    log(f"report: {report} ({len(records)} of {len(jobs)} runs; {meta['wall_seconds']:.0f} s)")
     return {"records": records, "meta": meta}
 
 
-def register(main: click.Group) -> None:
-    """Add ``bench paper`` and ``bench sweep`` to the ``hetlora`` CLI group."""
+def _warm_model(cfg: HetLoRAConfig) -> None:
+    """Build SmolLM2's converted cache in this process so the workers only read it."""
+    if cfg.model.name == "smollm2-135m":
+        from .models import warm_cache
 
-    @main.group()
-    def bench() -> None:
-        """Benchmarks: the paper's method comparison and its hyper-parameter sweep."""
-
-    threads_opt = click.option("--threads", type=int, default=0, show_default=True,
-                               help="Torch threads (0: torch's default). Use 1 on a machine other jobs keep busy.")
-    profile_opt = click.option("--profile", type=click.Choice(list(PROFILES)), default="quick", show_default=True,
-                               help="tiny: random tiny model (CI, seconds); quick: SmolLM2, 1 seed; full: SmolLM2, 3 seeds.")
-    out_opt = click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/bench-paper", show_default=True,
-                           help="Run folders (one per method and seed; rerun to resume) and sweep/.")
-
-    @bench.command()
-    @profile_opt
-    @out_opt
-    @click.option("--report", type=click.Path(dir_okay=False), default="docs/results.md", show_default=True,
-                  help="Markdown report; PNG plots go to a folder next to it named after it (docs/results/).")
-    @click.option("--methods", default="", help=f"Comma-separated subset of: {','.join(METHODS)} (default: all).")
-    @click.option("--seeds", type=int, default=None, help="Number of seeds (default: the profile's).")
-    @click.option("--sweep", is_flag=True, help="Run the sweep first (resumable). Without it, OUT/sweep/summary.json is used if present.")
-    @click.option("--vocab", type=click.Choice(["full", "corpus"]), default="full", show_default=True,
-                  help="corpus: cut SmolLM2's output layer to the tokens Shakespeare uses (faster; perplexity then "
-                       "normalised over those tokens, so not comparable with full-vocabulary reports).")
-    @threads_opt
-    def paper(profile: str, out: str, report: str, methods: str, seeds: int | None, sweep: bool, vocab: str,
-              threads: int) -> None:
-        """Run HetLoRA, HomLoRA at r_min and r_max, zero-padding, the ablations, Recon+SVD and full
-        fine-tuning on the same clients, seeds and local steps, and write the report with plots."""
-        set_threads(threads)
-        cmd = "hetlora " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
-        run_paper(profile, Path(out), Path(report), [m for m in methods.split(",") if m] or None, seeds, sweep, cmd,
-                  log=lambda s: click.echo(f"[bench {time.strftime('%H:%M:%S')}] {s}", err=True), vocab=vocab)
-
-    @bench.command("sweep")
-    @profile_opt
-    @out_opt
-    @threads_opt
-    def sweep_cmd(profile: str, out: str, threads: int) -> None:
-        """Choose lr, lambda, gamma, local steps and full fine-tuning's lr on validation roles; writes
-        OUT/sweep/summary.json, which `bench paper` then applies."""
-        set_threads(threads)
-        s = run_sweep(profile, Path(out), log=lambda s: click.echo(f"[sweep {time.strftime('%H:%M:%S')}] {s}", err=True))
-        click.echo(json.dumps(s["choices"]))
-
-
-if __name__ == "__main__":  # python -m hetlora_core.bench_paper ... (before cli.py registers it)
-    @click.group()
-    def _main() -> None:
-        """hetlora (bench only)"""
-
-    register(_main)
-    _main()
+        warm_cache()

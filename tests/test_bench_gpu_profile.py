@@ -1,0 +1,121 @@
+"""The bench's GPU profile machinery, checked on the CPU at tiny size (CI has no GPU): the worker
+pool and its deadline, a broken run that does not lose the others, the report rebuilt from runs
+brought back from another machine, the next-speech task with ROUGE-L, and the claim verdicts."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from hetlora_core import bench_paper as bp
+from hetlora_core.bench_jobs import Job, run_jobs
+from hetlora_core.bench_task import task_overrides
+from hetlora_core.claims import claims
+
+
+def _jobs(tmp: Path, methods: list[str], seeds: int = 1, profile: str = "gpu-tiny") -> list[Job]:
+    base = bp.base_config(profile)
+    return bp._jobs(profile, base, bp.PROFILES[profile], methods, seeds, tmp)
+
+
+def test_gpu_profile_has_the_papers_shape() -> None:
+    b = bp.base_config("gpu")
+    assert (b.ranks.r_min, b.ranks.r_max) == (5, 50) and sorted(t.rank for t in b.ranks.tiers) == [5, 10, 25, 50]
+    assert (b.training.local_steps, b.training.batch_size) == (5, 8)
+    assert b.federation.rounds >= 20 and 5 <= b.federation.clients_per_round <= 10 and b.data.num_clients >= 20
+    assert b.model.name == "smollm2-135m" and b.model.device == "auto" and b.model.dtype == "auto" and b.training.bf16 is None
+    assert bp.PROFILES["gpu"]["seeds"] == 3
+
+
+def test_job_order_full_ft_first_then_seed_by_seed(tmp_path: Path) -> None:
+    jobs = _jobs(tmp_path, ["hetlora", "full_ft", "homlora_rmin"], seeds=2)
+    order = [(j.meta["method"], j.meta["seed"]) for j in jobs]
+    assert order == [("full_ft", 0), ("full_ft", 1), ("hetlora", 0), ("homlora_rmin", 0), ("hetlora", 1), ("homlora_rmin", 1)]
+    assert len({j.run_dir for j in jobs}) == len(jobs)
+
+
+def test_deadline_skips_runs_not_started(tmp_path: Path) -> None:
+    logs: list[str] = []
+    recs, missing = run_jobs(_jobs(tmp_path, ["hetlora", "homlora_rmin"]), 1, logs.append, deadline=time.time() - 1)
+    assert recs == [] and len(missing) == 2 and all("deadline" in m for m in missing)
+    assert not list(tmp_path.rglob("bench.json"))
+
+
+def test_a_broken_run_is_reported_and_the_others_finish(tmp_path: Path) -> None:
+    jobs = _jobs(tmp_path, ["hetlora", "homlora_rmin"])
+    jobs[0].run_dir.parent.mkdir(parents=True)
+    jobs[0].run_dir.write_text("not a folder")  # the run cannot create its store here
+    logs: list[str] = []
+    recs, missing = run_jobs(jobs, 1, logs.append)
+    assert [r["method"] for r in recs] == ["homlora_rmin"]
+    assert len(missing) == 1 and missing[0].startswith("hetlora seed 0: failed") and str(jobs[0].run_dir) in missing[0]
+
+
+@pytest.mark.slow
+def test_workers_and_report_rebuilt_elsewhere(tmp_path: Path) -> None:
+    """Two spawned workers give the same numbers as one process; ``--no-run`` rebuilds the report
+    from the finished runs with the machine facts recorded where they ran."""
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    methods = ["hetlora", "homlora_rmax"]
+    r1 = bp.run_paper("gpu-tiny", out1, out1 / "r.md", methods, seeds=1, log=lambda s: None)
+    r2 = bp.run_paper("gpu-tiny", out2, out2 / "r.md", methods, seeds=1, log=lambda s: None, workers=2)
+    for a, b in zip(r1["records"], r2["records"], strict=True):
+        assert a["method"] == b["method"]
+        assert [x["global_ppl"] for x in a["rounds"]] == pytest.approx([x["global_ppl"] for x in b["rounds"]], rel=1e-5)
+    meta = next(out2.glob("bench-meta-*.json"))
+    saved = json.loads(meta.read_text())
+    assert saved["machine"]["workers"] == 2 and saved["wall_seconds"] > 0
+    saved["machine"].update(gpu="Some Accelerator X1", gpu_memory_gib=80.0)  # as if the runs had come back from a GPU box
+    meta.write_text(json.dumps(saved))
+    (out2 / "r.md").unlink()
+    again = bp.run_paper("gpu-tiny", out2, out2 / "r.md", methods, seeds=2, log=lambda s: None, run=False)
+    text = (out2 / "r.md").read_text()
+    assert "Some Accelerator X1" in text and "shared by 2 worker processes" in text
+    assert len(again["records"]) == 2 and len(again["meta"]["missing"]) == 2  # seed 1 never ran: listed, not run
+    assert "2 of 4 planned runs are missing" in text and "## The paper's claims" in text
+
+
+def test_next_speech_task_exports_once_and_reports_rouge(tmp_path: Path) -> None:
+    base = bp.base_config("tiny")
+    logs: list[str] = []
+    ov = task_overrides("next-speech", base, tmp_path, logs.append)
+    folder = Path(ov["data.path"])
+    assert ov["data.source"] == "folder" and ov["data.format"] == "prompt_completion"
+    ids = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    assert len(ids) == base.data.num_clients
+    first = json.loads((folder / ids[0] / "train.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"prompt", "completion"} and first["prompt"].split(":", 1)[0].isupper()
+    stamp = (folder / ".complete").stat().st_mtime_ns
+    assert task_overrides("next-speech", base, tmp_path, logs.append) == ov and (folder / ".complete").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="unknown bench task"):
+        task_overrides("reddit", base, tmp_path, logs.append)
+    res = bp.run_paper("tiny", tmp_path, tmp_path / "r.md", ["homlora_rmin"], seeds=1, log=logs.append, task="next-speech")
+    rl = [x["rouge_l"] for x in res["records"][0]["rounds"]]
+    assert all(v is not None and 0.0 <= v <= 1.0 for v in rl)
+    text = (tmp_path / "r.md").read_text()
+    assert "task `next-speech`" in text and "| ROUGE-L |" in text
+
+
+def _summary(final: dict[str, list[float]], base: float = 100.0, curves: dict[str, list[list[float]]] | None = None) -> dict:
+    S = {}
+    for m, xs in final.items():
+        cs = (curves or {}).get(m) or [[base, (base + x) / 2, x] for x in xs]
+        S[m] = {"final": dict(enumerate(xs)), "seeds": list(range(len(xs))), "curves": cs, "base_ppl": base}
+    return S
+
+
+def test_claim_verdicts_follow_the_numbers() -> None:
+    S = _summary({"hetlora": [50.0, 51.0, 52.0], "homlora_rmin": [60.0, 61.5, 62.0], "homlora_rmax": [50.5, 50.0, 52.5],
+                  "recon_svd": [45.0, 46.0, 47.0], "full_ft": [48.0, 49.0, 50.0]},
+                 curves={"hetlora": [[100.0, 58.0, 50.0], [100.0, 59.0, 51.0], [100.0, 61.0, 52.0]]})
+    v = {r["claim"]: r["verdict"] for r in claims(S)}
+    assert v["HetLoRA beats HomLoRA r_min"] == "holds"
+    assert v["HetLoRA beats HomLoRA r_max"].startswith("not shown")
+    assert v["HetLoRA beats Recon+SVD (FlexLoRA)"] == "reversed"
+    assert v["HetLoRA within reach of full fine-tuning (>= 90% of its gain)"] == "holds"  # 50/52 .. 48/50 of the gain
+    assert v["HetLoRA converges faster than HomLoRA r_min"] == "holds"  # reaches r_min's final a round earlier, every seed
+    one = claims(_summary({"hetlora": [50.0], "homlora_rmin": [60.0]}))
+    assert one[0]["verdict"].startswith("not shown (one seed")
