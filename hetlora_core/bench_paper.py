@@ -130,6 +130,9 @@ LATE_DEFAULTS: dict[tuple[str, str], Any] = {("model", "vocab"): "full"}
 def config_hash(cfg: HetLoRAConfig) -> str:
     d = cfg.to_dict()
     d.pop("experiment")
+    from .bench_task import portable_data_path
+
+    d["data"]["path"] = portable_data_path(d["data"]["path"])  # runs copied to another machine keep their hash
     for (section, key), default in LATE_DEFAULTS.items():
         if d[section].get(key) == default:
             d[section].pop(key)

@@ -14,6 +14,7 @@ from hetlora_core import bench_paper as bp
 from hetlora_core.bench_jobs import Job, run_jobs
 from hetlora_core.bench_task import task_overrides
 from hetlora_core.claims import claims
+from hetlora_core.config import replace
 
 
 def _jobs(tmp: Path, methods: list[str], seeds: int = 1, profile: str = "gpu-tiny") -> list[Job]:
@@ -90,6 +91,9 @@ def test_next_speech_task_exports_once_and_reports_rouge(tmp_path: Path) -> None
     assert set(first) == {"prompt", "completion"} and first["prompt"].split(":", 1)[0].isupper()
     stamp = (folder / ".complete").stat().st_mtime_ns
     assert task_overrides("next-speech", base, tmp_path, logs.append) == ov and (folder / ".complete").stat().st_mtime_ns == stamp
+    elsewhere = task_overrides("next-speech", base, tmp_path / "copied", logs.append)  # e.g. runs brought back from a GPU box
+    assert elsewhere["data.path"] != ov["data.path"]
+    assert bp.config_hash(replace(base, **ov)) == bp.config_hash(replace(base, **elsewhere))
     with pytest.raises(ValueError, match="unknown bench task"):
         task_overrides("reddit", base, tmp_path, logs.append)
     res = bp.run_paper("tiny", tmp_path, tmp_path / "r.md", ["homlora_rmin"], seeds=1, log=logs.append, task="next-speech")
