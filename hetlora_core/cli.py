@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-import yaml
 
-from .config import ConfigError, HetLoRAConfig, load_config, replace
+from .config import ConfigError, HetLoRAConfig, load_config, load_yaml, replace
 
 
 def parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
@@ -21,7 +20,7 @@ def parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
         if "=" not in s:
             raise click.BadParameter(f"{s!r}: expected KEY=VALUE, e.g. training.lr=1e-3", param_hint="--set")
         k, v = s.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        out[k.strip()] = load_yaml(v, f"--set {k.strip()}")
     return out
 
 

@@ -438,6 +438,13 @@ def _coerce(tp: Any, v: Any, path: str) -> Any:
     if tp is bool:
         _check(isinstance(v, bool), path, f"must be true or false, got {v!r}")
         return v
+    if tp in (int, float) and isinstance(v, str):
+        # YAML 1.1 (PyYAML) reads 1e-3 -- no dot -- as a string, in files and in --set alike; the
+        # number a user wrote is meant. Only a string float() reads whole is taken.
+        try:
+            v = float(v.strip()) if tp is float or any(c in v for c in ".eE") else int(v.strip())
+        except ValueError:
+            raise ConfigError(f"config: {path}: must be a number, got {v!r}") from None
     if tp is int:
         # KFP hands numbers inside dict parameters back as floats: accept 3.0, reject 3.5.
         ok = isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and v.is_integer()
@@ -465,13 +472,40 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config: file {p} not found; pass an existing YAML file (see configs/)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config: {p} is not valid YAML: {e}") from None
+        data = load_yaml(p.read_bytes(), str(p)) or {}
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     return config_from_dict(data)
+
+
+# Security: a config is small. These bounds stop a hostile or broken file before it costs memory:
+# 1 MiB of YAML, and at most 100,000 values once its aliases are expanded (a "billion laughs" file of
+# nested aliases is 1 KB on disk and billions of values once walked).
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+def load_yaml(text: bytes | str, where: str) -> Any:
+    """``yaml.safe_load`` within the bounds above; a violation is a ConfigError naming ``where``."""
+    raw = text.encode() if isinstance(text, str) else text
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"config: {where} is {len(raw):,} bytes; a config is at most {MAX_YAML_BYTES:,}")
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {where} is not valid YAML: {e}") from None
+    budget = [MAX_YAML_NODES]
+
+    def walk(x: Any) -> None:  # counts values as if every alias were expanded, and stops at the budget
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ConfigError(f"config: {where} expands to more than {MAX_YAML_NODES:,} values (nested YAML aliases?); "
+                              "write the config out without anchors and aliases")
+        for y in (x.values() if isinstance(x, dict) else x if isinstance(x, list) else ()):
+            walk(y)
+
+    walk(data)
+    return data
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
