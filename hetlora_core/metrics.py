@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -111,6 +112,19 @@ def pushgateway_url(cfg: MetricsConfig) -> str:
     return (env if env is not None else cfg.pushgateway_url).strip()
 
 
+def redact(url: str, text: str | None = None) -> str:
+    """``text`` (default: ``url``) with the URL's password replaced by ``***``.
+
+    Security: a Pushgateway behind basic auth may be configured as ``http://user:secret@host``;
+    warnings and errors go to logs that many people read, so the secret never appears in them."""
+    out = url if text is None else text
+    try:
+        secret = urllib.parse.urlsplit(url).password
+    except ValueError:  # a malformed URL: nothing to pick a password out of
+        return out
+    return out.replace(f":{secret}@", ":***@").replace(secret, "***") if secret else out
+
+
 def _timeout() -> float:
     raw = os.environ.get(ENV_TIMEOUT, "")
     try:
@@ -164,7 +178,8 @@ def _push(cfg: MetricsConfig, registry: CollectorRegistry, grouping_key: Mapping
     try:
         push(url, job=cfg.job, registry=registry, grouping_key=dict(grouping_key), timeout=_timeout())
     except Exception as e:  # noqa: BLE001 - metrics are best effort: never fail the training for them
-        log.warning("metrics: could not push %s %s to %s: %s: %s", what, dict(grouping_key), url, type(e).__name__, e)
+        log.warning("metrics: could not push %s %s to %s: %s: %s", what, dict(grouping_key), redact(url), type(e).__name__,
+                    redact(url, str(e)))
         return False
     return True
 
@@ -340,7 +355,7 @@ def delete_run_groups(
             # Deleting a group that does not exist succeeds, so a failure means the gateway is
             # unreachable or broken: stop instead of waiting out one timeout per remaining group.
             log.warning("metrics: could not delete group %s at %s (%d of %d groups left undeleted): %s: %s",
-                        key, url, len(keys) - deleted, len(keys), type(e).__name__, e)
+                        key, redact(url), len(keys) - deleted, len(keys), type(e).__name__, redact(url, str(e)))
             break
         deleted += 1
     return deleted

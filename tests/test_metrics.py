@@ -369,3 +369,20 @@ def test_deploy_docs_list_every_metric() -> None:
     doc = (Path(__file__).resolve().parent.parent / "docs" / "deploy.md").read_text()
     rows = set(re.findall(r"^\| `(hetlora_[a-z0-9_]+)` \|", doc, re.M))
     assert rows == metrics.METRIC_NAMES
+
+
+def test_pushgateway_password_never_in_warnings(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A basic-auth Pushgateway URL: a failed push warns with the host, never the password."""
+    from hetlora_core.config import MetricsConfig
+    from hetlora_core.metrics import push_round_metrics, redact
+
+    assert redact("http://bob:s3cret@gw:9091") == "http://bob:***@gw:9091" and redact("http://gw:9091") == "http://gw:9091"
+    assert redact("http://bob:s3cret@gw:9091", "error at http://bob:s3cret@gw:9091/x (s3cret)") == "error at http://bob:***@gw:9091/x (***)"
+    monkeypatch.delenv("HETLORA_PUSHGATEWAY_URL", raising=False)
+    monkeypatch.setenv("HETLORA_PUSHGATEWAY_TIMEOUT_S", "2")
+    cfg = MetricsConfig(pushgateway_url="http://bob:s3cret@127.0.0.1:1")  # nothing listens on port 1
+    with caplog.at_level("WARNING", logger="hetlora"):
+        assert push_round_metrics(cfg, "run1", 0, duration_s=1.0, global_ppl=10.0, mean_train_loss=2.0, clients=3,
+                                  bytes_up=1, bytes_down=1) is False
+    text = caplog.text
+    assert "could not push" in text and "127.0.0.1:1" in text and "s3cret" not in text
