@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 State = Any  # LoraAdapter (LoRA methods) or dict[str, np.ndarray] (full fine-tuning)
 Spec = dict[str, tuple[int, ...]]  # tensor name -> shape every upload must have
+_HEADER_SLACK = 4096  # bytes of safetensors header per tensor (name, dtype, shape, offsets) and metadata, generously
 
 
 class UploadError(ValueError):
@@ -120,6 +121,15 @@ class Method(abc.ABC):
     def nbytes(self, state: State) -> int:
         """Raw tensor bytes of a state (what a transfer of it costs, before framing)."""
         return int(sum(v.nbytes for v in state.values()))
+
+    def max_upload_bytes(self, spec: Spec, max_rank: int) -> int:
+        """The most bytes an honest upload of a client planned at ``max_rank`` can have: float32
+        tensors of ``spec`` plus the safetensors header. Security: the aggregate step refuses a
+        manifest claiming more before reading the object, so one client cannot make it read (and
+        hold) gigabytes."""
+        import math
+
+        return 4 * sum(math.prod(shape) for shape in spec.values()) + _HEADER_SLACK * (1 + len(spec))
 
     # ------------------------------------------------------------ model-side (torch)
     @abc.abstractmethod

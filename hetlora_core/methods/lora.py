@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .. import strategies
 from ..adapter import AdapterError, LoraAdapter, init_global
 from ..pruning import PruneDecision, self_prune
-from .base import Aggregated, ClientUpdate, Method, Spec, Stream
+from .base import _HEADER_SLACK, Aggregated, ClientUpdate, Method, Spec, Stream
 
 if TYPE_CHECKING:
     from ..evaluation import EvalResult
@@ -81,6 +81,10 @@ class LoraMethod(Method):
 
     def nbytes(self, state: LoraAdapter) -> int:
         return state.nbytes()
+
+    def max_upload_bytes(self, spec: Spec, max_rank: int) -> int:
+        """A and B of every module at the client's planned rank (``spec``: module -> (out, in))."""
+        return 4 * max_rank * sum(int(o) + int(i) for o, i in spec.values()) + _HEADER_SLACK * (1 + 2 * len(spec))
 
     # ------------------------------------------------------------ model-side
     def model_spec(self, model: Any) -> Spec:

@@ -104,7 +104,9 @@ _CLIENT_FAULTS = (st.StoreError, AdapterError, UploadError, KeyError, ValueError
 
 
 def _first_read(method: Method, store: st.Store, prefix: str, client: ClientPlan, spec: Spec | None) -> _Upload:
-    data, man = st.get_artifact(store, prefix)
+    # The size bound needs the global's spec; round 0 has none yet (its uploads are then bounded by
+    # their manifest's own size, and the majority spec drops odd shapes after decoding).
+    data, man = st.get_artifact(store, prefix, max_bytes=method.max_upload_bytes(spec, client.rank) if spec else None)
     state = method.decode(data, spec, where=prefix, max_rank=client.rank)
     n, report = _num_samples(man, prefix), _report(man, prefix)
     update = ClientUpdate(client.client_id, state, n)
@@ -115,7 +117,7 @@ def _first_read(method: Method, store: st.Store, prefix: str, client: ClientPlan
 def _second_read(method: Method, store: st.Store, u: _Upload, spec: Spec) -> State:
     """The upload again, if it still is the bytes the first pass validated (decoded again: the
     state is rebuilt from those very bytes, so the validation cannot disagree)."""
-    data = store.get_bytes(u.key)
+    data = store.get_bytes(u.key, max_bytes=method.max_upload_bytes(spec, u.max_rank))
     got = hashlib.sha256(data).hexdigest()
     if got != u.sha256:
         raise st.ChecksumMismatch(f"{u.key}: changed between the aggregate step's two reads (sha256 {got}, validated "

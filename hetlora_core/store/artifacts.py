@@ -122,13 +122,20 @@ def get_manifest(store: Store, prefix: str) -> dict[str, Any] | None:
     return None if raw is None else parse_manifest(key, raw)
 
 
-def get_artifact(store: Store, prefix: str) -> tuple[bytes, dict[str, Any]]:
-    """Read the manifest, then its object; verify size and sha256. ``NotFound`` if no manifest."""
+def get_artifact(store: Store, prefix: str, max_bytes: int | None = None) -> tuple[bytes, dict[str, Any]]:
+    """Read the manifest, then its object; verify size and sha256. ``NotFound`` if no manifest.
+
+    Security: the object is read with its manifest's ``size`` as the limit, so an object larger
+    than its manifest says is refused unread; ``max_bytes`` bounds what a manifest may claim
+    (``ObjectTooLarge`` before the object is touched)."""
     manifest = get_manifest(store, prefix)
     if manifest is None:
         raise NotFound(f"no {MANIFEST} under {prefix} in {store.describe()} (artifact not committed)")
     key = f"{prefix.rstrip('/')}/{manifest['object']}"
-    data = store.get_bytes(key)
+    if max_bytes is not None and manifest["size"] > max_bytes:
+        raise ObjectTooLarge(f"{key}: its manifest says {manifest['size']:,} bytes, more than the {max_bytes:,} an upload "
+                             "of this shape and rank can have; not read")
+    data = store.get_bytes(key, max_bytes=manifest["size"])
     if len(data) != manifest["size"]:
         raise ChecksumMismatch(f"{key}: size mismatch: expected {manifest['size']} bytes, got {len(data)}")
     got = hashlib.sha256(data).hexdigest()
