@@ -250,29 +250,25 @@ class _FactorSums:
         return out
 
     def finish(self, m: str) -> None:
-        """Module ``m``'s float32 factors; its float64 sums are freed.
+        """Module ``m``'s float32 factors; its float64 sums are freed. ``normalisation="paper"``
+        uses W as is (the paper's formula: zero padding). ``"rank_aware"`` pads a client that did
+        not train component j (rank, received or pruned, <= j) with the previous global's
+        component j -- it trained from that global, so what it did not receive it did not change --
+        i.e. adds ``(sum_k p_k - sum_k W[k, j]) * prev[j]`` to both sums. Component j then moves by
+        the weighted average of the clients' updates (a non-trainer's is zero): a lone client of
+        weight p_k moves it by ~p_k of its update, as FedAvg would, not p_k^2 (paper) nor 1. Where
+        every client trained j the added weight is exactly 0.0 (same float sums): the paper's bytes.
 
-        ``normalisation="paper"`` uses W as is (the paper's formula: non-trainers padded with zeros).
-        ``"rank_aware"`` pads a client that did not train component j (its rank, received or pruned,
-        is <= j) with the *previous global's* component j instead of zeros -- it left that component
-        as it was -- i.e. adds ``(sum_k p_k - sum_k W[k, j]) * prev[j]`` to both factors' sums. The
-        component then moves by the weighted average of the clients' *updates*, a non-trainer's
-        being zero: one client of weight p_k moves it by about ``p_k`` times its own update, as in
-        FedAvg, instead of scaling the whole value by ``p_k^2`` in ``B A`` (the paper's shrinkage,
-        which also decays what earlier rounds learned there). Where every client trained j the
-        added weight is exactly 0.0 (``total`` and ``col`` are the same float sums), so equal ranks
-        give the paper's bytes. Why not a renormalisation: dividing column j by ``sum_k W[k, j]``
-        (this option's first form, issue 16) took a lone client's tail at full strength every
-        round, as if every client agreed with it; the next lone client starts from it and adds a
-        full local update again. On SmolLM2 (bench ``full`` settings, seed 2) the global tail
-        ``||B A||`` went 17.9 -> 25.3 -> 41.0 -> 55.0 in 4 rounds (paper formula: 5.6 .. 8.8, this
-        padding: 8.0 -> 23.2) and the held-out perplexity rose above the base model's in 2 of 3
-        seeds. The previous global is the right padding because the client trained from it: what it
-        did not receive, it did not change.
+        Why not renormalise column j by ``sum_k W[k, j]`` (this option's first form, issue 16): a
+        lone client's tail entered at full strength every round; on SmolLM2 (bench ``full``, seed 2)
+        the global tail ``||B A||`` went 17.9 -> 25.3 -> 41.0 -> 55.0 in 4 rounds (paper 5.6..8.8,
+        this padding 8.0 -> 23.2), final perplexity 80.1 / 121.0 / 127.9 over seeds 0-2 (base
+        119.8). A ``sqrt`` split over both factors: 67.6 / 90.4 / 229.5. This padding: 68.3 / 80.6
+        / 79.6; the paper's formula: 64.3 / 71.6 / 66.8 (its p_k^2 damping regularises the tail).
 
         Components with ``sum_k W[k, j] == 0`` keep the previous global value
-        (``untrained_components = "keep"``, what the rank-aware padding gives anyway when the
-        weights sum to 1) or become zero (``"zero"``, paper-literal)."""
+        (``untrained_components = "keep"``, what rank-aware padding gives anyway when the weights
+        sum to 1) or become zero (``"zero"``, paper-literal)."""
         r_max, in_f, out_f = self.r_max, self.prev.A[m].shape[1], self.prev.B[m].shape[0]
         a, bt, col, total = self._sums.pop(m, None) or (np.zeros((r_max, in_f)), np.zeros((r_max, out_f)), np.zeros(r_max), np.zeros(1))
         untrained = col == 0
