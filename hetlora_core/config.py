@@ -236,8 +236,10 @@ class StrategyConfig:
     # Components no client of the round trained: keep the previous global value (default) or the
     # paper-literal zeros from zero-padding (which makes them dead forever; HETLORA.md pitfalls).
     untrained_components: Literal["keep", "zero"] = "keep"
-    # "paper": p_k over all clients of the round (the paper's formula); "rank_aware": weights of
-    # component j renormalised over the clients that trained it (avoids p_k^2 shrinkage).
+    # "paper": p_k over all clients of the round, zero padding (the paper's formula); "rank_aware":
+    # a client's components above its rank are padded with the previous global's, not zeros, so a
+    # component trained by few clients moves by their p_k-weighted update instead of shrinking by
+    # p_k^2 in B A (strategies._FactorSums.finish; not a renormalisation, which diverged).
     normalisation: Literal["paper", "rank_aware"] = "paper"
     clip_norm: float | None = None  # optional per-client update-norm clipping (poisoned clients)
 

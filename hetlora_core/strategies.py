@@ -6,7 +6,8 @@ Three code paths cover every method of HETLORA.md:
   to ``r_max`` and average with weights ``p_k`` -- sparsity weights ``||B_k A_k||_F`` (HetLoRA),
   uniform (zero-padding baseline, and the HetLoRA "no sparsity weights" ablation) or sample counts
   (HomLoRA FedAvg). Options: weights per module or per client, sample counts multiplied in,
-  rank-aware normalisation, and what happens to components no client trained.
+  rank-aware padding (a client's missing components padded with the previous global's, not
+  zeros), and what happens to components no client trained.
 * reconstruction + SVD (``recon_svd``, FlexLoRA): average ``dW_k = s B_k A_k`` by sample counts and
   factor the result by SVD with balanced factors, so truncating to r is the best rank-r approximation.
 * full fine-tuning FedAvg (``full_ft``): ``methods.full_ft.average_tensors`` over full weight deltas.
@@ -193,16 +194,16 @@ def _facts_of(updates: Sequence[ClientUpdate]) -> list[ClientFacts]:
 
 
 class _FactorSums:
-    """Running float64 sums ``sum_k W[k, j] pad(A_k)``, ``sum_k W[k, j] pad(B_k)`` and the column
-    weights ``sum_k W[k, j]`` per module at ``r_max`` (component j of client k weighs ``W[k, j] =
-    p_k`` if ``j < r_k`` else 0, its zero padding). B is accumulated transposed (component j = row j
-    of both sums), so every update of a sum runs over contiguous rows. A module's sums are allocated
-    at its first group and freed when it is finished (fed module by module, the allocator then
-    hands the next module the same, already mapped, memory)."""
+    """Running float64 sums ``sum_k W[k, j] pad(A_k)``, ``sum_k W[k, j] pad(B_k)``, the column
+    weights ``sum_k W[k, j]`` and the total weight ``sum_k p_k`` per module at ``r_max`` (component j
+    of client k weighs ``W[k, j] = p_k`` if ``j < r_k`` else 0, its zero padding). B is accumulated
+    transposed (component j = row j of both sums), so every update of a sum runs over contiguous
+    rows. A module's sums are allocated at its first group and freed when it is finished (fed module
+    by module, the allocator then hands the next module the same, already mapped, memory)."""
 
     def __init__(self, prev_global: LoraAdapter, r_max: int, cfg: StrategyConfig) -> None:
         self.prev, self.r_max, self.cfg = prev_global, r_max, cfg
-        self._sums: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # module -> (a, bt, col)
+        self._sums: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}  # module -> (a, bt, col, total)
         self._done: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # module -> (A, B) float32
         self._scratch = Scratch()
 
@@ -221,8 +222,8 @@ class _FactorSums:
         one of the stacked B^T; a group of one is just its weighted adds (stacking only adds calls)."""
         if m not in self._sums:
             self._sums[m] = (np.zeros((self.r_max, self.prev.A[m].shape[1])), np.zeros((self.r_max, self.prev.B[m].shape[0])),
-                             np.zeros(self.r_max))
-        a, bt, col = self._sums[m]
+                             np.zeros(self.r_max), np.zeros(1))
+        a, bt, col, total = self._sums[m]
         r = adapters[0].A[m].shape[0]
         if len(adapters) == 1:
             x, wk = adapters[0], float(w[0])
@@ -230,11 +231,13 @@ class _FactorSums:
             add_scaled(a[:r], x.A[m], wk, tmp)
             add_scaled(bt[:r], x.B[m].T, wk, tmp)
             col[:r] += wk
+            total += wk
             return
         ws = np.asarray(w, dtype=np.float64)
         a[:r] += self._weighted_sum([x.A[m] for x in adapters], ws).reshape(r, -1)
         bt[:r] += self._weighted_sum([x.B[m].T for x in adapters], ws).reshape(r, -1)
         col[:r] += ws.sum()
+        total += ws.sum()  # the same float additions as every trained column: equal where all clients trained j
 
     def _weighted_sum(self, xs: list[np.ndarray], w: np.ndarray) -> np.ndarray:
         """``sum_k w_k x_k`` in float64 for equal-shape float32 arrays: the float32 -> float64 cast
@@ -248,17 +251,34 @@ class _FactorSums:
 
     def finish(self, m: str) -> None:
         """Module ``m``'s float32 factors; its float64 sums are freed. ``normalisation="paper"``
-        uses W as is (the paper's formula); ``"rank_aware"`` divides column j by ``sum_k W[k, j]``
-        so a component trained by few clients is not shrunk by ``p_k^2`` in B A. Components with
-        ``sum_k W[k, j] == 0`` keep the previous global value (``untrained_components = "keep"``)
-        or become zero (``"zero"``, paper-literal)."""
+        uses W as is (the paper's formula: zero padding). ``"rank_aware"`` pads a client that did
+        not train component j (rank, received or pruned, <= j) with the previous global's
+        component j -- it trained from that global, so what it did not receive it did not change --
+        i.e. adds ``(sum_k p_k - sum_k W[k, j]) * prev[j]`` to both sums. Component j then moves by
+        the weighted average of the clients' updates (a non-trainer's is zero): a lone client of
+        weight p_k moves it by ~p_k of its update, as FedAvg would, not p_k^2 (paper) nor 1. Where
+        every client trained j the added weight is exactly 0.0 (same float sums): the paper's bytes.
+
+        Why not renormalise column j by ``sum_k W[k, j]`` (this option's first form, issue 16): a
+        lone client's tail entered at full strength every round; on SmolLM2 (bench ``full``, seed 2)
+        the global tail ``||B A||`` went 17.9 -> 25.3 -> 41.0 -> 55.0 in 4 rounds (paper 5.6..8.8,
+        this padding 8.0 -> 23.2), final perplexity 80.1 / 121.0 / 127.9 over seeds 0-2 (base
+        119.8). A ``sqrt`` split over both factors: 67.6 / 90.4 / 229.5. This padding: 68.3 / 80.6
+        / 79.6; the paper's formula: 64.3 / 71.6 / 66.8 (its p_k^2 damping regularises the tail).
+
+        Components with ``sum_k W[k, j] == 0`` keep the previous global value
+        (``untrained_components = "keep"``, what rank-aware padding gives anyway when the weights
+        sum to 1) or become zero (``"zero"``, paper-literal)."""
         r_max, in_f, out_f = self.r_max, self.prev.A[m].shape[1], self.prev.B[m].shape[0]
-        a, bt, col = self._sums.pop(m, None) or (np.zeros((r_max, in_f)), np.zeros((r_max, out_f)), np.zeros(r_max))
-        if self.cfg.normalisation == "rank_aware":
-            inv = 1.0 / np.where(col > 0, col, 1.0)  # untrained: handled below
-            a *= inv[:, None]
-            bt *= inv[:, None]
+        a, bt, col, total = self._sums.pop(m, None) or (np.zeros((r_max, in_f)), np.zeros((r_max, out_f)), np.zeros(r_max), np.zeros(1))
         untrained = col == 0
+        if self.cfg.normalisation == "rank_aware":
+            gap = total[0] - col  # the weight of the clients that did not train component j
+            for j in np.flatnonzero(gap):  # row by row: no module-sized temporary
+                a[j] += gap[j] * self.prev.A[m][j]
+                bt[j] += gap[j] * self.prev.B[m][:, j]
+            if self.cfg.untrained_components == "zero":
+                a[untrained], bt[untrained] = 0.0, 0.0
         if self.cfg.untrained_components == "keep" and untrained.any():
             a[untrained] = self.prev.A[m][untrained]
             bt[untrained] = self.prev.B[m][:, untrained].T
@@ -277,8 +297,10 @@ def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p
     """``B_g = sum_k p_k pad(B_k)``, ``A_g = sum_k p_k pad(A_k)`` per module, component by component.
 
     Component j of client k gets weight ``W[k, j] = p_k`` if ``j < r_k`` else 0 (its zero padding).
-    ``normalisation="paper"`` uses W as is (the paper's formula); ``"rank_aware"`` divides column j
-    by ``sum_k W[k, j]`` so a component trained by few clients is not shrunk by ``p_k^2`` in B A.
+    ``normalisation="paper"`` uses W as is (the paper's formula); ``"rank_aware"`` pads a client
+    with the previous global's components above its rank instead of zeros, so a component trained
+    by few clients moves by their weighted update (about ``p_k`` times one client's) instead of
+    being shrunk by ``p_k^2`` in B A (``_FactorSums.finish`` says why not a renormalisation).
     Components with ``sum_k W[k, j] == 0`` keep the previous global value (``untrained_components
     = "keep"``) or become zero (``"zero"``, paper-literal; then they can never train again).
     Clients are reduced group by group (``rank_groups``), float64 accumulation, float32 result."""

@@ -57,7 +57,8 @@ def test_factor_averaging_matches_hand_computation(name, cfg_kw, weights):
 @pytest.mark.parametrize("untrained", ["keep", "zero"])
 def test_factor_averaging_mixed_ranks_non_square(normalisation, untrained):
     """Mixed ranks on an out 5 x in 7 module against a dense reference: component j of client k
-    weighs ``W[k, j] = p_k`` if ``j < r_k`` else 0 (columns normalised when rank-aware)."""
+    weighs ``W[k, j] = p_k`` if ``j < r_k`` else 0 (rank-aware: the previous global's component
+    weighs the rest, ``1 - sum_k W[k, j]``)."""
     g, r_max = np.random.default_rng(3), 6
 
     def mk(r: int) -> LoraAdapter:
@@ -69,10 +70,12 @@ def test_factor_averaging_mixed_ranks_non_square(normalisation, untrained):
     p = [info.weights[M][u.client_id] for u in ups]
     W = np.array([[p[k] if j < u.adapter.rank else 0.0 for j in range(r_max)] for k, u in enumerate(ups)])
     col = W.sum(0)
-    if normalisation == "rank_aware":
-        W = W / np.where(col > 0, col, 1.0)
     A = sum(W[k][:, None] * u.adapter.pad(r_max).A[M] for k, u in enumerate(ups))
     B = sum(W[k][None, :] * u.adapter.pad(r_max).B[M] for k, u in enumerate(ups))
+    if normalisation == "rank_aware":
+        A, B = A + (1 - col)[:, None] * prev.A[M], B + (1 - col)[None, :] * prev.B[M]
+        if untrained == "zero":
+            A[col == 0], B[:, col == 0] = 0, 0
     if untrained == "keep":
         A[col == 0], B[:, col == 0] = prev.A[M][col == 0], prev.B[M][:, col == 0]
     assert new.ranks == {M: r_max} and new.B[M].flags.c_contiguous
@@ -91,12 +94,15 @@ def test_hetlora_explicit_numbers():
 
 
 def test_rank_aware_normalisation():
-    """Component 2 is trained only by c: rank-aware gives it weight 1 instead of p_c."""
+    """Component 2 is trained only by c: rank-aware pads a and b with the previous global's
+    component 2 (all 7s), so it is p_c [0, 2] + (p_a + p_b) [7, 7] instead of p_c [0, 2]."""
     prev, ups = three_clients()
     new, _ = aggregate(prev, ups, StrategyConfig(normalisation="rank_aware"), R_MAX)
-    assert new.A[M][2].tolist() == pytest.approx([0, 2])
-    z = 2 + 6 ** 0.5  # component 1 is trained by b and c
-    assert new.A[M][1].tolist() == pytest.approx([2 / z * 1, 0])
+    z = 3 + 6 ** 0.5
+    pa, pb, pc = 1 / z, 2 / z, 6 ** 0.5 / z
+    assert new.A[M][2].tolist() == pytest.approx([7 * (pa + pb), 2 * pc + 7 * (pa + pb)])
+    assert new.A[M][1].tolist() == pytest.approx([pb * 1 + 7 * pa, 0 + 7 * pa])  # b and c trained component 1
+    assert new.A[M][0].tolist() == pytest.approx([pa + pc, pb + pc])  # everybody trained component 0: the paper's value
 
 
 def test_untrained_components_keep_or_zero():
@@ -251,8 +257,11 @@ def reference_average(prev: LoraAdapter, updates, cfg: StrategyConfig, r_max: in
             a += W[k][:, None] * pad.A[m].astype(np.float64)
             b += W[k][None, :] * pad.B[m].astype(np.float64)
         col = W.sum(0)
-        if cfg.normalisation == "rank_aware":
-            a, b = a / np.where(col > 0, col, 1)[:, None], b / np.where(col > 0, col, 1)[None, :]
+        if cfg.normalisation == "rank_aware":  # non-trainers padded with the previous global's component
+            a = a + (p[m].sum() - col)[:, None] * prev.A[m].astype(np.float64)
+            b = b + (p[m].sum() - col)[None, :] * prev.B[m].astype(np.float64)
+            if cfg.untrained_components == "zero":
+                a[col == 0], b[:, col == 0] = 0, 0
         if cfg.untrained_components == "keep":
             a[col == 0], b[:, col == 0] = prev.A[m][col == 0], prev.B[m][:, col == 0]
         A[m], B[m] = a.astype(np.float32), b.astype(np.float32)
