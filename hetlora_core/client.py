@@ -25,6 +25,7 @@ from .config import HetLoRAConfig
 from .data import Batch, ClientData, sample_batch
 from .faults import failpoint
 from .methods import method_for
+from .pruning import tail_scores
 from .regulariser import adam_step_sizes, proximal_step, regulariser
 from .threads import task_threads
 
@@ -128,8 +129,15 @@ def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData
             with torch.no_grad() if proximal else contextlib.nullcontext():
                 return regulariser(A, B, ranks, cfg.pruning, cfg.ranks.r_min)
 
+        # The prox skips a module received with a zero tail score (round 0: B = 0): it cannot prune (the
+        # score cannot go down), and there the tail's A rows get no gradient, so Adam's metric is ~lr/eps
+        # and the prox would zero them, leaving a dead component that no later round can regrow.
+        live = [m for m, s in tail_scores(received.A, received.B, ranks, cfg.pruning).items() if s > 0] if proximal else []
+        A_live, B_live = {m: A[m] for m in live}, {m: B[m] for m in live}
+
         def after_step(opt: torch.optim.Optimizer) -> None:  # the prox in the metric of the AdamW step just taken
-            proximal_step(A, B, ranks, cfg.pruning, cfg.ranks.r_min, (adam_step_sizes(opt, A), adam_step_sizes(opt, B)))
+            steps = (adam_step_sizes(opt, A_live), adam_step_sizes(opt, B_live))
+            proximal_step(A_live, B_live, ranks, cfg.pruning, cfg.ranks.r_min, steps)
 
         with precision.checkpointing(model, cfg.model.gradient_checkpointing):
             loss, reg, tokens = _loop(peft_model, peft_bridge.lora_parameters(peft_model), client, cfg, rnd, reg_fn,

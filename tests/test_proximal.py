@@ -214,6 +214,20 @@ def test_proximal_form_adds_nothing_to_the_loss_and_steps_once_per_step(model, c
     assert len(calls) == 1 + 3 and three.reg_loss > 0
 
 
+def test_proximal_step_skips_a_zero_received_tail(model, cfg, one_client):
+    """Round 0 (B = 0): the tail score cannot go down, so no prune can follow, and the tail's A rows get
+    no gradient (Adam's metric there is lr/eps): the prox leaves such a module alone instead of zeroing
+    A's tail rows into a dead component. The update equals the unregularised one, bit for bit."""
+    received = init_global(spec_from_model(model, cfg.model.target_modules), 8, 2.0, 0)
+    common = {"training.local_steps": 2, "pruning.lam": 0.01}
+    prox = train_lora(model, received, one_client, replace(cfg, **common, **{"pruning.form": "proximal"}), 0)
+    off = train_lora(model, received, one_client, replace(cfg, **common, **{"pruning.enabled": False}), 0)
+    assert prox.adapter is not None and off.adapter is not None
+    for m in received.modules:
+        assert np.array_equal(prox.adapter.A[m], off.adapter.A[m]) and np.array_equal(prox.adapter.B[m], off.adapter.B[m]), m
+        assert np.count_nonzero(prox.adapter.A[m][7]) == prox.adapter.A[m].shape[1]
+
+
 # ---------------------------------------------------------------- config
 
 
