@@ -1,4 +1,5 @@
-"""One client's local update: a single readable training loop (AdamW) with the tail regulariser.
+"""One client's local update: a single readable training loop (AdamW) with the tail regulariser
+(added to the loss, or applied as a proximal step after each optimiser step: ``pruning.form``).
 
 ``train_lora`` attaches the received adapter to the shared base model through peft, trains it for
 ``training.local_steps`` steps on seeded random windows of the client's text, and detaches again.
@@ -24,7 +25,8 @@ from .config import HetLoRAConfig
 from .data import Batch, ClientData, sample_batch
 from .faults import failpoint
 from .methods import method_for
-from .regulariser import regulariser
+from .pruning import tail_scores
+from .regulariser import adam_step_sizes, proximal_step, regulariser
 from .threads import task_threads
 
 
@@ -62,8 +64,12 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: ClientData, cfg: HetLoRAConfig, rnd: int,
-          reg_fn: Callable[[], torch.Tensor | None]) -> tuple[float, float, int]:
-    """The training loop shared by every method: returns (mean task loss, mean reg, tokens)."""
+          reg_fn: Callable[[], torch.Tensor | None], after_step: Callable[[torch.optim.Optimizer], None] | None = None) -> tuple[float, float, int]:
+    """The training loop shared by every method: returns (mean task loss, mean reg, tokens).
+
+    ``reg_fn``: the penalty at the current weights, before the step, reported as ``reg_loss``; a
+    differentiable one is added to the loss, one computed without grad is only reported.
+    ``after_step``: run after each optimiser step that was taken (the proximal form's shrinkage)."""
     t = cfg.training
     gen = torch.Generator().manual_seed(client_seed(cfg.federation.seed, rnd, client.client_id))
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -86,11 +92,16 @@ def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: Clie
             with prec.autocast():
                 loss = model(**batch.model_inputs()).loss
             reg = reg_fn()
-            total = loss.float() + (reg if reg is not None else 0.0)
+            total = loss.float() + (reg if reg is not None and reg.requires_grad else 0.0)
             opt.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
+            scale = scaler.get_scale() if after_step is not None else 0.0  # 1.0 when the scaler is disabled
             scaler.step(opt)  # plain opt.step() when the scaler is disabled
             scaler.update()
+            # A float16 step with inf/nan gradients is skipped and the scale lowered: then skip the
+            # proximal step too, as AdamW's own decoupled decay is skipped with the step.
+            if after_step is not None and scaler.get_scale() >= scale:
+                after_step(opt)
             losses.append(float(loss.detach()))
             regs.append(float(reg.detach()) if reg is not None else 0.0)
             tokens += batch.num_tokens()
@@ -109,12 +120,28 @@ def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData
         A, B = peft_bridge.lora_tensors(peft_model)
         ranks = received.ranks
         use_reg = method_for(cfg).prunes  # the one switch on the method (hetlora_core.methods)
+        proximal = use_reg and cfg.pruning.form == "proximal"
 
         def reg_fn() -> torch.Tensor | None:
-            return regulariser(A, B, ranks, cfg.pruning, cfg.ranks.r_min) if use_reg else None
+            if not use_reg:
+                return None
+            # Proximal form: the penalty is applied by after_step, not through the loss; its value is only reported.
+            with torch.no_grad() if proximal else contextlib.nullcontext():
+                return regulariser(A, B, ranks, cfg.pruning, cfg.ranks.r_min)
+
+        # The prox skips a module received with a zero tail score (round 0: B = 0): it cannot prune (the
+        # score cannot go down), and there the tail's A rows get no gradient, so Adam's metric is ~lr/eps
+        # and the prox would zero them, leaving a dead component that no later round can regrow.
+        live = [m for m, s in tail_scores(received.A, received.B, ranks, cfg.pruning).items() if s > 0] if proximal else []
+        A_live, B_live = {m: A[m] for m in live}, {m: B[m] for m in live}
+
+        def after_step(opt: torch.optim.Optimizer) -> None:  # the prox in the metric of the AdamW step just taken
+            steps = (adam_step_sizes(opt, A_live), adam_step_sizes(opt, B_live))
+            proximal_step(A_live, B_live, ranks, cfg.pruning, cfg.ranks.r_min, steps)
 
         with precision.checkpointing(model, cfg.model.gradient_checkpointing):
-            loss, reg, tokens = _loop(peft_model, peft_bridge.lora_parameters(peft_model), client, cfg, rnd, reg_fn)
+            loss, reg, tokens = _loop(peft_model, peft_bridge.lora_parameters(peft_model), client, cfg, rnd, reg_fn,
+                                      after_step if proximal else None)
         trained = peft_bridge.extract(peft_model, received.scale)
     finally:
         peft_bridge.detach(peft_model)

@@ -257,10 +257,17 @@ class PruningConfig:
     score: Literal["product_of_norms", "norm_of_product"] = "product_of_norms"  # (open)
     decision: Literal["client", "module"] = "client"  # (open) one decision over all modules
     regularize_at_r_min: bool = False  # r_min clients cannot prune: skip the regulariser there
+    # How training applies ``lam * sum_m score_m``: "loss" adds it to the loss (the paper's form; AdamW
+    # moves every tail entry by ~lr per step whatever the penalty's gradient, so a small tail grows and
+    # rarely prunes); "proximal" leaves the loss alone and soft-thresholds the tail's B columns and A
+    # rows after every optimiser step (group lasso, decoupled like AdamW's weight decay), in the metric
+    # of Adam's step so that step cannot undo it (regulariser.proximal_step). lam's scale differs per form.
+    form: Literal["loss", "proximal"] = "loss"
 
     def __post_init__(self) -> None:
         _check(0 < self.gamma < 1, "pruning.gamma", f"must be in (0, 1), got {self.gamma}")
         _check(self.lam >= 0, "pruning.lam", f"must be >= 0, got {self.lam}")
+        _check(self.form in ("loss", "proximal"), "pruning.form", f"must be 'loss' or 'proximal', got {self.form!r}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ EXPECTED = {
     "bench_flops.py": ("flops-quick.json", []),
     "bench_pipeline_overhead.py": ("pipeline_overhead.json", ["ratio", "ratio_vs_cold", "in_process_cold_s"]),
     "bench_precision.py": ("precision-quick.json", ["auto_vs_float32", "bf16_vs_float32"]),
+    "bench_pruning_form.py": ("pruning_form-quick.json", []),
     "bench_regulariser.py": ("regulariser-quick.json", ["ratio"]),
     "bench_threads.py": ("threads-quick.json", ["ratio"]),
     "bench_vocab.py": ("vocab-quick.json", ["train_ratio", "eval_ratio"]),
