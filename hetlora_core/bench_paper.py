@@ -49,6 +49,7 @@ METHODS: dict[str, tuple[str, Callable[[HetLoRAConfig, dict[str, Any]], Override
     "recon_svd": ("Recon+SVD (FlexLoRA)", lambda b, p: {"strategy.name": "recon_svd"}),
     "full_ft": ("full fine-tuning", lambda b, p: {"strategy.name": "full_ft", "training.lr": p["full_ft_lr"]}),
     "hetlora_rankaware": ("HetLoRA rank-aware", lambda b, p: {"strategy.normalisation": "rank_aware"}),
+    "hetlora_lossform": ("HetLoRA, penalty in the loss", lambda b, p: {"pruning.form": "loss"}),
 }
 
 # quick (full: more rounds). Sizes come from costs measured on
@@ -61,6 +62,10 @@ _REAL: Overrides = {
     "ranks.tiers": [{"name": "small", "rank": 2}, {"name": "medium", "rank": 6}, {"name": "large", "rank": 16}],
     "training.local_steps": 2, "training.batch_size": 2, "training.lr": 3e-3, "training.bf16": False,
     "pruning.lam": 1e-2, "pruning.gamma": 0.99, "federation.rounds": 6, "federation.clients_per_round": 3,
+    # The tail penalty as a proximal step after each AdamW step: in the loss, Adam's ~lr-per-entry
+    # steps drown it and clients almost never prune (docs/benchmarks.md, "Pruning form"); the
+    # hetlora_lossform row keeps the loss form for comparison.
+    "pruning.form": "proximal",
 }
 _TINY: Overrides = {
     **_REAL, "model.name": "tiny", "model.tiny_hidden": 32, "model.tiny_layers": 1, "data.min_chars": 2000,

@@ -13,7 +13,8 @@ from typing import Any
 # HetLoRA against these; "paper" says what the paper reports (HETLORA.md headline table).
 COMPARE = [("homlora_rmin", "HetLoRA better"), ("homlora_rmax", "HetLoRA better (r_max overfits)"),
            ("recon_svd", "HetLoRA better"), ("zero_pad", "HetLoRA better"), ("hetlora_noprune", "pruning helps"),
-           ("hetlora_nosparsity", "sparsity weights help"), ("hetlora_rankaware", "not in the paper (our option)")]
+           ("hetlora_nosparsity", "sparsity weights help"), ("hetlora_rankaware", "not in the paper (our option)"),
+           ("hetlora_lossform", "not in the paper (how the penalty is applied)")]
 PAPER_ORDER = [("full_ft", "hetlora"), ("hetlora", "homlora_rmin"), ("homlora_rmin", "homlora_rmax"),
                ("hetlora", "homlora_rmax"), ("hetlora", "recon_svd")]
 SECTIONS = ["## Command", "## Machine and wall time", "## Settings and why", "## Scaled down relative to the paper",
@@ -171,11 +172,13 @@ def verdict(S: dict[str, dict[str, Any]], T: dict[str, float]) -> list[str]:
                  f"HetLoRA), pair by pair in the final means: holds for {'; '.join(held) or 'none'}; "
                  f"reversed for {'; '.join(broken) or 'none'}. Single-pair differences are only meaningful where the "
                  "noise judgements above say so.")
-    if h["prune_events"] or any(h["ranks"]):
-        r0 = statistics.fmean(r[0] for r in h["ranks"])
-        r1 = statistics.fmean(r[-1] for r in h["ranks"])
-        lines.append(f"- **Self-pruning (HetLoRA)**: {h['prune_events']:.1f} prune events per run; mean client rank "
-                     f"{r0:.2f} at the start -> {r1:.2f} after the last round.")
+    parts = []
+    for m in ("hetlora", "hetlora_lossform", "hetlora_noprune"):
+        if m in S and S[m]["ranks"]:
+            r0, r1 = (statistics.fmean(r[i] for r in S[m]["ranks"]) for i in (0, -1))
+            parts.append(f"{S[m]['label']}: {S[m]['prune_events']:.1f} prune events per run, mean client rank {r0:.2f} -> {r1:.2f}")
+    if parts:
+        lines.append("- **Self-pruning** (over every client of the run, start -> after the last round): " + "; ".join(parts) + ".")
     return lines
 
 
@@ -332,7 +335,9 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
                              "normalised over those tokens, lower than full-vocabulary figures and comparable only to runs with the "
                              "same setting." if b["model"].get("vocab") == "corpus" else
                              "SmolLM2's full 49,152 tokens (`model.vocab: full`)."),
-         f"- Self-pruning: lambda {b['pruning']['lam']:g}, gamma {b['pruning']['gamma']:g}, score {b['pruning']['score']}, "
+         f"- Self-pruning: penalty as {'a proximal step after each AdamW step' if b['pruning'].get('form') == 'proximal' else 'a loss term'} "
+         f"(`pruning.form: {b['pruning'].get('form', 'loss')}`), lambda {b['pruning']['lam']:g}, gamma {b['pruning']['gamma']:g}, "
+         f"score {b['pruning']['score']}, "
          f"decision per {b['pruning']['decision']}, regulariser at r_min: {b['pruning']['regularize_at_r_min']}. Aggregation: "
          f"weights per {b['strategy']['weight_granularity']}, sample-weighted {b['strategy']['sample_weighted']}, untrained "
          f"components {b['strategy']['untrained_components']}, normalisation {b['strategy']['normalisation']} (the paper's formula).", ""]
