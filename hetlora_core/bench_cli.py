@@ -51,12 +51,16 @@ def register(main: click.Group) -> None:
                        "(launch-bound at these sizes) 8-9 keep it busy; on a CPU at most the idle cores.")
     @click.option("--deadline-min", type=float, default=None,
                   help="Start no run after this many minutes (runs go seed by seed; the report says what did not run).")
+    @click.option("--stop-min", type=float, default=None,
+                  help="The bench will be stopped after this many minutes (a device call's limit): a run is not started "
+                       "when its method's finished runs under --out took longer than the time left.")
     @click.option("--no-run", is_flag=True, help="Only write the report from the runs already finished under --out.")
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                   help="Override the profile's model.device (default: the profile's; gpu: auto = CUDA when present).")
     @threads_opt
     def paper(profile: str, out: str, report: str, methods: str, seeds: int | None, sweep: bool, vocab: str, task: str,
-              workers: int, deadline_min: float | None, no_run: bool, device: str | None, threads: int) -> None:
+              workers: int, deadline_min: float | None, stop_min: float | None, no_run: bool, device: str | None,
+              threads: int) -> None:
         """Run HetLoRA, HomLoRA at r_min and r_max, zero-padding, the ablations, Recon+SVD and full
         fine-tuning on the same clients, seeds and local steps, and write the report with plots.
 
@@ -68,7 +72,7 @@ def register(main: click.Group) -> None:
         run_paper(profile, Path(out), Path(report), [m for m in methods.split(",") if m] or None, seeds, sweep, cmd,
                   log=lambda s: click.echo(f"[bench {time.strftime('%H:%M:%S')}] {s}", err=True), vocab=vocab,
                   workers=workers, deadline_s=deadline_min * 60 if deadline_min else None, run=not no_run, task=task,
-                  device=device)
+                  device=device, stop_s=stop_min * 60 if stop_min else None)
 
     @bench.command("sweep")
     @profile_opt

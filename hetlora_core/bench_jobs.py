@@ -34,6 +34,7 @@ class Job:
     cfg: HetLoRAConfig
     run_dir: Path
     meta: dict[str, Any]
+    deadline: float | None = None  # its own latest start (Unix time), when its duration is known; else run_jobs'
 
 
 def _worker_init(threads: int) -> None:
@@ -95,13 +96,15 @@ def run_jobs(jobs: Sequence[Job], workers: int, log: Callable[[str], None], dead
 
     if workers <= 1:
         for i, j in enumerate(jobs):
-            late = deadline is not None and time.time() > deadline and not (j.run_dir / "bench.json").is_file()
+            dl = j.deadline if j.deadline is not None else deadline
+            late = dl is not None and time.time() > dl and not (j.run_dir / "bench.json").is_file()
             settle(i, _none if late else functools.partial(run_one, j.cfg, j.run_dir, j.meta, log))
     else:
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
             futs: dict[Future[dict[str, Any] | None], int] = {
-                pool.submit(_run_in_worker, j.cfg.to_json(), str(j.run_dir), j.meta, deadline): i for i, j in enumerate(jobs)}
+                pool.submit(_run_in_worker, j.cfg.to_json(), str(j.run_dir), j.meta, j.deadline if j.deadline is not None else deadline): i
+                for i, j in enumerate(jobs)}
             pending = set(futs)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)

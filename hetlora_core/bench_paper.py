@@ -307,14 +307,16 @@ def _jobs(profile: str, base: HetLoRAConfig, prof: dict[str, Any], methods: list
 def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None = None, seeds: int | None = None,
               sweep: bool = False, command: str = "", log: Callable[[str], None] = print,
               vocab: str = "full", workers: int = 1, deadline_s: float | None = None, run: bool = True,
-              task: str = "lm", device: str | None = None) -> dict[str, Any]:
+              task: str = "lm", device: str | None = None, stop_s: float | None = None) -> dict[str, Any]:
     """Run every (method, seed) of ``profile`` (resumable) and write the report and plots.
 
     ``workers``: processes sharing the machine (bench_jobs.py); ``deadline_s``: seconds from now
     after which no run starts; ``run=False``: only report the runs already finished under ``out``
     (with the machine facts recorded when they ran), e.g. runs copied back from a GPU machine.
     ``task``: ``lm`` (the roles' text, perplexity) or ``next-speech`` (bench_task.py); ``device``
-    overrides the profile's ``model.device`` (e.g. the gpu-tiny check on a GPU)."""
+    overrides the profile's ``model.device`` (e.g. the gpu-tiny check on a GPU); ``stop_s``: seconds
+    from now at which the caller stops the bench (a device call's limit): a run whose method's
+    earlier runs took longer than the time left is not started (``_fit_to_stop``)."""
     from .bench_task import task_overrides
     from .report import write_report
 
@@ -345,7 +347,10 @@ def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None =
         atomic_write(meta_path, json.dumps(ran, indent=1).encode())
         if workers > 1:
             _warm_model(base)  # once, before the workers: not one conversion per process
-        deadline = time.time() + deadline_s if deadline_s else None
+        now = time.time()
+        deadline = now + deadline_s if deadline_s else (now + stop_s if stop_s else None)
+        if stop_s:
+            jobs = _fit_to_stop(jobs, now + stop_s, out)
         records, missing = run_jobs(jobs, workers, log, deadline, threads=base.training.threads)
         atomic_write(meta_path, json.dumps({**ran, "wall_seconds": time.perf_counter() - t0}, indent=1).encode())
     else:
@@ -359,13 +364,29 @@ def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None =
         raise click.ClickException(f"no finished runs under {out} for profile {profile!r} ({len(missing)} missing); nothing to report")
     wall = json.loads(meta_path.read_text()).get("wall_seconds") if meta_path.is_file() else None
     meta = {"profile": profile, "command": command, "machine": mach, "load_start": load0,
-            "wall_seconds": wall if wall is not None else sum(r["wall_seconds"] for r in records) / max(1, workers),
+            "wall_seconds": wall, "stopped": wall is None and meta_path.is_file(),  # stopped before it could record it
             "base": base.to_dict(), "full_ft_lr": prof["full_ft_lr"], "sweep": sweep_summary, "out": str(out),
             "methods": methods, "labels": {m: METHODS[m][0] for m in methods}, "missing": missing, "task": task,
             "planned_runs": len(jobs)}
     write_report(records, meta, report)
-    log(f"report: {report} ({len(records)} of {len(jobs)} runs; {meta['wall_seconds']:.0f} s)")
+    log(f"report: {report} ({len(records)} of {len(jobs)} runs)")
     return {"records": records, "meta": meta}
+
+
+def _fit_to_stop(jobs: list[Job], stop: float, out: Path) -> list[Job]:
+    """Each job's latest start: ``stop`` minus the median wall time of its method's runs already
+    finished under ``out`` (e.g. in an earlier device call); a method never finished keeps the
+    general deadline. A run that cannot finish before the stop is not started: killed, it would
+    only have taken a worker from runs that can."""
+    import dataclasses
+    import statistics
+
+    walls: dict[str, list[float]] = {}
+    for f in out.glob("runs/*/*/bench.json"):
+        rec = json.loads(f.read_text())
+        walls.setdefault(rec["method"], []).append(float(rec["wall_seconds"]))
+    return [dataclasses.replace(j, deadline=stop - statistics.median(walls[j.meta["method"]])) if j.meta["method"] in walls else j
+            for j in jobs]
 
 
 def _warm_model(cfg: HetLoRAConfig) -> None:

@@ -289,6 +289,16 @@ def _budget_note(mc: dict[str, Any]) -> str:
             "where convergence speed matters more than late overfitting; the paper's late-round effects may not appear at all.")
 
 
+def _invocation(meta: dict[str, Any]) -> str:
+    """How long the bench invocation that made these runs took, or that it was stopped."""
+    if meta.get("wall_seconds") is None and not meta.get("stopped"):
+        return "The wall time of the invocation that ran them was not recorded."
+    if meta.get("wall_seconds") is None:
+        return ("The invocation that ran them was stopped at its time limit (a device call), so its own wall time was not "
+                "recorded; the runs listed as missing below did not finish in it.")
+    return f"This invocation itself took {meta['wall_seconds'] / 60:.1f} min (runs finished earlier are reused, not rerun)."
+
+
 def _precision_of(records: list[dict[str, Any]]) -> str:
     """The precision the runs recorded (results.json ``precision``), or what the config asked for."""
     got = {f"{p.get('device')} {p.get('dtype')}" for r in records for p in (r.get("precision") or []) if isinstance(p, dict)}
@@ -320,8 +330,7 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
          "(the sum of their wall times: the elapsed time when one process runs them one after another; runs split across "
          f"processes with `--methods` finish sooner), {sum(r['cpu_seconds'] for r in records) / 60:.1f} min of "
          f"process CPU time. With one torch thread the CPU time is about what the profile takes on quiet cores; two threads "
-         f"on two quiet cores should take less (not measured: the machine was never quiet). This invocation itself took "
-         f"{meta['wall_seconds'] / 60:.1f} min (runs finished earlier are reused, not rerun)."
+         f"on two quiet cores should take less (not measured: the machine was never quiet). " + _invocation(meta)
          + (f" The sweep behind the settings took another {_sweep_minutes(meta['sweep']):.1f} min." if meta.get("sweep") else ""),
          "", "## Settings and why", "",
          _data_line(b, meta.get("task", "lm")),

@@ -123,3 +123,19 @@ def test_claim_verdicts_follow_the_numbers() -> None:
     assert v["HetLoRA converges faster than HomLoRA r_min"] == "holds"  # reaches r_min's final a round earlier, every seed
     one = claims(_summary({"hetlora": [50.0], "homlora_rmin": [60.0]}))
     assert one[0]["verdict"].startswith("not shown (one seed")
+
+
+def test_runs_that_cannot_finish_before_the_stop_are_not_started(tmp_path: Path) -> None:
+    """With a stop time, a method whose earlier runs (e.g. from the last device call) took longer
+    than the time left is not started; a method never timed keeps the general deadline."""
+    jobs = _jobs(tmp_path, ["hetlora", "homlora_rmin"], seeds=2)
+    done = next(j for j in jobs if j.meta["method"] == "hetlora" and j.meta["seed"] == 0)
+    done.run_dir.mkdir(parents=True)
+    (done.run_dir / "bench.json").write_text(json.dumps({"method": "hetlora", "wall_seconds": 100.0}))
+    stop = time.time() + 60
+    fitted = bp._fit_to_stop(jobs, stop, tmp_path)
+    by = {(j.meta["method"], j.meta["seed"]): j for j in fitted}
+    assert by[("hetlora", 1)].deadline == pytest.approx(stop - 100) and by[("homlora_rmin", 1)].deadline is None
+    logs: list[str] = []
+    recs, missing = run_jobs([by[("hetlora", 1)]], 1, logs.append, deadline=None)  # no general deadline: its own one
+    assert recs == [] and missing == ["hetlora seed 1: not started (deadline)"]
