@@ -259,10 +259,11 @@ class PruningConfig:
     regularize_at_r_min: bool = False  # r_min clients cannot prune: skip the regulariser there
     # How training applies ``lam * sum_m score_m``: "loss" adds it to the loss (the paper's form; AdamW
     # moves every tail entry by ~lr per step whatever the penalty's gradient, so a small tail grows and
-    # rarely prunes); "proximal" leaves the loss alone and soft-thresholds the tail's B columns and A
-    # rows after every optimiser step (group lasso, decoupled like AdamW's weight decay), in the metric
-    # of Adam's step so that step cannot undo it (regulariser.proximal_step). lam's scale differs per form.
-    form: Literal["loss", "proximal"] = "loss"
+    # rarely prunes); "proximal" (default) leaves the loss alone and soft-thresholds the tail's B columns
+    # and A rows after every optimiser step (group lasso, decoupled like AdamW's weight decay), in the
+    # metric of Adam's step so that step cannot undo it (regulariser.proximal_step). lam's scale differs
+    # per form. Default since it pruned 3x as often at equal perplexity (docs/results-gpu.md, docs/benchmarks.md).
+    form: Literal["loss", "proximal"] = "proximal"
 
     def __post_init__(self) -> None:
         _check(0 < self.gamma < 1, "pruning.gamma", f"must be in (0, 1), got {self.gamma}")

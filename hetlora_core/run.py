@@ -82,6 +82,8 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store, targets: tuple[s
     mine = json.loads(cfg.to_json())  # JSON-normalised (tuples become lists) to compare like with like
     theirs = st.get_json(store, key)
     if theirs is not None:
+        if isinstance(theirs.get("pruning"), dict) and "form" not in theirs["pruning"]:
+            theirs = {**theirs, "pruning": {**theirs["pruning"], "form": "loss"}}  # recorded before pruning.form: it ran "loss"
         try:  # fill settings added since that run was recorded with their defaults
             theirs = json.loads(config_from_dict(theirs).to_json())
         except ConfigError:
@@ -97,6 +99,8 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store, targets: tuple[s
             if theirs.get("training", {}).get("bf16") is False and mine["training"]["bf16"] is None:
                 # Runs recorded before model.dtype existed stored the legacy default bf16: false (float32).
                 hint = "; a run recorded before model.dtype existed resumes with --set training.bf16=false"
+            elif theirs.get("pruning", {}).get("form") == "loss" and mine["pruning"]["form"] != "loss":
+                hint = "; a run recorded before pruning.form existed (or with the loss form) resumes with --set pruning.form=loss"
             raise RunConfigMismatch(f"{store.describe()}/{key} holds experiment {cfg.experiment!r} with a different config "
                                     f"(sections {diff}); use another experiment name or output directory to start fresh{hint}")
     st.put_json(store, key, mine)

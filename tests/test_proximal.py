@@ -232,10 +232,28 @@ def test_proximal_step_skips_a_zero_received_tail(model, cfg, one_client):
 
 
 def test_form_field_validation():
-    assert PruningConfig().form == "loss"  # the default is today's behaviour
-    assert PruningConfig(form="proximal").form == "proximal"
+    assert PruningConfig().form == "proximal"  # the default since it prunes where the loss form does not
+    assert PruningConfig(form="loss").form == "loss"
     with pytest.raises(ConfigError, match=r"pruning\.form: must be 'loss' or 'proximal', got 'prox'"):
         PruningConfig(form="prox")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"pruning\.form.*'gradient'"):
         load_config(None, {"pruning.form": "gradient"})
     assert load_config(None, {"pruning.form": "proximal"}).pruning.form == "proximal"
+
+
+def test_a_run_recorded_before_pruning_form_resumes_only_with_the_loss_form(tmp_path) -> None:
+    """Runs recorded before ``pruning.form`` existed trained with the penalty in the loss; resuming
+    one under today's default (proximal) would switch forms mid-run: refused, with the fix."""
+    from hetlora_core import store as st
+    from hetlora_core.config import HetLoRAConfig, replace
+    from hetlora_core.run import RunConfigMismatch, check_or_record_config
+
+    store = st.LocalStore(str(tmp_path))
+    now = HetLoRAConfig()
+    assert now.pruning.form == "proximal"
+    old = now.to_dict()
+    del old["pruning"]["form"]
+    st.put_json(store, st.config_key(now.experiment), old)
+    with pytest.raises(RunConfigMismatch, match=r"resumes with --set pruning.form=loss"):
+        check_or_record_config(now, store)
+    check_or_record_config(replace(now, **{"pruning.form": "loss"}), store)  # the hint works
