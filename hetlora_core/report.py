@@ -280,9 +280,10 @@ def _data_line(b: dict[str, Any], task: str) -> str:
 
 def _budget_note(mc: dict[str, Any]) -> str:
     if mc.get("gpu"):
-        return (f"The budget is one device call on the {mc['gpu']} (about 9 minutes for every method and seed): the sizes "
-                "are the paper's per-round shape, but 20 rounds of a 135M model on Shakespeare roles are still far from a "
-                "full PaLM 2 training run, so effects that need many more rounds may not appear.")
+        return (f"The budget is device calls of at most 10 minutes on the {mc['gpu']}; runs a call did not finish are listed "
+                "below and the next call continues with them. The sizes are the paper's per-round shape, but 20 rounds of a "
+                "135M model on Shakespeare roles are still far from a full PaLM 2 training run, so effects that need many "
+                "more rounds may not appear.")
     return ("The budget is set by this CPU: SmolLM2 LoRA training costs ~0.03 CPU-s per token in float32 on the 2-core AVX2 "
             "machine these profiles were sized on (bf16 autocast is ~50x slower there: no bf16 matmul units), so a whole "
             "profile gets a few thousand CPU-seconds. Few rounds and small batches mean these runs show early training, "
