@@ -60,7 +60,7 @@ stage)
   $PY -c 'from hetlora_core.models import load_tokenizer; print("tokenizer", len(load_tokenizer()))'
   $PY -m hetlora_core.bench_cli bench paper --profile gpu-tiny --device "${SMOKE_DEVICE:-cuda}" --workers 2 --methods hetlora,full_ft \
       --seeds 1 -o "$GG/smoke" --report "$OUTDIR/smoke.md" > "$OUTDIR/smoke.log" 2>&1 || { tail -30 "$OUTDIR/smoke.log"; exit 1; }
-  grep -v -i warn "$OUTDIR/smoke.log" | tail -3
+  { grep -v -i warn "$OUTDIR/smoke.log" || true; } | tail -3
   $PY -m hetlora_core.bench_cli bench paper --profile tiny --task next-speech --device "${SMOKE_DEVICE:-cuda}" --methods homlora_rmin \
       -o "$GG/smoke-speech" --report "$GG/smoke-speech/r.md" > "$OUTDIR/smoke-speech.log" 2>&1 || { tail -30 "$OUTDIR/smoke-speech.log"; exit 1; }
   grep -A3 "^| method" "$GG/smoke-speech/r.md"
@@ -74,7 +74,7 @@ run)
   export OMP_NUM_THREADS=2  # ~15 worker processes on 16 cores: no process may take every core for its CPU-side math
   $PY -c 'from hetlora_core.models import warm_cache; print(warm_cache())' 2>&1 | tail -1
   # Each bench in its own process group, so that the time limit stops its workers too. Beside the
-  # gpu profile: the CPU profile `full` (float32, as on a CPU) and the next-speech task (ROUGE-L)
+  # gpu profile: the CPU profile `full` (float32 on the GPU, as it runs on a CPU) and the next-speech task (ROUGE-L)
   # at the full profile's size for the claims' methods; a bench with 0 workers is left out.
   pids=() names=()
   for spec in "gpu:$P_GPU:lm:${GPU_WORKERS:-10}:" "full:$P_FULL:lm:${FULL_WORKERS:-2}:" \
@@ -96,14 +96,14 @@ run)
   # Whatever finished is reported, and every record comes back (gpu-runs.tgz) for `report` here.
   for spec in "${names[@]}"; do
     IFS=: read -r name prof task methods <<< "$spec"
-    grep -v -i warn "$OUTDIR/bench-$name.log" | tail -3
+    { grep -v -i warn "$OUTDIR/bench-$name.log" || true; } | tail -3
     $PY -m hetlora_core.bench_cli bench paper --profile "$prof" --task "$task" ${methods:+--methods "$methods"} --no-run \
         -o "$GG/$name" --report "$GG/report-$name/results.md" 2>&1 | tail -1 || true
     cp "$GG/report-$name/results.md" "$OUTDIR/results-$name.md" 2>/dev/null || true
   done
   cat "$OUTDIR"/bench-*.log > "$OUTDIR/bench.log" && rm -f "$OUTDIR"/bench-*.log
-  (cd "$GG" && find gpu full speech report-* -name 'bench-meta-*.json' -o -name bench.json -o -name '*.png' 2>/dev/null \
-      | tar czf "$OUTDIR/gpu-runs.tgz" -T -)
+  (cd "$GG" && dirs=() && for d in gpu full speech report-*; do if [ -d "$d" ]; then dirs+=("$d"); fi; done \
+      && find "${dirs[@]}" -name 'bench-meta-*.json' -o -name bench.json -o -name '*.png' | tar czf "$OUTDIR/gpu-runs.tgz" -T -)
   ls -la "$OUTDIR"
   ;;
 report)

@@ -65,8 +65,8 @@ def register(main: click.Group) -> None:
         fine-tuning on the same clients, seeds and local steps, and write the report with plots.
 
         Profiles: tiny (random model, seconds), quick (SmolLM2, 1 seed, CPU), full (SmolLM2, 3 seeds,
-        CPU), gpu (the paper's ranks 5..50, 5 steps x 8, 20 rounds, 3 seeds: one device call with
-        --workers 9), gpu-tiny (the gpu profile's shape on the tiny model, a CPU check)."""
+        CPU), gpu (the paper's ranks 5..50, 5 steps x 8, 20 rounds, 3 seeds: about three 9-minute
+        device calls with --workers 10, each continuing the last), gpu-tiny (the gpu profile's shape on the tiny model, a CPU check)."""
         set_threads(threads)
         cmd = "hetlora " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
         run_paper(profile, Path(out), Path(report), [m for m in methods.split(",") if m] or None, seeds, sweep, cmd,

@@ -55,6 +55,11 @@ def _run_in_worker(cfg_json: str, run_dir: str, meta: dict[str, Any], deadline: 
     return run_one(config_from_dict(json.loads(cfg_json)), Path(run_dir), meta, log=_worker_log)
 
 
+def _earliest(a: float | None, b: float | None) -> float | None:
+    """The earlier of two optional deadlines: a job's own never loosens the general one."""
+    return b if a is None else a if b is None else min(a, b)
+
+
 def _none() -> None:
     return None
 
@@ -96,14 +101,14 @@ def run_jobs(jobs: Sequence[Job], workers: int, log: Callable[[str], None], dead
 
     if workers <= 1:
         for i, j in enumerate(jobs):
-            dl = j.deadline if j.deadline is not None else deadline
+            dl = _earliest(j.deadline, deadline)
             late = dl is not None and time.time() > dl and not (j.run_dir / "bench.json").is_file()
             settle(i, _none if late else functools.partial(run_one, j.cfg, j.run_dir, j.meta, log))
     else:
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
             futs: dict[Future[dict[str, Any] | None], int] = {
-                pool.submit(_run_in_worker, j.cfg.to_json(), str(j.run_dir), j.meta, j.deadline if j.deadline is not None else deadline): i
+                pool.submit(_run_in_worker, j.cfg.to_json(), str(j.run_dir), j.meta, _earliest(j.deadline, deadline)): i
                 for i, j in enumerate(jobs)}
             pending = set(futs)
             while pending:

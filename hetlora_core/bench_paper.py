@@ -75,8 +75,9 @@ _TINY: Overrides = {
     "federation.clients_per_round": 2,
 }  # one thread: on a busy machine two threads mostly wait for each other on such small matrices
 # gpu: the paper's shape (ranks 5..50, 5 local steps of batch 8, 5 of 24 clients per round, 20
-# rounds) on an accelerator, sized for one device call: about 9 minutes for every method over 3
-# seeds with --workers 9 on an H100-class GPU (the precision is decided there: bf16 autocast).
+# rounds) on an accelerator (the precision is decided there: bf16 autocast). Measured on an H200
+# with 10 workers: a LoRA run takes 160-350 s of one CPU core (launch- and Python-bound), so one
+# 9-minute device call finishes about a third of the 30 runs; later calls continue (--stop-min).
 # Roles of 16-20k characters give each client ~4k training tokens, about one epoch per round.
 _GPU: Overrides = {
     **_REAL, "model.device": "auto", "model.dtype": "auto", "training.bf16": None, "training.threads": 1,
@@ -291,11 +292,11 @@ def machine() -> dict[str, Any]:
 
 
 def _jobs(profile: str, base: HetLoRAConfig, prof: dict[str, Any], methods: list[str], seeds: int, out: Path) -> list[Job]:
-    """Every (method, seed) as a job. The slowest method's seeds (full fine-tuning: every upload is
-    the whole model) go first, so a worker pool does not wait for them at the end; the others go
-    seed by seed, so when a deadline cuts the bench short the finished runs are whole seeds."""
-    pairs = [(m, seed) for m in methods if m == "full_ft" for seed in range(seeds)]
-    pairs += [(m, seed) for seed in range(seeds) for m in methods if m != "full_ft"]
+    """Every (method, seed) as a job, seed by seed, so that when a deadline cuts the bench short the
+    finished runs are whole seeds. Within a seed the slowest method (full fine-tuning: every upload
+    is the whole model) goes first. (Queueing all its seeds first, tried on the H200, let it hold
+    3 of 10 workers for a whole device call without finishing.)"""
+    pairs = [(m, seed) for seed in range(seeds) for m in sorted(methods, key=lambda m: m != "full_ft")]
     out_jobs = []
     for m, seed in pairs:
         cfg = method_config(base, m, seed, prof)
@@ -384,7 +385,8 @@ def _fit_to_stop(jobs: list[Job], stop: float, out: Path) -> list[Job]:
     walls: dict[str, list[float]] = {}
     for f in out.glob("runs/*/*/bench.json"):
         rec = json.loads(f.read_text())
-        walls.setdefault(rec["method"], []).append(float(rec["wall_seconds"]))
+        if not rec.get("resumed_at_round"):  # a resumed run's wall time covers only its last rounds
+            walls.setdefault(rec["method"], []).append(float(rec["wall_seconds"]))
     return [dataclasses.replace(j, deadline=stop - statistics.median(walls[j.meta["method"]])) if j.meta["method"] in walls else j
             for j in jobs]
 

@@ -36,6 +36,8 @@ def _vs(S: dict[str, dict[str, Any]], other: str, what: str) -> dict[str, str] |
         return None
     mean, se, n = paired(S, "hetlora", other)
     seeds = sorted(set(S["hetlora"]["final"]) & set(S[other]["final"]))
+    if not seeds:
+        return _no_common(f"HetLoRA beats {what}")
     diff = f"{100 * mean:+.2f}%" + (f" ± {100 * se:.2f}% s.e." if se is not None else "")
     return {"claim": f"HetLoRA beats {what}", "evidence": f"final ppl {_pm([S['hetlora']['final'][s] for s in seeds])} vs "
             f"{_pm([S[other]['final'][s] for s in seeds])}; paired difference {diff} ({n} seeds)", "verdict": _judge(mean, se, n)}
@@ -48,6 +50,8 @@ def _speed(S: dict[str, dict[str, Any]]) -> dict[str, str] | None:
         return None
     h, lo = S["hetlora"], S["homlora_rmin"]
     seeds = sorted(set(h["final"]) & set(lo["final"]))
+    if not seeds:
+        return _no_common("HetLoRA converges faster than HomLoRA r_min")
     hc = dict(zip(h["seeds"], h["curves"], strict=True))
     lc = dict(zip(lo["seeds"], lo["curves"], strict=True))
     d, rh_all, rl_all = [], [], []
@@ -75,10 +79,15 @@ def _reach(S: dict[str, dict[str, Any]]) -> dict[str, str] | None:
         return None
     h, f = S["hetlora"], S["full_ft"]
     seeds = sorted(set(h["final"]) & set(f["final"]))
+    claim = f"HetLoRA within reach of full fine-tuning (>= {REACH:.0%} of its gain)"
+    if not seeds:
+        return _no_common(claim)
     base = statistics.fmean([h["base_ppl"], f["base_ppl"]])
     shares = [(base - h["final"][s]) / (base - f["final"][s]) for s in seeds if base - f["final"][s] > 0]
+    if len(shares) < len(seeds):  # a seed where full fine-tuning did not improve has no share: said, not hidden
+        claim += f"; {len(seeds) - len(shares)} of {len(seeds)} seeds left out: full fine-tuning did not improve there"
     if not shares:
-        return {"claim": "HetLoRA within reach of full fine-tuning", "evidence": "full fine-tuning did not improve on the base model",
+        return {"claim": claim, "evidence": "full fine-tuning did not improve on the base model in any common seed",
                 "verdict": "not shown"}
     mean = statistics.fmean(shares)
     se = statistics.stdev(shares) / math.sqrt(len(shares)) if len(shares) > 1 else None
@@ -86,9 +95,13 @@ def _reach(S: dict[str, dict[str, Any]]) -> dict[str, str] | None:
         verdict = "not shown (one seed: no spread)"
     else:
         verdict = "holds" if mean - 2 * se >= REACH else ("reversed" if mean + 2 * se < REACH else "not shown (within 2 s.e.)")
-    return {"claim": f"HetLoRA within reach of full fine-tuning (>= {REACH:.0%} of its gain)",
+    return {"claim": claim,
             "evidence": f"share of full fine-tuning's gain over the base model: {_pm([100 * x for x in shares], 1)}% "
             f"({len(shares)} seeds)", "verdict": verdict}
+
+
+def _no_common(claim: str) -> dict[str, str]:
+    return {"claim": claim, "evidence": "the two methods finished no seed in common", "verdict": "not shown (no seed in common)"}
 
 
 def claims(S: dict[str, dict[str, Any]]) -> list[dict[str, str]]:

@@ -504,6 +504,8 @@ def load_yaml(text: bytes | str, where: str) -> Any:
         data = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"config: {where} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config: {where} is nested too deeply to be a config") from None
     budget = [MAX_YAML_NODES]
 
     def walk(x: Any) -> None:  # counts values as if every alias were expanded, and stops at the budget
@@ -514,7 +516,10 @@ def load_yaml(text: bytes | str, where: str) -> Any:
         for y in (x.values() if isinstance(x, dict) else x if isinstance(x, list) else ()):
             walk(y)
 
-    walk(data)
+    try:
+        walk(data)
+    except RecursionError:
+        raise ConfigError(f"config: {where} is nested too deeply to be a config") from None
     return data
 
 

@@ -119,10 +119,15 @@ def redact(url: str, text: str | None = None) -> str:
     warnings and errors go to logs that many people read, so the secret never appears in them."""
     out = url if text is None else text
     try:
-        secret = urllib.parse.urlsplit(url).password
+        # prometheus_client accepts "user:pw@host:9091" and adds http://; parse it the same way.
+        secret = urllib.parse.urlsplit(url if "://" in url else f"http://{url}").password
     except ValueError:  # a malformed URL: nothing to pick a password out of
         return out
-    return out.replace(f":{secret}@", ":***@").replace(secret, "***") if secret else out
+    if not secret:
+        return out
+    for s in dict.fromkeys((secret, urllib.parse.unquote(secret))):  # as written and percent-decoded
+        out = out.replace(f":{s}@", ":***@").replace(s, "***")
+    return out
 
 
 def _timeout() -> float:

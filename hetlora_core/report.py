@@ -278,12 +278,12 @@ def _data_line(b: dict[str, Any], task: str) -> str:
             "client in every evaluation.")
 
 
-def _budget_note(mc: dict[str, Any]) -> str:
+def _budget_note(mc: dict[str, Any], b: dict[str, Any]) -> str:
     if mc.get("gpu"):
         return (f"The budget is device calls of at most 10 minutes on the {mc['gpu']}; runs a call did not finish are listed "
-                "below and the next call continues with them. The sizes are the paper's per-round shape, but 20 rounds of a "
-                "135M model on Shakespeare roles are still far from a full PaLM 2 training run, so effects that need many "
-                "more rounds may not appear.")
+                f"below and the next call continues with them. {b['federation']['rounds']} rounds of "
+                f"{b['training']['local_steps']} x {b['training']['batch_size']} local steps on Shakespeare roles are still far "
+                "from a full PaLM 2 training run, so effects that need many more rounds may not appear.")
     return ("The budget is set by this CPU: SmolLM2 LoRA training costs ~0.03 CPU-s per token in float32 on the 2-core AVX2 "
             "machine these profiles were sized on (bf16 autocast is ~50x slower there: no bf16 matmul units), so a whole "
             "profile gets a few thousand CPU-seconds. Few rounds and small batches mean these runs show early training, "
@@ -329,7 +329,10 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
          "the machine, and to I/O).",
          f"- **Wall time: {sum(r['wall_seconds'] for r in records) / 60:.1f} min** for the {len(records)} runs of this table "
          "(the sum of their wall times: the elapsed time when one process runs them one after another; runs split across "
-         f"processes with `--methods` finish sooner), {sum(r['cpu_seconds'] for r in records) / 60:.1f} min of "
+         "processes finish sooner"
+         + (f"; here {mc['workers']} worker processes shared the machine, so each run's wall time includes waiting for the others"
+            if mc.get("workers", 1) > 1 else "")
+         + f"), {sum(r['cpu_seconds'] for r in records) / 60:.1f} min of "
          f"process CPU time. With one torch thread the CPU time is about what the profile takes on quiet cores; two threads "
          f"on two quiet cores should take less (not measured: the machine was never quiet). " + _invocation(meta)
          + (f" The sweep behind the settings took another {_sweep_minutes(meta['sweep']):.1f} min." if meta.get("sweep") else ""),
@@ -373,7 +376,7 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
           f"| local steps x batch | 5 x 8 | {b['training']['local_steps']} x {b['training']['batch_size']} |",
           f"| rounds | not given in HETLORA.md (a full training run) | {b['federation']['rounds']} |",
           f"| seeds | not given in HETLORA.md | {len(seeds)} |",
-          "", _budget_note(mc), "", "## Results", "",
+          "", _budget_note(mc, b), "", "## Results", "",
           f"Held-out perplexity of the global model (lower is better), mean ± standard deviation over {len(seeds)} seed(s). "
           f"Base model: {statistics.fmean(s['base_ppl'] for s in S.values()):.2f}. "
           + (f"T1 = HomLoRA r_min's final perplexity ({T['T1']:.2f}); " if "T1" in T else "")

@@ -31,10 +31,10 @@ def test_gpu_profile_has_the_papers_shape() -> None:
     assert bp.PROFILES["gpu"]["seeds"] == 3
 
 
-def test_job_order_full_ft_first_then_seed_by_seed(tmp_path: Path) -> None:
+def test_job_order_seed_by_seed_full_ft_first_in_each(tmp_path: Path) -> None:
     jobs = _jobs(tmp_path, ["hetlora", "full_ft", "homlora_rmin"], seeds=2)
     order = [(j.meta["method"], j.meta["seed"]) for j in jobs]
-    assert order == [("full_ft", 0), ("full_ft", 1), ("hetlora", 0), ("homlora_rmin", 0), ("hetlora", 1), ("homlora_rmin", 1)]
+    assert order == [("full_ft", 0), ("hetlora", 0), ("homlora_rmin", 0), ("full_ft", 1), ("hetlora", 1), ("homlora_rmin", 1)]
     assert len({j.run_dir for j in jobs}) == len(jobs)
 
 
@@ -139,3 +139,16 @@ def test_runs_that_cannot_finish_before_the_stop_are_not_started(tmp_path: Path)
     logs: list[str] = []
     recs, missing = run_jobs([by[("hetlora", 1)]], 1, logs.append, deadline=None)  # no general deadline: its own one
     assert recs == [] and missing == ["hetlora seed 1: not started (deadline)"]
+
+
+def test_claims_without_a_common_seed_say_so() -> None:
+    """Partial benches (a deadline, a failed run) can leave two methods with disjoint seeds."""
+    S = _summary({"hetlora": [50.0], "homlora_rmin": [60.0], "full_ft": [45.0]})
+    S["homlora_rmin"]["final"] = {1: 60.0}
+    S["homlora_rmin"]["seeds"] = [1]
+    S["full_ft"]["final"] = {2: 45.0}
+    S["full_ft"]["seeds"] = [2]
+    rows = {r["claim"].split(" (")[0]: r for r in claims(S)}
+    assert rows["HetLoRA beats HomLoRA r_min"]["verdict"] == "not shown (no seed in common)"
+    assert rows["HetLoRA converges faster than HomLoRA r_min"]["verdict"] == "not shown (no seed in common)"
+    assert rows["HetLoRA within reach of full fine-tuning"]["verdict"] == "not shown (no seed in common)"

@@ -52,3 +52,12 @@ def test_oversized_config_file(tmp_path: Path) -> None:
     p.write_text("experiment: x\n" + "# padding\n" * 120_000)
     with pytest.raises(ConfigError, match="bytes; a config is at most"):
         load_config(p)
+
+
+def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
+    p = tmp_path / "deep.yaml"
+    p.write_text("a: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_sets(("training.lr=" + "[" * 100_000,))

@@ -378,6 +378,8 @@ def test_pushgateway_password_never_in_warnings(caplog: pytest.LogCaptureFixture
 
     assert redact("http://bob:s3cret@gw:9091") == "http://bob:***@gw:9091" and redact("http://gw:9091") == "http://gw:9091"
     assert redact("http://bob:s3cret@gw:9091", "error at http://bob:s3cret@gw:9091/x (s3cret)") == "error at http://bob:***@gw:9091/x (***)"
+    assert redact("bob:s3cret@gw:9091") == "bob:***@gw:9091"  # no scheme: prometheus_client adds http:// and pushes
+    assert "p@ss" not in redact("http://bob:p%40ss@gw:9091", "auth failed for p@ss")  # percent-decoded too
     monkeypatch.delenv("HETLORA_PUSHGATEWAY_URL", raising=False)
     monkeypatch.setenv("HETLORA_PUSHGATEWAY_TIMEOUT_S", "2")
     cfg = MetricsConfig(pushgateway_url="http://bob:s3cret@127.0.0.1:1")  # nothing listens on port 1
