@@ -1,5 +1,5 @@
 """How often clients self-prune with the tail regulariser in the loss (``pruning.form: loss``, the
-default) vs as a proximal step after each AdamW step (``pruning.form: proximal``), and what it does
+default until these figures) vs as a proximal step after each AdamW step (``pruning.form: proximal``), and what it does
 to held-out perplexity, over a few rounds of an in-process ``hetlora simulate``.
 
     nice .venv/bin/python benchmarks/bench_pruning_form.py                 # tiny Llama, 8 rounds, lam 0.01 (~1-2 min)

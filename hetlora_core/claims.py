@@ -13,22 +13,21 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from .report import paired, rounds_to
+from .report import _fmt, _ms, judge, paired, rounds_to
 
 # Threshold for "within reach of full fine-tuning": HetLoRA's share of full fine-tuning's gain.
 REACH = 0.9
 
 
-def _judge(mean: float, se: float | None, n: int, better_is_negative: bool = True) -> str:
-    if n < 2 or se is None or math.isnan(mean):
-        return "not shown (one seed: no spread)"
-    if abs(mean) <= 2 * se:
-        return "not shown (within 2 s.e.)"
-    return "holds" if (mean < 0) == better_is_negative else "reversed"
+def _judge(mean: float, se: float | None, n: int) -> str:
+    """report.judge's 2-standard-error rule, worded as a verdict on the paper's claim (lower is better)."""
+    j = judge(mean, se, n)
+    return {"better": "holds", "worse": "reversed"}.get(
+        j, "not shown (one seed: no spread)" if j.startswith("not conclusive") else "not shown (within 2 s.e.)")
 
 
 def _pm(xs: Sequence[float], nd: int = 2) -> str:
-    return f"{statistics.fmean(xs):.{nd}f} ± {statistics.stdev(xs):.{nd}f}" if len(xs) > 1 else f"{xs[0]:.{nd}f}"
+    return _fmt(*_ms(list(xs)), nd=nd)
 
 
 def _vs(S: dict[str, dict[str, Any]], other: str, what: str) -> dict[str, str] | None:

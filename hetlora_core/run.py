@@ -58,6 +58,10 @@ class Executor(Protocol):
         every client's evaluate-client task, then the evaluate step that combines their sums."""
 
 
+# Settings added with a default that differs from how runs behaved before they existed: a recorded
+# config without the key ran with this value (and resumes only with it).
+_BEHAVIOUR_BEFORE: dict[tuple[str, str], Any] = {("pruning", "form"): "loss"}
+
 # Sections a resumed run may change: where it runs and reports, and how many rounds it has.
 _MUTABLE_SECTIONS = ("federation", "metrics", "kubeflow", "store")
 
@@ -82,8 +86,9 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store, targets: tuple[s
     mine = json.loads(cfg.to_json())  # JSON-normalised (tuples become lists) to compare like with like
     theirs = st.get_json(store, key)
     if theirs is not None:
-        if isinstance(theirs.get("pruning"), dict) and "form" not in theirs["pruning"]:
-            theirs = {**theirs, "pruning": {**theirs["pruning"], "form": "loss"}}  # recorded before pruning.form: it ran "loss"
+        for (sec, k), before in _BEHAVIOUR_BEFORE.items():  # a setting absent from the record ran as it did then
+            if isinstance(theirs.get(sec), dict) and k not in theirs[sec]:
+                theirs = {**theirs, sec: {**theirs[sec], k: before}}
         try:  # fill settings added since that run was recorded with their defaults
             theirs = json.loads(config_from_dict(theirs).to_json())
         except ConfigError:
@@ -99,8 +104,9 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store, targets: tuple[s
             if theirs.get("training", {}).get("bf16") is False and mine["training"]["bf16"] is None:
                 # Runs recorded before model.dtype existed stored the legacy default bf16: false (float32).
                 hint = "; a run recorded before model.dtype existed resumes with --set training.bf16=false"
-            elif theirs.get("pruning", {}).get("form") == "loss" and mine["pruning"]["form"] != "loss":
-                hint = "; a run recorded before pruning.form existed (or with the loss form) resumes with --set pruning.form=loss"
+            for (sec, k), before in _BEHAVIOUR_BEFORE.items():
+                if not hint and theirs.get(sec, {}).get(k) == before != mine[sec][k]:
+                    hint = f"; a run recorded before {sec}.{k} existed (or with {before!r}) resumes with --set {sec}.{k}={before}"
             raise RunConfigMismatch(f"{store.describe()}/{key} holds experiment {cfg.experiment!r} with a different config "
                                     f"(sections {diff}); use another experiment name or output directory to start fresh{hint}")
     st.put_json(store, key, mine)

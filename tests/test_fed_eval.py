@@ -206,14 +206,20 @@ def test_a_missing_report_is_named_and_none_at_all_fails_loudly(run: dict[str, A
         server_evaluate(cfg, store, 0)
 
 
+def forget_evaluation(store: st.Store, exp: str, clients: list[str], rnd: int = 0) -> None:
+    """Round ``rnd`` as a task killed between its commit and its evaluation leaves it: committed,
+    with neither the server's evaluation nor any client's report."""
+    store.delete(st.eval_key(exp, rnd))
+    for c in clients:
+        store.delete(st.client_eval_key(exp, rnd, c))
+
+
 def test_a_committed_unevaluated_round_is_evaluated_by_every_client_again(run: dict[str, Any]) -> None:
     """The runner's catch-up (a task killed between the commit and the evaluation): resuming runs
     every client's evaluate-client task again (from the stored plan), then the server combine."""
     cfg, store, tmp = run["cfg"], run["store"], run["tmp"]
     want = st.get_json(store, st.eval_key("iso", 0))
-    store.delete(st.eval_key("iso", 0))
-    for c in CLIENTS:
-        store.delete(st.client_eval_key("iso", 0, c))
+    forget_evaluation(store, "iso", CLIENTS)
     res = simulate(cfg, tmp / "run", progress=False)
     assert all(store.exists(st.client_eval_key("iso", 0, c)) for c in CLIENTS)
     got = st.get_json(store, st.eval_key("iso", 0))

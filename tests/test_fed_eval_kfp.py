@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hetlora_kfp.pipelines.runners import run_local
 from test_client_isolation import folder_config, make_folders
+from test_fed_eval import forget_evaluation
 
 from hetlora_core import runtime
 from hetlora_core import store as st
@@ -42,9 +43,7 @@ def test_kfp_local_folder_round_reports_perplexity_from_client_tasks(tmp_path: P
     assert ev["rouge_l"]["prompts"] == len(CLIENTS)
 
     # the evaluate-only pipeline (a round committed but never evaluated) runs every client's task too
-    store.delete(st.eval_key("fedkfp", 0))
-    for c in CLIENTS:
-        store.delete(st.client_eval_key("fedkfp", 0, c))
+    forget_evaluation(store, "fedkfp", CLIENTS)
     again = run_local(cfg, tmp_path / "kfp", progress=False)
     assert all(store.exists(st.client_eval_key("fedkfp", 0, c)) for c in CLIENTS)
     redone = st.get_json(store, st.eval_key("fedkfp", 0))

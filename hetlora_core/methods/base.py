@@ -14,6 +14,7 @@ A method's global state and each client's update are one opaque value (``State``
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -127,8 +128,6 @@ class Method(abc.ABC):
         tensors of ``spec`` plus the safetensors header. Security: the aggregate step refuses a
         manifest claiming more before reading the object, so one client cannot make it read (and
         hold) gigabytes."""
-        import math
-
         return 4 * sum(math.prod(shape) for shape in spec.values()) + _HEADER_SLACK * (1 + len(spec))
 
     # ------------------------------------------------------------ model-side (torch)
