@@ -22,6 +22,7 @@ EXPECTED = {
     "bench_precision.py": ("precision-quick.json", ["auto_vs_float32", "bf16_vs_float32"]),
     "bench_pruning_form.py": ("pruning_form-quick.json", []),
     "bench_regulariser.py": ("regulariser-quick.json", ["ratio"]),
+    "bench_task_startup.py": ("task_startup-quick.json", ["interpreter_s", "model_free_s", "model_s"]),
     "bench_threads.py": ("threads-quick.json", ["ratio"]),
     "bench_vocab.py": ("vocab-quick.json", ["train_ratio", "eval_ratio"]),
 }
@@ -45,3 +46,5 @@ def test_benchmark_quick_variant_runs(script: str, tmp_path: Path) -> None:
         assert isinstance(res[k], float) and res[k] > 0, (k, res.get(k))
     if script == "bench_pipeline_overhead.py":
         assert res["same_global_bytes"] is True  # the pipeline computed what simulate computed
+    if script == "bench_task_startup.py":
+        assert res["model_free_torch_free"] is True  # the model-free tasks' start-up never pays for torch
