@@ -59,8 +59,11 @@ def register(main: click.Group) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         old = {name: _read_env_file(folder / name) for name in (SERVER_FILE, CLIENT_FILE, KEY_FILE)}
         try:
+            # Folder data on S3 (data.path: s3://bucket/prefix) is read by the client tasks: their role reads that bucket too.
+            data_bucket = cfg.data.path[5:].split("/", 1)[0] if cfg.data.path.startswith("s3://") else ""
             server, client = ensure_roles(cfg.store.endpoint, Credentials(user, password), cfg.store.bucket, secure=cfg.store.secure,
-                                          server_secret=old[SERVER_FILE].get("secretkey"), client_secret=old[CLIENT_FILE].get("secretkey"))
+                                          server_secret=old[SERVER_FILE].get("secretkey"), client_secret=old[CLIENT_FILE].get("secretkey"),
+                                          read_buckets=[data_bucket] if data_bucket else [])
         except StoreError as e:
             fail(str(e))
         _write_secret_file(folder / SERVER_FILE, server.env_file())
@@ -69,7 +72,9 @@ def register(main: click.Group) -> None:
             _write_secret_file(folder / KEY_FILE, f"key={secrets.token_hex(32)}\n")
         ns = cfg.kubeflow.namespace
         click.echo(f"users {server.access_key} (server) and {client.access_key} (client) of bucket {cfg.store.bucket} are ready; "
-                   f"secrets written to {folder} (0600). Create the Secrets, then delete the files:")
+                   f"secrets written to {folder} (0600). Create the Secrets in the tasks' namespace, then delete the files "
+                   "(if kubeflow.store_secret also holds MinIO's root credentials, give the server role a new Secret name "
+                   "and set kubeflow.store_secret to it):")
         for secret, name in ((cfg.kubeflow.store_secret, SERVER_FILE), (cfg.kubeflow.client_store_secret or "hetlora-store-client", CLIENT_FILE),
                              (cfg.kubeflow.server_key_secret or "hetlora-server-key", KEY_FILE)):
             click.echo(f"  kubectl -n {ns} create secret generic {secret} --from-env-file={folder / name}")

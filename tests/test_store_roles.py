@@ -25,7 +25,7 @@ from hetlora_core.adapter import LoraAdapter
 from hetlora_core.config import StoreConfig, config_from_dict
 from hetlora_core.steps.aggregate import aggregate_task
 from hetlora_core.steps.plan import plan_round
-from hetlora_core.store.roles import Credentials, client_write_patterns, ensure_roles
+from hetlora_core.store.roles import Credentials, client_policy, client_write_patterns, ensure_roles
 
 EXP = "roles"
 IDS = ["a", "b", "c"]
@@ -56,6 +56,13 @@ def test_patterns_come_from_the_layout() -> None:
     assert client_write_patterns() == ["*/round-*/clients/*/*", "*/round-*/eval/clients/*.json"]
     for key in server_keys(3):  # no server key matches a client pattern (a '*' may span '/')
         assert "/clients/" not in key
+    assert "/clients/" in st.trained_prefix(EXP, 3, "a") and "/eval/clients/" in st.client_eval_key(EXP, 3, "a")
+    policy = client_policy("store", ["data", "store"])  # folder data's bucket is read, never written
+    read, get, put = policy["Statement"]
+    assert read["Resource"] == ["arn:aws:s3:::store", "arn:aws:s3:::data"]
+    assert get["Resource"] == ["arn:aws:s3:::store/*", "arn:aws:s3:::data/*"] and get["Action"] == ["s3:GetObject"]
+    assert put["Action"] == ["s3:PutObject"] and all(r.startswith("arn:aws:s3:::store/") for r in put["Resource"])
+    assert not any("Delete" in a or a == "s3:*" for s in policy["Statement"] for a in s["Action"])
 
 
 def test_client_cannot_write_or_delete_server_state(roles: tuple[StoreConfig, Credentials, st.Store, st.Store]) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,12 +75,14 @@ def server_policy(bucket: str) -> dict[str, Any]:
         {"Effect": "Allow", "Action": ["s3:*"], "Resource": [_arn(bucket), _arn(bucket, "*")]}]}
 
 
-def client_policy(bucket: str) -> dict[str, Any]:
-    """The client role: list and read the bucket; put objects only under the client patterns.
+def client_policy(bucket: str, read_buckets: Sequence[str] = ()) -> dict[str, Any]:
+    """The client role: list and read the bucket (and ``read_buckets``: folder data, ``data.path``);
+    put objects only under the client patterns of ``bucket``.
     Security: no s3:DeleteObject, no s3:PutObject elsewhere: server state is out of a client's reach."""
+    readable = [bucket, *[b for b in read_buckets if b != bucket]]
     return {"Version": "2012-10-17", "Statement": [
-        {"Effect": "Allow", "Action": ["s3:GetBucketLocation", "s3:ListBucket"], "Resource": [_arn(bucket)]},
-        {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [_arn(bucket, "*")]},
+        {"Effect": "Allow", "Action": ["s3:GetBucketLocation", "s3:ListBucket"], "Resource": [_arn(b) for b in readable]},
+        {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [_arn(b, "*") for b in readable]},
         {"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": [_arn(bucket, p) for p in client_write_patterns()]}]}
 
 
@@ -92,10 +95,12 @@ def _admin(endpoint: str, admin: Credentials, secure: bool) -> Any:
 
 def ensure_roles(endpoint: str, admin: Credentials, bucket: str, *, secure: bool = False,
                  server_secret: str | None = None, client_secret: str | None = None,
-                 server_user: str = SERVER_USER, client_user: str = CLIENT_USER) -> tuple[Credentials, Credentials]:
+                 server_user: str = SERVER_USER, client_user: str = CLIENT_USER,
+                 read_buckets: Sequence[str] = ()) -> tuple[Credentials, Credentials]:
     """Create (or update) the bucket, both policies and both users; returns (server, client)
     credentials. A secret not given is a new random one (rerunning rotates it: pass the current
-    ones to keep them). Idempotent otherwise. ``StoreError`` naming the endpoint on failure."""
+    ones to keep them). ``read_buckets``: more buckets clients read (folder data in its own bucket).
+    Idempotent otherwise. ``StoreError`` naming the endpoint on failure."""
     from minio import Minio
     from minio.error import MinioAdminException, S3Error
 
@@ -107,7 +112,7 @@ def ensure_roles(endpoint: str, admin: Credentials, bucket: str, *, secure: bool
         if not s3.bucket_exists(bucket):
             s3.make_bucket(bucket)  # private: no bucket policy, nothing anonymous
         adm = _admin(endpoint, admin, secure)
-        for creds, policy in ((server, server_policy(bucket)), (client, client_policy(bucket))):
+        for creds, policy in ((server, server_policy(bucket)), (client, client_policy(bucket, read_buckets))):
             name = f"{creds.access_key}-{bucket}"
             adm.policy_add(name, policy=json.loads(json.dumps(policy)))
             adm.user_add(creds.access_key, creds.secret_key)
