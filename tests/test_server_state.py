@@ -83,6 +83,9 @@ def test_seal_and_verify_catch_tampering_replay_and_another_key() -> None:
         st.signing.verify(signed, "where", key, "global", "other", 1)
     with pytest.raises(st.ForgedState, match=r"kind 'global' \(expected 'plan'\)"):
         st.signing.verify(signed, "where", key, "plan", "exp", 1)
+    odd = {**signed, st.signing.FIELD: {**signed[st.signing.FIELD], "hmac": "é" * 64}}  # non-ASCII: a clean refusal
+    with pytest.raises(st.ForgedState, match="does not match"):
+        st.signing.verify(odd, "where", key, "global", "exp", 1)
     forged_binding = {**signed, st.signing.FIELD: {**signed[st.signing.FIELD], "round": 2}}  # relabel the round
     with pytest.raises(st.ForgedState, match="does not match"):
         st.signing.verify(forged_binding, "where", key, "global", "exp", 2)
@@ -239,3 +242,21 @@ def test_local_driver_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(ENV, KEY)
     with st.signing.local_server_key(sc, tmp_path / "elsewhere", fresh=True) as source:
         assert source == f"${ENV}" and not (tmp_path / "elsewhere").exists()  # the environment's key wins
+
+
+def test_submit_refuses_a_driver_and_cluster_that_disagree_on_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kubeflow: the driver signs plans the aggregate task verifies, so both hold the key or neither."""
+    from hetlora_kfp.pipelines.runners import check_driver_key
+
+    base = {"store": {"kind": "s3", "endpoint": "minio:9000"}}
+    with_secret = config_from_dict({**base, "kubeflow": {"server_key_secret": "hetlora-server-key"}})
+    monkeypatch.delenv(ENV, raising=False)
+    check_driver_key(config_from_dict(base))  # neither: unsigned, as before
+    with pytest.raises(st.ServerKeyError, match=rf"server_key_secret is 'hetlora-server-key' but {ENV} is not set.*export {ENV}="):
+        check_driver_key(with_secret)
+    with pytest.raises(st.ServerKeyError, match="store.signing is 'required'"):
+        check_driver_key(config_from_dict({**base, "store": {**base["store"], "signing": "required"}}))
+    monkeypatch.setenv(ENV, KEY)
+    check_driver_key(with_secret)  # both
+    with pytest.raises(st.ServerKeyError, match=f"{ENV} is set here but kubeflow.server_key_secret is empty"):
+        check_driver_key(config_from_dict(base))

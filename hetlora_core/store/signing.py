@@ -134,7 +134,8 @@ def verify(doc: dict[str, Any], where: str, key: bytes, kind: str, experiment: s
             f"store, run with {env} unset; otherwise {redo}")
     got = {k: sig.get(k) for k in want}
     # Security: compare_digest, so the check takes the same time however many digits match.
-    if not hmac.compare_digest(str(sig["hmac"]), _mac(doc, {k: sig.get(k) for k in want}, key)):
+    # (on bytes: compare_digest refuses non-ASCII str, and a forger chooses this string)
+    if not hmac.compare_digest(sig["hmac"].encode(), _mac(doc, got, key).encode()):
         raise ForgedState(f"{where}: its server signature does not match its content: it was changed or forged by someone "
                           f"without the server key, or this process holds another key than the writer ({env}); {redo}")
     if got != want:  # a genuine document of another round, experiment or kind: a replay
