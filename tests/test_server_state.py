@@ -260,3 +260,37 @@ def test_submit_refuses_a_driver_and_cluster_that_disagree_on_the_key(monkeypatc
     check_driver_key(with_secret)  # both
     with pytest.raises(st.ServerKeyError, match=f"{ENV} is set here but kubeflow.server_key_secret is empty"):
         check_driver_key(config_from_dict(base))
+
+
+@pytest.mark.slow  # ~15-35 s: one tiny-model round in-process
+def test_a_local_run_signs_its_state_and_refuses_a_replay_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default demo path (``hetlora simulate``, no key configured): the driver makes OUT/server.key,
+    every piece of server state is signed with it (and the key is nowhere in the store), and a
+    resume after round 0's global was copied to round 1 stops with ForgedState naming the key."""
+    from hetlora_core.simulate import simulate
+
+    monkeypatch.delenv(ENV, raising=False)
+    cfg = config_from_dict({"experiment": "demo", "model": {"name": "tiny", "tiny_hidden": 16, "tiny_layers": 1},
+                            "data": {"num_clients": 2, "max_chars": 6000, "seq_len": 16, "eval_max_tokens": 16},
+                            "ranks": {"r_min": 2, "r_max": 4, "tiers": [{"name": "small", "rank": 2}, {"name": "large", "rank": 4}]},
+                            "training": {"local_steps": 1, "batch_size": 2, "threads": 1},
+                            "federation": {"rounds": 1, "clients_per_round": 2}})
+    out = tmp_path / "out"
+    assert simulate(cfg, out, progress=False)["rounds_committed"] == 1
+    key_file = out / st.signing.KEY_FILE
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and ENV not in os.environ
+    key = key_file.read_text().strip()
+    store = st.LocalStore(out / "store")
+    signed = {"plan": st.plan_key("demo", 0), "global": f"{st.global_prefix('demo', 0)}/{st.MANIFEST}",
+              "eval": st.eval_key("demo", 0), "baseline": st.baseline_key("demo")}
+    for kind, k in signed.items():
+        sig = json.loads(store.get_bytes(k))[st.signing.FIELD]
+        assert sig["kind"] == kind and sig["experiment"] == "demo"
+        st.signing.verify(json.loads(store.get_bytes(k)), k, key.encode(), kind, "demo", -1 if kind == "baseline" else 0)
+    assert not any(key.encode() in store.get_bytes(k) for k in store.list(""))
+    for name in (st.ADAPTER, st.MANIFEST):  # the replay: round 0's global as round 1's commit
+        store.put_bytes(f"{st.global_prefix('demo', 1)}/{name}", store.get_bytes(f"{st.global_prefix('demo', 0)}/{name}"))
+    more = config_from_dict({**json.loads(cfg.to_json()), "federation": {**json.loads(cfg.to_json())["federation"], "rounds": 3}})
+    with pytest.raises(st.ForgedState, match=rf"^{st.global_prefix('demo', 1)}/manifest.json is a validly signed copy.*round 0 \(expected 1\)"):
+        simulate(more, out, progress=False)
+    assert ENV not in os.environ
