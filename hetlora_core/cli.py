@@ -278,3 +278,8 @@ def cache_warm() -> None:
 from .bench_cli import register as _register_bench  # noqa: E402
 
 _register_bench(main)
+
+# `hetlora store roles`: the server and client users on MinIO and the server key (hetlora_core/store_cli.py)
+from .store_cli import register as _register_store  # noqa: E402
+
+_register_store(main)

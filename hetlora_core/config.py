@@ -317,9 +317,17 @@ class StoreConfig:
     secure: bool = False  # TLS to the S3 endpoint
     region: str = ""
     retry_deadline_s: float = 60.0  # bounded backoff on transient store errors
+    # Server state (plans, global manifests, metrics) is HMAC-signed by a key in this env var, held by
+    # the driver and the server tasks only (hetlora_core/store/signing.py says who verifies what).
+    server_key_env: str = "HETLORA_SERVER_KEY"
+    # auto: sign/verify when the key is set (local drivers make one per output dir); required: server writes need it
+    signing: Literal["auto", "required"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.retry_deadline_s > 0, "store.retry_deadline_s", f"must be > 0, got {self.retry_deadline_s:g}")
+        _check(re.fullmatch(r"[A-Z_][A-Z0-9_]*", self.server_key_env) is not None, "store.server_key_env",
+               f"must be an environment variable name (upper-case letters, digits, '_'), got {self.server_key_env!r}")
+        _check(self.signing in ("auto", "required"), "store.signing", f"must be 'auto' or 'required', got {self.signing!r}")
         if self.kind == "s3":
             _check(bool(self.endpoint), "store.endpoint", "is required for kind: s3 (e.g. minio.hetlora:9000)")
             _check("://" not in self.endpoint, "store.endpoint", f"is host:port without a scheme (use store.secure for TLS), got {self.endpoint!r}")
@@ -341,7 +349,12 @@ class KubeflowConfig:
     image: str = "ghcr.io/hetlora/hetlora:0.1.0"
     # images/Dockerfile.cuda (make image-cuda tags IMAGE:VERSION-cuda): the default image of tiers with gpu >= 1
     cuda_image: str = "ghcr.io/hetlora/hetlora:0.1.0-cuda"
-    store_secret: str = "hetlora-store"  # Secret with keys accesskey / secretkey
+    store_secret: str = "hetlora-store"  # Secret with keys accesskey / secretkey (server tasks; all tasks if the next is "")
+    # Secret with the CLIENT store role's accesskey / secretkey for train, prune and evaluate-client
+    # (`hetlora store roles` makes both users on MinIO). "": clients share store_secret (one role).
+    client_store_secret: str = ""
+    # Secret whose key 'key' holds the server key (store.server_key_env), mounted on server tasks only. "": none.
+    server_key_secret: str = ""
     pipeline_root: str = "minio://hetlora/pipeline-root"
     experiment: str = "hetlora"
     # A PersistentVolumeClaim holding a Hugging Face hub cache (e.g. filled by a Job running
@@ -350,6 +363,13 @@ class KubeflowConfig:
     model_cache_pvc: str = ""
 
     def __post_init__(self) -> None:
+        for name, value in (("client_store_secret", self.client_store_secret), ("server_key_secret", self.server_key_secret),
+                            ("store_secret", self.store_secret)):
+            _check(not value or (len(value) <= 253 and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", value) is not None),
+                   f"kubeflow.{name}", f"must be a Secret name (lowercase letters, digits, '-', '.'), got {value!r}")
+        _check(not self.client_store_secret or self.client_store_secret != self.store_secret, "kubeflow.client_store_secret",
+               f"must differ from kubeflow.store_secret ({self.store_secret!r}): the client role gets its own credentials; "
+               "use \"\" for one shared role")
         pvc = self.model_cache_pvc
         _check(not pvc or (len(pvc) <= 253 and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", pvc) is not None),
                "kubeflow.model_cache_pvc", f"must be a PersistentVolumeClaim name (lowercase letters, digits, '-', '.'), got {pvc!r}")

@@ -20,12 +20,14 @@ def collect_results(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
     last = st.last_committed_round(store, exp)
     rounds = []
     for rnd in range(last + 1):
-        g = st.get_manifest(store, st.global_prefix(exp, rnd)) or {}
-        ev = st.get_json(store, st.eval_key(exp, rnd)) or {}
+        # Server state, verified where this process holds the server key (store/signing.py): ForgedState names the key.
+        g = st.signing.get_global_manifest(store, cfg.store, exp, rnd) or {}
+        ev = st.signing.get_signed_json(store, cfg.store, st.eval_key(exp, rnd), "eval", exp, rnd) or {}
+        plan = st.signing.get_signed_json(store, cfg.store, st.plan_key(exp, rnd), "plan", exp, rnd, max_bytes=MAX_PLAN_BYTES) or {}
         reports = g.get("client_reports", {})
         rounds.append({
             "round": rnd,
-            "selected": [c["client_id"] for c in (st.get_json(store, st.plan_key(exp, rnd), max_bytes=MAX_PLAN_BYTES) or {}).get("clients", [])],
+            "selected": [c["client_id"] for c in plan.get("clients", [])],
             "participants": g.get("participants", []),
             "dropped": g.get("dropped", {}),
             "weights": g.get("weights", {}),
@@ -50,7 +52,7 @@ def collect_results(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
             # folder data: clients whose evaluation report was missing or invalid (left out of the metrics)
             **({"eval_dropped": ev["eval_dropped"]} if ev.get("eval_dropped") else {}),
         })
-    base = st.get_json(store, st.baseline_key(exp))
+    base = st.signing.get_signed_json(store, cfg.store, st.baseline_key(exp), "baseline", exp, -1)
     return {"config": cfg.to_dict(), "experiment": exp, "store": store.describe(), "rounds_committed": last + 1,
             "baseline_ppl": base["global"]["ppl"] if base else None, "rounds": rounds, "precision": precisions(rounds)}
 

@@ -165,8 +165,9 @@ class RoundRunner:
             raise self._failure(rnd, "evaluation finished without writing its metrics")
 
     def _round_line(self, rnd: int, seconds: float) -> str:
-        ev = st.get_json(self.store, st.eval_key(self.cfg.experiment, rnd)) or {}
-        man = st.get_manifest(self.store, st.global_prefix(self.cfg.experiment, rnd)) or {}
+        exp, sc = self.cfg.experiment, self.cfg.store
+        ev = st.signing.get_signed_json(self.store, sc, st.eval_key(exp, rnd), "eval", exp, rnd) or {}
+        man = st.signing.get_global_manifest(self.store, sc, exp, rnd) or {}
         pruned = [f"{c} {r['rank_before']}->{r['rank_after']}" for c, r in man.get("client_reports", {}).items() if r.get("pruned")]
         dropped = man.get("dropped", {})
         return (f"round {rnd + 1}/{self.cfg.federation.rounds} committed in {seconds:.1f} s: held-out perplexity "
@@ -197,18 +198,32 @@ class RoundRunner:
         return names
 
     def _log_precision(self, rnd: int) -> None:
-        man = st.get_manifest(self.store, st.global_prefix(self.cfg.experiment, rnd)) or {}
+        man = st.signing.get_global_manifest(self.store, self.cfg.store, self.cfg.experiment, rnd) or {}
         rounds = [{"clients": man.get("client_reports", {})}]
         for p in precisions(rounds):
             self.log(f"precision: {p['device']} {p['dtype']}" + (f" ({p['quantize']})" if p.get("quantize", "none") != "none" else "")
                      + f": {p['reason']}")
 
     def run(self) -> dict[str, Any]:
+        if not getattr(self.executor, "local_key", False):  # Kubeflow: the key comes from this environment
+            return self._run()
+        # Local drivers (simulate, kfp.local) sign server state with a key of their own output directory
+        # (store/signing.py): a run already recorded without one (before signing existed) stays unsigned.
+        fresh = not self.store.exists(st.config_key(self.cfg.experiment))
+        with st.signing.local_server_key(self.cfg.store, self.out, fresh) as source:
+            if not source:
+                self.log(f"{self.cfg.experiment} was recorded without a server key: its state stays unsigned")
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         cfg, store = self.cfg, self.store
         check_or_record_config(cfg, store, self.check_model())
         t0 = time.perf_counter()
         done = self._committed()
         if done:
+            # Security: the round to resume at comes from the newest global manifest: verify it is the
+            # server's (ForgedState naming the key for a forged or replayed one) before trusting it.
+            st.signing.get_global_manifest(store, cfg.store, cfg.experiment, done - 1)
             self.log(f"resuming {cfg.experiment}: {done} round(s) committed in {store.describe()}")
         for rnd in range(done):  # a task killed between commit and evaluation leaves a round unevaluated
             if not self._evaluated(rnd):

@@ -76,6 +76,7 @@ class InProcessExecutor:
     """Every task in this process; a step's error fails the round (worded by the runner)."""
 
     name, command = "in-process", "hetlora simulate"
+    local_key = True  # RoundRunner gives this run a server key of its own output directory (store/signing.py)
     on_task: Callable[[str, str], None] | None = None
 
     def run_round(self, cfg: HetLoRAConfig, plan: RoundPlan, started_at: float) -> None:

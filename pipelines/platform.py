@@ -3,6 +3,8 @@ kfp-kubernetes). All values come from the typed config; credentials come only fr
 
 from __future__ import annotations
 
+from typing import Literal
+
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
@@ -46,11 +48,32 @@ def place_on_gpu_tier(task: PipelineTask, tier: TierConfig) -> PipelineTask:
     return place_on_tier(task, tier) if tier.gpu else task
 
 
-def use_store_secret(task: PipelineTask, cfg: HetLoRAConfig) -> PipelineTask:
+def use_store_secret(task: PipelineTask, cfg: HetLoRAConfig, role: Literal["server", "client"] = "server") -> PipelineTask:
     """Store credentials as env vars from a Kubernetes Secret: never a pipeline parameter, so they
-    never appear in the compiled YAML, the run's parameters or the KFP UI."""
+    never appear in the compiled YAML, the run's parameters or the KFP UI. Security: client tasks
+    (train, prune, evaluate-client) get the client role's Secret ``kubeflow.client_store_secret``
+    when one is configured; on MinIO that user cannot write plans, globals or metrics (store/roles.py)."""
     if cfg.store.kind == "s3":
-        kubernetes.use_secret_as_env(task, secret_name=cfg.kubeflow.store_secret, secret_key_to_env=dict(SECRET_KEYS))
+        kf = cfg.kubeflow
+        name = (kf.client_store_secret or kf.store_secret) if role == "client" else kf.store_secret
+        kubernetes.use_secret_as_env(task, secret_name=name, secret_key_to_env=dict(SECRET_KEYS))
+    return task
+
+
+def use_server_key(task: PipelineTask, cfg: HetLoRAConfig) -> PipelineTask:
+    """Server tasks (aggregate, evaluate) only: the server key that signs and verifies server state
+    (hetlora_core/store/signing.py), from the Secret ``kubeflow.server_key_secret`` (key ``key``)."""
+    if cfg.kubeflow.server_key_secret:
+        kubernetes.use_secret_as_env(task, secret_name=cfg.kubeflow.server_key_secret,
+                                     secret_key_to_env={"key": cfg.store.server_key_env})
+    return task
+
+
+def withhold_server_key(task: PipelineTask, cfg: HetLoRAConfig) -> PipelineTask:
+    """Client tasks: the server key's variable set empty. In the cluster they never have it; under
+    kfp.local each task inherits the driver's environment, which holds the run's key, and a client
+    holding the HMAC key could forge server state (store/signing.py)."""
+    task.set_env_variable(cfg.store.server_key_env, "")
     return task
 
 

@@ -35,7 +35,8 @@ def on_client_pool(task: Any, name: str, tier: TierConfig, cfg: HetLoRAConfig, c
     task.set_display_name(name)
     platform.set_tier_resources(task, tier)
     platform.place_on_tier(task, tier)
-    platform.use_store_secret(task, cfg)
+    platform.use_store_secret(task, cfg, "client")  # the client role; never the server key
+    platform.withhold_server_key(task, cfg)
     platform.use_model_cache(task, cfg)
     platform.harden(task, cfg.federation.client_timeout_s + HARD_TIMEOUT_GRACE_S)
     task.set_retry(num_retries=2, backoff_duration="30s")
@@ -91,6 +92,7 @@ def add_evaluate(cfg: HetLoRAConfig, comps_for: Callable[[TierConfig | None], Co
     ev = comps_for(None if evals else largest).evaluate(**params, **evals)
     ev.set_display_name("evaluate")
     platform.use_store_secret(ev, cfg)
+    platform.use_server_key(ev, cfg)  # verifies the global, signs the metrics
     platform.harden(ev)
     if evals:
         platform.set_small_resources(ev)
@@ -139,13 +141,15 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
                 prune = default.prune(config_json=config_json, round_index=round_index, client_id=client_id).after(train)
                 prune.set_display_name(f"prune-{tier.name}")
                 platform.set_small_resources(prune)
-                platform.use_store_secret(prune, cfg)
+                platform.use_store_secret(prune, cfg, "client")
+                platform.withhold_server_key(prune, cfg)
                 platform.harden(prune)
             collected[f"tier_{i}"] = dsl.Collected(prune.output)
         agg = default.aggregate(config_json=config_json, round_index=round_index, **collected)
         agg.set_display_name("aggregate")
         platform.set_small_resources(agg)
         platform.use_store_secret(agg, cfg)
+        platform.use_server_key(agg, cfg)  # verifies the plan and the previous global, signs the commit
         platform.harden(agg)
         agg.set_retry(num_retries=2, backoff_duration="10s")
         evals = add_client_evals(cfg, comps_for, plan.state, config_json, round_index, agg, concurrent_tasks)

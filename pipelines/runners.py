@@ -38,6 +38,7 @@ class KfpLocalExecutor:
     shown with its name. ``verbose`` echoes everything to the console as kfp.local prints it."""
 
     name, command = "kfp.local", "hetlora run"
+    local_key = True  # RoundRunner gives this run a server key of its own output directory (store/signing.py)
 
     def __init__(self, pipeline_root: str | Path, log_root: str | Path | None = None, verbose: bool = False,
                  show: Callable[[str], None] | None = None, concurrent_tasks: int | None = 2) -> None:
@@ -122,6 +123,24 @@ def wait_for_run(client: Any, run_id: str, link: str, timeout_s: float, poll_s: 
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
+def check_driver_key(cfg: HetLoRAConfig) -> None:
+    """Kubeflow: this driver signs the plans the aggregate task verifies, so it holds the server key
+    exactly when the server tasks do (``kubeflow.server_key_secret``); either half alone would fail
+    round 0 with ForgedState, so say so before anything is submitted."""
+    env, secret = cfg.store.server_key_env, cfg.kubeflow.server_key_secret
+    has_key = st.signing.server_key(cfg.store) is not None
+    if secret and not has_key:
+        raise st.ServerKeyError(f"kubeflow.server_key_secret is {secret!r} but {env} is not set here: the driver signs the plans "
+                                f"with the same key; export {env}=\"$(kubectl -n {cfg.kubeflow.namespace} get secret {secret} "
+                                "-o jsonpath='{.data.key}' | base64 -d)\"")
+    if has_key and not secret:
+        raise st.ServerKeyError(f"{env} is set here but kubeflow.server_key_secret is empty: the aggregate and evaluate tasks "
+                                f"would not hold the key and could not verify or sign; set kubeflow.server_key_secret (docs/deploy.md) "
+                                f"or unset {env}")
+    if cfg.store.signing == "required" and not secret:
+        raise st.ServerKeyError("store.signing is 'required': set kubeflow.server_key_secret to the Secret holding the server key")
+
+
 class KubeflowExecutor:
     """Each round (or evaluation) is one KFP run on a Kubeflow Pipelines API server, waited for.
 
@@ -133,6 +152,7 @@ class KubeflowExecutor:
 
     def __init__(self, cfg: HetLoRAConfig, host: str, client: Any = None, timeout_s: float = 6 * 3600,
                  poll_s: float = 10.0, wait: bool = True, log: Any = None) -> None:
+        check_driver_key(cfg)
         if client is None:
             import kfp
 

@@ -262,3 +262,39 @@ def test_folder_data_evaluates_every_client_in_its_own_tier_task(tmp_path):
     spec, _ = yaml.safe_load_all(path.read_text())
     assert "evaluate-client" not in path.read_text() and len(_tasks_named(spec, "evaluate")) == 1
 
+
+
+def test_client_tasks_get_the_client_role_and_never_the_server_key(tmp_path):
+    """Issue 13: client tasks (train, prune, evaluate-client) mount the client role's Secret and
+    never the server key (its variable is set empty: kfp.local tasks inherit the driver's); server
+    tasks (aggregate, evaluate) mount the server role's Secret and the server key's."""
+    from hetlora_core.config import replace
+
+    state = {f"c{i}": {"rank": r, "tier": t} for i, (t, r) in enumerate([("small", 2), ("small", 2), ("medium", 4), ("large", 8)])}
+    plan = RoundPlan("compile-test", 3, [ClientPlan(c, s["tier"], s["rank"]) for c, s in state.items()], state)
+    cfg = replace(_folder_cfg(tmp_path), **{"kubeflow.client_store_secret": "my-client-secret",
+                                           "kubeflow.server_key_secret": "my-server-key"})
+    path = tmp_path / "roles.yaml"
+    compile_round(cfg, plan, str(path))
+    spec, platform = yaml.safe_load_all(path.read_text())
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    exe = spec["deploymentSpec"]["executors"]
+
+    def secrets_of(ex: str) -> dict[str, set[str]]:
+        return {s["secretName"]: {e["envVar"] for e in s["keyToEnv"]} for s in k8s[ex].get("secretAsEnv", [])}
+
+    client = {ex for name in ("train", "prune", "evaluate") for t in TIERS for _, ex in _tasks_named(spec, f"{name}-{t['name']}")}
+    server = {_task_executor(spec, "aggregate"), _task_executor(spec, "evaluate")}
+    assert len(client) >= 6 and client | server == set(k8s) and not client & server
+    for ex in client:
+        assert secrets_of(ex) == {"my-client-secret": {"HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY"}}, ex
+        env = {e["name"]: e.get("value", "") for e in exe[ex]["container"].get("env", [])}
+        assert env["HETLORA_SERVER_KEY"] == "", ex  # withheld, also under kfp.local
+    for ex in server:
+        assert secrets_of(ex) == {"my-store-secret": {"HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY"},
+                                  "my-server-key": {"HETLORA_SERVER_KEY"}}, ex
+    # Old configs (no client secret, no server key secret): one Secret everywhere, as before.
+    compile_round(_folder_cfg(tmp_path), plan, str(path))
+    spec, platform = yaml.safe_load_all(path.read_text())
+    assert {s["secretName"] for p in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values()
+            for s in p["secretAsEnv"]} == {"my-store-secret"}

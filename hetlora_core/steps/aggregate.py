@@ -225,7 +225,8 @@ def aggregate(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan) -> dict[str,
         "weight_fallback": agg.fallback, "clipped": agg.clipped or [], "aggregate_seconds": time.perf_counter() - start,
         "client_reports": {u.client_id: u.report for u in uploads},
     }
-    return st.put_artifact(store, st.global_prefix(exp, rnd), method.encode(agg.state), manifest)
+    return st.put_artifact(store, st.global_prefix(exp, rnd), method.encode(agg.state), manifest,
+                           seal=st.signing.sealer(cfg.store, "global", exp, rnd))  # server-signed commit (store/signing.py)
 
 
 def aggregate_task(config_json: str, round_index: int, reports: list[str]) -> str:

@@ -23,5 +23,7 @@ def load_global(cfg: HetLoRAConfig, store: st.Store, rnd: int, spec: Spec | None
         if spec is None:
             raise ValueError("the round 0 global is built from the model's spec; pass it")
         return method.initial_global(spec)
-    data, _ = st.get_artifact(store, st.global_prefix(cfg.experiment, rnd - 1))
+    # Verified against the server signature where this process holds the key (aggregate, evaluate):
+    # a replayed or forged global never becomes the base of a new round. Clients: see store/signing.py.
+    data, _ = st.signing.get_global(store, cfg.store, cfg.experiment, rnd - 1)
     return method.decode(data, spec, where=f"{st.global_prefix(cfg.experiment, rnd - 1)} (global of round {rnd - 1})")

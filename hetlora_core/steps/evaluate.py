@@ -47,19 +47,19 @@ def evaluate_baseline(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
     from ..evaluation import evaluate as evaluate_model
 
     key = st.baseline_key(cfg.experiment)
-    got = st.get_json(store, key)
+    got = st.signing.get_signed_json(store, cfg.store, key, "baseline", cfg.experiment, -1)
     if got is not None:
         return got
     r = evaluate_model(runtime.model(cfg), None, runtime.all_client_data(cfg), cfg)
     out = {"round": -1, "global": _as_dict(r), "personal": _as_dict(r)}
-    st.put_json(store, key, out)
+    st.signing.put_signed_json(store, cfg.store, key, out, "baseline", cfg.experiment, -1)
     return out
 
 
 def evaluate(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> dict[str, Any]:
     """Evaluate committed round ``rnd`` (and the baseline if missing); writes the round's eval key."""
     start = time.perf_counter()
-    gman = st.get_manifest(store, st.global_prefix(cfg.experiment, rnd))
+    gman = st.signing.get_global_manifest(store, cfg.store, cfg.experiment, rnd)
     if gman is None:
         raise st.NotFound(f"round {rnd} of {cfg.experiment} is not committed; nothing to evaluate")
     if cfg.data.source == "folder":
@@ -76,7 +76,7 @@ def evaluate(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> dict[str, Any]:
     ranks = {c: (s.get("module_ranks") or int(s["rank"])) for c, s in gman["clients"].items()}
     full, own = method.evaluate(model, glob, runtime.all_client_data(cfg), ranks)
     out = {"round": rnd, "global": _as_dict(full), "personal": _as_dict(own), "eval_seconds": time.perf_counter() - start}
-    st.put_json(store, st.eval_key(cfg.experiment, rnd), out)
+    st.signing.put_signed_json(store, cfg.store, st.eval_key(cfg.experiment, rnd), out, "eval", cfg.experiment, rnd)
     return out
 
 
@@ -104,15 +104,15 @@ def evaluate_federated(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_ids
     base_key = st.baseline_key(cfg.experiment)
     base = eval_reports.combine_mode(good, "base")
     if base is not None and not store.exists(base_key):
-        st.put_json(store, base_key, {"round": -1, "global": base, "personal": base,
-                                      "eval_clients": sorted(c for c in good if "base" in good[c])})
+        st.signing.put_signed_json(store, cfg.store, base_key, {"round": -1, "global": base, "personal": base,
+                                   "eval_clients": sorted(c for c in good if "base" in good[c])}, "baseline", cfg.experiment, -1)
     out: dict[str, Any] = {"round": rnd, "global": full, "personal": own, "federated": True,
                            "eval_missing": sorted(c for c, r in raw.items() if r is None), "eval_dropped": dropped}
     rouge = eval_reports.combine_rouge(good)
     if rouge is not None and cfg.data.rouge_max_prompts:
         out["rouge_l"] = rouge
     out["eval_seconds"] = time.perf_counter() - start
-    st.put_json(store, st.eval_key(cfg.experiment, rnd), out)
+    st.signing.put_signed_json(store, cfg.store, st.eval_key(cfg.experiment, rnd), out, "eval", cfg.experiment, rnd)
     return out
 
 
@@ -124,7 +124,7 @@ def evaluate_task(config_json: str, round_index: int, round_started_at: float = 
     store = st.open_store(cfg.store)
     rnd = int(round_index)
     ev = evaluate(cfg, store, rnd)
-    gman = st.get_manifest(store, st.global_prefix(cfg.experiment, rnd)) or {}
+    gman = st.signing.get_global_manifest(store, cfg.store, cfg.experiment, rnd) or {}
     duration = time.time() - round_started_at if round_started_at else float(gman.get("aggregate_seconds", 0.0))
     push_round_outcome(cfg, rnd, gman, ev, duration)
     return json.dumps(asdict(EvalReport(rnd, ev["global"]["ppl"], ev["personal"]["ppl"])))

@@ -44,7 +44,7 @@ def evaluate_client(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_id: st
     from ..threads import task_threads
 
     cid = st.check_segment(str(client_id), "client_id")
-    gman = st.get_manifest(store, st.global_prefix(cfg.experiment, rnd))
+    gman = st.signing.get_global_manifest(store, cfg.store, cfg.experiment, rnd)  # verified only where the key is held
     if gman is None:
         raise st.NotFound(f"round {rnd} of {cfg.experiment} is not committed; nothing to evaluate")
     if cid not in gman["clients"]:

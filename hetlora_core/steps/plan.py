@@ -90,7 +90,7 @@ def client_state(cfg: HetLoRAConfig, store: st.Store, client_ids: Sequence[str],
     """Client ranks as of the start of round ``rnd`` (from the previous committed global manifest)."""
     if rnd == 0:
         return initial_client_state(cfg, client_ids)
-    man = st.get_manifest(store, st.global_prefix(cfg.experiment, rnd - 1))
+    man = st.signing.get_global_manifest(store, cfg.store, cfg.experiment, rnd - 1)  # the driver holds the key: verified
     if man is None:
         raise st.NotFound(f"round {rnd - 1} of {cfg.experiment} is not committed; cannot plan round {rnd}")
     state: dict[str, dict[str, Any]] = man["clients"]
@@ -104,16 +104,30 @@ def plan_round(cfg: HetLoRAConfig, store: st.Store, client_ids: Sequence[str], r
     chosen = random.Random(f"select-{cfg.federation.seed}-{rnd}").sample(sorted(client_ids), cfg.federation.clients_per_round)
     plan = RoundPlan(cfg.experiment, rnd, [ClientPlan(c, state[c]["tier"], int(state[c]["rank"]), state[c].get("module_ranks"))
                                            for c in sorted(chosen)], state)
-    store.put_bytes(st.plan_key(cfg.experiment, rnd), json.dumps(plan.to_dict(), indent=1).encode())
+    doc, seal = plan.to_dict(), st.signing.sealer(cfg.store, "plan", cfg.experiment, rnd)
+    # Security: signed by the server key, so aggregation cannot be handed a client list or ranks the driver never chose.
+    store.put_bytes(st.plan_key(cfg.experiment, rnd), json.dumps(seal(doc) if seal else doc, indent=1).encode())
     return plan
 
 
 def load_plan(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> RoundPlan:
-    """The plan the driver wrote for round ``rnd`` (JSON, parsed defensively)."""
+    """The plan the driver wrote for round ``rnd`` (JSON, parsed defensively), its server signature
+    verified where this process holds the key (the driver, aggregate; not client tasks)."""
     key = st.plan_key(cfg.experiment, rnd)
     if not store.exists(key):
         raise st.NotFound(f"no plan for round {rnd} at {key}; the driver writes it before starting the round")
     try:
-        return RoundPlan.from_dict(json.loads(store.get_bytes(key, max_bytes=MAX_PLAN_BYTES)))
+        doc = json.loads(store.get_bytes(key, max_bytes=MAX_PLAN_BYTES))
+        if not isinstance(doc, dict):
+            raise TypeError(f"a plan is a JSON object, got {type(doc).__name__}")
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{key}: malformed round plan: {e}") from None
+    st.signing.check(cfg.store, doc, key, "plan", cfg.experiment, rnd)  # ForgedState naming the key
+    try:
+        plan = RoundPlan.from_dict(doc)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{key}: malformed round plan: {e}") from None
+    if (plan.experiment, plan.round) != (cfg.experiment, rnd):  # also for unsigned plans: a copy from elsewhere
+        raise st.ForgedState(f"{key} is the plan of round {plan.round} of {plan.experiment!r}, read as round {rnd} of "
+                             f"{cfg.experiment!r}; delete it and rerun the same command to plan the round again")
+    return plan

@@ -10,7 +10,9 @@
 * ``artifacts``: ``put_artifact`` / ``get_artifact`` / ``get_manifest`` (the commit protocol: the
   manifest, with size and sha256, is written last) and ``get_json`` / ``put_json``;
 * ``layout``: every key of the layout (``config_key``, ``round_prefix``, ``global_prefix``, ...),
-  ``last_committed_round`` and the README table (``layout_table``).
+  ``last_committed_round`` and the README table (``layout_table``);
+* ``signing``: the server key's HMAC on server state (plans, globals, metrics): ``st.signing.*``;
+  ``roles`` (not imported here: it needs MinIO's admin client) makes the server and client users.
 
 Import order is base <- local, s3, artifacts <- layout <- this module: no cycle.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import signing
 from .artifacts import (
     ADAPTER,
     MANIFEST,
@@ -34,10 +37,12 @@ from .artifacts import (
 from .base import (
     TMP_PREFIX,
     ChecksumMismatch,
+    ForgedState,
     InvalidJSON,
     InvalidManifest,
     NotFound,
     ObjectTooLarge,
+    ServerKeyError,
     Store,
     StoreAuthError,
     StoreError,
@@ -76,12 +81,14 @@ __all__ = [
     "MAX_MANIFEST_BYTES",
     "TMP_PREFIX",
     "ChecksumMismatch",
+    "ForgedState",
     "InvalidJSON",
     "InvalidManifest",
     "LocalStore",
     "NotFound",
     "ObjectTooLarge",
     "S3Store",
+    "ServerKeyError",
     "Store",
     "StoreAuthError",
     "StoreError",
@@ -111,6 +118,7 @@ __all__ = [
     "put_json",
     "round_name",
     "round_prefix",
+    "signing",
     "trained_prefix",
     "validate_key",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from hetlora_core.faults import failpoint
@@ -50,15 +51,19 @@ def _manifest_key(prefix: str) -> str:
 
 
 def put_artifact(store: Store, prefix: str, payload: bytes, manifest: dict[str, Any],
-                 filename: str = ADAPTER) -> dict[str, Any]:
+                 filename: str = ADAPTER, seal: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write ``<prefix>/<filename>``, then ``<prefix>/manifest.json`` (the commit) holding
-    ``manifest`` plus ``object``, ``sha256`` and ``size``. Returns the manifest as written."""
+    ``manifest`` plus ``object``, ``sha256`` and ``size``. Returns the manifest as written.
+    ``seal`` (server state: ``signing.sealer``) gets the complete manifest, sha256 included, and
+    returns it signed, so the signature also covers the object's bytes."""
     prefix = validate_key(prefix.rstrip("/"), what="prefix")
     _check_filename(filename)
     if not isinstance(manifest, dict):
         raise TypeError(f"manifest must be a dict, got {type(manifest).__name__}")
     payload = bytes(payload)
     full = {**manifest, "object": filename, "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}
+    if seal is not None:
+        full = seal(full)
     text = json.dumps(full, sort_keys=True, indent=2).encode()  # raises TypeError if not JSON-able
     if len(text) > MAX_MANIFEST_BYTES:
         raise ValueError(f"manifest for {prefix} is {len(text)} bytes; the limit is {MAX_MANIFEST_BYTES}")

@@ -23,10 +23,12 @@ MAX_KEY_CHARS = 1024  # S3's own limit; a longer key is a bug or an attack, neve
 __all__ = [
     "TMP_PREFIX",
     "ChecksumMismatch",
+    "ForgedState",
     "InvalidJSON",
     "InvalidManifest",
     "NotFound",
     "ObjectTooLarge",
+    "ServerKeyError",
     "Store",
     "StoreAuthError",
     "StoreError",
@@ -70,6 +72,15 @@ class InvalidManifest(InvalidJSON):
 
 class ObjectTooLarge(StoreError):
     """``get_bytes(key, max_bytes=...)`` found a larger object (it is not read)."""
+
+
+class ForgedState(StoreError):
+    """Server state (a plan, a global manifest, round metrics) whose server signature is missing,
+    wrong, or made for another key (a replay); the message names the key, what mismatched and the fix."""
+
+
+class ServerKeyError(StoreError):
+    """The server key that signs server state is missing where it is required, or unusable."""
 
 
 # ---------------------------------------------------------------- keys
