@@ -122,26 +122,28 @@ def clip_updates(updates: Sequence[ClientUpdate], clip_norm: float | None) -> tu
     return out, clipped
 
 
-def _whole_clip(a: LoraAdapter, prev: LoraAdapter | None, cfg: StrategyConfig) -> FactorClip | None:
-    """Factor averaging averages A and B separately: ``clip_norm`` bounds each factor's change too
-    (``robust.factor_clip``; Recon+SVD averages the products, where the B scaling alone suffices)."""
-    if cfg.clip_norm is None or cfg.name == "recon_svd":
-        return None
-    if prev is None:
-        raise ValueError("clip_norm under factor averaging needs the previous global: client_facts(update, cfg, prev)")
-    return factor_clip(a, prev.truncate(a.ranks), cfg.clip_norm)
-
-
-def client_facts(update: ClientUpdate, cfg: StrategyConfig, prev: LoraAdapter | None = None) -> ClientFacts:
+def client_facts(update: ClientUpdate, cfg: StrategyConfig, prev: LoraAdapter | None = None,
+                 norms: Mapping[str, float] | None = None) -> ClientFacts:
     """The facts of one client under ``cfg``: clipping decided here (it depends on the client and the
-    previous global ``prev`` alone), norms measured on the clipped adapter, as the weights see it."""
+    previous global ``prev`` alone), norms measured on the clipped adapter, as the weights see it.
+    ``norms``: the adapter's ``delta_norms()`` if the caller has them already (saves computing them again).
+
+    Factor averaging averages A and B separately, so ``clip_norm`` bounds each factor's change from
+    what the client received too (``robust.factor_clip``, which needs ``prev``); Recon+SVD averages the
+    products, where scaling B alone bounds the whole update."""
     a = update.adapter
-    fc = _whole_clip(a, prev, cfg)
-    if fc is not None:
-        assert prev is not None
-        a = apply_factor_clip(a, prev.truncate(a.ranks), fc)
+    fc = None
+    if cfg.clip_norm is not None and cfg.name != "recon_svd":
+        if prev is None:
+            raise ValueError("clip_norm under factor averaging needs the previous global: client_facts(update, cfg, prev)")
+        received = prev.truncate(a.ranks)
+        fc = factor_clip(a, received, cfg.clip_norm)
+        if fc is not None:
+            a, norms = apply_factor_clip(a, received, fc), None
     sparsity = cfg.name != "recon_svd" and weighting(cfg) == "sparsity"
-    norms = a.delta_norms() if sparsity or cfg.clip_norm is not None else None
+    if norms is None and (sparsity or cfg.clip_norm is not None):
+        norms = a.delta_norms()
+    norms = dict(norms) if norms is not None and (sparsity or cfg.clip_norm is not None) else None
     f = clip_factor(norms, cfg.clip_norm) if norms is not None else None
     if f is not None and sparsity:
         norms = clip_adapter(a, f).delta_norms()

@@ -39,6 +39,7 @@ class LoraMethod(Method):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         self._initial: dict[Any, LoraAdapter] = {}  # round 0's initial global by spec (summarise under clip_norm)
+        self._norms_of: tuple[LoraAdapter, dict[str, float]] | None = None  # update_norms' delta norms, for summarise
 
     @property
     def prunes(self) -> bool:
@@ -76,11 +77,17 @@ class LoraMethod(Method):
             if key not in self._initial:
                 self._initial = {key: self.initial_global(spec)}  # one spec per round: keep one
             prev = self._initial[key]
+        known = self._norms_of[1] if self._norms_of is not None and self._norms_of[0] is update.state else None
+        self._norms_of = None  # keeps no upload alive
         return strategies.client_facts(strategies.ClientUpdate(update.client_id, update.state, update.num_samples),
-                                       self.cfg.strategy, prev)
+                                       self.cfg.strategy, prev, known)
 
     def update_norms(self, state: LoraAdapter) -> dict[str, float]:
-        return robust.lora_norms(state)
+        """(The delta norms are kept for a ``summarise`` of the same state: the aggregate step asks for
+        both in its first pass, and computing them is most of either's cost.)"""
+        dn = state.delta_norms()
+        self._norms_of = (state, dn)
+        return robust.lora_norms(state, dn)
 
     def arrays(self, state: LoraAdapter) -> list[Any]:
         return [*state.A.values(), *state.B.values()]

@@ -121,9 +121,9 @@ def _first_read(method: Method, store: st.Store, prefix: str, client: ClientPlan
     state = method.decode(data, spec, where=prefix, max_rank=client.rank)
     n, report = _num_samples(man, prefix), _report(man, prefix)
     update = ClientUpdate(client.client_id, state, n)
+    norms = method.update_norms(state)  # before summarise, which may reuse what it computed
     return _Upload(client.client_id, prefix, f"{prefix}/{man['object']}", man["sha256"], client.rank, method.spec_of(state),
-                   method.client_ranks(state), report, method.summarise(update, prev) if method.streams else update,
-                   method.update_norms(state))
+                   method.client_ranks(state), report, method.summarise(update, prev) if method.streams else update, norms)
 
 
 def _drop_outliers(cfg: HetLoRAConfig, uploads: list[_Upload], dropped: dict[str, str]) -> None:
