@@ -112,9 +112,10 @@ def norm_outliers(norms: Mapping[str, Norms], ranks: Mapping[str, float], ratio:
 
 def check_global(rnd: int, values: list[np.ndarray], norm: float, client_max: float, ratio: float | None) -> None:
     """Raise ``RoundRejected`` unless every value of the new global is finite and, with ``ratio`` set,
-    its update norm is at most ``ratio`` x the largest accepted client's (an average of the clients'
-    updates cannot honestly exceed the largest of them by much: factor averaging's cross terms can,
-    which is what an attack that slipped past the per-client checks would look like)."""
+    its update norm is at most ``ratio`` x ``client_max``, the largest accepted client's (or the previous
+    global's, if larger): an average of the clients' updates cannot honestly exceed the largest of them
+    by much; factor averaging's cross terms can, which is what an attack that slipped past the
+    per-client checks would look like."""
     bad = sum(int(np.size(v) - np.count_nonzero(np.isfinite(v))) for v in values)
     why = ""
     if bad:

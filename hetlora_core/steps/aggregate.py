@@ -136,11 +136,14 @@ def _drop_outliers(cfg: HetLoRAConfig, uploads: list[_Upload], dropped: dict[str
         dropped[u.client_id] = f"{u.prefix}: {out[u.client_id]}"
 
 
-def _check_new_global(cfg: HetLoRAConfig, method: Method, rnd: int, agg: Aggregated, uploads: list[_Upload]) -> None:
-    """Nothing non-finite or absurd is committed (robust.check_global raises RoundRejected)."""
+def _check_new_global(cfg: HetLoRAConfig, method: Method, rnd: int, agg: Aggregated, uploads: list[_Upload],
+                      prev: State | None) -> None:
+    """Nothing non-finite or absurd is committed (robust.check_global raises RoundRejected). The
+    reference norm includes the previous global's: components no client of the round trained keep
+    its values (untrained_components: keep), which the clients' own norms do not cover."""
     norm = method.update_norms(agg.state).get("update", 0.0)
-    robust.check_global(rnd, method.arrays(agg.state), norm, max(u.norms.get("update", 0.0) for u in uploads),
-                        cfg.strategy.norm_ratio)
+    ref = max([u.norms.get("update", 0.0) for u in uploads] + ([method.update_norms(prev).get("update", 0.0)] if prev is not None else []))
+    robust.check_global(rnd, method.arrays(agg.state), norm, ref, cfg.strategy.norm_ratio)
 
 
 def _second_read(method: Method, store: st.Store, u: _Upload, spec: Spec) -> State:
@@ -246,7 +249,7 @@ def aggregate(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan) -> dict[str,
     except robust.AGGREGATION_FAULTS as e:  # e.g. an SVD of overflowing sums: the round fails cleanly, naming it
         raise robust.RoundRejected(f"round {rnd}: aggregation failed ({type(e).__name__}: {_why(e)}); nothing is committed "
                                    "and the previous global is unchanged") from e
-    _check_new_global(cfg, method, rnd, agg, uploads)  # before anything is written: a rejected round commits nothing
+    _check_new_global(cfg, method, rnd, agg, uploads, prev)  # before anything is written: a rejected round commits nothing
     state = {c: dict(v) for c, v in plan.state.items()}
     for u in uploads:  # pruned ranks persist across rounds
         if u.ranks:
