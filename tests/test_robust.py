@@ -231,3 +231,15 @@ def test_norm_ratio_validation_names_the_bad_value(bad: float) -> None:
         config_from_dict({"strategy": {"norm_ratio": bad}})
     assert config_from_dict({"strategy": {"norm_ratio": None}}).strategy.norm_ratio is None
     assert config_from_dict({}).strategy.norm_ratio == 10.0
+
+
+def test_results_collect_from_a_global_manifest_committed_before_the_checks(tmp_path: Path) -> None:
+    """A global manifest written before client fields were type-checked may hold a string train_loss
+    (the issue's probe): collection leaves it out instead of failing for the whole experiment."""
+    cfg, store, man = one_round(tmp_path, None, evil=())
+    prefix = st.global_prefix("s", 0)
+    data, _ = st.get_artifact(store, prefix)
+    reports = {**man["client_reports"], EVIL: {**man["client_reports"][EVIL], "train_loss": "NaN", "bytes_up": "x"}}
+    st.put_artifact(store, prefix, data, {k: v for k, v in man.items() if k not in ("object", "sha256", "size")} | {"client_reports": reports})
+    res = collect_results(cfg, store)
+    assert res["rounds"][0]["train_loss"] == pytest.approx(2.5) and json.dumps(res, allow_nan=False)
