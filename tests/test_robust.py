@@ -243,3 +243,19 @@ def test_results_collect_from_a_global_manifest_committed_before_the_checks(tmp_
     st.put_artifact(store, prefix, data, {k: v for k, v in man.items() if k not in ("object", "sha256", "size")} | {"client_reports": reports})
     res = collect_results(cfg, store)
     assert res["rounds"][0]["train_loss"] == pytest.approx(2.5) and json.dumps(res, allow_nan=False)
+
+
+def test_a_run_recorded_before_norm_ratio_resumes_only_without_it(tmp_path: Path) -> None:
+    """Runs recorded before strategy.norm_ratio existed aggregated every upload; resuming one under
+    today's default would switch mid-run: refused, with the fix (as for pruning.form)."""
+    from hetlora_core.config import HetLoRAConfig, replace
+    from hetlora_core.run import RunConfigMismatch, check_or_record_config
+
+    store = st.LocalStore(str(tmp_path))
+    now = HetLoRAConfig()
+    old = now.to_dict()
+    del old["strategy"]["norm_ratio"]
+    st.put_json(store, st.config_key(now.experiment), old)
+    with pytest.raises(RunConfigMismatch, match=r"resumes with --set strategy.norm_ratio=null"):
+        check_or_record_config(now, store)
+    check_or_record_config(replace(now, **{"strategy.norm_ratio": None}), store)  # the hint works
