@@ -103,7 +103,7 @@ def norm_outliers(norms: Mapping[str, Norms], ranks: Mapping[str, float], ratio:
             ref = lower_median(pos)
         for c, v in per.items():
             if c not in out and not v <= ratio * ref:  # NaN compares False: dropped too
-                what = "update norm ||s B A||_F" if kind == "update" else f"norm of {kind}"
+                what = "update norm" if kind == "update" else f"norm of {kind}"
                 out[c] = (f"{what} per rank component {v:.4g} is more than strategy.norm_ratio={ratio:g} times the "
                           f"round's median {ref:.4g} (a poisoned or diverged update; raise or null strategy.norm_ratio "
                           "if honest clients differ this much)")

@@ -88,7 +88,7 @@ def assert_finite_global(store: st.Store, cfg: Any, rnd: int) -> None:
 def test_finite_poisoned_upload_is_dropped_not_committed(tmp_path: Path) -> None:
     """Before: all values 1e30 (finite, valid) were aggregated at weight ~1.0 and committed."""
     cfg, store, man = one_round(tmp_path, lambda a, f, r: (_filled(a, 1e30), f))
-    assert_dropped(man, "update norm ||s B A||_F", "strategy.norm_ratio=10", "median")
+    assert_dropped(man, "update norm per rank component", "strategy.norm_ratio=10", "median")
     assert_finite_global(store, cfg, 0)
     assert math.sqrt(sum(v * v for v in committed(store, cfg, 0).delta_norms().values())) < 1.0
 
@@ -259,3 +259,18 @@ def test_a_run_recorded_before_norm_ratio_resumes_only_without_it(tmp_path: Path
     with pytest.raises(RunConfigMismatch, match=r"resumes with --set strategy.norm_ratio=null"):
         check_or_record_config(now, store)
     check_or_record_config(replace(now, **{"strategy.norm_ratio": None}), store)  # the hint works
+
+
+def test_full_fine_tuning_outlier_is_dropped_too(tmp_path: Path) -> None:
+    """The norm ratio is the method's: full fine-tuning compares the norms of the weight deltas."""
+    from hetlora_core.methods import method_for
+
+    cfg = config_from_dict({"experiment": "m", "store": {"root": str(tmp_path)}, "data": {"num_clients": 4},
+                            "strategy": {"name": "full_ft"}, "federation": {"clients_per_round": 4, "quorum": 0.5}})
+    method, store = method_for(cfg), st.LocalStore(tmp_path)
+    plan = plan_round(cfg, store, IDS, 0)
+    for i, c in enumerate(IDS):
+        d = {"w": np.full((3, 4), 1e6 if c == EVIL else 1.0 + i, np.float32)}
+        st.put_artifact(store, st.client_prefix("m", 0, c), method.encode(d), {"num_samples": 10})
+    man = aggregate(cfg, store, plan)
+    assert_dropped(man, "update norm per rank component", "strategy.norm_ratio=10")
