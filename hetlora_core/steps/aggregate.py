@@ -4,7 +4,10 @@ with the method, and commit the new global (its manifest is written last: the co
 Security: every upload is untrusted. It is read through its checksummed manifest, decoded by the
 method's validation against the spec of the *committed* global (never one an upload imposes), its
 rank may not exceed the client's planned rank, and its manifest fields are type- and range-checked.
-A violation drops that client with a reason naming it; nothing a client uploads raises out of here.
+A violation drops that client with a reason naming it (capped at ``MAX_REASON`` characters); nothing a
+client uploads raises out of here. Robust aggregation (``robust.py``, a departure from the paper): a
+client whose norms are far above the round's median is dropped after the first pass, and the new
+global is checked finite and sane before it is committed (else ``RoundRejected``, nothing written).
 
 Memory: two passes over the uploads. The first reads, verifies and validates each upload in turn
 and keeps only what the weights need (``Method.summarise``: for the LoRA methods the ranks, the
