@@ -238,10 +238,15 @@ class StrategyConfig:
     # component trained by few clients moves by their p_k-weighted update instead of shrinking by
     # p_k^2 in B A (strategies._FactorSums.finish; not a renormalisation, which diverged).
     normalisation: Literal["paper", "rank_aware"] = "paper"
-    clip_norm: float | None = None  # optional per-client update-norm clipping (poisoned clients)
+    clip_norm: float | None = None  # optional per-client clipping of the whole update s·B·A (poisoned clients)
+    # Robust aggregation, a departure from the paper (robust.py): drop a client whose update or factor
+    # norm is more than this many times the round's median; null disables.
+    norm_ratio: float | None = 10.0
 
     def __post_init__(self) -> None:
         _check(self.clip_norm is None or self.clip_norm > 0, "strategy.clip_norm", f"must be > 0 or null, got {self.clip_norm}")
+        _check(self.norm_ratio is None or self.norm_ratio > 1, "strategy.norm_ratio",
+               f"must be > 1 (times the round's median norm) or null to disable, got {self.norm_ratio}")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ so the simulation, the kfp.local run and a Kubeflow run produce the same report.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,10 @@ def collect_results(cfg: HetLoRAConfig, store: st.Store) -> dict[str, Any]:
             "prune_events": [{"client": c, "from": r["rank_before"], "to": r["rank_after"]}
                              for c, r in reports.items() if r.get("pruned")],
             "clients": reports,
-            "train_loss": _mean([r["train_loss"] for r in reports.values() if "train_loss" in r]),
-            "bytes_up": sum(r.get("bytes_up", 0) for r in reports.values()),
-            "bytes_down": sum(r.get("bytes_down", 0) for r in reports.values()),
-            "train_seconds": sum(r.get("train_seconds", 0.0) for r in reports.values()),
+            "train_loss": _mean(_nums(r.get("train_loss") for r in reports.values())),
+            "bytes_up": sum(_nums(r.get("bytes_up") for r in reports.values())),
+            "bytes_down": sum(_nums(r.get("bytes_down") for r in reports.values())),
+            "train_seconds": sum(_nums(r.get("train_seconds") for r in reports.values())),
             "aggregate_seconds": g.get("aggregate_seconds"),
             "eval_seconds": ev.get("eval_seconds"),
             "global_ppl": ev.get("global", {}).get("ppl"),
@@ -68,6 +70,13 @@ def precisions(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row = seen.setdefault(json.dumps(rep["precision"], sort_keys=True), {**rep["precision"], "client_updates": 0})
                 row["client_updates"] += 1
     return [v for _, v in sorted(seen.items())]
+
+
+def _nums(xs: Iterable[Any]) -> list[Any]:
+    """The finite numbers among ``xs``. Since issue 13 the aggregate step type-checks every client
+    field before it enters a global manifest; a manifest committed before that may hold a string
+    ``train_loss``, which used to break collection for the whole experiment: it is left out instead."""
+    return [x for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
 
 
 def _mean(xs: list[float]) -> float | None:

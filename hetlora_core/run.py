@@ -60,7 +60,7 @@ class Executor(Protocol):
 
 # Settings added with a default that differs from how runs behaved before they existed: a recorded
 # config without the key ran with this value (and resumes only with it).
-_BEHAVIOUR_BEFORE: dict[tuple[str, str], Any] = {("pruning", "form"): "loss"}
+_BEHAVIOUR_BEFORE: dict[tuple[str, str], Any] = {("pruning", "form"): "loss", ("strategy", "norm_ratio"): None}
 
 # Sections a resumed run may change: where it runs and reports, and how many rounds it has.
 _MUTABLE_SECTIONS = ("federation", "metrics", "kubeflow", "store")
@@ -106,7 +106,8 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store, targets: tuple[s
                 hint = "; a run recorded before model.dtype existed resumes with --set training.bf16=false"
             for (sec, k), before in _BEHAVIOUR_BEFORE.items():
                 if not hint and theirs.get(sec, {}).get(k) == before != mine[sec][k]:
-                    hint = f"; a run recorded before {sec}.{k} existed (or with {before!r}) resumes with --set {sec}.{k}={before}"
+                    value = "null" if before is None else before  # as YAML (and --set) spell it
+                    hint = f"; a run recorded before {sec}.{k} existed (or with {before!r}) resumes with --set {sec}.{k}={value}"
             raise RunConfigMismatch(f"{store.describe()}/{key} holds experiment {cfg.experiment!r} with a different config "
                                     f"(sections {diff}); use another experiment name or output directory to start fresh{hint}")
     st.put_json(store, key, mine)

@@ -37,6 +37,7 @@ import numpy as np
 from .adapter import AdapterError, LoraAdapter
 from .config import StrategyConfig
 from .reduce import Scratch, add_scaled
+from .robust import FactorClip, apply_factor_clip, factor_clip
 from .svd import DeltaSums
 
 # A group holds at most this many bytes of float32 factors (or one client, if it alone is larger):
@@ -78,6 +79,8 @@ class ClientFacts:
     nbytes: int  # float32 factor bytes
     norms: dict[str, float] | None = None
     clip: float | None = None  # the factor B is scaled by (update-norm clipping), None if not clipped
+    # Factor averaging under clip_norm: the factor changes' scales (robust.factor_clip), applied before ``clip``
+    factor_clip: FactorClip | None = None
 
 
 def weighting(cfg: StrategyConfig) -> str:
@@ -119,16 +122,32 @@ def clip_updates(updates: Sequence[ClientUpdate], clip_norm: float | None) -> tu
     return out, clipped
 
 
-def client_facts(update: ClientUpdate, cfg: StrategyConfig) -> ClientFacts:
-    """The facts of one client under ``cfg``: clipping decided here (it depends on the client alone),
-    norms measured on the clipped adapter, as the weights see it."""
+def client_facts(update: ClientUpdate, cfg: StrategyConfig, prev: LoraAdapter | None = None,
+                 norms: Mapping[str, float] | None = None) -> ClientFacts:
+    """The facts of one client under ``cfg``: clipping decided here (it depends on the client and the
+    previous global ``prev`` alone), norms measured on the clipped adapter, as the weights see it.
+    ``norms``: the adapter's ``delta_norms()`` if the caller has them already (saves computing them again).
+
+    Factor averaging averages A and B separately, so ``clip_norm`` bounds each factor's change from
+    what the client received too (``robust.factor_clip``, which needs ``prev``); Recon+SVD averages the
+    products, where scaling B alone bounds the whole update."""
     a = update.adapter
+    fc = None
+    if cfg.clip_norm is not None and cfg.name != "recon_svd":
+        if prev is None:
+            raise ValueError("clip_norm under factor averaging needs the previous global: client_facts(update, cfg, prev)")
+        received = prev.truncate(a.ranks)
+        fc = factor_clip(a, received, cfg.clip_norm)
+        if fc is not None:
+            a, norms = apply_factor_clip(a, received, fc), None
     sparsity = cfg.name != "recon_svd" and weighting(cfg) == "sparsity"
-    norms = a.delta_norms() if sparsity or cfg.clip_norm is not None else None
+    if norms is None and (sparsity or cfg.clip_norm is not None):
+        norms = a.delta_norms()
+    norms = dict(norms) if norms is not None and (sparsity or cfg.clip_norm is not None) else None
     f = clip_factor(norms, cfg.clip_norm) if norms is not None else None
     if f is not None and sparsity:
         norms = clip_adapter(a, f).delta_norms()
-    return ClientFacts(update.client_id, update.num_samples, a.ranks, a.nbytes(), norms if sparsity else None, f)
+    return ClientFacts(update.client_id, update.num_samples, a.ranks, a.nbytes(), norms if sparsity else None, f, fc)
 
 
 def _weights(n: np.ndarray, norms: Sequence[Mapping[str, float]] | None, modules: Sequence[str],
@@ -344,7 +363,7 @@ class Aggregation:
                 raise AdapterError(f"client {f.client_id}: modules differ from the global adapter's")
             if max(f.ranks.values()) > r_max:
                 raise AdapterError(f"client {f.client_id}: rank {max(f.ranks.values())} > r_max {r_max}")
-        self.facts, self.cfg = list(facts), cfg
+        self.facts, self.cfg, self.prev = list(facts), cfg, prev_global
         n = np.array([f.num_samples for f in facts], dtype=np.float64)
         self.fallback = ""
         self._sums: _FactorSums | DeltaSums
@@ -393,6 +412,8 @@ class Aggregation:
                 raise ValueError(f"client {f.client_id} was added twice")
             if a.ranks != f.ranks:
                 raise AdapterError(f"client {f.client_id}: ranks {a.ranks} differ from its facts' {f.ranks}")
+            if f.factor_clip is not None:
+                a = apply_factor_clip(a, self.prev.truncate(a.ranks), f.factor_clip)
             clipped.append(clip_adapter(a, f.clip))
         for i in indices:
             self._added[i] = True
@@ -405,7 +426,8 @@ class Aggregation:
         new = self._sums.result()
         ids = [f.client_id for f in self.facts]
         p = self.p
-        info = AggregationInfo(fallback=self.fallback, clipped=[f.client_id for f in self.facts if f.clip is not None])
+        info = AggregationInfo(fallback=self.fallback, clipped=[f.client_id for f in self.facts
+                                                                         if f.clip is not None or f.factor_clip is not None])
         info.weights = {m: {c: float(w) for c, w in zip(ids, p[m], strict=True)} for m in p}
         info.client_weights = {c: float(sum(p[m][k] for m in p) / len(p)) for k, c in enumerate(ids)}
         return new, info
@@ -424,6 +446,6 @@ def aggregate(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], cfg: St
             raise AdapterError(f"client {u.client_id}: modules differ from the global adapter's")
         if u.adapter.rank > r_max:
             raise AdapterError(f"client {u.client_id}: rank {u.adapter.rank} > r_max {r_max}")
-    agg = Aggregation(prev_global, [client_facts(u, cfg) for u in updates], cfg, r_max)
+    agg = Aggregation(prev_global, [client_facts(u, cfg, prev_global) for u in updates], cfg, r_max)
     agg.add_all([u.adapter for u in updates])
     return agg.result()

@@ -672,10 +672,12 @@ def _delta_norm(a: LoraAdapter) -> float:
     return math.sqrt(sum(v * v for v in a.delta_norms().values()))
 
 
-def _poisoned_round(tmp_path: Path, clip: float | None, poison: str = "B") -> tuple[dict[str, Any], LoraAdapter]:
-    cfg = agg_cfg(strategy={"clip_norm": clip}, federation={"quorum": 1.0, "clients_per_round": 4},
+def _poisoned_round(tmp_path: Path, clip: float | None, poison: str = "B", norm_ratio: float | None = None) -> tuple[dict[str, Any], LoraAdapter]:
+    """One round of three honest clients and ``evil``; the norm-ratio check is off unless asked for,
+    so that clipping is what is tested."""
+    cfg = agg_cfg(strategy={"clip_norm": clip, "norm_ratio": norm_ratio}, federation={"quorum": 0.75, "clients_per_round": 4},
                   ranks={"explicit": [2, 4, 8, 8]}, data={"num_clients": 4})
-    store = st.LocalStore(tmp_path / f"clip-{clip}-{poison}")
+    store = st.LocalStore(tmp_path / f"clip-{clip}-{poison}-{norm_ratio}")
     ids = ["a", "b", "c", "evil"]
     plan = plan_round(cfg, store, ids, 0)
     for c in plan.clients:
@@ -704,9 +706,25 @@ def test_poisoned_client_is_clipped(tmp_path: Path, tally: Tally) -> None:
     assert _delta_norm(g) <= 1.0 + 1e-6 and _delta_norm(g) < exploded / 1000
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: clip_norm bounds ||s B A|| and scales B only; a client that "
-                   "inflates A gets through factor averaging's cross terms (docs/reliability.md)")
-def test_poisoned_client_inflating_A_is_clipped(tmp_path: Path) -> None:
+def test_poisoned_client_inflating_A_is_clipped(tmp_path: Path, tally: Tally) -> None:
+    """clip_norm bounds the whole update: factor averaging averages A and B separately, so a client
+    that inflates A (its B clipped, its A not) used to move the global by the cross terms with the
+    other clients' B (125 for clip_norm 1.0); each factor's change is bounded too now (robust.factor_clip)."""
     man, g = _poisoned_round(tmp_path, 1.0, poison="A")
+    tally.fault("poisoned client (inflated A), clip_norm=1.0")
     assert man["clipped"] == ["evil"]
     assert _delta_norm(g) <= 10.0
+
+
+@pytest.mark.parametrize("poison", ["B", "A"])
+def test_poisoned_client_is_dropped_by_the_default_norm_ratio(poison: str, tmp_path: Path, tally: Tally) -> None:
+    """Robust aggregation by default (strategy.norm_ratio: 10): the same poisoned client, without any
+    clip_norm, is dropped with a reason naming it, its norm, the median and the ratio; the global is
+    what the honest clients alone give."""
+    man, g = _poisoned_round(tmp_path, None, poison=poison, norm_ratio=10.0)
+    tally.fault(f"poisoned client (inflated {poison}), default norm_ratio")
+    assert man["participants"] == ["a", "b", "c"] and list(man["dropped"]) == ["evil"]
+    why = man["dropped"]["evil"]
+    assert "clients/evil" in why and "strategy.norm_ratio=10" in why and "median" in why, why
+    assert "update norm per rank component" in why, why  # (A inflated with B deflated: tests/test_robust.py)
+    assert _delta_norm(g) < 1.0  # the honest clients' scale, not 1e5 of it

@@ -177,7 +177,11 @@ def test_full_ft_average_and_clipping():
     d1, d2 = {"w": np.ones((2, 2), np.float32)}, {"w": np.full((2, 2), 3.0, np.float32)}
     avg = average_tensors([d1, d2], [1, 3])["w"]
     assert avg.tolist() == [[2.5, 2.5], [2.5, 2.5]] and avg.dtype == np.float32
-    prev, ups = three_clients()
+    _, ups = three_clients()
+    # clip_norm bounds each factor's change from what the client received (robust.factor_clip), so the
+    # previous global is one these clients plausibly trained from (B = 0, A near theirs), not three_clients'
+    # all-7s global, from which every client's change is large
+    prev = one_module([[1, 0], [1, 0], [0, 2]], [[0, 0, 0]] * 2)
     huge = ClientUpdate("evil", one_module([[1, 0]], [[1e6], [0]]), 10)
     new, info = aggregate(prev, [*ups, huge], StrategyConfig(clip_norm=3.0), R_MAX)
     assert info.clipped == ["evil"]
@@ -212,7 +216,20 @@ def mixed_clients(seed: int = 0, k: int = 17, r_max: int = 6) -> tuple[LoraAdapt
     return prev, ups
 
 
-def reference_weights(updates, cfg: StrategyConfig) -> tuple[dict[str, np.ndarray], list[ClientUpdate]]:
+def reference_factor_clip(a: LoraAdapter, prev: LoraAdapter, c: float) -> LoraAdapter:
+    """clip_norm's bound on each factor's change (robust.factor_clip), with dense float64 norms."""
+    r = prev.truncate(a.ranks)
+    f64 = {m: (a.A[m].astype(np.float64) - r.A[m], a.B[m].astype(np.float64) - r.B[m]) for m in SHAPES}
+    da = np.sqrt(sum(np.linalg.norm(dA) ** 2 for dA, _ in f64.values()))
+    ar = np.sqrt(sum(np.linalg.norm(r.A[m].astype(np.float64)) ** 2 for m in SHAPES))
+    ea = a.scale * np.sqrt(sum((np.linalg.norm(dA) * np.linalg.norm(r.B[m].astype(np.float64), 2)) ** 2 for m, (dA, _) in f64.items()))
+    eb = a.scale * np.sqrt(sum((np.linalg.norm(dB) * np.linalg.norm(r.A[m].astype(np.float64), 2)) ** 2 for m, (_, dB) in f64.items()))
+    ta, tb = min(1.0, ar / da if da else 1.0, c / ea if ea else 1.0), min(1.0, c / eb if eb else 1.0)
+    return LoraAdapter({m: (r.A[m] + ta * f64[m][0]).astype(np.float32) if ta < 1 else a.A[m] for m in SHAPES},
+                       {m: (r.B[m] + tb * f64[m][1]).astype(np.float32) if tb < 1 else a.B[m] for m in SHAPES}, a.scale)
+
+
+def reference_weights(updates, cfg: StrategyConfig, prev: LoraAdapter | None = None) -> tuple[dict[str, np.ndarray], list[ClientUpdate]]:
     """Clipping, then p[m] per client: norms from the dense product (not the Gram form)."""
     def dense_norms(a: LoraAdapter) -> dict[str, float]:
         return {m: float(np.linalg.norm(a.scale * a.B[m].astype(np.float64) @ a.A[m].astype(np.float64))) for m in SHAPES}
@@ -221,6 +238,9 @@ def reference_weights(updates, cfg: StrategyConfig) -> tuple[dict[str, np.ndarra
     for u in updates:
         total = sum(v * v for v in dense_norms(u.adapter).values()) ** 0.5
         a = u.adapter
+        if cfg.clip_norm is not None and prev is not None:
+            a = reference_factor_clip(a, prev, cfg.clip_norm)
+            total = sum(v * v for v in dense_norms(a).values()) ** 0.5
         if cfg.clip_norm is not None and total > cfg.clip_norm:
             a = LoraAdapter(a.A, {m: b * (cfg.clip_norm / total) for m, b in a.B.items()}, a.scale)
         clipped.append(ClientUpdate(u.client_id, a, u.num_samples))
@@ -245,7 +265,7 @@ def reference_weights(updates, cfg: StrategyConfig) -> tuple[dict[str, np.ndarra
 
 
 def reference_average(prev: LoraAdapter, updates, cfg: StrategyConfig, r_max: int) -> tuple[LoraAdapter, dict[str, np.ndarray]]:
-    p, clipped = reference_weights(updates, cfg)
+    p, clipped = reference_weights(updates, cfg, prev)
     A, B = {}, {}
     for m in SHAPES:
         W = np.zeros((len(clipped), r_max))

@@ -102,14 +102,24 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def aggregate(self, prev: State, updates: list[ClientUpdate]) -> Aggregated: ...
 
-    def summarise(self, update: ClientUpdate) -> Any:
-        """What the aggregation needs of one validated update besides its tensors (``streams`` only)."""
+    def summarise(self, update: ClientUpdate, prev: State | None = None) -> Any:
+        """What the aggregation needs of one validated update besides its tensors (``streams`` only);
+        ``prev`` is the global the round started from (None in round 0, before its spec is agreed)."""
         raise NotImplementedError(f"{type(self).__name__} does not stream its aggregation")
 
     def aggregate_stream(self, prev: State, summaries: list[Any]) -> Stream:
         """The aggregation of the clients ``summaries`` describe, to be fed their states group by
         group; the same bytes as ``aggregate`` over the same updates (``streams`` only)."""
         raise NotImplementedError(f"{type(self).__name__} does not stream its aggregation")
+
+    def update_norms(self, state: State) -> dict[str, float]:
+        """Norms the robust aggregation compares across clients and checks the new global by
+        (``robust.norm_outliers``, ``robust.check_global``): at least ``"update"``; {} = no check."""
+        return {}
+
+    def arrays(self, state: State) -> list[Any]:
+        """Every tensor of a state (the new global is checked finite before it is committed)."""
+        return list(state.values())
 
     def prune(self, received: State, trained: State) -> tuple[State, PruneDecision | None]:
         """The client's self-pruning decision (model-free); the default keeps the update as is."""

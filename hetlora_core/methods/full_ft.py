@@ -18,6 +18,7 @@ from safetensors.numpy import save as np_save
 
 from ..adapter import canonical_safetensors, read_safetensors_metadata
 from ..reduce import Scratch, add_scaled
+from ..robust import tensor_norms
 from .base import Aggregated, ClientUpdate, Method, Spec, Stream, UploadError
 
 if TYPE_CHECKING:
@@ -82,8 +83,11 @@ class FullFineTuning(Method):
         new = average_tensors([u.state for u in updates], [u.num_samples for u in updates])
         return Aggregated(new, {u.client_id: u.num_samples / n for u in updates})
 
-    def summarise(self, update: ClientUpdate) -> tuple[str, int]:
+    def summarise(self, update: ClientUpdate, prev: Delta | None = None) -> tuple[str, int]:
         return update.client_id, update.num_samples
+
+    def update_norms(self, state: Delta) -> dict[str, float]:
+        return tensor_norms(state)
 
     def aggregate_stream(self, prev: Delta, summaries: list[tuple[str, int]]) -> Stream:
         return _FullStream(summaries)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .. import strategies
+from .. import robust, strategies
 from ..adapter import AdapterError, LoraAdapter, init_global
 from ..pruning import PruneDecision, self_prune
 from .base import _HEADER_SLACK, Aggregated, ClientUpdate, Method, Spec, Stream
@@ -35,6 +35,11 @@ class _LoraStream(Stream):
 class LoraMethod(Method):
     trains_lora = True
     streams = True  # the weights need only each client's facts (ranks, samples, delta norms)
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self._initial: dict[Any, LoraAdapter] = {}  # round 0's initial global by spec (summarise under clip_norm)
+        self._norms_of: tuple[LoraAdapter, dict[str, float]] | None = None  # update_norms' delta norms, for summarise
 
     @property
     def prunes(self) -> bool:
@@ -63,9 +68,29 @@ class LoraMethod(Method):
         new, info = strategies.aggregate(prev, ups, self.cfg.strategy, self.cfg.ranks.r_max)
         return Aggregated(new, info.client_weights, info.fallback, info.clipped)
 
-    def summarise(self, update: ClientUpdate) -> strategies.ClientFacts:
+    def summarise(self, update: ClientUpdate, prev: LoraAdapter | None = None) -> strategies.ClientFacts:
+        if prev is None and self.cfg.strategy.clip_norm is not None:
+            # Round 0: the global is the seeded initial one of the upload's spec (an upload of another
+            # spec than the round's majority is dropped before its facts are used).
+            spec = self.spec_of(update.state)
+            key = tuple(sorted(spec.items()))
+            if key not in self._initial:
+                self._initial = {key: self.initial_global(spec)}  # one spec per round: keep one
+            prev = self._initial[key]
+        known = self._norms_of[1] if self._norms_of is not None and self._norms_of[0] is update.state else None
+        self._norms_of = None  # keeps no upload alive
         return strategies.client_facts(strategies.ClientUpdate(update.client_id, update.state, update.num_samples),
-                                       self.cfg.strategy)
+                                       self.cfg.strategy, prev, known)
+
+    def update_norms(self, state: LoraAdapter) -> dict[str, float]:
+        """(The delta norms are kept for a ``summarise`` of the same state: the aggregate step asks for
+        both in its first pass, and computing them is most of either's cost.)"""
+        dn = state.delta_norms()
+        self._norms_of = (state, dn)
+        return robust.lora_norms(state, dn)
+
+    def arrays(self, state: LoraAdapter) -> list[Any]:
+        return [*state.A.values(), *state.B.values()]
 
     def aggregate_stream(self, prev: LoraAdapter, summaries: list[strategies.ClientFacts]) -> Stream:
         return _LoraStream(strategies.Aggregation(prev, summaries, self.cfg.strategy, self.cfg.ranks.r_max))

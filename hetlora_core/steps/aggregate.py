@@ -4,7 +4,10 @@ with the method, and commit the new global (its manifest is written last: the co
 Security: every upload is untrusted. It is read through its checksummed manifest, decoded by the
 method's validation against the spec of the *committed* global (never one an upload imposes), its
 rank may not exceed the client's planned rank, and its manifest fields are type- and range-checked.
-A violation drops that client with a reason naming it; nothing a client uploads raises out of here.
+A violation drops that client with a reason naming it (capped at ``MAX_REASON`` characters); nothing a
+client uploads raises out of here. Robust aggregation (``robust.py``, a departure from the paper): a
+client whose norms are far above the round's median is dropped after the first pass, and the new
+global is checked finite and sane before it is committed (else ``RoundRejected``, nothing written).
 
 Memory: two passes over the uploads. The first reads, verifies and validates each upload in turn
 and keeps only what the weights need (``Method.summarise``: for the LoRA methods the ranks, the
@@ -25,6 +28,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .. import robust
 from .. import store as st
 from ..adapter import AdapterError
 from ..config import HetLoRAConfig
@@ -34,6 +38,7 @@ from ..methods.base import Aggregated, State, Stream
 from .common import config_of, load_global
 from .plan import ClientPlan, RoundPlan, load_plan
 
+MAX_REASON = 500  # characters of a drop reason kept: an upload's bytes (a tensor name) must not bloat the global manifest
 MAX_NUM_SAMPLES = 10**12  # beyond any real client; bounds the float arithmetic of the weights
 REPORT_FIELDS = ("rank_before", "rank_after", "pruned", "train_loss", "num_samples", "num_tokens", "train_seconds",
                  "bytes_up", "bytes_down")
@@ -96,22 +101,52 @@ class _Upload:
     ranks: dict[str, int]
     report: dict[str, Any]
     summary: Any
+    norms: dict[str, float]  # Method.update_norms: what robust.norm_outliers compares
 
 
 # What an upload can do wrong: its client is dropped with the message (StoreUnavailable is not here:
 # the store, not the client, failed, and the task fails to be retried).
-_CLIENT_FAULTS = (st.StoreError, AdapterError, UploadError, KeyError, ValueError)
+_CLIENT_FAULTS = (st.StoreError, AdapterError, UploadError, KeyError, ValueError, ArithmeticError)
 
 
-def _first_read(method: Method, store: st.Store, prefix: str, client: ClientPlan, spec: Spec | None) -> _Upload:
+def _why(e: Exception) -> str:
+    """A drop reason of bounded length: messages quote what an upload holds (tensor names, values),
+    and the global manifest, which lists every reason, has a size limit (a long one used to make the
+    commit fail for everyone)."""
+    msg = str(e)
+    return msg if len(msg) <= MAX_REASON else f"{msg[:MAX_REASON]}... ({len(msg):,} characters)"
+
+
+def _first_read(method: Method, store: st.Store, prefix: str, client: ClientPlan, spec: Spec | None, prev: State | None) -> _Upload:
     # The size bound needs the global's spec; round 0 has none yet (its uploads are then bounded by
     # their manifest's own size, and the majority spec drops odd shapes after decoding).
     data, man = st.get_artifact(store, prefix, max_bytes=method.max_upload_bytes(spec, client.rank) if spec else None)
     state = method.decode(data, spec, where=prefix, max_rank=client.rank)
     n, report = _num_samples(man, prefix), _report(man, prefix)
     update = ClientUpdate(client.client_id, state, n)
+    norms = method.update_norms(state)  # before summarise, which may reuse what it computed
     return _Upload(client.client_id, prefix, f"{prefix}/{man['object']}", man["sha256"], client.rank, method.spec_of(state),
-                   method.client_ranks(state), report, method.summarise(update) if method.streams else update)
+                   method.client_ranks(state), report, method.summarise(update, prev) if method.streams else update, norms)
+
+
+def _drop_outliers(cfg: HetLoRAConfig, uploads: list[_Upload], dropped: dict[str, str]) -> None:
+    """Robust aggregation (robust.py, a departure from the paper): a client whose norms are far above
+    the round's median is dropped, from the first pass's numbers, before any weight is computed."""
+    ranks = {u.client_id: sum(u.ranks.values()) / len(u.ranks) if u.ranks else 1.0 for u in uploads}
+    out = robust.norm_outliers({u.client_id: u.norms for u in uploads}, ranks, cfg.strategy.norm_ratio)
+    for u in [u for u in uploads if u.client_id in out]:
+        uploads.remove(u)
+        dropped[u.client_id] = f"{u.prefix}: {out[u.client_id]}"
+
+
+def _check_new_global(cfg: HetLoRAConfig, method: Method, rnd: int, agg: Aggregated, uploads: list[_Upload],
+                      prev: State | None) -> None:
+    """Nothing non-finite or absurd is committed (robust.check_global raises RoundRejected). The
+    reference norm includes the previous global's: components no client of the round trained keep
+    its values (untrained_components: keep), which the clients' own norms do not cover."""
+    norm = method.update_norms(agg.state).get("update", 0.0)
+    ref = max([u.norms.get("update", 0.0) for u in uploads] + ([method.update_norms(prev).get("update", 0.0)] if prev is not None else []))
+    robust.check_global(rnd, method.arrays(agg.state), norm, ref, cfg.strategy.norm_ratio)
 
 
 def _second_read(method: Method, store: st.Store, u: _Upload, spec: Spec) -> State:
@@ -159,7 +194,7 @@ def _feed(method: Method, store: st.Store, spec: Spec, stream: Stream, uploads: 
             except st.StoreUnavailable:
                 raise
             except _CLIENT_FAULTS as e:
-                return i, str(e)
+                return i, _why(e)
         stream.add(group, states)
     return None
 
@@ -198,20 +233,26 @@ def aggregate(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan) -> dict[str,
     dropped: dict[str, str] = {}
     for c in plan.clients:  # first pass: verify, validate, summarise; no tensors are kept
         try:
-            uploads.append(_first_read(method, store, st.client_prefix(exp, rnd, c.client_id), c, spec))
+            uploads.append(_first_read(method, store, st.client_prefix(exp, rnd, c.client_id), c, spec, prev))
         except st.StoreUnavailable:
             raise  # the store, not the client: fail the task so it is retried
         except _CLIENT_FAULTS as e:
-            dropped[c.client_id] = str(e)
+            dropped[c.client_id] = _why(e)
     if spec is None and uploads:
         spec = _majority_spec(uploads, dropped)
+    _drop_outliers(cfg, uploads, dropped)
     _check_quorum(cfg, plan, uploads, dropped)
     assert spec is not None
     base = prev if prev is not None else method.initial_global(spec)
-    if method.streams:
-        agg = _second_pass(cfg, store, method, base, spec, plan, uploads, dropped)
-    else:
-        agg = method.aggregate(base, [u.summary for u in uploads])
+    try:
+        if method.streams:
+            agg = _second_pass(cfg, store, method, base, spec, plan, uploads, dropped)
+        else:
+            agg = method.aggregate(base, [u.summary for u in uploads])
+    except robust.AGGREGATION_FAULTS as e:  # e.g. an SVD of overflowing sums: the round fails cleanly, naming it
+        raise robust.RoundRejected(f"round {rnd}: aggregation failed ({type(e).__name__}: {_why(e)}); nothing is committed "
+                                   "and the previous global is unchanged") from e
+    _check_new_global(cfg, method, rnd, agg, uploads, prev)  # before anything is written: a rejected round commits nothing
     state = {c: dict(v) for c, v in plan.state.items()}
     for u in uploads:  # pruned ranks persist across rounds
         if u.ranks:
