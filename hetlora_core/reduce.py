@@ -8,15 +8,16 @@ import numpy as np
 
 
 class Scratch:
-    """Reused float64 buffers (grown on demand), so a group allocates nothing per client."""
+    """Reused buffers (float64 unless told; grown on demand), so a group allocates nothing per client."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: type[np.floating] = np.float64) -> None:
         self._bufs: dict[str, np.ndarray] = {}
+        self.dtype = dtype
 
     def get(self, name: str, size: int) -> np.ndarray:
         buf = self._bufs.get(name)
         if buf is None or buf.size < size:
-            buf = self._bufs[name] = np.empty(size)
+            buf = self._bufs[name] = np.empty(size, self.dtype)
         return buf[:size]
 
 

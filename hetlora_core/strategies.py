@@ -36,6 +36,7 @@ import numpy as np
 
 from .adapter import AdapterError, LoraAdapter
 from .config import StrategyConfig
+from .norms import delta_norms_many
 from .reduce import Scratch, add_scaled
 from .svd import DeltaSums
 
@@ -119,12 +120,19 @@ def clip_updates(updates: Sequence[ClientUpdate], clip_norm: float | None) -> tu
     return out, clipped
 
 
-def client_facts(update: ClientUpdate, cfg: StrategyConfig) -> ClientFacts:
+def needs_norms(cfg: StrategyConfig) -> bool:
+    """Whether ``client_facts`` measures the clients' delta norms under ``cfg`` (weights or clipping)."""
+    return (cfg.name != "recon_svd" and weighting(cfg) == "sparsity") or cfg.clip_norm is not None
+
+
+def client_facts(update: ClientUpdate, cfg: StrategyConfig, norms: dict[str, float] | None = None) -> ClientFacts:
     """The facts of one client under ``cfg``: clipping decided here (it depends on the client alone),
-    norms measured on the clipped adapter, as the weights see it."""
+    norms measured on the clipped adapter, as the weights see it. ``norms``: the adapter's
+    ``delta_norms()`` if already computed (``aggregate`` computes every client's in one batch)."""
     a = update.adapter
     sparsity = cfg.name != "recon_svd" and weighting(cfg) == "sparsity"
-    norms = a.delta_norms() if sparsity or cfg.clip_norm is not None else None
+    if norms is None and needs_norms(cfg):
+        norms = a.delta_norms()
     f = clip_factor(norms, cfg.clip_norm) if norms is not None else None
     if f is not None and sparsity:
         norms = clip_adapter(a, f).delta_norms()
@@ -164,7 +172,7 @@ def client_weights(updates: Sequence[ClientUpdate], cfg: StrategyConfig) -> tupl
     Sparsity weights ``S_k = ||B_k A_k||_F`` per module (or, per client, the norm over all modules);
     if every ``S_k`` is zero (round 0: all B are zero) fall back to sample-count weights."""
     n = np.array([u.num_samples for u in updates], dtype=np.float64)
-    norms = [u.adapter.delta_norms() for u in updates] if weighting(cfg) == "sparsity" else None
+    norms = delta_norms_many([(u.adapter.A, u.adapter.B, u.adapter.scale) for u in updates]) if weighting(cfg) == "sparsity" else None
     return _weights(n, norms, updates[0].adapter.modules, cfg)
 
 
@@ -424,6 +432,9 @@ def aggregate(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], cfg: St
             raise AdapterError(f"client {u.client_id}: modules differ from the global adapter's")
         if u.adapter.rank > r_max:
             raise AdapterError(f"client {u.client_id}: rank {u.adapter.rank} > r_max {r_max}")
-    agg = Aggregation(prev_global, [client_facts(u, cfg) for u in updates], cfg, r_max)
+    norms: list[dict[str, float] | None] = [None] * len(updates)
+    if needs_norms(cfg):  # every client's norms in one batch (norms.py): the same bits as one by one
+        norms = list(delta_norms_many([(u.adapter.A, u.adapter.B, u.adapter.scale) for u in updates]))
+    agg = Aggregation(prev_global, [client_facts(u, cfg, n) for u, n in zip(updates, norms, strict=True)], cfg, r_max)
     agg.add_all([u.adapter for u in updates])
     return agg.result()

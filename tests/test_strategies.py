@@ -289,7 +289,8 @@ def test_grouped_factor_averaging_matches_the_per_client_reference(cfg_kw, norma
     for m in SHAPES:
         assert new.A[m].dtype == new.B[m].dtype == np.float32 and new.B[m].flags.c_contiguous
         assert np.allclose(new.A[m], ref.A[m], rtol=1e-6, atol=1e-6) and np.allclose(new.B[m], ref.B[m], rtol=1e-6, atol=1e-6)
-        assert [info.weights[m][u.client_id] for u in ups] == pytest.approx(p[m].tolist(), rel=1e-9, abs=1e-12)
+        # float32 Gram norms (norms.py) vs the dense float64 reference: ~1e-7 relative, bound 1e-6
+        assert [info.weights[m][u.client_id] for u in ups] == pytest.approx(p[m].tolist(), rel=1e-6, abs=1e-12)
     assert info.client_weights == pytest.approx({u.client_id: float(np.mean([p[m][k] for m in SHAPES])) for k, u in enumerate(ups)})
     if cfg.clip_norm:
         assert info.clipped and info.clipped == [u.client_id for u in ups if u.client_id in info.clipped]
