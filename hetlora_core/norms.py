@@ -58,14 +58,20 @@ def delta_norms_many(adapters: Sequence[tuple[Mapping[str, np.ndarray], Mapping[
         for m in A:
             same.setdefault((A[m].shape, B[m].shape), []).append((k, m))
     sq: dict[tuple[int, str], float] = {}
+    buf_a, buf_b = np.empty(0, np.float32), np.empty(0, np.float32)  # reused stacks: a chunk allocates nothing
     for ((r, in_f), (out_f, _)), items in same.items():
         chunk = max(1, CHUNK_BYTES // max(1, 4 * r * (in_f + out_f)))
         for s in range(0, len(items), chunk):
             part = items[s:s + chunk]
-            # np.stack's layout from one concatenate (np.stack adds Python work per array); a float32
-            # stack unless an input is wider (then float64 throughout: no precision is dropped)
-            dt = np.result_type(np.float32, *(adapters[k][0][m].dtype for k, m in part), *(adapters[k][1][m].dtype for k, m in part))
-            a = np.concatenate([adapters[k][0][m] for k, m in part], axis=0, dtype=dt).reshape(len(part), r, in_f)
-            b = np.concatenate([adapters[k][1][m] for k, m in part], axis=0, dtype=dt).reshape(len(part), out_f, r)
-            sq.update(zip(part, _gram_sq(a, b).tolist(), strict=True))
+            xa, xb = [adapters[k][0][m] for k, m in part], [adapters[k][1][m] for k, m in part]
+            if all(x.dtype == np.float32 for x in xa) and all(x.dtype == np.float32 for x in xb):
+                if buf_a.size < len(part) * r * in_f or buf_b.size < len(part) * out_f * r:
+                    buf_a, buf_b = np.empty(chunk * r * in_f, np.float32), np.empty(chunk * out_f * r, np.float32)
+                # np.stack's layout from one concatenate (np.stack adds Python work per array)
+                a = np.concatenate(xa, axis=0, out=buf_a[:len(part) * r * in_f].reshape(len(part) * r, in_f))
+                b = np.concatenate(xb, axis=0, out=buf_b[:len(part) * out_f * r].reshape(len(part) * out_f, r))
+            else:  # wider inputs: float64 throughout, no precision dropped
+                a = np.concatenate(xa, axis=0, dtype=np.float64)
+                b = np.concatenate(xb, axis=0, dtype=np.float64)
+            sq.update(zip(part, _gram_sq(a.reshape(len(part), r, in_f), b.reshape(len(part), out_f, r)).tolist(), strict=True))
     return [{m: abs(scale) * max(sq[(k, m)], 0.0) ** 0.5 for m in sorted(A)} for k, (A, _, scale) in enumerate(adapters)]

@@ -37,7 +37,7 @@ import numpy as np
 from .adapter import AdapterError, LoraAdapter
 from .config import StrategyConfig
 from .norms import delta_norms_many
-from .reduce import Scratch, add_scaled
+from .reduce import Scratch, add_scaled, weighted_sum_into
 from .svd import DeltaSums
 
 # A group holds at most this many bytes of float32 factors (or one client, if it alone is larger):
@@ -214,6 +214,7 @@ class _FactorSums:
         self._sums: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}  # module -> (a, bt, col, total)
         self._done: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # module -> (A, B) float32
         self._scratch = Scratch()
+        self._scratch32 = Scratch(np.float32)
 
     def add(self, adapters: Sequence[LoraAdapter], w: Mapping[str, np.ndarray]) -> None:
         """Add a group of adapters of equal per-module ranks with weights ``w[module]`` (one per
@@ -242,20 +243,10 @@ class _FactorSums:
             total += wk
             return
         ws = np.asarray(w, dtype=np.float64)
-        a[:r] += self._weighted_sum([x.A[m] for x in adapters], ws).reshape(r, -1)
-        bt[:r] += self._weighted_sum([x.B[m].T for x in adapters], ws).reshape(r, -1)
+        weighted_sum_into(a[:r], [x.A[m] for x in adapters], ws, self._scratch32)
+        weighted_sum_into(bt[:r].T, [x.B[m] for x in adapters], ws, self._scratch32)  # B as stored: no transposing copy
         col[:r] += ws.sum()
         total += ws.sum()  # the same float additions as every trained column: equal where all clients trained j
-
-    def _weighted_sum(self, xs: list[np.ndarray], w: np.ndarray) -> np.ndarray:
-        """``sum_k w_k x_k`` in float64 for equal-shape float32 arrays: the float32 -> float64 cast
-        happens in one copy into a reused (k, ...) stack, then one GEMV with the weights."""
-        k, (rows, cols) = len(xs), xs[0].shape
-        stack = self._scratch.get("stack", k * rows * cols)
-        np.concatenate(xs, axis=0, out=stack.reshape(k * rows, cols))  # = np.stack's layout, without its per-array Python
-        out = self._scratch.get("sum", rows * cols)
-        np.dot(w, stack.reshape(k, rows * cols), out=out)
-        return out
 
     def finish(self, m: str) -> None:
         """Module ``m``'s float32 factors; its float64 sums are freed. ``normalisation="paper"``
