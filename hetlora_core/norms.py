@@ -38,11 +38,12 @@ def _gram_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``||B_k A_k||_F^2`` for stacks ``a`` (c, r, in) and ``b`` (c, out, r), in the dtype of the
     stacks for the Gram matrices and float64 for their Hadamard sums; float32 results where the
     cancellation test fails are recomputed in float64."""
+    c = a.shape[0]
     ga = np.matmul(a, a.transpose(0, 2, 1)).astype(np.float64)
     gb = np.matmul(b.transpose(0, 2, 1), b).astype(np.float64)
-    sq = np.einsum("kij,kij->k", ga, gb)
+    sq = (ga * gb).reshape(c, -1).sum(axis=1)  # row by row: a client's bits do not depend on its chunk
     if a.dtype != np.float64:
-        diag = np.sqrt(np.abs(np.einsum("kii->ki", ga) * np.einsum("kii->ki", gb))).sum(axis=1)
+        diag = np.sqrt(np.abs(np.diagonal(ga, axis1=1, axis2=2) * np.diagonal(gb, axis1=1, axis2=2))).sum(axis=1)
         bad = np.flatnonzero(sq < CANCELLATION * diag * diag)
         if bad.size:
             sq[bad] = _gram_sq(a[bad].astype(np.float64), b[bad].astype(np.float64))

@@ -12,14 +12,16 @@ Three code paths cover every method of HETLORA.md:
   factor the result by SVD with balanced factors, so truncating to r is the best rank-r approximation.
 * full fine-tuning FedAvg (``full_ft``): ``methods.full_ft.average_tensors`` over full weight deltas.
 
-The SVD half of Recon+SVD lives in ``svd.py``, the shared float64 buffers in ``reduce.py``.
+The SVD half of Recon+SVD lives in ``svd.py``, the batched delta norms in ``norms.py``, the
+weighted-sum kernel and scratch buffers in ``reduce.py``.
 
-Everything is numpy (float64 accumulation, float32 results): the aggregate step loads no torch.
+Everything is numpy (float32 within a cache-sized chunk of clients, float64 across chunks, float32
+results): the aggregate step loads no torch.
 
 Clients are reduced in *groups*: clients with the same per-module ranks, in batches of at most
-``GROUP_BYTES`` of factors (``rank_groups``). A group costs one float32 -> float64 copy into a reused
-stack and one weighted reduction (a GEMV of the weights against the stack, or for Recon+SVD one GEMM
-of the stacked factors) per module, instead of a Python loop over clients and modules. The weights
+``GROUP_BYTES`` of factors (``rank_groups``). Per module, a group is reduced in L2-sized chunks: one
+copy into a reused float32 stack and one GEMV of the weights against it (``reduce.weighted_sum_into``),
+or for Recon+SVD one GEMM of the stacked factors, instead of a Python loop over clients and modules. The weights
 need only a few numbers per client (``ClientFacts``: ranks, sample count, delta norms), so
 ``Aggregation`` can also be fed group by group: the aggregate step keeps the facts of every upload
 and then holds one group of decoded uploads at a time (``steps/aggregate.py``). ``aggregate`` is the
@@ -228,7 +230,8 @@ class _FactorSums:
 
     def add_module(self, m: str, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
         """Module ``m`` of a group (equal ranks there): one weighted reduction of the stacked A and
-        one of the stacked B^T; a group of one is just its weighted adds (stacking only adds calls)."""
+        one of the stacked B (into B^T's sum, through a transposed view); a group of one is just its
+        weighted adds (stacking only adds calls)."""
         if m not in self._sums:
             self._sums[m] = (np.zeros((self.r_max, self.prev.A[m].shape[1])), np.zeros((self.r_max, self.prev.B[m].shape[0])),
                              np.zeros(self.r_max), np.zeros(1))
@@ -302,7 +305,7 @@ def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p
     being shrunk by ``p_k^2`` in B A (``_FactorSums.finish`` says why not a renormalisation).
     Components with ``sum_k W[k, j] == 0`` keep the previous global value (``untrained_components
     = "keep"``) or become zero (``"zero"``, paper-literal; then they can never train again).
-    Clients are reduced group by group (``rank_groups``), float64 accumulation, float32 result."""
+    Clients are reduced group by group (``rank_groups``), float64 sums of float32 chunks, float32 result."""
     sums = _FactorSums(prev_global, r_max, cfg)
     groups = [(idx, [updates[i].adapter for i in idx]) for idx in rank_groups(_facts_of(updates))]
     for m in prev_global.modules:  # module by module: one module's sums live at a time
@@ -405,8 +408,12 @@ class Aggregation:
         ids = [f.client_id for f in self.facts]
         p = self.p
         info = AggregationInfo(fallback=self.fallback, clipped=[f.client_id for f in self.facts if f.clip is not None])
-        info.weights = {m: {c: float(w) for c, w in zip(ids, p[m], strict=True)} for m in p}
-        info.client_weights = {c: float(sum(p[m][k] for m in p) / len(p)) for k, c in enumerate(ids)}
+        info.weights = {m: dict(zip(ids, p[m].tolist(), strict=True)) for m in p}
+        # the mean over modules, summed in module order (the bits of a Python sum over the modules), by array
+        total = np.zeros(len(ids))
+        for w in p.values():
+            total += w
+        info.client_weights = dict(zip(ids, (total / len(p)).tolist(), strict=True))
         return new, info
 
 
@@ -418,11 +425,7 @@ def aggregate(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], cfg: St
         raise AdapterError("aggregate: no client updates to aggregate")
     if cfg.name == "full_ft":
         raise ValueError("full_ft aggregates full weight deltas: call average_tensors")
-    for u in updates:
-        if set(u.adapter.modules) != set(prev_global.modules):
-            raise AdapterError(f"client {u.client_id}: modules differ from the global adapter's")
-        if u.adapter.rank > r_max:
-            raise AdapterError(f"client {u.client_id}: rank {u.adapter.rank} > r_max {r_max}")
+    # modules and ranks are checked by Aggregation, from the facts (the same messages)
     norms: list[dict[str, float] | None] = [None] * len(updates)
     if needs_norms(cfg):  # every client's norms in one batch (norms.py): the same bits as one by one
         norms = list(delta_norms_many([(u.adapter.A, u.adapter.B, u.adapter.scale) for u in updates]))

@@ -277,10 +277,12 @@ def reference_average(prev: LoraAdapter, updates, cfg: StrategyConfig, r_max: in
 @pytest.mark.parametrize("untrained", ["keep", "zero"])
 @pytest.mark.parametrize("group_bytes", [None, 3000])  # default groups; or one to three clients per group
 def test_grouped_factor_averaging_matches_the_per_client_reference(cfg_kw, normalisation, untrained, group_bytes, monkeypatch):
+    import hetlora_core.reduce as reduce
     import hetlora_core.strategies as strategies
 
-    if group_bytes:
+    if group_bytes:  # small groups, and several float32 chunks per group (reduce.weighted_sum_into)
         monkeypatch.setattr(strategies, "GROUP_BYTES", group_bytes)
+        monkeypatch.setattr(reduce, "CHUNK_BYTES", 200)
     prev, ups = mixed_clients()
     r_max = 6
     cfg = StrategyConfig(normalisation=normalisation, untrained_components=untrained, **cfg_kw)
@@ -329,9 +331,11 @@ def best_rank(delta: np.ndarray, r: int) -> np.ndarray:
 @pytest.mark.parametrize("k, group_bytes", [(2, None), (3, 3000), (17, None), (17, 3000)])  # few clients: the low-rank route
 def test_recon_svd_stacked_gemm_matches_the_per_client_reference(k, group_bytes, monkeypatch):
     import hetlora_core.strategies as strategies
+    import hetlora_core.svd as svd
 
-    if group_bytes:
+    if group_bytes:  # small groups, and several float32 GEMMs per group (svd.GEMM_K)
         monkeypatch.setattr(strategies, "GROUP_BYTES", group_bytes)
+        monkeypatch.setattr(svd, "GEMM_K", 3)
     prev, ups = mixed_clients(seed=5, k=k)
     r_max = 6
     new, info = aggregate(prev, ups, StrategyConfig(name="recon_svd"), r_max)
