@@ -27,8 +27,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 # A module whose float32 ``||B A||^2`` is below this fraction of ``(sum_i |a_i| |b_i|)^2`` (its value
-# without cancellation; random factors sit at ~1/r) is recomputed in float64: there the float32
-# Gram's rounding could exceed ~1e-6 of the result.
+# without cancellation; random factors sit at ~1/r, so ranks above ~100 would always take the float64
+# route: correct, only slower) is recomputed in float64: there the float32 Gram's rounding could
+# exceed ~1e-6 of the result.
 CANCELLATION = 1e-2
 # Clients per batched matmul: a chunk's float32 stacks stay within ~1 MiB (this CPU's L2).
 CHUNK_BYTES = 1 << 20
@@ -52,8 +53,8 @@ def _gram_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def delta_norms_many(adapters: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], float]]) -> list[dict[str, float]]:
     """``||s B A||_F`` per module of every ``(A, B, scale)`` triple, modules in sorted order (as
-    ``LoraAdapter.modules``: callers sum these in dict order). Modules of equal (A, B) shapes across all adapters and
-    modules are stacked and reduced together, in chunks of ``CHUNK_BYTES``."""
+    ``LoraAdapter.modules``: callers sum these in dict order). Modules of equal (A, B) shapes, across
+    all adapters and modules, are stacked and reduced together in chunks of ``CHUNK_BYTES``."""
     same: dict[tuple[tuple[int, ...], tuple[int, ...]], list[tuple[int, str]]] = {}
     for k, (A, B, _) in enumerate(adapters):
         for m in A:
