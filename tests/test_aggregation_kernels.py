@@ -19,8 +19,8 @@ def adapters(seed: int, k: int, dtype: type = np.float32) -> list[LoraAdapter]:
     for c in range(k):
         r = int(g.integers(1, 6))
         ranks = {m: max(1, r - i) if c % 3 == 0 else r for i, m in enumerate(SHAPES)}  # some per-module ranks
-        A = {m: g.standard_normal((ranks[m], i)).astype(dtype) for m, (o, i) in SHAPES.items()}
-        B = {m: g.standard_normal((o, ranks[m])).astype(dtype) for m, (o, i) in SHAPES.items()}
+        A: dict[str, np.ndarray] = {m: g.standard_normal((ranks[m], i)).astype(dtype) for m, (o, i) in SHAPES.items()}
+        B: dict[str, np.ndarray] = {m: g.standard_normal((o, ranks[m])).astype(dtype) for m, (o, i) in SHAPES.items()}
         out.append(LoraAdapter(A, B, float(g.uniform(0.5, 2.0))))
     return out
 
