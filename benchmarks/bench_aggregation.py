@@ -14,7 +14,10 @@ for hetlora, zero_pad and recon_svd (the grouped paths), and HetLoRA's two halve
 weights (``client_weights``: ``||B_k A_k||_F`` per client and module, r x r Gram form) and the factor
 averaging (``average_factors``: one stacked reduction per module and rank group). Repetitions
 interleave the baseline and each case; medians are reported; a case whose first run exceeds
-``--max-seconds`` is not repeated at that size.
+``--max-seconds`` is not repeated at that size. ``--compare DIR`` adds ``<strategy>@before``: the
+same ``aggregate`` call of another checkout's ``hetlora_core`` (e.g. main's tree from ``git archive``),
+loaded beside this one as a second package, on the same client arrays, interleaved in the same
+repetitions: on a shared machine that cancels most of the load that separate runs would see.
 
 **Memory** (the aggregate step, a fresh process per size). For each number of clients N, a
 LocalStore in a temporary folder gets a round plan and N HetLoRA uploads of the same shapes and
@@ -32,12 +35,14 @@ passed to the step's subprocess.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -107,18 +112,46 @@ def numpy_sum(flats: list[np.ndarray]) -> np.ndarray:
 # ------------------------------------------------------------------ time
 
 
-def bench_size(n: int, reps: int, max_s: float, layers: int = LAYERS, only: list[str] | None = None) -> dict:
+def load_other(code: Path) -> Any:
+    """``hetlora_core`` of another checkout as the package ``hetlora_core_before`` (its modules import
+    each other relatively, so they bind to that copy, not to this checkout's)."""
+    spec = importlib.util.spec_from_file_location("hetlora_core_before", code / "hetlora_core" / "__init__.py",
+                                                  submodule_search_locations=[str(code / "hetlora_core")])
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--compare: no hetlora_core package under {code}")
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["hetlora_core_before"] = pkg
+    spec.loader.exec_module(pkg)
+    return pkg
+
+
+def other_cases(code: Path, updates: list[ClientUpdate], prev: LoraAdapter) -> dict[str, Any]:
+    """``<strategy>@before``: the other checkout's ``aggregate`` on the same arrays, wrapped in its
+    own classes (methods such as ``delta_norms`` must be its own)."""
+    load_other(code)
+    import importlib
+
+    ad, st, cf = (importlib.import_module(f"hetlora_core_before.{m}") for m in ("adapter", "strategies", "config"))
+    ups = [st.ClientUpdate(u.client_id, ad.LoraAdapter(u.adapter.A, u.adapter.B, u.adapter.scale), u.num_samples) for u in updates]
+    old_prev = ad.LoraAdapter(prev.A, prev.B, prev.scale)
+    return {f"{s}@before": (lambda s=s: st.aggregate(old_prev, ups, cf.StrategyConfig(name=s), R_MAX)) for s in STRATEGIES}
+
+
+def bench_size(n: int, reps: int, max_s: float, layers: int = LAYERS, only: list[str] | None = None,
+               compare: Path | None = None) -> dict:
     updates, flats, prev = make_clients(n, layers)
     nbytes = sum(f.nbytes for f in flats)
     cfgs = {s: StrategyConfig(name=s) for s in STRATEGIES}
     het = cfgs["hetlora"]
     cases = {"numpy_sum": lambda: numpy_sum(flats)}
     cases |= {s: (lambda s=s: aggregate(prev, updates, cfgs[s], R_MAX)) for s in STRATEGIES}
+    if compare is not None:
+        cases |= other_cases(compare, updates, prev)
     p, _ = client_weights(updates, het)
     cases["hetlora:weights"] = lambda: client_weights(updates, het)
     cases["hetlora:averaging"] = lambda: average_factors(prev, updates, p, het, R_MAX)
     if only:
-        cases = {k: v for k, v in cases.items() if k == "numpy_sum" or k in only}
+        cases = {k: v for k, v in cases.items() if k == "numpy_sum" or k in only or k.split("@")[0] in only and "@" in k}
     times: dict[str, list[float]] = {k: [] for k in cases}
     for rep in range(reps):  # interleaved: every case once per repetition
         for name, fn in cases.items():
@@ -188,6 +221,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", help="time only these cases (numpy_sum always runs), e.g. hetlora:averaging")
     ap.add_argument("--no-time", action="store_true", help="skip the timing part")
     ap.add_argument("--no-rss", action="store_true", help="skip the aggregate step's peak-memory part")
+    ap.add_argument("--compare", type=Path, help="also time this checkout's aggregate (cases <strategy>@before), interleaved")
     ap.add_argument("--code", type=Path, default=ROOT,
                     help="checkout whose aggregate step the memory part runs (default: this one)")
     ap.add_argument("--threads", type=int, default=1,
@@ -203,7 +237,7 @@ def main() -> None:
     results, rss = [], []
     if not args.no_time:
         for n in sizes:
-            r = bench_size(n, reps, args.max_seconds, layers, args.cases)
+            r = bench_size(n, reps, args.max_seconds, layers, args.cases, args.compare.resolve() if args.compare else None)
             results.append(r)
             print(f"\n{n} clients, {layers} layers, {r['bytes'] / 1e6:.1f} MB of float32 factors (mean rank {r['mean_rank']:.1f}):")
             print(table(["case", "ms", "ratio vs numpy sum", "GB/s", "reps"],
@@ -219,7 +253,8 @@ def main() -> None:
     write(args.name or ("aggregation-quick" if args.quick else "aggregation"),
           {"bench": "aggregation", "quick": args.quick, "reps": reps, "machine": info, "results": results, "step_rss": rss,
            "shapes": f"SmolLM2-135M q/v: {layers} layers x (576x576, 192x576); ranks U[2,16], r_max 16",
-           "layers": layers, "threads": THREADS, "code": str(args.code.resolve())}, args.out)
+           "layers": layers, "threads": THREADS, "code": str(args.code.resolve()),
+           "compare": str(args.compare.resolve()) if args.compare else None}, args.out)
 
 
 if __name__ == "__main__":

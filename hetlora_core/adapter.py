@@ -25,6 +25,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from .norms import delta_norms_many
+
 FORMAT = "hetlora-adapter/1"
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a real header is a few KiB; larger ones are hostile
 Ranks = int | Mapping[str, int]
@@ -76,23 +78,11 @@ class LoraAdapter:
         return self.scale * (self.B[module] @ self.A[module])
 
     def delta_norms(self) -> dict[str, float]:
-        """||s B A||_F per module, in float64, without forming the (out x in) product:
-        ||B A||_F^2 = sum((B^T B) * (A A^T)), two r x r Gram matrices (~9x faster at r = 16).
-        Modules of equal shapes and rank (every q_proj, every v_proj) are stacked and go through
-        one batched matmul: a small Gram matrix costs BLAS about as much in call overhead as in flops."""
-        same: dict[tuple[tuple[int, ...], tuple[int, ...]], list[str]] = {}
-        for m in self.modules:
-            same.setdefault((self.A[m].shape, self.B[m].shape), []).append(m)
-        out = {}
-        for ms in same.values():
-            (r, in_f), out_f = self.A[ms[0]].shape, self.B[ms[0]].shape[0]
-            # np.stack's layout, from one concatenate (np.stack adds Python work per array)
-            a = np.concatenate([self.A[m] for m in ms], axis=0, dtype=np.float64).reshape(len(ms), r, in_f)
-            b = np.concatenate([self.B[m] for m in ms], axis=0, dtype=np.float64).reshape(len(ms), out_f, r)
-            sq = np.sum((b.transpose(0, 2, 1) @ b) * (a @ a.transpose(0, 2, 1)), axis=(1, 2))
-            for m, v in zip(ms, sq.tolist(), strict=True):
-                out[m] = abs(self.scale) * max(v, 0.0) ** 0.5
-        return {m: out[m] for m in self.modules}
+        """||s B A||_F per module without forming the (out x in) product: two r x r Gram matrices,
+        ||B A||_F^2 = sum((B^T B) * (A A^T)), float32 Grams with a float64 fallback where B A nearly
+        cancels (``norms.delta_norms_many``, the batched kernel; one adapter is a batch of one, so
+        the streaming aggregate step and the in-memory aggregation get the same bits)."""
+        return delta_norms_many([(self.A, self.B, self.scale)])[0]
 
     def clone(self) -> LoraAdapter:
         return LoraAdapter({m: t.copy() for m, t in self.A.items()}, {m: t.copy() for m, t in self.B.items()}, self.scale)

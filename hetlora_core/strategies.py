@@ -12,14 +12,16 @@ Three code paths cover every method of HETLORA.md:
   factor the result by SVD with balanced factors, so truncating to r is the best rank-r approximation.
 * full fine-tuning FedAvg (``full_ft``): ``methods.full_ft.average_tensors`` over full weight deltas.
 
-The SVD half of Recon+SVD lives in ``svd.py``, the shared float64 buffers in ``reduce.py``.
+The SVD half of Recon+SVD lives in ``svd.py``, the batched delta norms in ``norms.py``, the
+weighted-sum kernel and scratch buffers in ``reduce.py``.
 
-Everything is numpy (float64 accumulation, float32 results): the aggregate step loads no torch.
+Everything is numpy (float32 within a cache-sized chunk of clients, float64 across chunks, float32
+results): the aggregate step loads no torch.
 
 Clients are reduced in *groups*: clients with the same per-module ranks, in batches of at most
-``GROUP_BYTES`` of factors (``rank_groups``). A group costs one float32 -> float64 copy into a reused
-stack and one weighted reduction (a GEMV of the weights against the stack, or for Recon+SVD one GEMM
-of the stacked factors) per module, instead of a Python loop over clients and modules. The weights
+``GROUP_BYTES`` of factors (``rank_groups``). Per module, a group is reduced in L2-sized chunks: one
+copy into a reused float32 stack and one GEMV of the weights against it (``reduce.weighted_sum_into``),
+or for Recon+SVD one GEMM of the stacked factors, instead of a Python loop over clients and modules. The weights
 need only a few numbers per client (``ClientFacts``: ranks, sample count, delta norms), so
 ``Aggregation`` can also be fed group by group: the aggregate step keeps the facts of every upload
 and then holds one group of decoded uploads at a time (``steps/aggregate.py``). ``aggregate`` is the
@@ -36,7 +38,8 @@ import numpy as np
 
 from .adapter import AdapterError, LoraAdapter
 from .config import StrategyConfig
-from .reduce import Scratch, add_scaled
+from .norms import delta_norms_many
+from .reduce import Scratch, add_scaled, weighted_sum_into
 from .robust import FactorClip, apply_factor_clip, factor_clip
 from .svd import DeltaSums
 
@@ -122,6 +125,11 @@ def clip_updates(updates: Sequence[ClientUpdate], clip_norm: float | None) -> tu
     return out, clipped
 
 
+def needs_norms(cfg: StrategyConfig) -> bool:
+    """Whether ``client_facts`` measures the clients' delta norms under ``cfg`` (weights or clipping)."""
+    return (cfg.name != "recon_svd" and weighting(cfg) == "sparsity") or cfg.clip_norm is not None
+
+
 def client_facts(update: ClientUpdate, cfg: StrategyConfig, prev: LoraAdapter | None = None,
                  norms: Mapping[str, float] | None = None) -> ClientFacts:
     """The facts of one client under ``cfg``: clipping decided here (it depends on the client and the
@@ -141,9 +149,9 @@ def client_facts(update: ClientUpdate, cfg: StrategyConfig, prev: LoraAdapter | 
         if fc is not None:
             a, norms = apply_factor_clip(a, received, fc), None
     sparsity = cfg.name != "recon_svd" and weighting(cfg) == "sparsity"
-    if norms is None and (sparsity or cfg.clip_norm is not None):
+    if norms is None and needs_norms(cfg):
         norms = a.delta_norms()
-    norms = dict(norms) if norms is not None and (sparsity or cfg.clip_norm is not None) else None
+    norms = dict(norms) if norms is not None and needs_norms(cfg) else None
     f = clip_factor(norms, cfg.clip_norm) if norms is not None else None
     if f is not None and sparsity:
         norms = clip_adapter(a, f).delta_norms()
@@ -183,7 +191,7 @@ def client_weights(updates: Sequence[ClientUpdate], cfg: StrategyConfig) -> tupl
     Sparsity weights ``S_k = ||B_k A_k||_F`` per module (or, per client, the norm over all modules);
     if every ``S_k`` is zero (round 0: all B are zero) fall back to sample-count weights."""
     n = np.array([u.num_samples for u in updates], dtype=np.float64)
-    norms = [u.adapter.delta_norms() for u in updates] if weighting(cfg) == "sparsity" else None
+    norms = delta_norms_many([(u.adapter.A, u.adapter.B, u.adapter.scale) for u in updates]) if weighting(cfg) == "sparsity" else None
     return _weights(n, norms, updates[0].adapter.modules, cfg)
 
 
@@ -225,6 +233,7 @@ class _FactorSums:
         self._sums: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}  # module -> (a, bt, col, total)
         self._done: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # module -> (A, B) float32
         self._scratch = Scratch()
+        self._scratch32 = Scratch(np.float32)
 
     def add(self, adapters: Sequence[LoraAdapter], w: Mapping[str, np.ndarray]) -> None:
         """Add a group of adapters of equal per-module ranks with weights ``w[module]`` (one per
@@ -238,7 +247,8 @@ class _FactorSums:
 
     def add_module(self, m: str, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
         """Module ``m`` of a group (equal ranks there): one weighted reduction of the stacked A and
-        one of the stacked B^T; a group of one is just its weighted adds (stacking only adds calls)."""
+        one of the stacked B (into B^T's sum, through a transposed view); a group of one is just its
+        weighted adds (stacking only adds calls)."""
         if m not in self._sums:
             self._sums[m] = (np.zeros((self.r_max, self.prev.A[m].shape[1])), np.zeros((self.r_max, self.prev.B[m].shape[0])),
                              np.zeros(self.r_max), np.zeros(1))
@@ -253,20 +263,10 @@ class _FactorSums:
             total += wk
             return
         ws = np.asarray(w, dtype=np.float64)
-        a[:r] += self._weighted_sum([x.A[m] for x in adapters], ws).reshape(r, -1)
-        bt[:r] += self._weighted_sum([x.B[m].T for x in adapters], ws).reshape(r, -1)
+        weighted_sum_into(a[:r], [x.A[m] for x in adapters], ws, self._scratch32)
+        weighted_sum_into(bt[:r].T, [x.B[m] for x in adapters], ws, self._scratch32)  # B as stored: no transposing copy
         col[:r] += ws.sum()
         total += ws.sum()  # the same float additions as every trained column: equal where all clients trained j
-
-    def _weighted_sum(self, xs: list[np.ndarray], w: np.ndarray) -> np.ndarray:
-        """``sum_k w_k x_k`` in float64 for equal-shape float32 arrays: the float32 -> float64 cast
-        happens in one copy into a reused (k, ...) stack, then one GEMV with the weights."""
-        k, (rows, cols) = len(xs), xs[0].shape
-        stack = self._scratch.get("stack", k * rows * cols)
-        np.concatenate(xs, axis=0, out=stack.reshape(k * rows, cols))  # = np.stack's layout, without its per-array Python
-        out = self._scratch.get("sum", rows * cols)
-        np.dot(w, stack.reshape(k, rows * cols), out=out)
-        return out
 
     def finish(self, m: str) -> None:
         """Module ``m``'s float32 factors; its float64 sums are freed. ``normalisation="paper"``
@@ -322,7 +322,7 @@ def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p
     being shrunk by ``p_k^2`` in B A (``_FactorSums.finish`` says why not a renormalisation).
     Components with ``sum_k W[k, j] == 0`` keep the previous global value (``untrained_components
     = "keep"``) or become zero (``"zero"``, paper-literal; then they can never train again).
-    Clients are reduced group by group (``rank_groups``), float64 accumulation, float32 result."""
+    Clients are reduced group by group (``rank_groups``), float64 sums of float32 chunks, float32 result."""
     sums = _FactorSums(prev_global, r_max, cfg)
     groups = [(idx, [updates[i].adapter for i in idx]) for idx in rank_groups(_facts_of(updates))]
     for m in prev_global.modules:  # module by module: one module's sums live at a time
@@ -428,8 +428,12 @@ class Aggregation:
         p = self.p
         info = AggregationInfo(fallback=self.fallback, clipped=[f.client_id for f in self.facts
                                                                          if f.clip is not None or f.factor_clip is not None])
-        info.weights = {m: {c: float(w) for c, w in zip(ids, p[m], strict=True)} for m in p}
-        info.client_weights = {c: float(sum(p[m][k] for m in p) / len(p)) for k, c in enumerate(ids)}
+        info.weights = {m: dict(zip(ids, p[m].tolist(), strict=True)) for m in p}
+        # the mean over modules, summed in module order (the bits of a Python sum over the modules), by array
+        total = np.zeros(len(ids))
+        for w in p.values():
+            total += w
+        info.client_weights = dict(zip(ids, (total / len(p)).tolist(), strict=True))
         return new, info
 
 
@@ -441,11 +445,10 @@ def aggregate(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], cfg: St
         raise AdapterError("aggregate: no client updates to aggregate")
     if cfg.name == "full_ft":
         raise ValueError("full_ft aggregates full weight deltas: call average_tensors")
-    for u in updates:
-        if set(u.adapter.modules) != set(prev_global.modules):
-            raise AdapterError(f"client {u.client_id}: modules differ from the global adapter's")
-        if u.adapter.rank > r_max:
-            raise AdapterError(f"client {u.client_id}: rank {u.adapter.rank} > r_max {r_max}")
-    agg = Aggregation(prev_global, [client_facts(u, cfg, prev_global) for u in updates], cfg, r_max)
+    # modules and ranks are checked by Aggregation, from the facts (the same messages)
+    norms: list[dict[str, float] | None] = [None] * len(updates)
+    if needs_norms(cfg):  # every client's norms in one batch (norms.py): the same bits as one by one
+        norms = list(delta_norms_many([(u.adapter.A, u.adapter.B, u.adapter.scale) for u in updates]))
+    agg = Aggregation(prev_global, [client_facts(u, cfg, prev_global, n) for u, n in zip(updates, norms, strict=True)], cfg, r_max)
     agg.add_all([u.adapter for u in updates])
     return agg.result()

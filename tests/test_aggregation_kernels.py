@@ -1,0 +1,126 @@
+"""The aggregation kernels against straightforward float64 references: batched Gram norms
+(norms.py), the chunked float32 weighted sums (reduce.py) and the Gram-eigh SVD (svd.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hetlora_core import norms, reduce
+from hetlora_core.adapter import LoraAdapter
+from hetlora_core.svd import top_svd
+
+SHAPES = {"q": (12, 9), "v": (5, 9), "w": (9, 4)}  # module -> (out, in)
+
+
+def adapters(seed: int, k: int, dtype: type = np.float32) -> list[LoraAdapter]:
+    g = np.random.default_rng(seed)
+    out = []
+    for c in range(k):
+        r = int(g.integers(1, 6))
+        ranks = {m: max(1, r - i) if c % 3 == 0 else r for i, m in enumerate(SHAPES)}  # some per-module ranks
+        A: dict[str, np.ndarray] = {m: g.standard_normal((ranks[m], i)).astype(dtype) for m, (o, i) in SHAPES.items()}
+        B: dict[str, np.ndarray] = {m: g.standard_normal((o, ranks[m])).astype(dtype) for m, (o, i) in SHAPES.items()}
+        out.append(LoraAdapter(A, B, float(g.uniform(0.5, 2.0))))
+    return out
+
+
+def dense_norm(a: LoraAdapter, m: str) -> float:
+    return float(np.linalg.norm(a.scale * a.B[m].astype(np.float64) @ a.A[m].astype(np.float64)))
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # default chunks; one client per chunk
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_delta_norms_match_the_dense_product_and_do_not_depend_on_the_batch(chunk_bytes, dtype, monkeypatch):
+    if chunk_bytes:
+        monkeypatch.setattr(norms, "CHUNK_BYTES", chunk_bytes)
+    ads = adapters(0, 23, dtype)
+    batch = norms.delta_norms_many([(a.A, a.B, a.scale) for a in ads])
+    for a, got in zip(ads, batch, strict=True):
+        assert list(got) == a.modules  # sorted: callers sum these in dict order
+        assert got == pytest.approx({m: dense_norm(a, m) for m in SHAPES}, rel=1e-6)
+        assert got == a.delta_norms()  # one adapter is a batch of one: the same bits (streaming step == aggregate)
+
+
+def test_delta_norms_recompute_in_float64_where_b_a_cancels(monkeypatch):
+    """A = [a; a + e], B = [b, -b]: B A = -b e^T, ~1e-3 of |a| |b| here. The float32 Gram entries
+    round at ~1e-7 of |a|^2 |b|^2, a visible share of ||B A||^2 ~ 1e-6 |a|^2 |b|^2; the cancellation
+    test sends such a module to float64."""
+    g = np.random.default_rng(1)
+    a, b = g.standard_normal(64), g.standard_normal(48)
+    A = {"m": np.stack([a, a + 1e-3 * g.standard_normal(64)]).astype(np.float32)}
+    B = {"m": np.stack([b, -b], axis=1).astype(np.float32)}
+    ref = float(np.linalg.norm(B["m"].astype(np.float64) @ A["m"].astype(np.float64)))
+    assert norms.delta_norms_many([(A, B, 1.0)])[0]["m"] == pytest.approx(ref, rel=1e-6)
+    monkeypatch.setattr(norms, "CANCELLATION", 0.0)  # no fallback: float32 alone is visibly off
+    assert norms.delta_norms_many([(A, B, 1.0)])[0]["m"] != pytest.approx(ref, rel=1e-3)
+
+
+def test_delta_norms_of_zero_factors_are_zero():
+    A = {"m": np.ones((3, 4), np.float32)}
+    assert norms.delta_norms_many([(A, {"m": np.zeros((5, 3), np.float32)}, 2.0)]) == [{"m": 0.0}]
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 200])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_weighted_sum_into_matches_float64_reference(chunk_bytes, transposed, monkeypatch):
+    if chunk_bytes:
+        monkeypatch.setattr(reduce, "CHUNK_BYTES", chunk_bytes)
+    g = np.random.default_rng(2)
+    xs = [g.standard_normal((7, 5)).astype(np.float32) for _ in range(13)]
+    w = g.random(13)
+    start = g.standard_normal((7, 5))
+    acc = np.ascontiguousarray(start.T).T if transposed else start.copy()  # a transposed view, as bt[:r].T
+    reduce.weighted_sum_into(acc, xs, w, reduce.Scratch(np.float32))
+    ref = start + sum(wk * x.astype(np.float64) for wk, x in zip(w, xs, strict=True))
+    np.testing.assert_allclose(acc, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(30, 30), (12, 40), (40, 12)])
+@pytest.mark.parametrize("rank_of", [None, 3])  # full rank, or rank 3 (the rest of the spectrum zero)
+def test_top_svd_matches_the_full_svd(shape, rank_of):
+    g = np.random.default_rng(3)
+    d = g.standard_normal(shape) if rank_of is None else g.standard_normal((shape[0], rank_of)) @ g.standard_normal((rank_of, shape[1]))
+    k = 6
+    U, S, Vh = top_svd(d, k)
+    u, s, vh = np.linalg.svd(d, full_matrices=False)
+    np.testing.assert_allclose(S, s[:k], rtol=1e-9, atol=1e-7 * s[0])
+    best = (u[:, :k] * s[:k]) @ vh[:k]
+    np.testing.assert_allclose((U * S) @ Vh, best, atol=1e-7 * s[0])
+    live = S > 1e-6 * s[0]
+    np.testing.assert_allclose(U[:, live].T @ U[:, live], np.eye(live.sum()), atol=1e-8)  # orthonormal singular vectors
+    np.testing.assert_allclose(Vh[live] @ Vh[live].T, np.eye(live.sum()), atol=1e-8)
+
+
+def test_top_svd_of_zero_is_zero_factors():
+    U, S, Vh = top_svd(np.zeros((5, 8)), 3)
+    assert not S.any() and np.isfinite(U).all() and not Vh.any()
+
+
+def test_factors_near_float32_range_get_their_true_norm_not_nan():
+    """An untrusted upload of 1e20-sized factors overflows a float32 Gram (inf, then nan): its norm is
+    recomputed in float64, finite and equal to the dense float64 product's (the outlier check then
+    judges a number)."""
+    rng = np.random.default_rng(3)
+    A = {"m": (1e20 * rng.standard_normal((4, 24))).astype(np.float32)}
+    B = {"m": (1e20 * rng.standard_normal((16, 4))).astype(np.float32)}
+    (got,) = norms.delta_norms_many([(A, B, 2.0)])
+    want = 2.0 * np.linalg.norm(B["m"].astype(np.float64) @ A["m"].astype(np.float64))
+    assert np.isfinite(got["m"]) and got["m"] == pytest.approx(want, rel=1e-9)
+
+
+def test_recon_svd_dense_sum_of_huge_factors_stays_finite():
+    """The dense Recon+SVD route's float32 GEMM would overflow on 1e20-sized factors; such a chunk runs
+    in float64, so the sum is the true (finite) product."""
+    from hetlora_core.svd import DeltaSums
+
+    rng = np.random.default_rng(4)
+    a = LoraAdapter({"m": (1e20 * rng.standard_normal((4, 24))).astype(np.float32)},
+                    {"m": (1e20 * rng.standard_normal((16, 4))).astype(np.float32)}, 1.0)
+    prev = LoraAdapter({"m": np.zeros((8, 24), np.float32)}, {"m": np.zeros((16, 8), np.float32)}, 1.0)
+    sums = DeltaSums(prev, 8, {"m": 64})  # many components: the dense route
+    assert "m" not in sums.low_rank
+    sums.add_module("m", [a], np.array([1.0]))
+    want = a.B["m"].astype(np.float64) @ a.A["m"].astype(np.float64)
+    assert np.isfinite(sums.dense["m"]).all()
+    np.testing.assert_allclose(sums.dense["m"], want, rtol=1e-9)
