@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from minio_server import MinioServer, find_minio, minio_binary_path
+from tally import TALLY, Tally
 
 from hetlora_core.config import StoreConfig
 
@@ -56,3 +58,24 @@ def minio_store_config(minio_server: MinioServer, monkeypatch: pytest.MonkeyPatc
 
 # Real Prometheus + Pushgateway (session-scoped; see tests/prometheus_server.py)
 from conftest_prometheus import prometheus, pushgateway  # noqa: E402,F401
+
+# ---------------------------------------------------------------- the reliability figures (tests/tally.py)
+
+
+@pytest.fixture(scope="session")
+def tally() -> Iterator[Tally]:
+    """The session's fault/attack counter: what tests/test_faults.py injects and resumes."""
+    yield TALLY
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Count every test marked ``attack`` once, as held if it passed (its outcome assertions hold)."""
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    if rep.when == "call" and item.get_closest_marker("attack") is not None:
+        TALLY.attack(Path(str(item.fspath)).name, rep.passed)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    TALLY.write()

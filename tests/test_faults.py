@@ -7,7 +7,7 @@ and the tiny model loaded once, ~15 s), so each kill/resume pair costs seconds; 
 separate process that shares nothing with the killed one except the store. One test kills the
 kfp.local driver (``run_local``, each task a fresh subprocess) with SIGKILL mid-round.
 
-Every injected fault and every resume is counted into bench-out/faults-summary.json (see
+Every injected fault and every resume is counted into bench-out/faults-summary.json (tests/tally.py, see
 docs/reliability.md): faults injected, rounds lost (committed rounds that a fault made disappear or
 change: must be 0, every test asserts it), resumes, rounds redone, and runs whose final global
 adapter is byte-identical to the uninterrupted run's.
@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import torch
+from tally import Tally
 
 from hetlora_core import store as st
 from hetlora_core.adapter import LoraAdapter, init_global
@@ -41,7 +42,6 @@ from hetlora_core.steps.plan import plan_round
 from hetlora_core.strategies import ClientUpdate, aggregate
 
 ROOT = Path(__file__).resolve().parents[1]
-SUMMARY = ROOT / "bench-out" / "faults-summary.json"
 
 # Small and fast: a 1-layer, 16-wide Llama, 4 Shakespeare clients, 2 local steps. Seconds per round.
 BASE: dict[str, Any] = {
@@ -67,35 +67,6 @@ def cfg_dict(**dotted: Any) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[leaf] = value
     return out
-
-
-# ---------------------------------------------------------------- fault counter (bench-out/faults-summary.json)
-
-
-class Tally:
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {"faults_injected": 0, "by_kind": {}, "rounds_lost": 0, "resumes": 0,
-                                     "runs_ending_on_reference_bytes": 0, "rounds_redone": 0}
-
-    def fault(self, kind: str, n: int = 1) -> None:
-        self.data["faults_injected"] += n
-        self.data["by_kind"][kind] = self.data["by_kind"].get(kind, 0) + n
-
-    def add(self, key: str, n: int = 1) -> None:
-        self.data[key] += n
-
-
-@pytest.fixture(scope="module")
-def tally() -> Iterator[Tally]:
-    t = Tally()
-    t0 = time.monotonic()
-    yield t
-    t.data["seconds"] = round(time.monotonic() - t0, 1)
-    t.data["command"] = " ".join(["pytest", *sys.argv[1:]]) if "pytest" in sys.argv[0] else " ".join(sys.argv)
-    t.data["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    # One pytest run = one file: the figures of exactly the tests that ran (docs/reliability.md).
-    SUMMARY.parent.mkdir(parents=True, exist_ok=True)
-    SUMMARY.write_text(json.dumps(t.data, indent=1, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------- the warm worker (fork per run)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tally import TALLY
 from test_aggregate_streaming import SPEC, cfg_of, honest
 
 from hetlora_core import store as st
@@ -67,6 +68,7 @@ def round_of(cfg: Any, store: st.Store, r: int, attack: Any, evil: tuple[str, ..
 
 
 def assert_dropped(man: dict[str, Any], *needles: str, who: tuple[str, ...] = (EVIL,)) -> None:
+    TALLY.add("honest_uploads_lost", len([c for c in IDS if c not in who and c not in man["participants"]]))  # counted, then asserted 0
     assert sorted(man["dropped"]) == sorted(who) and man["participants"] == [c for c in IDS if c not in who], man["dropped"]
     for c in who:
         why = man["dropped"][c]
@@ -85,6 +87,7 @@ def assert_finite_global(store: st.Store, cfg: Any, rnd: int) -> None:
 # ---------------------------------------------------------------- part 3: uploads must match the plan
 
 
+@pytest.mark.attack
 def test_finite_poisoned_upload_is_dropped_not_committed(tmp_path: Path) -> None:
     """Before: all values 1e30 (finite, valid) were aggregated at weight ~1.0 and committed."""
     cfg, store, man = one_round(tmp_path, lambda a, f, r: (_filled(a, 1e30), f))
@@ -93,6 +96,7 @@ def test_finite_poisoned_upload_is_dropped_not_committed(tmp_path: Path) -> None
     assert math.sqrt(sum(v * v for v in committed(store, cfg, 0).delta_norms().values())) < 1.0
 
 
+@pytest.mark.attack
 def test_client_uploading_above_its_planned_rank_is_dropped(tmp_path: Path) -> None:
     """A rank-2 client uploading rank 8 (in round 1, against the committed global)."""
     cfg, store, man = one_round(tmp_path, lambda a, f, r: (honest(8, 99), f), rnd=1, ranks=(8, 8, 8, 2))
@@ -100,12 +104,14 @@ def test_client_uploading_above_its_planned_rank_is_dropped(tmp_path: Path) -> N
     assert man["clients"][EVIL]["rank"] == 2  # keeps its planned rank, not the one it sent
 
 
+@pytest.mark.attack
 def test_huge_integer_num_samples_is_dropped(tmp_path: Path) -> None:
     """Before: OverflowError out of the weights (int -> float)."""
     _, _, man = one_round(tmp_path, lambda a, f, r: (a, {**f, "num_samples": 10**400}))
     assert_dropped(man, "num_samples must be a positive integer", "at most")
 
 
+@pytest.mark.attack
 @pytest.mark.parametrize("norm_ratio", [10.0, None])
 def test_1e20_upload_under_recon_svd_never_raises(norm_ratio: float | None, tmp_path: Path) -> None:
     """Before: LinAlgError out of the SVD. Dropped by the default norm ratio; without it, the round
@@ -124,6 +130,7 @@ def test_1e20_upload_under_recon_svd_never_raises(norm_ratio: float | None, tmp_
     assert_finite_global(store, cfg, 0)
 
 
+@pytest.mark.attack
 def test_two_oversized_strings_cannot_overflow_the_global_manifest(tmp_path: Path) -> None:
     """Before: two 600 kB tensor names, quoted in the drop reasons, pushed the global manifest past
     its 1 MiB limit and the commit failed for everyone. Reasons are capped now."""
@@ -133,11 +140,13 @@ def test_two_oversized_strings_cannot_overflow_the_global_manifest(tmp_path: Pat
     assert len(store.get_bytes(st.global_prefix("s", 0) + "/" + st.MANIFEST)) < 20_000
 
 
+@pytest.mark.attack
 def test_oversized_precision_strings_are_dropped(tmp_path: Path) -> None:
     _, _, man = one_round(tmp_path, lambda a, f, r: (a, {**f, "precision": {"device": "x" * 5000, "dtype": "y" * 5000}}))
     assert_dropped(man, "manifest field precision has a bad value")
 
 
+@pytest.mark.attack
 @pytest.mark.parametrize("loss", ["1.5", None, [1], {"a": 1}, float("nan"), float("inf"), True])
 def test_non_numeric_train_loss_is_dropped_and_results_still_collect(loss: Any, tmp_path: Path) -> None:
     """Before: a string train_loss committed, then broke results.json collection for the experiment."""
@@ -147,6 +156,7 @@ def test_non_numeric_train_loss_is_dropped_and_results_still_collect(loss: Any, 
     assert json.dumps(res, allow_nan=False) and res["rounds"][0]["train_loss"] == pytest.approx(2.5)
 
 
+@pytest.mark.attack
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_values_are_dropped_naming_the_tensor(value: float, tmp_path: Path) -> None:
     def attack(a: LoraAdapter, f: dict[str, Any], r: int) -> tuple[LoraAdapter, dict[str, Any]]:
@@ -162,6 +172,7 @@ def test_non_finite_values_are_dropped_naming_the_tensor(value: float, tmp_path:
     ({k: v for k, v in SPEC.items() if k != "layers.1.q_proj"}, "missing module(s) ['layers.1.q_proj']"),
     ({**SPEC, "layers.2.q_proj": (24, 16)}, "unknown module(s) ['layers.2.q_proj']"),
 ])
+@pytest.mark.attack
 def test_module_set_or_shape_mismatch_is_dropped(spec: dict[str, tuple[int, int]], needle: str, tmp_path: Path) -> None:
     _, _, man = one_round(tmp_path, lambda a, f, r: (honest(r, 5, spec), f), rnd=1)
     assert_dropped(man, needle)
@@ -191,6 +202,7 @@ def test_norm_outliers_in_small_rounds_and_with_a_zero_median() -> None:
     assert norm_outliers({"a": {"update": 1.0}, "b": {"update": 1e9}}, ones, None) == {}  # null disables
 
 
+@pytest.mark.attack
 def test_factor_rebalancing_is_caught_by_the_factor_norms(tmp_path: Path) -> None:
     """A x 1e3, B / 1e3: ||s B A|| is unchanged (the product check cannot see it), but A then enters
     the factor average at 1e3 x its size; the norm of A gives it away."""
@@ -199,6 +211,7 @@ def test_factor_rebalancing_is_caught_by_the_factor_norms(tmp_path: Path) -> Non
     assert_dropped(man, "norm of A per rank component", "strategy.norm_ratio=10")
 
 
+@pytest.mark.attack
 def test_a_global_that_overflows_fails_the_round_and_keeps_the_previous_one(tmp_path: Path) -> None:
     """Two clients near float32's limit under Recon+SVD (norm ratio off): their weighted B A overflows
     float32 once refactored. The round fails naming the round and the reason; round 0's global is
@@ -261,6 +274,7 @@ def test_a_run_recorded_before_norm_ratio_resumes_only_without_it(tmp_path: Path
     check_or_record_config(replace(now, **{"strategy.norm_ratio": None}), store)  # the hint works
 
 
+@pytest.mark.attack
 def test_full_fine_tuning_outlier_is_dropped_too(tmp_path: Path) -> None:
     """The norm ratio is the method's: full fine-tuning compares the norms of the weight deltas."""
     from hetlora_core.methods import method_for

@@ -112,6 +112,7 @@ def test_short_key_is_refused_without_echoing_it(monkeypatch: pytest.MonkeyPatch
 # ---------------------------------------------------------------- the attacks, each refused by its reader
 
 
+@pytest.mark.attack
 def test_plan_rewritten_by_a_client_is_refused_by_aggregation(tmp_path: Path, server_key: str) -> None:
     """The issue's attack: the plan rewritten to list only the attacker committed the round with it
     alone at weight 1.0. Now aggregation refuses the plan, names its key, and commits nothing."""
@@ -133,6 +134,7 @@ def test_plan_rewritten_by_a_client_is_refused_by_aggregation(tmp_path: Path, se
     assert sorted(json.loads(aggregate_task(cfg.to_json(), 0, []))["participants"]) == IDS
 
 
+@pytest.mark.attack
 def test_round_0_global_replayed_as_round_1_is_refused(tmp_path: Path, server_key: str) -> None:
     cfg = cfg_for(tmp_path)
     store = st.open_store(cfg.store)
@@ -163,6 +165,7 @@ def test_round_0_global_replayed_as_round_1_is_refused(tmp_path: Path, server_ke
         runner.run()
 
 
+@pytest.mark.attack
 def test_forged_global_manifest_is_refused(tmp_path: Path, server_key: str) -> None:
     """A client edits the committed manifest (its own weight, the ranks every later plan starts
     from) and recomputes nothing it cannot: the signature no longer matches."""
@@ -182,6 +185,7 @@ def test_forged_global_manifest_is_refused(tmp_path: Path, server_key: str) -> N
         st.signing.get_global_manifest(store, cfg.store, cfg.experiment, 0)
 
 
+@pytest.mark.attack
 def test_plan_of_another_experiment_is_refused(tmp_path: Path, server_key: str) -> None:
     cfg = cfg_for(tmp_path)
     other = config_from_dict({**json.loads(cfg.to_json()), "experiment": "other"})
@@ -192,6 +196,7 @@ def test_plan_of_another_experiment_is_refused(tmp_path: Path, server_key: str) 
         load_plan(cfg, store, 0)
 
 
+@pytest.mark.attack
 def test_metrics_are_signed_and_checked(tmp_path: Path, server_key: str) -> None:
     cfg = cfg_for(tmp_path)
     store = st.open_store(cfg.store)
@@ -262,6 +267,7 @@ def test_submit_refuses_a_driver_and_cluster_that_disagree_on_the_key(monkeypatc
         check_driver_key(config_from_dict(base))
 
 
+@pytest.mark.attack
 @pytest.mark.slow  # ~15-35 s: one tiny-model round in-process
 def test_a_local_run_signs_its_state_and_refuses_a_replay_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default demo path (``hetlora simulate``, no key configured): the driver makes OUT/server.key,

@@ -65,6 +65,7 @@ def test_patterns_come_from_the_layout() -> None:
     assert not any("Delete" in a or a == "s3:*" for s in policy["Statement"] for a in s["Action"])
 
 
+@pytest.mark.attack
 def test_client_cannot_write_or_delete_server_state(roles: tuple[StoreConfig, Credentials, st.Store, st.Store]) -> None:
     _, _, server, client = roles
     for key in server_keys(1):
