@@ -311,7 +311,9 @@ class StoreConfig:
     environment (HETLORA_S3_ACCESS_KEY / HETLORA_S3_SECRET_KEY), in the cluster from a Secret."""
 
     kind: Literal["local", "s3"] = "local"
-    root: str = "runs/store"  # local directory (kind: local)
+    # Local directory (kind: local). "": OUT/store of `hetlora simulate/run --out OUT`; set, it is
+    # used as it is by those (resolved to an absolute path) and by everything else that opens the store.
+    root: str = ""
     endpoint: str = ""  # host:port (kind: s3)
     bucket: str = "hetlora"
     secure: bool = False  # TLS to the S3 endpoint

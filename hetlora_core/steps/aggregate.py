@@ -240,4 +240,4 @@ def aggregate_task(config_json: str, round_index: int, reports: list[str]) -> st
     man = aggregate(cfg, store, plan)
     failpoint("round_committed", round=rnd)
     return json.dumps(asdict(AggregateReport(rnd, man["participants"], man["dropped"],
-                                             sorted({c.client_id for c in plan.clients} - reported))))
+                                             sorted({c.client_id for c in plan.clients} - reported) if reports else [])))
