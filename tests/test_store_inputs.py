@@ -5,8 +5,12 @@ answers; disk-full and permission errors named as such; sizes checked before rea
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from hetlora_core import store as st
@@ -46,3 +50,62 @@ def test_a_store_without_a_root_is_a_config_error_naming_store_root(tmp_path: Pa
     r = CliRunner().invoke(main, ["compile", "-c", "configs/smoke.yaml", "--round", "1", "--out", str(tmp_path / "p.yaml")])
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert "store.root: is empty" in r.output and "--set store.root=" in r.output
+
+
+# ---------------------------------------------------------------- S3 calls inside the retry deadline
+
+
+class StallingEndpoint:
+    """A TCP server on 127.0.0.1 that accepts connections and then either never answers
+    (``every=None``) or trickles an HTTP answer one byte every ``every`` seconds: slower than any
+    useful server, yet fast enough that no single socket read ever times out."""
+
+    def __init__(self, every: float | None) -> None:
+        self.every, self.stop = every, threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.endpoint = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            if self.every is None:
+                self.stop.wait(60)
+                return
+            for b in b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000:
+                if self.stop.wait(self.every):
+                    return
+                try:
+                    conn.sendall(bytes([b]))
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize(("every", "op"), [(None, "get"), (1.0, "get"), (1.0, "put"), (0.5, "list")])
+def test_s3_call_against_a_stalling_endpoint_times_out_within_the_deadline(every: float | None, op: str) -> None:
+    server = StallingEndpoint(every)
+    try:
+        s = st.S3Store(server.endpoint, "bkt", retry_deadline_s=2.0, credentials=("ak", "sk"), create_bucket=False)
+        call = {"get": lambda: s.get_bytes("exp/round-0000/k"), "put": lambda: s.put_bytes("exp/round-0000/k", b"abc"),
+                "list": lambda: s.list("exp/round-0000/k")}[op]
+        t0 = time.monotonic()
+        with pytest.raises(st.StoreUnavailable) as e:
+            call()
+        elapsed = time.monotonic() - t0
+    finally:
+        server.close()
+    assert elapsed < 2.0 + 1.5, f"{op} took {elapsed:.1f} s with store.retry_deadline_s=2"
+    msg = str(e.value)
+    assert "timed out" in msg and server.endpoint in msg and f"{op} exp/round-0000/k" in msg, msg
