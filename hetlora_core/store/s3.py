@@ -36,14 +36,29 @@ from minio.helpers import MAX_PART_SIZE, MIN_PART_SIZE, check_bucket_name
 # Only the base module: this file is imported lazily (by open_store / ``st.S3Store``) and must not
 # pull the rest of the package back in (no import cycle).
 from . import deadline
-from .base import NotFound, ObjectTooLarge, Store, StoreAuthError, StoreError, StoreUnavailable, dir_prefix, validate_key
+from .base import (
+    NotFound,
+    ObjectTooLarge,
+    Store,
+    StoreAuthError,
+    StoreError,
+    StoreFull,
+    StorePermissionError,
+    StoreUnavailable,
+    dir_prefix,
+    validate_key,
+)
 
 log = logging.getLogger("hetlora.store")
 T = TypeVar("T")
 
 ENV_ACCESS, ENV_SECRET, ENV_CA = "HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY", "HETLORA_S3_CA_BUNDLE"
-AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
+AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
               "InvalidSecurity", "AuthorizationHeaderMalformed"}
+DENIED_CODES = {"AccessDenied", "AllAccessDisabled"}  # valid (or no) credentials, but not for this
+# A full server is not transient (507 would otherwise be retried until the deadline and reported as
+# "Is the server running?"): it is said at once, by name.
+FULL_CODES = {"XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "QuotaExceeded", "XMinioDiskFull"}
 NOT_FOUND_CODES = {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}
 TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "XMinioServerNotInitialized",
                    "XMinioReadQuorum", "XMinioWriteQuorum", "OperationTimedOut"}
@@ -131,6 +146,13 @@ class S3Store(Store):
         fix = "check store.endpoint (host:port of the S3 API, not the console) and store.secure (TLS)"
         if isinstance(e, S3Error):
             status = getattr(e.response, "status", 0) or 0
+            if e.code in FULL_CODES or status == 507:
+                return StoreFull(f"{where} failed: the server has no space left ({e.code}: {e.message}); free space on "
+                                 f"its drives or raise the quota of bucket {self.bucket}")
+            if e.code in DENIED_CODES:
+                return StorePermissionError(
+                    f"{where}: permission denied ({e.code}): the credentials in {ENV_ACCESS} (or AWS_ACCESS_KEY_ID) may "
+                    f"not {op} this key (or none were sent); check that user's policy on bucket {self.bucket}")
             if e.code in AUTH_CODES:
                 return StoreAuthError(
                     f"{where}: the server rejected the credentials ({e.code}): check {ENV_ACCESS} / {ENV_SECRET} "
@@ -141,6 +163,8 @@ class S3Store(Store):
                 return None
             return StoreError(f"{where} failed: {e.code}: {e.message}")
         if isinstance(e, ServerError):
+            if e.status_code == 507:  # Insufficient Storage without an S3 error body
+                return StoreFull(f"{where} failed: the server has no space left (HTTP 507); free space on its drives")
             return None if e.status_code >= 500 or e.status_code == 429 else StoreError(f"{where} failed: {e}")
         if isinstance(e, InvalidResponseError):  # not an S3 answer: a proxy, the console, http vs https
             if "HTTP status code 5" in str(e) or "Response code: 5" in str(e):
