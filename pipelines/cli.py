@@ -55,12 +55,11 @@ def compile_cmd(config: str | None, sets: tuple[str, ...], out: str, rnd: int) -
     """Compile one round's pipeline to KFP IR YAML (PipelineSpec + Kubernetes platform spec:
     per-tier node selectors, tolerations, resources, and the store Secret as env vars)."""
     from hetlora_core import store as st
+    from hetlora_core.config import ConfigError
     from hetlora_core.datasource import client_ids
     from hetlora_core.steps.plan import plan_round
 
     from .round import compile_round
-
-    from hetlora_core.config import ConfigError
 
     cfg = load_cfg(config, sets)
     if cfg.strategy.name != "full_ft":  # a target module the model lacks fails here, not in every client task

@@ -21,8 +21,8 @@ from minio_server import MinioServer
 
 from hetlora_core import store as st
 from hetlora_core.config import StoreConfig, load_config
-from hetlora_core.store import open_store
 from hetlora_core.run import local_config
+from hetlora_core.store import open_store
 
 # ---------------------------------------------------------------- store.root
 
