@@ -5,7 +5,7 @@ half-dead server) that trickles one byte every few seconds never trips it, and t
 would hang for as long as the bytes keep coming. So every attempt runs inside ``Attempt``: the
 connections it takes from the pool are registered with it, and a timer shuts their sockets down
 when the attempt's time is up. The blocked read then returns at once, the attempt fails and
-``Attempt.fired`` tells the caller it was the deadline, not the server, that ended it.
+``Attempt.cut`` tells the caller it was the deadline, not the server, that ended it.
 
 Registration is per thread (``threading.local``): the minio client is synchronous, so the thread
 that runs an attempt is the one that takes its connections; other threads' attempts are untouched.
@@ -32,7 +32,8 @@ class Attempt:
     def __init__(self, seconds: float) -> None:
         self._lock = threading.Lock()
         self._conns: list[Any] = []
-        self.fired = False
+        self.fired = False  # the time is up
+        self.cut = False  # ... and a live connection of this attempt was shut because of it
         self._timer: threading.Timer | None = None
         self._seconds = max(0.0, seconds)
         self._end = time.monotonic() + self._seconds
@@ -69,22 +70,25 @@ class Attempt:
             if conn not in self._conns:
                 self._conns.append(conn)
             if self.fired:
-                _shut(conn)
+                self.cut |= _shut(conn)
 
     def _fire(self) -> None:
         with self._lock:
             self.fired = True
             for conn in self._conns:
-                _shut(conn)
+                self.cut |= _shut(conn)
 
 
-def _shut(conn: Any) -> None:
+def _shut(conn: Any) -> bool:
+    """Shut ``conn``'s socket down; whether there was one to shut."""
     sock = getattr(conn, "sock", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv/send on it
-        except OSError:
-            pass  # already closed
+    if sock is None:
+        return False  # not connected (refused, or still connecting: the connect timeout bounds that)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv/send on it
+    except OSError:
+        return False  # already closed
+    return True
 
 
 def current() -> Attempt | None:

@@ -94,6 +94,13 @@ def _pool(connect_timeout: float, read_timeout: float) -> urllib3.PoolManager:
     )
 
 
+def _is_timeout(e: BaseException) -> bool:
+    """A connect or read timeout (urllib3 2's NewConnectionError, a refusal, subclasses ConnectTimeoutError)."""
+    if isinstance(e, urllib3.exceptions.NewConnectionError):
+        return False
+    return isinstance(e, (TimeoutError, urllib3.exceptions.TimeoutError))
+
+
 class S3Store(Store):
     """A bucket on an S3 endpoint (``host:port``). Creates the bucket if missing."""
 
@@ -195,17 +202,17 @@ class S3Store(Store):
             except StoreError:
                 raise
             except Exception as e:  # classified below; unknown kinds are raised, never swallowed
-                timed_out = bound.fired or isinstance(e, (TimeoutError, urllib3.exceptions.TimeoutError))
-                err = None if bound.fired else self._classify(e, op, key)
+                timed_out = bound.cut or _is_timeout(e)
+                err = None if bound.cut else self._classify(e, op, key)
                 if err is not None:
                     raise err from e
                 remaining = end - time.monotonic()
-                if remaining <= 0 or bound.fired:
+                if remaining <= 0 or bound.cut:
                     why = ("timed out: no complete answer" if timed_out else "failed") + \
                         f" after {attempt} attempt(s) over {time.monotonic() - start:.1f} s"
                     hint = ("Is the endpoint an S3 server that answers (not a proxy that stalls)?" if timed_out
                             else "Is the server running?")
-                    last = ("the last attempt was cut off unanswered at the deadline" if bound.fired
+                    last = ("the last attempt was cut off unanswered at the deadline" if bound.cut
                             else f"last error: {type(e).__name__}: {e}")
                     raise StoreUnavailable(
                         f"{self.describe()} is unavailable: {op} {key} {why} (store.retry_deadline_s="
