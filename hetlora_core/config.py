@@ -319,9 +319,13 @@ class StoreConfig:
     secure: bool = False  # TLS to the S3 endpoint
     region: str = ""
     retry_deadline_s: float = 60.0  # bounded backoff on transient store errors
+    # Security: no round-0 client upload larger than this is read (later rounds: the exact bound
+    # from the global's shapes). Raise it for full fine-tuning of models above ~500M parameters.
+    max_upload_mb: float = 2048.0
 
     def __post_init__(self) -> None:
         _check(self.retry_deadline_s > 0, "store.retry_deadline_s", f"must be > 0, got {self.retry_deadline_s:g}")
+        _check(self.max_upload_mb > 0, "store.max_upload_mb", f"must be > 0 (MiB), got {self.max_upload_mb:g}")
         if self.kind == "s3":
             _check(bool(self.endpoint), "store.endpoint", "is required for kind: s3 (e.g. minio.hetlora:9000)")
             _check("://" not in self.endpoint, "store.endpoint", f"is host:port without a scheme (use store.secure for TLS), got {self.endpoint!r}")

@@ -74,9 +74,14 @@ class LocalStore(Store):
         try:
             with open(path, "rb") as f:
                 # Checked on the open file (not a separate stat), so a swap between check and read cannot grow it.
-                if max_bytes is not None and os.fstat(f.fileno()).st_size > max_bytes:
-                    raise ObjectTooLarge(f"{key} in {self.describe()} is larger than {max_bytes} bytes")
-                return f.read()
+                size = os.fstat(f.fileno()).st_size
+                if max_bytes is not None and size > max_bytes:
+                    raise ObjectTooLarge(f"{key} in {self.describe()} is larger than {max_bytes:,} bytes ({size:,} bytes); not read")
+                # At most one byte more than allowed, whatever the file grows to while it is read.
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+                if max_bytes is not None and len(data) > max_bytes:
+                    raise ObjectTooLarge(f"{key} in {self.describe()} grew past {max_bytes:,} bytes while being read")
+                return data
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"{key} not found in {self.describe()}") from None
         except OSError as e:
