@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -338,6 +339,18 @@ class MetricsConfig:
     # Delete the run's per-round and per-client groups when the run ends (Prometheus keeps the
     # scraped history; the Pushgateway would otherwise serve stale values forever).
     delete_groups_at_end: bool = True
+
+    def __post_init__(self) -> None:
+        # Security: the config is recorded in the store, results.json and the compiled pipeline YAML,
+        # so a password in it would be everywhere; the environment variable is recorded nowhere.
+        url = self.pushgateway_url.strip()
+        try:
+            pw = urllib.parse.urlsplit(url if "://" in url else f"http://{url}").password if url else None
+        except ValueError:
+            pw = None  # malformed: prometheus_client says so at the first push
+        _check(not pw, "metrics.pushgateway_url", "contains a password (user:***@host), and the config is recorded in the "
+               "store, results.json and the compiled pipeline: leave it out of the config and put the URL with its "
+               "credentials in HETLORA_PUSHGATEWAY_URL (in the cluster, from a Secret)")
 
 
 @dataclass(frozen=True)

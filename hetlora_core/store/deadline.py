@@ -102,20 +102,20 @@ def _track(conn: Any) -> None:
         a.track(conn)
 
 
-class _Conn(HTTPConnection):
+class BoundedHTTPConnection(HTTPConnection):
     def connect(self) -> None:
         super().connect()
         _track(self)  # a fresh socket: shut at once if the attempt's time is already up
 
 
-class _SConn(HTTPSConnection):
+class BoundedHTTPSConnection(HTTPSConnection):
     def connect(self) -> None:
         super().connect()
         _track(self)
 
 
 class _Pool(HTTPConnectionPool):
-    ConnectionCls = _Conn
+    ConnectionCls = BoundedHTTPConnection
 
     def _get_conn(self, timeout: float | None = None) -> Any:
         conn = super()._get_conn(timeout)
@@ -124,7 +124,7 @@ class _Pool(HTTPConnectionPool):
 
 
 class _SPool(HTTPSConnectionPool):
-    ConnectionCls = _SConn
+    ConnectionCls = BoundedHTTPSConnection
 
     def _get_conn(self, timeout: float | None = None) -> Any:
         conn = super()._get_conn(timeout)
