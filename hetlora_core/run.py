@@ -35,6 +35,11 @@ class RoundFailed(RuntimeError):
     the run got and that rerunning the same command resumes it."""
 
 
+class PipelineFailed(RoundFailed):
+    """The round's pipeline run ended (not timed out, not canceled) with a failed task. The round may
+    have committed all the same: aggregation runs after client tasks that failed (a dropped client)."""
+
+
 class RunConfigMismatch(RuntimeError):
     """The store already holds this experiment with a different configuration."""
 
@@ -240,7 +245,7 @@ class RoundRunner:
             try:
                 self.executor.run_round(cfg, plan, started)
             except RoundFailed as e:
-                if not self._done_without_a_client(rnd, e):
+                if not (isinstance(e, PipelineFailed) and self._done_without_a_client(rnd, e)):
                     raise self._failure(rnd, str(e)) from e
             finally:
                 if self.progress:
