@@ -25,8 +25,9 @@ CFG = {
 
 
 def test_compiled_aggregate_runs_after_every_client_task_whatever_their_outcome(tmp_path: Path) -> None:
-    from hetlora_core.steps.plan import ClientPlan, RoundPlan
     from hetlora_kfp.pipelines.round import compile_round
+
+    from hetlora_core.steps.plan import ClientPlan, RoundPlan
 
     cfg = config_from_dict(CFG)
     plan = RoundPlan("hard", 0, [ClientPlan("a", "small", 2), ClientPlan("b", "large", 4)], {})
