@@ -88,7 +88,8 @@ def main() -> None:
 @config_option
 @set_option
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True,
-              help="Run directory: store/, results.json and perplexity.png go here. Rerun to resume.")
+              help="Run directory: results.json, perplexity.png and (unless store.root or an S3 store is set) store/ go here. "
+                   "Rerun to resume.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines, only the summary.")
 @verbose_option
 def simulate(config: str | None, sets: tuple[str, ...], out: str, quiet: bool, verbose: bool) -> None:
@@ -141,6 +142,19 @@ def inspect(file: str, r_min: int, r_max: int | None, as_json: bool) -> None:
         click.echo(f"{m:<48} {d['rank']:>4} {str(d['out']) + 'x' + str(d['in']):>11} {d['delta_norm']:>12.4g}")
 
 
+def run_store_dir(run_dir: str) -> Path:
+    """A run's local store: RUN/store, or, for a run whose config set ``store.root``, the directory its
+    RUN/results.json records (simulate and run honour ``store.root``)."""
+    default = Path(run_dir) / "store"
+    if default.is_dir():
+        return default
+    try:
+        store = json.loads((Path(run_dir) / "results.json").read_text())["config"]["store"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
+    return Path(store["root"]) if isinstance(store, dict) and store.get("kind") == "local" and store.get("root") else default
+
+
 @main.command()
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True), required=True,
               help="A run directory made by `hetlora simulate` or `hetlora run`.")
@@ -157,13 +171,13 @@ def export(run_dir: str, out: str, rnd: int | None, merge: bool) -> None:
     from .models import base_dtype, base_name_or_path
     from .peft_bridge import attach, save_peft_folder
 
-    store = st.LocalStore(Path(run_dir) / "store")
+    store = st.LocalStore(run_store_dir(run_dir))
     exps = st.experiments(store)
     if not exps:
-        fail(f"{run_dir}/store holds no run (no {st.config_key('<experiment>')}); pass the --out of a simulate/run")
+        fail(f"{store.root} holds no run (no {st.config_key('<experiment>')}); pass the --out of a simulate/run")
     recorded = st.get_json(store, st.config_key(exps[0]))
     if recorded is None:  # listed a moment ago: only a concurrent delete gets here
-        fail(f"{run_dir}/store: {st.config_key(exps[0])} disappeared while reading it")
+        fail(f"{store.root}: {st.config_key(exps[0])} disappeared while reading it")
     # Export on this machine's CPU from the full-precision base, whatever the run trained on (a CUDA
     # or 4bit run is exported the same way: adapters are float32; a 4bit base could not be merged).
     cfg = replace(config_from_dict(recorded), **{"model.device": "cpu", "model.dtype": "float32", "model.quantize": "none",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -316,7 +317,9 @@ class StoreConfig:
     environment (HETLORA_S3_ACCESS_KEY / HETLORA_S3_SECRET_KEY), in the cluster from a Secret."""
 
     kind: Literal["local", "s3"] = "local"
-    root: str = "runs/store"  # local directory (kind: local)
+    # Local directory (kind: local). "": OUT/store of `hetlora simulate/run --out OUT`; set, it is
+    # used as it is by those (resolved to an absolute path) and by everything else that opens the store.
+    root: str = ""
     endpoint: str = ""  # host:port (kind: s3)
     bucket: str = "hetlora"
     secure: bool = False  # TLS to the S3 endpoint
@@ -327,12 +330,16 @@ class StoreConfig:
     server_key_env: str = "HETLORA_SERVER_KEY"
     # auto: sign/verify when the key is set (local drivers make one per output dir); required: server writes need it
     signing: Literal["auto", "required"] = "auto"
+    # Security: no round-0 client upload larger than this is read (later rounds: the exact bound
+    # from the global's shapes). Raise it for full fine-tuning of models above ~500M parameters.
+    max_upload_mb: float = 2048.0
 
     def __post_init__(self) -> None:
         _check(self.retry_deadline_s > 0, "store.retry_deadline_s", f"must be > 0, got {self.retry_deadline_s:g}")
         _check(re.fullmatch(r"[A-Z_][A-Z0-9_]*", self.server_key_env) is not None, "store.server_key_env",
                f"must be an environment variable name (upper-case letters, digits, '_'), got {self.server_key_env!r}")
         _check(self.signing in ("auto", "required"), "store.signing", f"must be 'auto' or 'required', got {self.signing!r}")
+        _check(self.max_upload_mb > 0, "store.max_upload_mb", f"must be > 0 (MiB), got {self.max_upload_mb:g}")
         if self.kind == "s3":
             _check(bool(self.endpoint), "store.endpoint", "is required for kind: s3 (e.g. minio.hetlora:9000)")
             _check("://" not in self.endpoint, "store.endpoint", f"is host:port without a scheme (use store.secure for TLS), got {self.endpoint!r}")
@@ -345,6 +352,18 @@ class MetricsConfig:
     # Delete the run's per-round and per-client groups when the run ends (Prometheus keeps the
     # scraped history; the Pushgateway would otherwise serve stale values forever).
     delete_groups_at_end: bool = True
+
+    def __post_init__(self) -> None:
+        # Security: the config is recorded in the store, results.json and the compiled pipeline YAML,
+        # so a password in it would be everywhere; the environment variable is recorded nowhere.
+        url = self.pushgateway_url.strip()
+        try:
+            pw = urllib.parse.urlsplit(url if "://" in url else f"http://{url}").password if url else None
+        except ValueError:
+            pw = None  # malformed: prometheus_client says so at the first push
+        _check(not pw, "metrics.pushgateway_url", "contains a password (user:***@host), and the config is recorded in the "
+               "store, results.json and the compiled pipeline: leave it out of the config and put the URL with its "
+               "credentials in HETLORA_PUSHGATEWAY_URL (in the cluster, from a Secret)")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ class RoundFailed(RuntimeError):
     the run got and that rerunning the same command resumes it."""
 
 
+class PipelineFailed(RoundFailed):
+    """The round's pipeline run ended (not timed out, not canceled) with a failed task. The round may
+    have committed all the same: aggregation runs after client tasks that failed (a dropped client)."""
+
+
 class RunConfigMismatch(RuntimeError):
     """The store already holds this experiment with a different configuration."""
 
@@ -114,12 +119,14 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store, targets: tuple[s
 
 
 def local_config(cfg: HetLoRAConfig, out_dir: str | Path) -> HetLoRAConfig:
-    """A local store under OUT/store unless the config names an S3 store. The path is absolute
-    because kfp.local's component subprocesses run in their own working directories."""
+    """The local store at ``store.root`` when the config sets it, else under OUT/store (an S3 store
+    is left as it is): never silently elsewhere. The path is absolute because kfp.local's component
+    subprocesses run in their own working directories."""
     if cfg.data.source == "folder" and not cfg.data.path.startswith("s3://"):
         cfg = replace(cfg, **{"data.path": str(Path(cfg.data.path).expanduser().resolve())})  # same reason: tasks' own cwd
     if cfg.store.kind == "local":
-        return replace(cfg, **{"store.root": str((Path(out_dir) / "store").resolve())})
+        root = Path(cfg.store.root).expanduser() if cfg.store.root else Path(out_dir) / "store"
+        return replace(cfg, **{"store.root": str(root.resolve())})
     return cfg
 
 
@@ -156,6 +163,19 @@ class RoundRunner:
             return RoundFailed(f"round {rnd} {what} ({self.executor.name}). Round {rnd} is committed but not evaluated; {where}; "
                                f"rerun `{cmd}` to evaluate it and resume at round {done}")
         return RoundFailed(f"round {rnd} {what} ({self.executor.name}). {where}; rerun `{cmd}` to resume at round {done}")
+
+    def _done_without_a_client(self, rnd: int, e: RoundFailed) -> bool:
+        """Whether a round whose pipeline failed committed and was evaluated all the same: then only
+        client tasks failed (aggregation ran after them and checked the quorum; evaluation runs after
+        aggregation), the global's manifest names those clients in ``dropped`` and the run goes on.
+        A client that dies hard (killed, OOM, preempted after its retries) is a dropped client."""
+        try:
+            done = self._committed() > rnd and self._evaluated(rnd)
+        except st.StoreError:
+            return False
+        if done:
+            self.log(f"round {rnd + 1}: {e}; the round committed and was evaluated without the failed client task(s)")
+        return done
 
     def _evaluate(self, rnd: int) -> None:
         try:
@@ -241,7 +261,8 @@ class RoundRunner:
             try:
                 self.executor.run_round(cfg, plan, started)
             except RoundFailed as e:
-                raise self._failure(rnd, str(e)) from e
+                if not (isinstance(e, PipelineFailed) and self._done_without_a_client(rnd, e)):
+                    raise self._failure(rnd, str(e)) from e
             finally:
                 if self.progress:
                     self.progress.round_finished()

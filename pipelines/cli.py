@@ -17,7 +17,7 @@ __all__ = ["main"]
 @config_option
 @set_option
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/local", show_default=True,
-              help="Run directory: store/ (unless the config names an S3 store), pipeline-root/, results.json, plot.")
+              help="Run directory: store/ (unless the config sets store.root or an S3 store), pipeline-root/, results.json, plot.")
 @verbose_option
 def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool) -> None:
     """Run a whole federated fine-tuning locally through kfp.local: each round is the real round
@@ -55,6 +55,7 @@ def compile_cmd(config: str | None, sets: tuple[str, ...], out: str, rnd: int) -
     """Compile one round's pipeline to KFP IR YAML (PipelineSpec + Kubernetes platform spec:
     per-tier node selectors, tolerations, resources, and the store Secret as env vars)."""
     from hetlora_core import store as st
+    from hetlora_core.config import ConfigError
     from hetlora_core.datasource import client_ids
     from hetlora_core.steps.plan import plan_round
 
@@ -62,7 +63,6 @@ def compile_cmd(config: str | None, sets: tuple[str, ...], out: str, rnd: int) -
 
     cfg = load_cfg(config, sets)
     if cfg.strategy.name != "full_ft":  # a target module the model lacks fails here, not in every client task
-        from hetlora_core.config import ConfigError
         from hetlora_core.model_source import ModelError
         from hetlora_core.targets import check_model
 
@@ -73,7 +73,10 @@ def compile_cmd(config: str | None, sets: tuple[str, ...], out: str, rnd: int) -
     ids = client_ids(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         # Round 0 needs no store (initial ranks come from the config); the plan goes to a scratch dir.
-        store = st.LocalStore(tmp) if rnd == 0 else st.open_store(cfg.store)
+        try:
+            store = st.LocalStore(tmp) if rnd == 0 else st.open_store(cfg.store)
+        except (ConfigError, st.StoreError) as e:
+            fail(str(e))
         plan = plan_round(cfg, store, ids, rnd)
     compile_round(cfg, plan, out)
     click.echo(f"round {rnd} pipeline ({len(plan.clients)} clients) compiled to {out}")

@@ -1,5 +1,6 @@
 """The round DAG: per non-empty rank tier a ParallelFor of (train -> self-prune) on that tier's
-node pool, fan-in with ``dsl.Collected`` into aggregation, then evaluation. Folder data is evaluated
+node pool, fan-in into aggregation (which runs once every client task has finished, failed or
+not: a hard client failure is a dropped client, the quorum decides), then evaluation. Folder data is evaluated
 federated: per tier a ParallelFor of evaluate-client over ALL the run's clients of that tier (each
 on its own data, on its tier's node pool), fanned in to the evaluate task that combines their sums.
 
@@ -26,6 +27,10 @@ EVALUATE_PIPELINE_NAME = "hetlora-evaluate"
 # The client enforces federation.client_timeout_s itself (a soft failure: the round goes on);
 # the pod's activeDeadlineSeconds is a hard backstop a little later (start-up, uploads).
 HARD_TIMEOUT_GRACE_S = 600
+# KFP-level retries (num_retries, backoff): client tasks for preemption (a re-run overwrites the
+# same keys), aggregation for a store outage past its own retry deadline.
+CLIENT_RETRIES: tuple[int, str] = (2, "30s")
+AGGREGATE_RETRIES: tuple[int, str] = (2, "10s")
 
 
 def on_client_pool(task: Any, name: str, tier: TierConfig, cfg: HetLoRAConfig, concurrent_tasks: int | None) -> None:
@@ -39,7 +44,7 @@ def on_client_pool(task: Any, name: str, tier: TierConfig, cfg: HetLoRAConfig, c
     platform.withhold_server_key(task, cfg)
     platform.use_model_cache(task, cfg)
     platform.harden(task, cfg.federation.client_timeout_s + HARD_TIMEOUT_GRACE_S)
-    task.set_retry(num_retries=2, backoff_duration="30s")
+    task.set_retry(num_retries=CLIENT_RETRIES[0], backoff_duration=CLIENT_RETRIES[1])
     platform.share_cpus(task, concurrent_tasks)
 
 
@@ -133,8 +138,8 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
     @dsl.pipeline(name=PIPELINE_NAME, description=f"HetLoRA round {plan.round} of {cfg.experiment}",
                   pipeline_root=cfg.kubeflow.pipeline_root)
     def round_pipeline(config_json: str = cfg.to_json(), round_index: int = plan.round, round_started_at: float = 0.0):
-        collected = {}
-        for i, (tier, ids) in enumerate(groups):
+        prunes = []
+        for tier, ids in groups:
             with dsl.ParallelFor(ids, parallelism=max(1, len(ids))) as client_id:
                 train = comps_for(tier).train(config_json=config_json, round_index=round_index, client_id=client_id)
                 on_client_pool(train, f"train-{tier.name}", tier, cfg, concurrent_tasks)  # a re-run overwrites the same keys
@@ -144,14 +149,23 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
                 platform.use_store_secret(prune, cfg, "client")
                 platform.withhold_server_key(prune, cfg)
                 platform.harden(prune)
-            collected[f"tier_{i}"] = dsl.Collected(prune.output)
-        agg = default.aggregate(config_json=config_json, round_index=round_index, **collected)
+            prunes.append(prune)
+        # A client is untrusted and may die hard (OOM, preemption) after its retries: that must drop
+        # the client, not fail the round. So aggregation runs once every client task has finished,
+        # whatever its outcome (ignore_upstream_failure: triggerPolicy ALL_UPSTREAM_TASKS_COMPLETED),
+        # and takes no data from the loops (a failed loop has no Collected output, and the task reports
+        # were never trusted anyway): it reads the uploads from the store, verifies them and checks
+        # federation.quorum itself, so too many failed clients still fail the round, with the reason.
+        agg = default.aggregate(config_json=config_json, round_index=round_index)
+        for prune in prunes:
+            agg.after(prune)
+        agg.ignore_upstream_failure()
         agg.set_display_name("aggregate")
         platform.set_small_resources(agg)
         platform.use_store_secret(agg, cfg)
         platform.use_server_key(agg, cfg)  # verifies the plan and the previous global, signs the commit
         platform.harden(agg)
-        agg.set_retry(num_retries=2, backoff_duration="10s")
+        agg.set_retry(num_retries=AGGREGATE_RETRIES[0], backoff_duration=AGGREGATE_RETRIES[1])
         evals = add_client_evals(cfg, comps_for, plan.state, config_json, round_index, agg, concurrent_tasks)
         ev = add_evaluate(cfg, comps_for, evals, concurrent_tasks, config_json=config_json, round_index=round_index,
                           round_started_at=round_started_at)

@@ -20,7 +20,7 @@ from hetlora_core import store as st
 from hetlora_core.config import HetLoRAConfig
 from hetlora_core.datasource import client_ids
 from hetlora_core.progress import Progress
-from hetlora_core.run import RoundFailed, RoundRunner, check_or_record_config, local_config
+from hetlora_core.run import PipelineFailed, RoundFailed, RoundRunner, check_or_record_config, local_config
 from hetlora_core.steps.plan import RoundPlan, load_plan, plan_round
 
 from .round import build_evaluate_pipeline, build_round_pipeline, compile_evaluate, compile_round, eval_groups, tier_groups
@@ -68,7 +68,7 @@ class KfpLocalExecutor:
             where = logs.path_of(failed) or logs.dir
             if failed and not self.verbose:
                 self.show(f"task {failed} failed; the end of its log ({where}):\n{logs.tail(failed).rstrip()}")
-            raise RoundFailed(f"failed under kfp.local: {'task ' + failed if failed else e} failed (log: {where})") from e
+            raise PipelineFailed(f"failed under kfp.local: {'task ' + failed if failed else e} failed (log: {where})") from e
         finally:
             logs.close()
 
@@ -175,7 +175,8 @@ class KubeflowExecutor:
             return
         state = wait_for_run(self.client, run.run_id, link, self.timeout_s, self.poll_s)
         if state != "SUCCEEDED":
-            raise RoundFailed(f"run ended {state}: {link}")
+            # Only a run that ended FAILED may have committed without a client; canceled is not done.
+            raise (PipelineFailed if state == "FAILED" else RoundFailed)(f"run ended {state}: {link}")
 
     def run_round(self, cfg: HetLoRAConfig, plan: RoundPlan, started_at: float) -> None:
         rnd = plan.round

@@ -380,9 +380,10 @@ def test_pushgateway_password_never_in_warnings(caplog: pytest.LogCaptureFixture
     assert redact("http://bob:s3cret@gw:9091", "error at http://bob:s3cret@gw:9091/x (s3cret)") == "error at http://bob:***@gw:9091/x (***)"
     assert redact("bob:s3cret@gw:9091") == "bob:***@gw:9091"  # no scheme: prometheus_client adds http:// and pushes
     assert "p@ss" not in redact("http://bob:p%40ss@gw:9091", "auth failed for p@ss")  # percent-decoded too
-    monkeypatch.delenv("HETLORA_PUSHGATEWAY_URL", raising=False)
+    # The URL with its password comes from the environment (a config holding one is refused: tests/test_secrets.py).
+    monkeypatch.setenv("HETLORA_PUSHGATEWAY_URL", "http://bob:s3cret@127.0.0.1:1")  # nothing listens on port 1
     monkeypatch.setenv("HETLORA_PUSHGATEWAY_TIMEOUT_S", "2")
-    cfg = MetricsConfig(pushgateway_url="http://bob:s3cret@127.0.0.1:1")  # nothing listens on port 1
+    cfg = MetricsConfig()
     with caplog.at_level("WARNING", logger="hetlora"):
         assert push_round_metrics(cfg, "run1", 0, duration_s=1.0, global_ppl=10.0, mean_train_loss=2.0, clients=3,
                                   bytes_up=1, bytes_down=1) is False

@@ -145,14 +145,13 @@ def test_secret_as_env_on_every_task_and_no_credentials_in_yaml(compiled):
     assert "AKIA-super-secret-access" not in text and "very-secret-key-value-123" not in text
 
 
-def test_empty_tiers_are_left_out_and_fan_in_is_collected(tmp_path):
+def test_empty_tiers_are_left_out_and_aggregate_follows_the_client_loop(tmp_path):
     path = tmp_path / "r.yaml"
     compile_round(make_cfg(), make_plan(("large", "large")), str(path))
     spec, _ = yaml.safe_load_all(path.read_text())
     assert executors_for(spec, "large") and not executors_for(spec, "small") and not executors_for(spec, "medium")
     agg = spec["root"]["dag"]["tasks"]["aggregate-round"]
-    assert "tier_0" in agg["inputs"]["parameters"] and "tier_1" not in agg["inputs"]["parameters"]
-    assert "dependentTasks" in agg
+    assert [t for t in agg["dependentTasks"] if t.startswith("for-loop")] == agg["dependentTasks"] and len(agg["dependentTasks"]) == 1
 
 
 def test_pipeline_defaults_embed_the_config_and_round():

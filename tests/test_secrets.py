@@ -28,6 +28,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -212,3 +213,64 @@ def test_secret_key_never_crosses_the_wire_and_tls_hides_the_rest(own_minio: Min
         wire = _sniffed(tls.port, True, payload)
         assert len(wire) > len(payload) and b"\x16\x03" in wire[:8]  # a TLS handshake, then records
         assert not leaks(wire, [tls.access_key, tls.secret_key]) and payload not in wire
+
+
+def test_no_secret_in_any_failure_message_or_log(own_minio: MinioServer, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                 capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failures are where secrets slip out (an error that prints a URL, a request, a config): with a
+    store key pair, a hub token and a Pushgateway password set, every failing store operation
+    (refused credentials, a permission denied, a closed port, a stalling endpoint), a failed metrics
+    push, a CLI run that cannot reach its store and a config that holds a password leave none of
+    them in a message, a log line (DEBUG, every logger) or the console."""
+    from click.testing import CliRunner
+    from test_store_inputs import StallingEndpoint
+
+    from hetlora_core.cli import main
+    from hetlora_core.config import ConfigError, MetricsConfig
+    from hetlora_core.metrics import push_round_metrics
+    from hetlora_core.store.s3 import S3Store
+
+    hub_token, gw_password = "hf_" + secrets.token_hex(16), "gw-" + secrets.token_urlsafe(16)
+    closed = socket.socket()
+    closed.bind((HOST, 0))
+    port = closed.getsockname()[1]  # bound, never listening: connections are refused
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    monkeypatch.setenv("HETLORA_PUSHGATEWAY_URL", f"http://metrics:{gw_password}@{HOST}:{port}")
+    monkeypatch.setenv("HETLORA_PUSHGATEWAY_TIMEOUT_S", "1")
+    needles = [own_minio.access_key, own_minio.secret_key, hub_token, gw_password]
+    caplog.set_level(logging.DEBUG)
+    messages: list[str] = []
+
+    def fails(call: Any, kind: type[BaseException]) -> None:
+        with pytest.raises(kind) as e:
+            call()
+        messages.append(f"{type(e.value).__name__}: {e.value}")
+
+    ep = own_minio.endpoint
+    st.open_store(StoreConfig(kind="s3", endpoint=ep, bucket="leaks")).put_bytes("e/k", b"x")
+    wrong_secret = S3Store(ep, "leaks", credentials=(own_minio.access_key, "x" * 40), create_bucket=False, retry_deadline_s=3)
+    fails(lambda: wrong_secret.get_bytes("e/k"), st.StoreAuthError)
+    fails(lambda: S3Store(ep, "leaks", credentials=("", ""), create_bucket=False, retry_deadline_s=3).put_bytes("e/k", b"y"),
+          st.StorePermissionError)
+    fails(lambda: st.open_store(StoreConfig(kind="s3", endpoint=f"{HOST}:{port}", retry_deadline_s=0.5)), st.StoreUnavailable)
+    stall = StallingEndpoint(0.5)
+    try:
+        fails(lambda: S3Store(stall.endpoint, "leaks", retry_deadline_s=1.0, create_bucket=False).get_bytes("e/k"),
+              st.StoreUnavailable)
+    finally:
+        stall.close()
+    assert push_round_metrics(MetricsConfig(), "run", 0, duration_s=1.0, global_ppl=1.0, mean_train_loss=1.0, clients=1,
+                              bytes_up=1, bytes_down=1) is False
+    r = CliRunner().invoke(main, ["simulate", "-c", "configs/smoke.yaml", "--out", str(tmp_path / "run"), "--set", "store.kind=s3",
+                                  "--set", f"store.endpoint={HOST}:{port}", "--set", "store.retry_deadline_s=0.5"])
+    assert r.exit_code == 1 and "is unavailable" in r.output, r.output
+    messages.append(r.output)
+    fails(lambda: MetricsConfig(pushgateway_url=f"http://metrics:{gw_password}@gw:9091"), ConfigError)
+    closed.close()
+
+    assert "could not push" in caplog.text and "metrics:***@" in caplog.text  # the push did fail, and said where
+    assert any("contains a password" in m for m in messages) and len(messages) == 6
+    captured = capfd.readouterr()
+    places = {"messages": "\n".join(messages), "logs": caplog.text, "stdout": captured.out, "stderr": captured.err}
+    found = {where: leaks(text, needles) for where, text in places.items()}
+    assert not {w: n for w, n in found.items() if n}, f"secrets leaked: {found}"

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from test_aggregate_streaming import IDS, RANKS, SPEC, cfg_of, honest, upload_all
 
 from hetlora_core import store as st
 from hetlora_core.methods import method_for
-from hetlora_core.steps.aggregate import aggregate
+from hetlora_core.steps.aggregate import QuorumError, aggregate
 from hetlora_core.steps.plan import plan_round
 
 
@@ -54,3 +55,37 @@ def test_oversized_claims_and_objects_drop_only_their_client(tmp_path: Path) -> 
     assert store.read.get(obj, 0) == 0  # refused on its size, not read
     honest_size = len(honest(8, 0).to_bytes())
     assert honest_size <= bound < 2 * honest_size + 64 * 1024  # the bound admits honest uploads and little more
+
+
+def test_round0_uploads_are_bounded_by_their_peers_and_store_max_upload_mb(tmp_path: Path) -> None:
+    """Round 0 has no global to take shapes from: a client may claim at most about twice what its
+    peers claim per rank, and never more than ``store.max_upload_mb``. A 1 GiB object (sparse: no
+    disk is spent) is refused unread, whether its manifest admits its size or hides it."""
+    cfg = cfg_of(tmp_path, len(IDS), RANKS)
+    store = CountingStore(tmp_path)
+    upload_all(store, cfg, IDS)
+    claim, hidden = "c02", "c05"
+    for c, size in ((claim, 1 << 30), (hidden, None)):
+        prefix = st.client_prefix("s", 0, c)
+        obj = f"{prefix}/adapter.safetensors"
+        with open(tmp_path / obj, "r+b") as f:
+            f.truncate(1 << 30)  # a 1 GiB object
+        if size is not None:
+            man = json.loads(store.get_bytes(f"{prefix}/{st.MANIFEST}"))
+            store.put_bytes(f"{prefix}/{st.MANIFEST}", json.dumps({**man, "size": size}).encode())
+    store.read.clear()
+    out = aggregate(cfg, store, plan_round(cfg, store, IDS, 0))
+    assert sorted(out["dropped"]) == [claim, hidden], out["dropped"]
+    assert "its manifest says 1,073,741,824 bytes" in out["dropped"][claim] and st.client_prefix("s", 0, claim) in out["dropped"][claim]
+    assert "1,073,741,824 bytes" in out["dropped"][hidden] and "not read" in out["dropped"][hidden], out["dropped"][hidden]
+    assert not any(k.endswith("adapter.safetensors") and k.split("/")[-2] in (claim, hidden) for k in store.read)  # never read
+
+
+def test_round0_lone_client_is_bounded_by_store_max_upload_mb(tmp_path: Path) -> None:
+    cfg = cfg_of(tmp_path, 1, [8], store={"max_upload_mb": 0.001})  # ~1 KB: less than any upload of SPEC
+    store = CountingStore(tmp_path)
+    upload_all(store, cfg, ["c00"])
+    with pytest.raises(QuorumError) as e:  # its only client dropped: the round fails, cleanly
+        aggregate(cfg, store, plan_round(cfg, store, ["c00"], 0))
+    assert "c00" in str(e.value) and "more than the 1,048" in str(e.value), str(e.value)
+    assert not any(k.endswith("adapter.safetensors") for k in store.read)

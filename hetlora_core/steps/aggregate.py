@@ -37,6 +37,7 @@ from ..methods import ClientUpdate, Method, Spec, UploadError, method_for
 from ..methods.base import Aggregated, State, Stream
 from .common import config_of, load_global
 from .plan import ClientPlan, RoundPlan, load_plan
+from .upload_bounds import round0_bounds
 
 MAX_REASON = 500  # characters of a drop reason kept: an upload's bytes (a tensor name) must not bloat the global manifest
 MAX_NUM_SAMPLES = 10**12  # beyond any real client; bounds the float arithmetic of the weights
@@ -117,10 +118,11 @@ def _why(e: Exception) -> str:
     return msg if len(msg) <= MAX_REASON else f"{msg[:MAX_REASON]}... ({len(msg):,} characters)"
 
 
-def _first_read(method: Method, store: st.Store, prefix: str, client: ClientPlan, spec: Spec | None, prev: State | None) -> _Upload:
-    # The size bound needs the global's spec; round 0 has none yet (its uploads are then bounded by
-    # their manifest's own size, and the majority spec drops odd shapes after decoding).
-    data, man = st.get_artifact(store, prefix, max_bytes=method.max_upload_bytes(spec, client.rank) if spec else None)
+def _first_read(method: Method, store: st.Store, prefix: str, client: ClientPlan, spec: Spec | None, prev: State | None,
+                round0_bound: int | None = None) -> _Upload:
+    # The size bound comes from the global's spec; round 0 has none yet: its bound comes from the
+    # peers' claims and store.max_upload_mb (upload_bounds), and the majority spec drops odd shapes.
+    data, man = st.get_artifact(store, prefix, max_bytes=method.max_upload_bytes(spec, client.rank) if spec else round0_bound)
     state = method.decode(data, spec, where=prefix, max_rank=client.rank)
     n, report = _num_samples(man, prefix), _report(man, prefix)
     update = ClientUpdate(client.client_id, state, n)
@@ -231,9 +233,11 @@ def aggregate(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan) -> dict[str,
     spec = method.spec_of(prev) if prev is not None else None
     uploads: list[_Upload] = []
     dropped: dict[str, str] = {}
+    bounds = round0_bounds(cfg, method, store, plan) if spec is None else {}
     for c in plan.clients:  # first pass: verify, validate, summarise; no tensors are kept
         try:
-            uploads.append(_first_read(method, store, st.client_prefix(exp, rnd, c.client_id), c, spec, prev))
+            uploads.append(_first_read(method, store, st.client_prefix(exp, rnd, c.client_id), c, spec, prev,
+                                          bounds.get(c.client_id)))
         except st.StoreUnavailable:
             raise  # the store, not the client: fail the task so it is retried
         except _CLIENT_FAULTS as e:
@@ -282,4 +286,4 @@ def aggregate_task(config_json: str, round_index: int, reports: list[str]) -> st
     man = aggregate(cfg, store, plan)
     failpoint("round_committed", round=rnd)
     return json.dumps(asdict(AggregateReport(rnd, man["participants"], man["dropped"],
-                                             sorted({c.client_id for c in plan.clients} - reported))))
+                                             sorted({c.client_id for c in plan.clients} - reported) if reports else [])))

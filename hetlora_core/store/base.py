@@ -32,6 +32,8 @@ __all__ = [
     "Store",
     "StoreAuthError",
     "StoreError",
+    "StoreFull",
+    "StorePermissionError",
     "StoreUnavailable",
     "atomic_write",
     "dir_prefix",
@@ -52,6 +54,15 @@ class StoreUnavailable(StoreError):
 
 class StoreAuthError(StoreError):
     """The store rejected the credentials (never retried)."""
+
+
+class StorePermissionError(StoreAuthError):
+    """The store refused this operation on this key although it may answer others (S3 AccessDenied,
+    a local EACCES/EPERM/EROFS): the credentials' policy or the directory lacks the right. Never retried."""
+
+
+class StoreFull(StoreError):
+    """No space left for a write (MinIO XMinioStorageFull, a bucket quota, a local ENOSPC/EDQUOT). Never retried."""
 
 
 class ChecksumMismatch(StoreError):

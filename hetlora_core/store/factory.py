@@ -16,6 +16,13 @@ def open_store(cfg: StoreConfig, credentials: tuple[str, str] | None = None) -> 
     from the caller (``credentials``), never from ``cfg``, so a config can be logged, stored and
     compiled into YAML safely."""
     if cfg.kind == "local":
+        if not cfg.root:
+            # Never a silent default (the current directory): the store must be where the user thinks.
+            from hetlora_core.config import ConfigError
+
+            raise ConfigError("config: store.root: is empty, and this command has no run directory to put the store in: "
+                              "set store.root to the local store's directory (e.g. --set store.root=runs/NAME/store, "
+                              "the store/ of a `hetlora simulate/run --out runs/NAME`) or use store.kind: s3")
         return LocalStore(cfg.root)
     if cfg.kind == "s3":
         from .s3 import S3Store  # lazy: a local run never imports minio/urllib3

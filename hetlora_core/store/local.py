@@ -6,11 +6,26 @@ reader, or a run resumed after a kill, never sees a partial object.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
 
-from .base import TMP_PREFIX, NotFound, ObjectTooLarge, Store, StoreError, atomic_write, dir_prefix, validate_key
+from .base import (
+    TMP_PREFIX,
+    NotFound,
+    ObjectTooLarge,
+    Store,
+    StoreError,
+    StoreFull,
+    StorePermissionError,
+    atomic_write,
+    dir_prefix,
+    validate_key,
+)
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_DENIED = {errno.EACCES, errno.EPERM}
 
 
 class LocalStore(Store):
@@ -22,6 +37,21 @@ class LocalStore(Store):
 
     def describe(self) -> str:
         return f"local directory {self.root}"
+
+    def _os_error(self, what: str, key: str, e: OSError) -> StoreError:
+        """``e`` as the store error that names its cause (a full disk, a permission, a read-only
+        filesystem) and the fix, not only an errno."""
+        where = f"cannot {what} {key} in {self.describe()}"
+        name = errno.errorcode.get(e.errno or 0, "OSError")
+        if e.errno in _FULL:
+            return StoreFull(f"{where}: the disk is full ({name}: {e.strerror}); free space on the filesystem of "
+                             f"{self.root} or set store.root to a directory with room")
+        if e.errno == errno.EROFS:
+            return StorePermissionError(f"{where}: the filesystem is read-only ({name}); set store.root to a writable directory")
+        if e.errno in _DENIED:
+            return StorePermissionError(f"{where}: permission denied ({name}: {e.filename or self.root}); give the user "
+                                        f"running this ({os.getuid()}) read and write access to {self.root}, or set store.root")
+        return StoreError(f"{where}: {e}")
 
     def _path(self, key: str) -> Path:
         validate_key(key)
@@ -37,20 +67,25 @@ class LocalStore(Store):
         try:
             atomic_write(path, bytes(data))
         except OSError as e:
-            raise StoreError(f"cannot write {key} in {self.describe()}: {e}") from e
+            raise self._os_error("write", key, e) from e
 
     def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         path = self._path(key)
         try:
             with open(path, "rb") as f:
                 # Checked on the open file (not a separate stat), so a swap between check and read cannot grow it.
-                if max_bytes is not None and os.fstat(f.fileno()).st_size > max_bytes:
-                    raise ObjectTooLarge(f"{key} in {self.describe()} is larger than {max_bytes} bytes")
-                return f.read()
+                size = os.fstat(f.fileno()).st_size
+                if max_bytes is not None and size > max_bytes:
+                    raise ObjectTooLarge(f"{key} in {self.describe()} is larger than {max_bytes:,} bytes ({size:,} bytes); not read")
+                # At most one byte more than allowed, whatever the file grows to while it is read.
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+                if max_bytes is not None and len(data) > max_bytes:
+                    raise ObjectTooLarge(f"{key} in {self.describe()} grew past {max_bytes:,} bytes while being read")
+                return data
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"{key} not found in {self.describe()}") from None
         except OSError as e:
-            raise StoreError(f"cannot read {key} in {self.describe()}: {e}") from e
+            raise self._os_error("read", key, e) from e
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -73,7 +108,7 @@ class LocalStore(Store):
         except FileNotFoundError:
             return
         except OSError as e:
-            raise StoreError(f"cannot delete {key} in {self.describe()}: {e}") from e
+            raise self._os_error("delete", key, e) from e
 
     def delete_prefix(self, prefix: str) -> None:
         prefix = dir_prefix(prefix)
@@ -84,4 +119,4 @@ class LocalStore(Store):
             try:
                 shutil.rmtree(base)
             except OSError as e:
-                raise StoreError(f"cannot delete {prefix} in {self.describe()}: {e}") from e
+                raise self._os_error("delete", prefix, e) from e

@@ -8,8 +8,10 @@ names a CA file for TLS (``secure=True``) to a server with a private CA.
 Transient failures (connection refused/reset, timeouts, 5xx, SlowDown, a server still starting)
 are retried with bounded exponential backoff and jitter until ``retry_deadline_s`` has passed, then
 ``StoreUnavailable`` names the endpoint and the last error. urllib3 itself never retries (its
-retries would hide time from our deadline) and connects time out quickly; one attempt that hangs
-can overrun the deadline by at most the read timeout. Auth errors are never retried.
+retries would hide time from our deadline); connect and read timeouts are inside the deadline, and
+each attempt is bounded by the time left (``store.deadline``: an endpoint that trickles bytes
+never trips a read timeout), plus time for the payload at ``MIN_TRANSFER_BYTES_PER_S`` when its
+size is known. Auth errors are never retried.
 """
 
 from __future__ import annotations
@@ -33,19 +35,38 @@ from minio.helpers import MAX_PART_SIZE, MIN_PART_SIZE, check_bucket_name
 
 # Only the base module: this file is imported lazily (by open_store / ``st.S3Store``) and must not
 # pull the rest of the package back in (no import cycle).
-from .base import NotFound, ObjectTooLarge, Store, StoreAuthError, StoreError, StoreUnavailable, dir_prefix, validate_key
+from . import deadline
+from .base import (
+    NotFound,
+    ObjectTooLarge,
+    Store,
+    StoreAuthError,
+    StoreError,
+    StoreFull,
+    StorePermissionError,
+    StoreUnavailable,
+    dir_prefix,
+    validate_key,
+)
 
 log = logging.getLogger("hetlora.store")
 T = TypeVar("T")
 
 ENV_ACCESS, ENV_SECRET, ENV_CA = "HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY", "HETLORA_S3_CA_BUNDLE"
-AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
+AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
               "InvalidSecurity", "AuthorizationHeaderMalformed"}
+DENIED_CODES = {"AccessDenied", "AllAccessDisabled"}  # valid (or no) credentials, but not for this
+# A full server is not transient (507 would otherwise be retried until the deadline and reported as
+# "Is the server running?"): it is said at once, by name.
+FULL_CODES = {"XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "QuotaExceeded", "XMinioDiskFull"}
 NOT_FOUND_CODES = {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}
 TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "XMinioServerNotInitialized",
                    "XMinioReadQuorum", "XMinioWriteQuorum", "OperationTimedOut"}
 BACKOFF_START_S, BACKOFF_CAP_S = 0.1, 2.0
 READ_TIMEOUT_S = 30.0
+# A transfer of known size may take longer than the retry deadline at this rate (an adapter of
+# 100 MiB: 100 s more); slower than that, the endpoint counts as hung.
+MIN_TRANSFER_BYTES_PER_S = 1 << 20
 
 
 def _credentials() -> tuple[str, str, str | None]:
@@ -64,13 +85,20 @@ def _pool(connect_timeout: float, read_timeout: float) -> urllib3.PoolManager:
     ca = os.environ.get(ENV_CA, "")
     if ca and not os.path.isfile(ca):
         raise StoreError(f"{ENV_CA}={ca} is not a file: point it at the PEM CA bundle of the S3 endpoint")
-    return urllib3.PoolManager(
+    return deadline.pool_manager(
         timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
         maxsize=16,
         cert_reqs="CERT_REQUIRED",
         ca_certs=ca or os.environ.get("SSL_CERT_FILE") or certifi.where(),
         retries=False,  # no urllib3-level retries: S3Store._retry owns retrying and its deadline
     )
+
+
+def _is_timeout(e: BaseException) -> bool:
+    """A connect or read timeout (urllib3 2's NewConnectionError, a refusal, subclasses ConnectTimeoutError)."""
+    if isinstance(e, urllib3.exceptions.NewConnectionError):
+        return False
+    return isinstance(e, (TimeoutError, urllib3.exceptions.TimeoutError))
 
 
 class S3Store(Store):
@@ -98,7 +126,7 @@ class S3Store(Store):
         connect = min(3.0, max(0.25, self.retry_deadline_s / 4))
         self._client = Minio(endpoint, access_key=access, secret_key=secret, session_token=token,
                              secure=secure, region=region or None,
-                             http_client=_pool(connect, max(5.0, min(READ_TIMEOUT_S, self.retry_deadline_s))))
+                             http_client=_pool(connect, min(READ_TIMEOUT_S, self.retry_deadline_s)))
         if create_bucket:
             self._retry("create bucket", bucket, self._ensure_bucket)
 
@@ -125,6 +153,13 @@ class S3Store(Store):
         fix = "check store.endpoint (host:port of the S3 API, not the console) and store.secure (TLS)"
         if isinstance(e, S3Error):
             status = getattr(e.response, "status", 0) or 0
+            if e.code in FULL_CODES or status == 507:
+                return StoreFull(f"{where} failed: the server has no space left ({e.code}: {e.message}); free space on "
+                                 f"its drives or raise the quota of bucket {self.bucket}")
+            if e.code in DENIED_CODES:
+                return StorePermissionError(
+                    f"{where}: permission denied ({e.code}): the credentials in {ENV_ACCESS} (or AWS_ACCESS_KEY_ID) may "
+                    f"not {op} this key (or none were sent); check that user's policy on bucket {self.bucket}")
             if e.code in AUTH_CODES:
                 return StoreAuthError(
                     f"{where}: the server rejected the credentials ({e.code}): check {ENV_ACCESS} / {ENV_SECRET} "
@@ -135,6 +170,8 @@ class S3Store(Store):
                 return None
             return StoreError(f"{where} failed: {e.code}: {e.message}")
         if isinstance(e, ServerError):
+            if e.status_code == 507:  # Insufficient Storage without an S3 error body
+                return StoreFull(f"{where} failed: the server has no space left (HTTP 507); free space on its drives")
             return None if e.status_code >= 500 or e.status_code == 429 else StoreError(f"{where} failed: {e}")
         if isinstance(e, InvalidResponseError):  # not an S3 answer: a proxy, the console, http vs https
             if "HTTP status code 5" in str(e) or "Response code: 5" in str(e):
@@ -152,25 +189,34 @@ class S3Store(Store):
             return None  # refused, reset, timed out, torn response
         return None if isinstance(e, OSError) else StoreError(f"{where} failed: {type(e).__name__}: {e}")
 
-    def _retry(self, op: str, key: str, fn: Callable[[], T]) -> T:
+    def _retry(self, op: str, key: str, fn: Callable[[], T], payload_bytes: int = 0) -> T:
         start = time.monotonic()
-        deadline, attempt = start + self.retry_deadline_s, 0
+        end, attempt = start + self.retry_deadline_s, 0
         while True:
             attempt += 1
+            # Each attempt ends by the deadline (plus its payload's transfer time), whatever the server does.
+            bound = deadline.Attempt(max(0.0, end - time.monotonic()) + payload_bytes / MIN_TRANSFER_BYTES_PER_S)
             try:
-                return fn()
+                with bound:
+                    return fn()
             except StoreError:
                 raise
             except Exception as e:  # classified below; unknown kinds are raised, never swallowed
-                err = self._classify(e, op, key)
+                timed_out = bound.cut or _is_timeout(e)
+                err = None if bound.cut else self._classify(e, op, key)
                 if err is not None:
                     raise err from e
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                remaining = end - time.monotonic()
+                if remaining <= 0 or bound.cut:
+                    why = ("timed out: no complete answer" if timed_out else "failed") + \
+                        f" after {attempt} attempt(s) over {time.monotonic() - start:.1f} s"
+                    hint = ("Is the endpoint an S3 server that answers (not a proxy that stalls)?" if timed_out
+                            else "Is the server running?")
+                    last = ("the last attempt was cut off unanswered at the deadline" if bound.cut
+                            else f"last error: {type(e).__name__}: {e}")
                     raise StoreUnavailable(
-                        f"{self.describe()} is unavailable: {op} {key} failed {attempt} time(s) over "
-                        f"{time.monotonic() - start:.1f} s (store.retry_deadline_s={self.retry_deadline_s:g}); "
-                        f"last error: {type(e).__name__}: {e}. Is the server running? Check store.endpoint "
+                        f"{self.describe()} is unavailable: {op} {key} {why} (store.retry_deadline_s="
+                        f"{self.retry_deadline_s:g}); {last}. {hint} Check store.endpoint "
                         f"({self.endpoint}) and store.secure ({self.secure})") from e
                 step = min(BACKOFF_CAP_S, BACKOFF_START_S * 2 ** (attempt - 1))
                 sleep = min(remaining, random.uniform(step / 2, step))  # jitter: concurrent clients spread out
@@ -187,7 +233,7 @@ class S3Store(Store):
         # One part up to 5 GiB: a single PUT is atomic and retries cleanly (no half-done multipart).
         part = min(MAX_PART_SIZE, max(MIN_PART_SIZE, len(data)))
         self._retry("put", key, lambda: self._client.put_object(
-            self.bucket, key, io.BytesIO(data), len(data), content_type=ctype, part_size=part))
+            self.bucket, key, io.BytesIO(data), len(data), content_type=ctype, part_size=part), payload_bytes=len(data))
 
     def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         validate_key(key)
@@ -195,8 +241,11 @@ class S3Store(Store):
         def op() -> bytes:
             resp = self._client.get_object(self.bucket, key)
             try:
+                length = resp.headers.get("content-length")
+                bound = deadline.current()
+                if bound is not None and length and length.isdigit():  # the body may take its transfer time
+                    bound.extend(min(int(length), max_bytes if max_bytes is not None else int(length)) / MIN_TRANSFER_BYTES_PER_S)
                 if max_bytes is not None:
-                    length = resp.headers.get("content-length")
                     data = b"" if length and int(length) > max_bytes else resp.read(max_bytes + 1)
                     if (length and int(length) > max_bytes) or len(data) > max_bytes:
                         raise ObjectTooLarge(f"{key} in {self.describe()} is larger than {max_bytes} bytes")
