@@ -138,6 +138,37 @@ store_secret() {
   log "Secret hetlora-store present in hetlora and kubeflow"
 }
 
+store_roles() {
+  # Issue 13's two store roles and the server key, made through MinIO's admin API by
+  # `hetlora store roles` (root credentials: the Secret MinIO itself reads), as the Secrets that
+  # configs/kind.yaml names: hetlora-store-server (server tasks), hetlora-store-client (client tasks:
+  # they write only their own upload keys) and hetlora-server-key (server tasks and the driver, which
+  # signs the plans: export HETLORA_SERVER_KEY from it before `hetlora submit`). An existing server
+  # key is kept (rotating it would make every signed round of a running experiment unverifiable);
+  # the users' passwords are rotated on every run and the Secrets updated with them.
+  local dir pid key
+  dir="$(mktemp -d)"
+  chmod 700 "$dir"
+  kc -n hetlora port-forward svc/minio 19000:9000 >/dev/null &
+  pid=$!
+  # shellcheck disable=SC2064  # expand now: the trap must remove this call's folder and forwarder
+  trap "kill $pid 2>/dev/null || true; rm -rf '$dir'" RETURN
+  sleep 3
+  if key="$(kc -n kubeflow get secret hetlora-server-key -o jsonpath='{.data.key}' 2>/dev/null | base64 -d)" && [[ -n "$key" ]]; then
+    (umask 077; printf 'key=%s\n' "$key" >"$dir/server-key.env")
+  fi
+  MINIO_ROOT_USER="$(kc -n hetlora get secret hetlora-store -o jsonpath='{.data.accesskey}' | base64 -d)" \
+  MINIO_ROOT_PASSWORD="$(kc -n hetlora get secret hetlora-store -o jsonpath='{.data.secretkey}' | base64 -d)" \
+    "${HETLORA_VENV:-$ROOT/.venv}/bin/hetlora" store roles -c "$ROOT/configs/kind.yaml" \
+      --set store.endpoint=localhost:19000 -o "$dir" >/dev/null
+  local name file
+  for name in hetlora-store-server:server.env hetlora-store-client:client.env hetlora-server-key:server-key.env; do
+    file="${name#*:}" name="${name%%:*}"
+    kc -n kubeflow create secret generic "$name" --from-env-file="$dir/$file" --dry-run=client -o yaml | kc apply -f - >/dev/null
+  done
+  log "store roles: Secrets hetlora-store-server, hetlora-store-client and hetlora-server-key in kubeflow"
+}
+
 deploy_hetlora() {
   log "applying manifests/overlays/kind"
   kustomize_build "$ROOT/manifests/overlays/kind" | kc apply -f -
@@ -188,6 +219,7 @@ main() {
       build_and_load_images
       store_secret
       deploy_hetlora
+      store_roles
       print_urls
       ;;
     forward) need kubectl "https://kubernetes.io/docs/tasks/tools/"; forward ;;
