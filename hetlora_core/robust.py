@@ -80,7 +80,8 @@ def lower_median(xs: list[float]) -> float:
     return s[(len(s) - 1) // 2]
 
 
-def norm_outliers(norms: Mapping[str, Norms], ranks: Mapping[str, float], ratio: float | None) -> dict[str, str]:
+def norm_outliers(norms: Mapping[str, Norms], ranks: Mapping[str, float], ratio: float | None,
+                  floor: Mapping[str, float] | None = None) -> dict[str, str]:
     """client -> why it is dropped, for every client with a norm above ``ratio`` x the round's median.
 
     Norms are compared per rank component (divided by ``sqrt(rank)``): a rank-64 client is not an
@@ -88,19 +89,31 @@ def norm_outliers(norms: Mapping[str, Norms], ranks: Mapping[str, float], ratio:
     values; when it is 0 (e.g. most clients sent B = 0, an untrained update) it is the lower median of
     the positive values instead, so a zero median neither drops every client that moved at all nor
     lets any norm through; with no positive value there is nothing to compare. One client alone is
-    its own median: never an outlier. ``ratio=None`` disables the check."""
+    its own median: never an outlier. ``ratio=None`` disables the check.
+
+    ``floor`` (per kind, per rank component): a reference the *server* trusts, the previous global's
+    norms (round 0: the seeded initial A). Security: the median is the clients' word, and clients can
+    lower it as well as raise it: with two clients, one uploading a tiny update would make the honest
+    one "ten times the median" and get it dropped. The reference is therefore never below the floor,
+    and with fewer than three clients a kind without a positive floor is not judged at all (two
+    values cannot say which is the outlier; ``clip_norm`` and the check of the new global remain)."""
     if ratio is None or len(norms) < 2:
         return {}
+    floor = floor or {}
     out: dict[str, str] = {}
     kinds = sorted({k for d in norms.values() for k in d}, key=lambda k: (k != "update", k))  # the update first
     for kind in kinds:
         per = {c: d[kind] / math.sqrt(max(ranks.get(c, 1.0), 1.0)) for c, d in norms.items() if kind in d}
+        trusted = floor.get(kind, 0.0)
+        if len(per) < 3 and not trusted > 0:
+            continue
         ref = lower_median(list(per.values()))
         if not ref > 0:
             pos = [v for v in per.values() if v > 0]
-            if not pos:
-                continue
-            ref = lower_median(pos)
+            ref = lower_median(pos) if pos else 0.0
+        ref = max(ref, trusted)
+        if not ref > 0:
+            continue
         for c, v in per.items():
             if c not in out and not v <= ratio * ref:  # NaN compares False: dropped too
                 what = "update norm" if kind == "update" else f"norm of {kind}"

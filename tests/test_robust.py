@@ -184,22 +184,48 @@ def test_module_set_or_shape_mismatch_is_dropped(spec: dict[str, tuple[int, int]
 def test_norm_outliers_in_small_rounds_and_with_a_zero_median() -> None:
     ones = dict.fromkeys("abcd", 1.0)
 
-    def drop(norms: dict[str, float], ranks: dict[str, float] | None = None) -> list[str]:
-        return sorted(norm_outliers({c: {"update": v} for c, v in norms.items()}, ranks or ones, 10.0))
+    def drop(norms: dict[str, float], ranks: dict[str, float] | None = None, floor: float | None = None) -> list[str]:
+        return sorted(norm_outliers({c: {"update": v} for c, v in norms.items()}, ranks or ones, 10.0,
+                                    {"update": floor} if floor is not None else None))
 
     assert lower_median([3.0, 1.0]) == 1.0 and lower_median([4.0, 1.0, 2.0, 3.0]) == 2.0
     assert drop({"a": 1.0}) == []  # alone: its own median
-    assert drop({"a": 1.0, "b": 1e6}) == ["b"]  # two clients: the lower median is the honest one
-    assert drop({"a": 1.0, "b": 9.0}) == []  # within the ratio: kept, both ways
+    assert drop({"a": 1.0, "b": 1e6}) == []  # two clients, nothing trusted: two values cannot say which one lies
+    assert drop({"a": 1.0, "b": 1e6}, floor=1.0) == ["b"]  # the previous global's norms can
+    assert drop({"a": 1.0, "b": 1e-9}, floor=1.0) == []  # a tiny upload cannot lower the reference below them
+    assert drop({"a": 1.0, "b": 1e-9, "c": 1.0}) == []  # ...nor, among three, below the honest median
+    assert drop({"a": 1.0, "b": 9.0}, floor=1.0) == []  # within the ratio: kept, both ways
     assert drop({"a": 1.0, "b": 2.0, "c": 1e6}) == ["c"]
     assert drop({"a": 1.0, "b": 2.0, "c": 1e6, "d": 1e6}) == ["c", "d"]  # half poisoned cannot lift the median
     assert drop({"a": 0.0, "b": 0.0, "c": 0.0}) == []  # round 0, nobody moved: nobody dropped
     assert drop({"a": 0.0, "b": 0.0, "c": 1e-9}) == []  # a zero median does not drop a tiny positive norm
     assert drop({"a": 0.0, "b": 0.0, "c": 1e-9, "d": 1.0}) == ["d"]  # ...nor lets everything through
-    assert drop({"a": 1.0, "b": float("nan")}) == ["b"]
+    assert drop({"a": 1.0, "b": float("nan")}, floor=1.0) == ["b"]
     # per rank component: a rank-64 client with 8x the norm of rank-1 clients is not an outlier
     assert drop({"a": 1.0, "b": 1.0, "c": 8.0}, {"a": 1, "b": 1, "c": 64}) == []
     assert norm_outliers({"a": {"update": 1.0}, "b": {"update": 1e9}}, ones, None) == {}  # null disables
+
+
+@pytest.mark.attack
+@pytest.mark.parametrize("rnd", [0, 1])
+def test_a_tiny_upload_cannot_get_the_honest_client_of_a_two_client_round_dropped(rnd: int, tmp_path: Path) -> None:
+    """Review finding: with two clients the lower median was the attacker's tiny norm, so the honest
+    client was "ten times the median" and dropped, and the attacker's update committed alone. The
+    reference is floored by the server's own global now (round 0: the seeded initial A)."""
+    ids = IDS[:2]
+    cfg = cfg_of(tmp_path, 2, [8, 8])
+    store = st.LocalStore(tmp_path)
+    man: dict[str, Any] = {}
+    for r in range(rnd + 1):
+        plan = plan_round(cfg, store, ids, r)
+        for c in plan.clients:
+            a = honest(c.rank, 10 * r + int(c.client_id[1:]))
+            if r == rnd and c.client_id == ids[1]:
+                a = _filled(a, 1e-12)
+            st.put_artifact(store, st.client_prefix("s", r, c.client_id), a.to_bytes(), {"num_samples": 5})
+        man = aggregate(cfg, store, plan)
+    TALLY.add("honest_uploads_lost", int(ids[0] not in man["participants"]))
+    assert ids[0] in man["participants"], man["dropped"]
 
 
 @pytest.mark.attack

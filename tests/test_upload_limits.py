@@ -89,3 +89,24 @@ def test_round0_lone_client_is_bounded_by_store_max_upload_mb(tmp_path: Path) ->
         aggregate(cfg, store, plan_round(cfg, store, ["c00"], 0))
     assert "c00" in str(e.value) and "more than the 1,048" in str(e.value), str(e.value)
     assert not any(k.endswith("adapter.safetensors") for k in store.read)
+
+
+@pytest.mark.attack
+def test_round0_peers_cannot_lower_an_honest_clients_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client claiming a tiny size must not shrink its peers' bounds (review finding: with the
+    median of one peer, a 2-client round's attacker set the honest client's bound and got it
+    dropped). With fewer than two peers only store.max_upload_mb bounds; with more, the largest
+    peer claim does, so one tiny claim changes nothing."""
+    from hetlora_core.steps import upload_bounds
+
+    monkeypatch.setattr(upload_bounds, "SLACK_BYTES", 0, raising=False)  # SPEC's uploads are far below the 1 MiB slack
+    for ids in (["c00", "c01"], ["c00", "c01", "c02", "c03"]):
+        root = tmp_path / str(len(ids))
+        cfg = cfg_of(root, len(ids), [8] * len(ids))
+        store = st.LocalStore(root)
+        upload_all(store, cfg, ids)
+        evil = ids[-1]
+        key = st.client_prefix("s", 0, evil) + "/" + st.MANIFEST
+        store.put_bytes(key, json.dumps({**json.loads(store.get_bytes(key)), "size": 1}).encode())  # claims 1 byte
+        out = aggregate(cfg, store, plan_round(cfg, store, ids, 0))
+        assert list(out["dropped"]) == [evil] and out["participants"] == ids[:-1], out["dropped"]

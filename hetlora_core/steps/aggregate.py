@@ -131,11 +131,21 @@ def _first_read(method: Method, store: st.Store, prefix: str, client: ClientPlan
                    method.client_ranks(state), report, method.summarise(update, prev) if method.streams else update, norms)
 
 
-def _drop_outliers(cfg: HetLoRAConfig, uploads: list[_Upload], dropped: dict[str, str]) -> None:
+def _mean_rank(ranks: dict[str, int]) -> float:
+    return sum(ranks.values()) / len(ranks) if ranks else 1.0
+
+
+def _drop_outliers(cfg: HetLoRAConfig, method: Method, base: State, uploads: list[_Upload], dropped: dict[str, str]) -> None:
     """Robust aggregation (robust.py, a departure from the paper): a client whose norms are far above
-    the round's median is dropped, from the first pass's numbers, before any weight is computed."""
-    ranks = {u.client_id: sum(u.ranks.values()) / len(u.ranks) if u.ranks else 1.0 for u in uploads}
-    out = robust.norm_outliers({u.client_id: u.norms for u in uploads}, ranks, cfg.strategy.norm_ratio)
+    the round's median is dropped, from the first pass's numbers, before any weight is computed.
+    ``base`` (the verified previous global, or round 0's seeded initial one) gives the floor of the
+    reference, so clients cannot lower it (LoRA only: a full model's weights are not an update)."""
+    ranks = {u.client_id: _mean_rank(u.ranks) for u in uploads}
+    floor = None
+    if method.trains_lora and cfg.strategy.norm_ratio is not None:
+        per_component = math.sqrt(max(_mean_rank(method.client_ranks(base)), 1.0))
+        floor = {k: v / per_component for k, v in method.update_norms(base).items()}
+    out = robust.norm_outliers({u.client_id: u.norms for u in uploads}, ranks, cfg.strategy.norm_ratio, floor)
     for u in [u for u in uploads if u.client_id in out]:
         uploads.remove(u)
         dropped[u.client_id] = f"{u.prefix}: {out[u.client_id]}"
@@ -244,10 +254,12 @@ def aggregate(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan) -> dict[str,
             dropped[c.client_id] = _why(e)
     if spec is None and uploads:
         spec = _majority_spec(uploads, dropped)
-    _drop_outliers(cfg, uploads, dropped)
+    assert spec is not None or not uploads
+    base = prev if prev is not None else method.initial_global(spec) if spec is not None else None
+    if base is not None:
+        _drop_outliers(cfg, method, base, uploads, dropped)
     _check_quorum(cfg, plan, uploads, dropped)
-    assert spec is not None
-    base = prev if prev is not None else method.initial_global(spec)
+    assert spec is not None and base is not None
     try:
         if method.streams:
             agg = _second_pass(cfg, store, method, base, spec, plan, uploads, dropped)

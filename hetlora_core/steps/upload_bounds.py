@@ -4,16 +4,17 @@ From round 1 on, the committed global fixes every tensor's shape, so ``Method.ma
 is exact. Round 0 has no global and the aggregate step is model-free (no torch, no model config):
 the bound comes from what the round's other clients claim. An honest LoRA upload's size is
 proportional to its rank (plus a small header), so a client planned at rank r may claim at most
-twice the median of its *peers'* bytes-per-rank times r (full fine-tuning: twice the peers' median
-size), plus 1 MiB. Excluding the client itself means no one can raise their own bound, and the
-honest majority's median cannot be moved by a minority. ``store.max_upload_mb`` caps every round-0
-upload whatever its peers claim (and is the only bound for a lone client).
+twice the *largest* of its peers' bytes-per-rank times r (full fine-tuning: twice the largest peer
+size), plus 1 MiB. Excluding the client itself means no one can raise their own bound; taking the
+largest peer (not the median) means a minority cannot *lower* an honest client's bound by claiming
+tiny sizes: it would take every peer. With fewer than two peers nothing trustworthy is left to
+compare with (in a 2-client round the only peer may be the attacker), so ``store.max_upload_mb``,
+which caps every round-0 upload, is the only bound. The bound protects the step's memory only;
+an upload it lets through is still validated like any other.
 Security: an oversized claim is refused before its object is touched (``get_artifact(max_bytes)``).
 """
 
 from __future__ import annotations
-
-import statistics
 
 from .. import store as st
 from ..config import HetLoRAConfig
@@ -22,6 +23,7 @@ from .plan import RoundPlan
 
 SLACK_BYTES = 1 << 20
 FACTOR = 2.0
+MIN_PEERS = 2  # below this the peers may all be one attacker: only store.max_upload_mb bounds
 
 
 def round0_bounds(cfg: HetLoRAConfig, method: Method, store: st.Store, plan: RoundPlan) -> dict[str, int]:
@@ -40,9 +42,9 @@ def round0_bounds(cfg: HetLoRAConfig, method: Method, store: st.Store, plan: Rou
     bounds = {}
     for c in plan.clients:
         peers = [v for k, v in per.items() if k != c.client_id]
-        if not peers:
+        if len(peers) < MIN_PEERS:
             bounds[c.client_id] = cap
             continue
-        unit = statistics.median(peers) * (c.rank if method.trains_lora else 1)
+        unit = max(peers) * (c.rank if method.trains_lora else 1)
         bounds[c.client_id] = min(cap, int(FACTOR * unit) + SLACK_BYTES)
     return bounds
