@@ -155,6 +155,21 @@ def run_store_dir(run_dir: str) -> Path:
     return Path(store["root"]) if isinstance(store, dict) and store.get("kind") == "local" and store.get("root") else default
 
 
+def run_experiment(run_dir: str, exps: list[str]) -> str:
+    """The experiment a run directory is about: the one its results.json names (a store given by
+    ``store.root`` may hold several), else the store's only one; several and no record: fail, listing them."""
+    try:
+        exp = json.loads((Path(run_dir) / "results.json").read_text())["experiment"]
+    except (OSError, ValueError, KeyError, TypeError):
+        exp = None
+    if isinstance(exp, str) and exp in exps:
+        return exp
+    if len(exps) == 1:
+        return exps[0]
+    fail(f"the store of {run_dir} holds experiments {exps} and {run_dir}/results.json names none of them; "
+         "export from the run directory that made the experiment")
+
+
 @main.command()
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, exists=True), required=True,
               help="A run directory made by `hetlora simulate` or `hetlora run`.")
@@ -175,9 +190,10 @@ def export(run_dir: str, out: str, rnd: int | None, merge: bool) -> None:
     exps = st.experiments(store)
     if not exps:
         fail(f"{store.root} holds no run (no {st.config_key('<experiment>')}); pass the --out of a simulate/run")
-    recorded = st.get_json(store, st.config_key(exps[0]))
+    exp = run_experiment(run_dir, exps)
+    recorded = st.get_json(store, st.config_key(exp))
     if recorded is None:  # listed a moment ago: only a concurrent delete gets here
-        fail(f"{store.root}: {st.config_key(exps[0])} disappeared while reading it")
+        fail(f"{store.root}: {st.config_key(exp)} disappeared while reading it")
     # Export on this machine's CPU from the full-precision base, whatever the run trained on (a CUDA
     # or 4bit run is exported the same way: adapters are float32; a 4bit base could not be merged).
     cfg = replace(config_from_dict(recorded), **{"model.device": "cpu", "model.dtype": "float32", "model.quantize": "none",
@@ -190,7 +206,13 @@ def export(run_dir: str, out: str, rnd: int | None, merge: bool) -> None:
 
     if not method_for(cfg).trains_lora:
         fail(f"export writes LoRA adapters; a {cfg.strategy.name} run has none")
-    adapter = runtime.global_adapter(cfg, store, rnd)
+    # The global is verified against the store's key when the run signed its state (the key file
+    # beside a local store, or the environment's): an export never ships a forged adapter unnoticed.
+    try:
+        with st.signing.local_server_key(replace(cfg, **{"store.root": str(store.root)}).store, run_dir, fresh=False):
+            adapter = runtime.global_adapter(cfg, store, rnd)
+    except st.StoreError as e:  # ForgedState, ServerKeyError, a damaged global: one line, no traceback
+        fail(str(e))
     # The full-vocabulary model even for model.vocab=corpus runs: q/v adapters fit it unchanged.
     model: Any = runtime.model(replace(cfg, **{"model.vocab": "full"}))  # a transformers PreTrainedModel
     base = base_name_or_path(cfg.model)

@@ -109,10 +109,11 @@ def check_or_record_config(cfg: HetLoRAConfig, store: st.Store, targets: tuple[s
             if theirs.get("training", {}).get("bf16") is False and mine["training"]["bf16"] is None:
                 # Runs recorded before model.dtype existed stored the legacy default bf16: false (float32).
                 hint = "; a run recorded before model.dtype existed resumes with --set training.bf16=false"
-            for (sec, k), before in _BEHAVIOUR_BEFORE.items():
-                if not hint and theirs.get(sec, {}).get(k) == before != mine[sec][k]:
-                    value = "null" if before is None else before  # as YAML (and --set) spell it
-                    hint = f"; a run recorded before {sec}.{k} existed (or with {before!r}) resumes with --set {sec}.{k}={value}"
+            changed = [(f"{sec}.{k}", "null" if before is None else before)  # as YAML (and --set) spell it
+                       for (sec, k), before in _BEHAVIOUR_BEFORE.items() if theirs.get(sec, {}).get(k) == before != mine[sec][k]]
+            if not hint and changed:  # every such setting in one line: the hint works the first time
+                hint = (f"; a run recorded before {', '.join(n for n, _ in changed)} existed (or with the old value) resumes with "
+                        + " ".join(f"--set {n}={v}" for n, v in changed))
             raise RunConfigMismatch(f"{store.describe()}/{key} holds experiment {cfg.experiment!r} with a different config "
                                     f"(sections {diff}); use another experiment name or output directory to start fresh{hint}")
     st.put_json(store, key, mine)
@@ -233,8 +234,22 @@ class RoundRunner:
         fresh = not self.store.exists(st.config_key(self.cfg.experiment))
         with st.signing.local_server_key(self.cfg.store, self.out, fresh) as source:
             if not source:
+                self._refuse_unsigned_resume_of_signed_state()
                 self.log(f"{self.cfg.experiment} was recorded without a server key: its state stays unsigned")
             return self._run()
+
+    def _refuse_unsigned_resume_of_signed_state(self) -> None:
+        """Security: no key was found, yet the newest committed global is signed. Going on would read
+        signed state unchecked and write unsigned rounds into a signed history: say where the key is
+        expected instead."""
+        exp = self.cfg.experiment
+        last = st.last_committed_round(self.store, exp)
+        man = st.get_manifest(self.store, st.global_prefix(exp, last)) if last >= 0 else None
+        if man is not None and st.signing.FIELD in man:
+            where = st.signing.local_key_path(self.cfg.store, self.out)
+            raise st.ServerKeyError(f"{exp}: its state is signed, but no server key was found (neither "
+                                    f"${self.cfg.store.server_key_env} nor {where}): resume with the key it was signed "
+                                    f"with (export {self.cfg.store.server_key_env} or put it back at {where})")
 
     def _run(self) -> dict[str, Any]:
         cfg, store = self.cfg, self.store

@@ -8,6 +8,7 @@ from the round's plan (tiers with no selected client are simply absent).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -25,6 +26,8 @@ from hetlora_core.steps.plan import RoundPlan, load_plan, plan_round
 
 from .round import build_evaluate_pipeline, build_round_pipeline, compile_evaluate, compile_round, eval_groups, tier_groups
 from .task_logs import TaskLogs, captured
+
+log = logging.getLogger("hetlora")
 
 __all__ = ["KfpLocalExecutor", "KubeflowExecutor", "RoundFailed", "run_local", "submit_run", "wait_for_run"]
 
@@ -139,6 +142,11 @@ def check_driver_key(cfg: HetLoRAConfig) -> None:
                                 f"or unset {env}")
     if cfg.store.signing == "required" and not secret:
         raise st.ServerKeyError("store.signing is 'required': set kubeflow.server_key_secret to the Secret holding the server key")
+    if not secret and not cfg.kubeflow.client_store_secret:
+        # Security: said, not refused (existing deployments keep working), but never silent.
+        log.warning("kubeflow.client_store_secret and kubeflow.server_key_secret are both empty: client tasks share the "
+                    "server's store credentials and nothing is signed, so a client task can rewrite plans and globals. "
+                    "Set them up with `hetlora store roles` (docs/deploy.md, 'Store roles and the server key')")
 
 
 class KubeflowExecutor:

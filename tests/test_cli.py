@@ -6,6 +6,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,15 @@ def test_export_of_a_gpu_run_works_on_a_cpu_machine(smoke_run, tmp_path):
     res = CliRunner().invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "m" / "adapter_config.json").is_file()
+
+
+def test_export_takes_the_run_directorys_experiment_from_a_shared_store(tmp_path: Path) -> None:
+    """Review finding: with store.root shared by several runs, export took the alphabetically first
+    experiment. It takes the one the run directory's results.json names, or fails listing them."""
+    from hetlora_core.cli import run_experiment
+
+    (tmp_path / "results.json").write_text(json.dumps({"experiment": "zeta"}))
+    assert run_experiment(str(tmp_path), ["alpha", "zeta"]) == "zeta"
+    assert run_experiment(str(tmp_path / "nowhere"), ["only"]) == "only"
+    with pytest.raises(SystemExit):
+        run_experiment(str(tmp_path / "nowhere"), ["alpha", "zeta"])

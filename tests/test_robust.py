@@ -298,6 +298,11 @@ def test_a_run_recorded_before_norm_ratio_resumes_only_without_it(tmp_path: Path
     with pytest.raises(RunConfigMismatch, match=r"resumes with --set strategy.norm_ratio=null"):
         check_or_record_config(now, store)
     check_or_record_config(replace(now, **{"strategy.norm_ratio": None}), store)  # the hint works
+    del old["pruning"]["form"]  # recorded before both settings: one hint naming both, working the first time
+    st.put_json(store, st.config_key(now.experiment), old)
+    with pytest.raises(RunConfigMismatch, match=r"resumes with --set pruning.form=loss --set strategy.norm_ratio=null"):
+        check_or_record_config(now, store)
+    check_or_record_config(replace(now, **{"strategy.norm_ratio": None, "pruning.form": "loss"}), store)
 
 
 @pytest.mark.attack

@@ -234,13 +234,15 @@ def test_local_driver_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with st.signing.local_server_key(sc, tmp_path / "old", fresh=False) as source:
         assert source == "" and ENV not in os.environ  # a run recorded unsigned stays unsigned
     with st.signing.local_server_key(sc, tmp_path / "out", fresh=True) as source:
-        path = tmp_path / "out" / st.signing.KEY_FILE
+        path = tmp_path / "store.server.key"  # beside the store folder: it follows the store, not --out
         assert source == str(path) and stat.S_IMODE(path.stat().st_mode) == 0o600
         key = os.environ[ENV]
         assert len(key) >= st.signing.MIN_KEY_CHARS and not path.is_relative_to(tmp_path / "store")
     assert ENV not in os.environ  # restored: no key leaks into whatever runs next in this process
-    with st.signing.local_server_key(sc, tmp_path / "out", fresh=False):
-        assert os.environ[ENV] == key  # the same key on resume
+    with st.signing.local_server_key(sc, tmp_path / "another-out", fresh=False):
+        assert os.environ[ENV] == key  # the same key on resume, from any output directory
+    s3 = StoreConfig(kind="s3", endpoint="minio:9000")
+    assert st.signing.local_key_path(s3, tmp_path / "out") == tmp_path / "out" / st.signing.KEY_FILE
     path.chmod(0o644)
     with pytest.raises(st.ServerKeyError, match="readable by other users"), st.signing.local_server_key(sc, tmp_path / "out", True):
         pass
@@ -270,7 +272,7 @@ def test_submit_refuses_a_driver_and_cluster_that_disagree_on_the_key(monkeypatc
 @pytest.mark.attack
 @pytest.mark.slow  # ~15-35 s: one tiny-model round in-process
 def test_a_local_run_signs_its_state_and_refuses_a_replay_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The default demo path (``hetlora simulate``, no key configured): the driver makes OUT/server.key,
+    """The default demo path (``hetlora simulate``, no key configured): the driver makes OUT/store.server.key,
     every piece of server state is signed with it (and the key is nowhere in the store), and a
     resume after round 0's global was copied to round 1 stops with ForgedState naming the key."""
     from hetlora_core.simulate import simulate
@@ -283,7 +285,7 @@ def test_a_local_run_signs_its_state_and_refuses_a_replay_on_resume(tmp_path: Pa
                             "federation": {"rounds": 1, "clients_per_round": 2}})
     out = tmp_path / "out"
     assert simulate(cfg, out, progress=False)["rounds_committed"] == 1
-    key_file = out / st.signing.KEY_FILE
+    key_file = out / "store.server.key"  # beside OUT/store
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600 and ENV not in os.environ
     key = key_file.read_text().strip()
     store = st.LocalStore(out / "store")
@@ -300,3 +302,31 @@ def test_a_local_run_signs_its_state_and_refuses_a_replay_on_resume(tmp_path: Pa
     with pytest.raises(st.ForgedState, match=rf"^{st.global_prefix('demo', 1)}/manifest.json is a validly signed copy.*round 0 \(expected 1\)"):
         simulate(more, out, progress=False)
     assert ENV not in os.environ
+
+
+@pytest.mark.slow  # ~20-40 s: three tiny-model runs in-process
+def test_the_local_key_follows_the_store_and_a_signed_run_never_resumes_unsigned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: the key lived in --out while the store follows store.root, so resuming the same
+    store from another --out went on unsigned (and the first --out could then not resume at all). The
+    key lies beside the store now, and a signed history without its key is a clear stop."""
+    from hetlora_core.simulate import simulate
+
+    monkeypatch.delenv(ENV, raising=False)
+    base = {"experiment": "demo", "model": {"name": "tiny", "tiny_hidden": 16, "tiny_layers": 1},
+            "store": {"root": str(tmp_path / "shared-store")},
+            "data": {"num_clients": 2, "max_chars": 6000, "seq_len": 16, "eval_max_tokens": 16},
+            "ranks": {"r_min": 2, "r_max": 4, "tiers": [{"name": "small", "rank": 2}, {"name": "large", "rank": 4}]},
+            "training": {"local_steps": 1, "batch_size": 2, "threads": 1}}
+
+    def rounds(n: int) -> Any:
+        return config_from_dict({**base, "federation": {"rounds": n, "clients_per_round": 2}})
+
+    simulate(rounds(1), tmp_path / "a", progress=False)
+    simulate(rounds(2), tmp_path / "b", progress=False)  # the same store from another output directory
+    store = st.LocalStore(tmp_path / "shared-store")
+    man = json.loads(store.get_bytes(f"{st.global_prefix('demo', 1)}/{st.MANIFEST}"))
+    assert st.signing.FIELD in man  # signed with the store's key, not left unsigned
+    (tmp_path / "shared-store.server.key").unlink()
+    with pytest.raises(st.ServerKeyError, match=r"demo: its state is signed, but no server key was found.*shared-store\.server\.key"):
+        simulate(rounds(3), tmp_path / "a", progress=False)
+    assert st.last_committed_round(store, "demo") == 1  # nothing written unsigned

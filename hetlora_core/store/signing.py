@@ -30,8 +30,8 @@ Who holds the key, who verifies (the design choice, for a symmetric MAC):
 
 No key (``store.signing``): ``required`` makes every server write fail with ``ServerKeyError``
 naming the variable. ``auto`` (the default) signs and verifies whenever the key is set, and local
-drivers (simulate, kfp.local) make one per output directory (``local_server_key``: a 0600 file
-beside the store, never in it), so the default demo is protected; a run with no key at all is
+drivers (simulate, kfp.local) make one per store (``local_key_path``: a 0600 file beside a local
+store's folder, never in it; OUT/server.key for an S3 store), so the default demo is protected; a run with no key at all is
 neither signed nor verified, as before this module. A reader holding the key rejects unsigned state.
 """
 
@@ -55,13 +55,14 @@ if TYPE_CHECKING:
     from hetlora_core.config import StoreConfig
 
 FIELD = "server_signature"  # {"kind", "experiment", "round", "hmac"} inside every signed document
-KEY_FILE = "server.key"  # local drivers' generated key, in the output directory (never in the store)
+KEY_FILE = "server.key"  # a local driver's generated key for an S3 store: in the output directory
+KEY_SUFFIX = ".server.key"  # ...for a local store: <store.root>.server.key, beside the store folder (never in it)
 MIN_KEY_CHARS = 32
 DEFAULT_ENV = "HETLORA_SERVER_KEY"
 KINDS = ("plan", "global", "eval", "baseline")
 
 __all__ = ["DEFAULT_ENV", "FIELD", "KEY_FILE", "check", "get_global", "get_global_manifest", "get_signed_json",
-           "local_server_key", "put_signed_json", "seal", "sealer", "server_key", "verify"]
+           "local_key_path", "local_server_key", "put_signed_json", "seal", "sealer", "server_key", "verify"]
 
 
 # ---------------------------------------------------------------- the key
@@ -131,7 +132,7 @@ def verify(doc: dict[str, Any], where: str, key: bytes, kind: str, experiment: s
             f"{where} carries no server signature (expected: the {kind} of round {rnd} of {experiment!r}, signed with "
             f"{env}). A client task or anyone without the server key wrote it, or it was written with no key (a run "
             f"recorded before signing existed, or store.signing: auto with {env} unset). If you trust every writer of this "
-            f"store, run with {env} unset; otherwise {redo}")
+            f"store, run with {env} unset (under Kubeflow also with kubeflow.server_key_secret empty); otherwise {redo}")
     got = {k: sig.get(k) for k in want}
     # Security: compare_digest, so the check takes the same time however many digits match.
     # (on bytes: compare_digest refuses non-ASCII str, and a forger chooses this string)
@@ -187,18 +188,28 @@ def get_global(store: Store, cfg: StoreConfig, experiment: str, rnd: int) -> tup
 # ---------------------------------------------------------------- local drivers
 
 
+def local_key_path(cfg: StoreConfig, out_dir: str | Path) -> Path:
+    """Where a local driver keeps its generated key. A local store's key lies beside the store folder
+    (``<store.root>.server.key``): it follows the store it signs, whichever ``--out`` resumes it, and is
+    never inside it (readable through the store). An S3 store driven from this machine: ``OUT/server.key``."""
+    if cfg.kind == "local" and cfg.root:
+        root = Path(cfg.root).expanduser()
+        return root.parent / f"{root.name}{KEY_SUFFIX}"
+    return Path(out_dir) / KEY_FILE
+
+
 @contextmanager
 def local_server_key(cfg: StoreConfig, out_dir: str | Path, fresh: bool) -> Iterator[str]:
     """For a local driver (simulate, kfp.local): the server key in ``cfg.server_key_env`` while the
-    run lasts. A key already in the environment wins; else ``OUT/server.key`` (made 0600 with a new
-    random key when absent and ``fresh``: a run that recorded state unsigned, before this existed,
-    stays unsigned). Yields where the key came from ('' : none). kfp.local's task subprocesses
-    inherit it; its client tasks get the variable set empty (pipelines/platform.py)."""
+    run lasts. A key already in the environment wins; else the file ``local_key_path`` names (made
+    0600 with a new random key when absent and ``fresh``: a run that recorded state unsigned, before
+    this existed, stays unsigned). Yields where the key came from ('' : none). kfp.local's task
+    subprocesses inherit it; its client tasks get the variable set empty (pipelines/platform.py)."""
     env = cfg.server_key_env
     if os.environ.get(env):
         yield f"${env}"
         return
-    path = Path(out_dir) / KEY_FILE
+    path = local_key_path(cfg, out_dir)
     if not path.exists():
         if not fresh:
             yield ""
