@@ -501,6 +501,8 @@ def test_crashed_client_is_dropped_when_the_quorum_holds(worker: Worker, tmp_pat
 def test_quorum_miss_fails_clearly_and_keeps_the_global(worker: Worker, reference: dict[str, Any], tmp_path: Path,
                                                         tally: Tally) -> None:
     shutil.copytree(reference["out"] / "store", tmp_path / "store")  # a copy of the uninterrupted run
+    key = reference["out"] / "store.server.key"  # and its server key, which lies beside the store
+    shutil.copy2(key, tmp_path / key.name)
     store = local(tmp_path)
     store.delete_prefix(st.round_prefix(EXP, 1))  # round 0 committed; round 1 is to be run
     before = global_shas(store)
