@@ -109,22 +109,6 @@ def clip_adapter(adapter: LoraAdapter, factor: float | None) -> LoraAdapter:
     return LoraAdapter(dict(adapter.A), {m: b * factor for m, b in adapter.B.items()}, adapter.scale)
 
 
-def clip_updates(updates: Sequence[ClientUpdate], clip_norm: float | None) -> tuple[list[ClientUpdate], list[str]]:
-    """Scale B of any client whose total ``||s B A||_F`` over modules exceeds ``clip_norm``.
-
-    Security: bounds what one poisoned client can move the global model by; scaling B alone
-    scales ``dW`` linearly, so the clipped update keeps its direction."""
-    if clip_norm is None:
-        return list(updates), []
-    out, clipped = [], []
-    for u in updates:
-        f = clip_factor(u.adapter.delta_norms(), clip_norm)
-        out.append(u if f is None else ClientUpdate(u.client_id, clip_adapter(u.adapter, f), u.num_samples))
-        if f is not None:
-            clipped.append(u.client_id)
-    return out, clipped
-
-
 def needs_norms(cfg: StrategyConfig) -> bool:
     """Whether ``client_facts`` measures the clients' delta norms under ``cfg`` (weights or clipping)."""
     return (cfg.name != "recon_svd" and weighting(cfg) == "sparsity") or cfg.clip_norm is not None
