@@ -4,6 +4,9 @@
 # binary whose marker names the same version is reused (a rerun costs well under a second).
 #
 #   scripts/build-apiserver.sh            build (first time ~10+ minutes on 2 cores) and print the path
+#   scripts/build-apiserver.sh --cluster  also the node side for scripts/cluster-up.sh (kubelet,
+#                                         kube-controller-manager, kube-scheduler, kube-proxy: one
+#                                         more build, ~17 minutes on 2 cores), cached the same way
 #
 # k8s.io/kubernetes requires its staging modules (k8s.io/api, k8s.io/client-go, ...) at v0.0.0 and
 # replaces them with ./staging/... paths, which Go ignores in a dependency. A small wrapper module
@@ -15,6 +18,8 @@ CACHE="${HETLORA_CACHE:-$HOME/.cache/hetlora}"
 BIN="$CACHE/bin"
 OUT="$BIN/kube-apiserver"
 MARKER="$BIN/.kube-apiserver.version"
+CLUSTER_CMDS=(kubelet kube-controller-manager kube-scheduler kube-proxy)
+CLUSTER_MARKER="$BIN/.kube-cluster.version"
 
 log() { printf '[build-apiserver] %s\n' "$*" >&2; }
 
@@ -33,15 +38,20 @@ install_etcd() {
   fi
 }
 
-build_apiserver() {
-  if [[ -x "$OUT" && -f "$MARKER" && "$(cat "$MARKER")" == "$K8S_VERSION" ]]; then
-    log "kube-apiserver $K8S_VERSION cached ($OUT)"; return
+# build_k8s MARKER CMD...: build k8s.io/kubernetes/cmd/CMD for each CMD into $BIN in one go build
+# (shared packages compile once), unless MARKER already names $K8S_VERSION.
+build_k8s() {
+  local marker="$1"; shift
+  local cmds=("$@") c missing=0
+  for c in "${cmds[@]}"; do [[ -x "$BIN/$c" ]] || missing=1; done
+  if [[ "$missing" == 0 && -f "$marker" && "$(cat "$marker")" == "$K8S_VERSION" ]]; then
+    log "${cmds[*]} $K8S_VERSION cached ($BIN)"; return
   fi
-  command -v go >/dev/null || { log "go is not installed: cannot build kube-apiserver"; return 1; }
+  command -v go >/dev/null || { log "go is not installed: cannot build ${cmds[*]}"; return 1; }
   local staging="v0.${K8S_VERSION#v1.}" work gomod
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' RETURN
-  log "building kube-apiserver $K8S_VERSION (staging modules at $staging; first time takes 10+ minutes)"
+  log "building ${cmds[*]} $K8S_VERSION (staging modules at $staging; first time takes 10+ minutes)"
   gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
   [[ -f "$gomod" ]] || { log "cannot download k8s.io/kubernetes@$K8S_VERSION"; return 1; }
   {
@@ -60,9 +70,9 @@ build_apiserver() {
 
 package tools
 
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
 EOF
-  mkdir -p "$BIN"
+  for c in "${cmds[@]}"; do echo "import _ \"k8s.io/kubernetes/cmd/$c\"" >>"$work/tools.go"; done
+  mkdir -p "$BIN" "$work/out"
   (
     cd "$work"
     # Only staging modules that the apiserver's import graph needs must resolve; the others stay
@@ -72,13 +82,16 @@ EOF
       -X k8s.io/component-base/version.gitVersion=$K8S_VERSION \
       -X k8s.io/component-base/version.gitMajor=1 \
       -X k8s.io/component-base/version.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2)" \
-      -o "$OUT.tmp" k8s.io/kubernetes/cmd/kube-apiserver
+      -o "$work/out/" "${cmds[@]/#/k8s.io/kubernetes/cmd/}"
   )
-  mv "$OUT.tmp" "$OUT"
-  echo "$K8S_VERSION" >"$MARKER"
-  log "built $OUT"
+  for c in "${cmds[@]}"; do mv "$work/out/$c" "$BIN/$c"; done
+  echo "$K8S_VERSION" >"$marker"
+  log "built ${cmds[*]} in $BIN"
 }
 
 install_etcd
-build_apiserver
+build_k8s "$MARKER" kube-apiserver
+if [[ "${1:-}" == "--cluster" ]]; then
+  build_k8s "$CLUSTER_MARKER" "${CLUSTER_CMDS[@]}"
+fi
 echo "$OUT"
