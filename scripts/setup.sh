@@ -52,9 +52,6 @@ go_tool() {  # go_tool NAME MODULE@VERSION
 setup_tools() {
   go_tool minio "github.com/minio/minio@$MINIO_VERSION"
   go_tool kustomize "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION"
-  # etcd (Debian) + kube-apiserver (from the k8s.io/kubernetes Go module) for preflight and
-  # server-side dry-run tests; cached like the others (first build: 10-20 min on 2 cores).
-  bash "$ROOT/scripts/build-apiserver.sh"
   if ! command -v prometheus >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then
     if [[ "$(id -u)" == 0 ]]; then
       log "installing Debian's prometheus and prometheus-pushgateway"
@@ -64,6 +61,16 @@ setup_tools() {
     else
       log "not root: install prometheus and prometheus-pushgateway with apt (tests needing them skip)"
     fi
+  fi
+  if [[ "$(id -u)" == 0 ]]; then
+    # The real cluster of scripts/cluster-up.sh (tests/test_cluster.py): kube-apiserver, kubelet,
+    # controller-manager, scheduler, kube-proxy and kubectl in one build from the k8s.io/kubernetes
+    # Go module, CoreDNS from its own, containerd/runc/CNI/etcd from Debian; cached like the others
+    # (first build ~20-25 min on 2 cores).
+    bash "$ROOT/scripts/cluster-up.sh" tools
+  else
+    # etcd (Debian) + kube-apiserver for preflight and server-side dry-run tests (10-20 min first).
+    bash "$ROOT/scripts/build-apiserver.sh"
   fi
 }
 

@@ -1,0 +1,104 @@
+"""A real Kubernetes cluster for tests: scripts/cluster-up.sh, torn down by scripts/cluster-down.sh.
+
+    cluster = RealCluster(); cluster.up()      # control plane + one kubelet/containerd per tier node
+    cluster.kubectl("get", "nodes")           # kubectl with the admin kubeconfig
+    cluster.core                              # CoreV1Api for the same admin user
+    cluster.down()
+
+Needs root (namespaces, cgroups, containerd) and the binaries that ``scripts/setup.sh`` builds
+(``scripts/build-apiserver.sh --cluster``, CoreDNS); ``real_cluster`` is the session fixture, skipped
+(failed under CI=true) where those are missing. Its state lives in a directory of its own and its
+network namespace has a name of its own, so a developer's cluster from cluster-up.sh is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kube_apiserver import cache_bin
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES = ("platform", "small", "medium", "large")
+
+
+class RealCluster:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="hetlora-cluster-"))
+        self.env = {**os.environ, "HETLORA_CLUSTER_DIR": str(self.dir / "state"),
+                    "HETLORA_CLUSTER_NETNS": f"hetlora-test-{os.getpid()}"}
+        self.kubeconfig = str(self.dir / "state" / "admin.kubeconfig")
+        self.up_s = 0.0
+        self.log = ""
+
+    def up(self, timeout_s: int = 900) -> None:
+        t0 = time.monotonic()
+        res = subprocess.run(["bash", str(ROOT / "scripts" / "cluster-up.sh")], env=self.env, capture_output=True,
+                             text=True, timeout=timeout_s)
+        self.up_s, self.log = time.monotonic() - t0, res.stderr
+        if res.returncode != 0:
+            raise RuntimeError(f"cluster-up.sh failed ({res.returncode}):\n{res.stderr[-3000:]}\n{self.logs_tail()}")
+        self.api_client = k8s_config.new_client_from_config(config_file=self.kubeconfig)
+        self.core = k8s.CoreV1Api(self.api_client)
+
+    def logs_tail(self, n: int = 15) -> str:
+        logs = self.dir / "state" / "logs"
+        if not logs.is_dir():
+            return ""
+        return "\n".join(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-n:])
+                         for p in sorted(logs.glob("*.log")))
+
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 120, stdin: str | None = None) -> str:
+        res = subprocess.run([str(cache_bin() / "kubectl"), "--kubeconfig", self.kubeconfig, *args], input=stdin,
+                             capture_output=True, text=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {res.stderr.strip()}")
+        return res.stdout
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json"))
+
+    def down(self) -> str:
+        res = subprocess.run(["bash", str(ROOT / "scripts" / "cluster-down.sh")], env=self.env, capture_output=True,
+                             text=True, timeout=300)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return res.stderr
+
+
+def missing_prerequisites() -> str:
+    """Why a real cluster cannot start here, or ''."""
+    if os.geteuid() != 0:
+        return "needs root (network/mount namespaces, cgroups, containerd)"
+    need = [cache_bin() / c for c in ("kubelet", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
+                                       "kube-proxy", "kubectl", "coredns", "minio", "kustomize")]
+    absent = [p.name for p in need if not os.access(p, os.X_OK)]
+    absent += [c for c in ("containerd", "runc", "etcd", "nsenter", "iptables", "prometheus-pushgateway") if not shutil.which(c)]
+    return f"missing {', '.join(absent)}: run scripts/setup.sh (it builds and installs them)" if absent else ""
+
+
+# Module scope: tests/test_cluster.py ends by tearing it down and checking that nothing is left.
+@pytest.fixture(scope="module", name="real_cluster")
+def real_cluster_fixture() -> Iterator[RealCluster]:
+    from conftest import skip_or_fail
+
+    why = missing_prerequisites()
+    if not why and Path("/sys/class/net/hlc-host").exists():
+        why = "a cluster from scripts/cluster-up.sh is running (its veth hlc-host exists): stop it with scripts/cluster-down.sh"
+    if why:
+        skip_or_fail(f"real cluster unavailable: {why}")
+    cluster = RealCluster()
+    try:
+        cluster.up()
+        yield cluster
+    finally:
+        cluster.down()

@@ -1,0 +1,211 @@
+"""A real cluster without Docker (scripts/cluster-up.sh): real kubelets and containerds, one node
+per rank tier, the platform overlay applied, pods under their security settings, preflight.
+
+Everything here runs against real processes: the API server, scheduler and controller-manager
+place the pods, the kubelets start them through containerd and runc in real cgroups, CoreDNS
+resolves Service names and kube-proxy routes Service IPs. Slow (the bring-up takes ~1-2 minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from kube_apiserver import cache_bin
+from real_cluster import NODES, RealCluster, real_cluster_fixture  # noqa: F401  (registers the fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def kind_nodes() -> dict[str, tuple[dict[str, str], list[dict[str, str]]]]:
+    """Tier -> (labels, taints) as manifests/kind/cluster.yaml declares its workers."""
+    spec = yaml.safe_load((ROOT / "manifests" / "kind" / "cluster.yaml").read_text())
+    out = {}
+    for node in spec["nodes"]:
+        if node["role"] != "worker":
+            continue
+        join = yaml.safe_load(node["kubeadmConfigPatches"][0])
+        out[node["labels"]["hetlora.io/tier"]] = (node["labels"], join["nodeRegistration"]["taints"])
+    return out
+
+
+def test_one_ready_node_per_tier_labelled_and_tainted_as_the_kind_cluster(real_cluster: RealCluster) -> None:
+    nodes = {n["metadata"]["name"]: n for n in real_cluster.get("nodes")["items"]}
+    assert sorted(nodes) == sorted(f"hetlora-{n}" for n in NODES)
+    for name, node in nodes.items():
+        ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}
+        assert ready["Ready"] == "True", (name, node["status"]["conditions"])
+        assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
+    for tier, (labels, taints) in kind_nodes().items():
+        node = nodes[f"hetlora-{tier}"]
+        assert labels.items() <= node["metadata"]["labels"].items()
+        got = [{k: t[k] for k in ("key", "value", "effect")} for t in node["spec"].get("taints", [])]
+        assert got == taints, (tier, got)
+    assert "taints" not in nodes["hetlora-platform"]["spec"]
+    print(f"cluster up in {real_cluster.up_s:.0f} s")
+
+
+def container_process(cmd_prefix: str) -> int:
+    """The host PID of the one process whose command line starts with ``cmd_prefix``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith(cmd_prefix):
+                found.append(int(d.name))
+    assert len(found) == 1, (cmd_prefix, found)
+    return found[0]
+
+
+def effective_uid(pid: int) -> int:
+    line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Uid:"))
+    return int(line.split()[2])
+
+
+def root_is_read_only(pid: int) -> bool:
+    for ln in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        parts = ln.split()
+        if parts[4] == "/":
+            return "ro" in parts[5].split(",")
+    raise AssertionError(f"no / mount for {pid}")
+
+
+def cap_eff(pid: int) -> int:
+    line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("CapEff:"))
+    return int(line.split()[1], 16)
+
+
+@pytest.mark.parametrize(("selector", "cmd", "uid"), [
+    ("app.kubernetes.io/name=minio", "/usr/bin/minio server /data", 65532),
+    ("app.kubernetes.io/name=pushgateway", "/bin/pushgateway ", 65534),
+])
+def test_platform_pods_run_ready_under_their_security_settings(real_cluster: RealCluster, selector: str, cmd: str,
+                                                               uid: int) -> None:
+    pods = real_cluster.get("pods", "-n", "hetlora", "-l", selector)["items"]
+    assert len(pods) == 1
+    pod = pods[0]
+    assert pod["status"]["phase"] == "Running" and pod["spec"]["nodeName"] == "hetlora-platform"
+    assert all(c["ready"] for c in pod["status"]["containerStatuses"])
+    # What the kernel says of the container's process, not just what the spec asked for.
+    pid = container_process(cmd)
+    assert effective_uid(pid) == uid
+    assert root_is_read_only(pid)
+    assert cap_eff(pid) == 0  # capabilities: drop ALL
+    cg = Path(f"/proc/{pid}/cgroup").read_text()
+    assert "/hetlora-platform/" in cg, cg
+
+
+def test_priority_classes_and_rbac_are_present(real_cluster: RealCluster) -> None:
+    pcs = {p["metadata"]["name"]: p["value"] for p in real_cluster.get("priorityclasses")["items"]}
+    assert {"hetlora-small", "hetlora-medium", "hetlora-large"} <= set(pcs)
+    rbac = yaml.safe_load_all((ROOT / "manifests" / "base" / "rbac.yaml").read_text())
+    for obj in filter(None, rbac):
+        kind, name = obj["kind"].lower(), obj["metadata"]["name"]
+        ns = obj["metadata"].get("namespace", "hetlora")
+        assert real_cluster.get(kind, name, "-n", ns)["metadata"]["name"] == name
+
+
+def run_probe(cluster: RealCluster, name: str, tier: str, script: str, timeout_s: float = 90) -> str:
+    """A pod on ``tier``'s node (its selector and toleration, as a client task has them) that runs
+    ``script`` in busybox sh; returns its log once it Succeeded."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "kubeflow"}, "spec": {
+        "restartPolicy": "Never", "nodeSelector": {"hetlora.io/tier": tier},
+        "tolerations": [{"key": "hetlora.io/tier", "operator": "Equal", "value": tier, "effect": "NoSchedule"}],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
+        "containers": [{"name": "probe", "image": "hetlora.local/toolbox:1", "imagePullPolicy": "Never",
+                        "command": ["/bin/busybox", "sh", "-c", script],
+                        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}}}]}}
+    cluster.kubectl("apply", "-f", "-", stdin=json.dumps(pod))
+    deadline = time.monotonic() + timeout_s
+    phase = ""
+    while time.monotonic() < deadline:
+        p = cluster.get("pod", name, "-n", "kubeflow")
+        phase = p["status"].get("phase", "")
+        if phase in ("Succeeded", "Failed"):
+            break
+        time.sleep(1)
+    logs = cluster.kubectl("logs", "-n", "kubeflow", name, check=False)
+    assert phase == "Succeeded", f"{name}: {phase}\n{logs}\n{json.dumps(p['status'])[:1500]}"
+    assert p["spec"]["nodeName"] == f"hetlora-{tier}"
+    return logs
+
+
+def test_store_reachable_by_service_name_from_a_tier_pod(real_cluster: RealCluster) -> None:
+    real_cluster.kubectl("create", "namespace", "kubeflow", check=False)
+    logs = run_probe(real_cluster, "store-probe", "small",
+                     "busybox nslookup minio.hetlora.svc.cluster.local && "
+                     "busybox wget -S -O /dev/null http://minio.hetlora.svc.cluster.local:9000/minio/health/ready 2>&1")
+    svc = real_cluster.get("service", "minio", "-n", "hetlora")["spec"]["clusterIP"]
+    assert f"Address: {svc}" in logs or f"Address 1: {svc}" in logs, logs  # CoreDNS answered with the Service IP
+    assert re.search(r"HTTP/1.1 200", logs), logs  # kube-proxy routed it to MinIO on another node
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def preflight(cluster: RealCluster, tmp_path: Path, *sets: str) -> subprocess.CompletedProcess[str]:
+    args = [str(ROOT / ".venv" / "bin" / "hetlora"), "preflight", "-c", str(ROOT / "configs" / "cluster.yaml"),
+            "--kubeconfig", cluster.kubeconfig]
+    for s in sets:
+        args += ["--set", s]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_preflight_passes_on_the_cluster_and_names_the_fix_when_a_tier_cannot_fit(real_cluster: RealCluster,
+                                                                                   tmp_path: Path) -> None:
+    port = free_port()
+    fwd = subprocess.Popen([str(cache_bin() / "kubectl"),
+                            "--kubeconfig", real_cluster.kubeconfig, "-n", "hetlora", "port-forward", "svc/minio",
+                            f"{port}:9000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(60):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        ok = preflight(real_cluster, tmp_path, f"store.endpoint=127.0.0.1:{port}")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        for t in ("small", "medium", "large"):
+            assert re.search(rf"^{t}\s.*\shetlora-{t}\s+ok$", ok.stdout, re.M), ok.stdout
+        assert "store:" in ok.stdout and "FAIL" not in ok.stdout
+        # A tier asking for more CPU than its node has: FAIL with the node's allocatable and the fix.
+        tiers = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())["ranks"]["tiers"]
+        tiers[2]["cpu_request"] = tiers[2]["cpu_limit"] = "64"
+        big = preflight(real_cluster, tmp_path, "ranks.tiers=" + json.dumps(tiers), f"store.endpoint=127.0.0.1:{port}")
+        assert big.returncode == 1 and re.search(r"^large\s.*FAIL", big.stdout, re.M), big.stdout
+        assert "cpu" in big.stdout.split("large", 1)[1]
+        # A tier whose nodes do not exist: FAIL naming the selector.
+        tiers = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())["ranks"]["tiers"]
+        tiers[0]["node_selector"] = {"hetlora.io/tier": "xlarge"}
+        none = preflight(real_cluster, tmp_path, "ranks.tiers=" + json.dumps(tiers), f"store.endpoint=127.0.0.1:{port}")
+        assert none.returncode == 1 and re.search(r"^small\s.*FAIL", none.stdout, re.M), none.stdout
+    finally:
+        fwd.terminate()
+        fwd.wait(10)
+
+
+def test_cluster_down_leaves_nothing_behind(real_cluster: RealCluster) -> None:
+    netns = real_cluster.env["HETLORA_CLUSTER_NETNS"]
+    state = Path(real_cluster.env["HETLORA_CLUSTER_DIR"])
+    real_cluster.down()
+    assert not Path(f"/run/netns/{netns}").exists()
+    assert not state.exists()
+    assert not list(Path("/sys/fs/cgroup").glob("*/hetlora-small")) and not Path("/sys/fs/cgroup/hetlora-small").exists()
+    left = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True).stdout.split()
+    assert left == [], left
+    assert os.system("ip link show hlc-host >/dev/null 2>&1") != 0
