@@ -151,6 +151,47 @@ def test_store_reachable_by_service_name_from_a_tier_pod(real_cluster: RealClust
     assert re.search(r"HTTP/1.1 200", logs), logs  # kube-proxy routed it to MinIO on another node
 
 
+def pod_cgroup_file(pod_uid: str, controller: str, name: str) -> str:
+    """A cgroup file of a pod's cgroup on the host (cgroup v1 or v2), read from the kernel."""
+    marker = "pod" + pod_uid  # cgroupfs driver: .../kubepods/<qos>/pod<uid>
+    hits = [p for p in Path("/sys/fs/cgroup").glob(f"**/{marker}/{name}") if controller in str(p) or
+            Path("/sys/fs/cgroup/cgroup.controllers").exists()]
+    assert hits, (pod_uid, controller, name)
+    return hits[0].read_text().strip()
+
+
+def test_tier_limits_are_enforced_by_the_real_cgroup(real_cluster: RealCluster) -> None:
+    """A client task's limits are not advisory here: a pod that outgrows its memory limit on a tier
+    node is OOM-killed by the kernel, and its pod cgroup carries the CPU and memory limits."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "oom-probe", "namespace": "kubeflow"}, "spec": {
+        "restartPolicy": "Never", "nodeSelector": {"hetlora.io/tier": "medium"},
+        "tolerations": [{"key": "hetlora.io/tier", "operator": "Equal", "value": "medium", "effect": "NoSchedule"}],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
+        # sort keeps its whole input (256 MiB, one line) in memory: far above the 48Mi limit
+        "containers": [{"name": "probe", "image": "hetlora.local/toolbox:1", "imagePullPolicy": "Never",
+                        "command": ["/bin/busybox", "sh", "-c", "sleep 2; busybox head -c 268435456 /dev/zero | busybox sort >/dev/null"],
+                        "resources": {"requests": {"cpu": "250m", "memory": "48Mi"}, "limits": {"cpu": "500m", "memory": "48Mi"}}}]}}
+    real_cluster.kubectl("create", "namespace", "kubeflow", check=False)
+    real_cluster.kubectl("apply", "-f", "-", stdin=json.dumps(pod))
+    deadline, limits_seen = time.monotonic() + 90, False
+    while time.monotonic() < deadline:
+        p = real_cluster.get("pod", "oom-probe", "-n", "kubeflow")
+        if not limits_seen and p["status"].get("phase") == "Running":
+            uid = p["metadata"]["uid"]
+            if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # cgroup v2
+                assert pod_cgroup_file(uid, "", "memory.max") == str(48 * 2**20)
+            else:
+                assert int(pod_cgroup_file(uid, "memory", "memory.limit_in_bytes")) == 48 * 2**20
+                assert int(pod_cgroup_file(uid, "/cpu/", "cpu.cfs_quota_us")) == 50000  # 500m of a 100 ms period
+            limits_seen = True
+        if p["status"].get("phase") in ("Succeeded", "Failed"):
+            break
+        time.sleep(0.5)
+    term = p["status"]["containerStatuses"][0]["state"].get("terminated", {})
+    assert p["status"]["phase"] == "Failed" and term.get("reason") == "OOMKilled", json.dumps(p["status"])[:1500]
+    assert p["spec"]["nodeName"] == "hetlora-medium" and limits_seen
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
