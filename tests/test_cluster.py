@@ -15,7 +15,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+import kfp_pods
 import pytest
 import yaml
 from kube_apiserver import cache_bin
@@ -238,6 +240,62 @@ def test_preflight_passes_on_the_cluster_and_names_the_fix_when_a_tier_cannot_fi
     finally:
         fwd.terminate()
         fwd.wait(10)
+
+
+def wait_sandboxes(cluster: RealCluster, names: list[str], timeout_s: float = 90) -> dict[str, Any]:
+    """Each pod once it is bound to a node and its container waits on its image (the sandbox, its
+    cgroup and network are up); the pods by name."""
+    deadline = time.monotonic() + timeout_s
+    got: dict[str, Any] = {}
+    while time.monotonic() < deadline and len(got) < len(names):
+        for name in names:
+            p = cluster.get("pod", name, "-n", "kubeflow")
+            waiting = [c["state"].get("waiting", {}) for c in p["status"].get("containerStatuses", [])]
+            if p["spec"].get("nodeName") and waiting and waiting[0].get("reason") == "ErrImageNeverPull":
+                got[name] = p
+        time.sleep(1)
+    missing = {n: cluster.get("pod", n, "-n", "kubeflow")["status"] for n in names if n not in got}
+    assert not missing, json.dumps(missing)[:2000]
+    return got
+
+
+def test_compiled_round_tasks_land_on_their_tier_nodes_under_their_limits(real_cluster: RealCluster, tmp_path: Path) -> None:
+    """Every task of a compiled round as a real pod, made from the IR and the platform spec as
+    Kubeflow's driver makes it: train on its tier's node with the tier's limits in its pod cgroup,
+    the server steps (prune, aggregate, evaluate) on the untainted platform node. The component image
+    is not built on this machine yet, so the containers stop at their image (ErrImageNeverPull):
+    placement, Secret env, cgroups and sandboxes are real, the task's own run is not (issue 14)."""
+    ir = tmp_path / "round.yaml"
+    res = subprocess.run([str(ROOT / ".venv" / "bin" / "hetlora"), "compile", "-c", str(ROOT / "configs" / "cluster.yaml"),
+                          "-o", str(ir)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    real_cluster.kubectl("create", "namespace", "kubeflow", check=False)
+    secret = real_cluster.get("secret", "hetlora-store", "-n", "hetlora")
+    secret["metadata"] = {"name": "hetlora-store", "namespace": "kubeflow"}
+    real_cluster.kubectl("apply", "-f", "-", stdin=json.dumps(secret))
+    pods = kfp_pods.round_pods(ir, "kubeflow")
+    assert sorted(p.task for p in pods) == sorted(["aggregate-round", "evaluate-round"] + [
+        f"{k}-client{s}" for k in ("train", "prune") for s in ("", "-2", "-3")])
+    tiers = {t["name"]: t for t in yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())["ranks"]["tiers"]}
+    by_exec = {"exec-train-client": "small", "exec-train-client-2": "medium", "exec-train-client-3": "large"}
+    # Two waves, as the DAG runs them (the platform node has room for one wave's server steps).
+    for wave in ([p for p in pods if not p.task.startswith("prune")], [p for p in pods if p.task.startswith("prune")]):
+        for tp in wave:
+            real_cluster.kubectl("apply", "-f", "-", stdin=json.dumps(tp.manifest))
+        placed = wait_sandboxes(real_cluster, [tp.manifest["metadata"]["name"] for tp in wave])
+        for tp in wave:
+            p = placed[tp.manifest["metadata"]["name"]]
+            tier = by_exec.get(tp.executor)
+            assert p["spec"]["nodeName"] == f"hetlora-{tier or 'platform'}", (tp.task, p["spec"]["nodeName"])
+            env = {e["name"]: e for e in p["spec"]["containers"][0]["env"]}
+            assert env["HETLORA_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "hetlora-store"
+            if tier:
+                mem = tiers[tier]["memory_limit"]
+                assert mem.endswith("Mi")
+                uid = p["metadata"]["uid"]
+                assert int(pod_cgroup_file(uid, "memory", "memory.limit_in_bytes")) == int(mem[:-2]) * 2**20
+                assert int(pod_cgroup_file(uid, "/cpu/", "cpu.cfs_quota_us")) == int(float(tiers[tier]["cpu_limit"]) * 100000)
+        real_cluster.kubectl("delete", "pods", "-n", "kubeflow", "-l", "hetlora.io/task", "--wait=true", timeout=180)
 
 
 def test_cluster_down_leaves_nothing_behind(real_cluster: RealCluster) -> None:
