@@ -125,8 +125,9 @@ class Problem:
     weight: int = 1  # how hard to fix; the closest node is the one with the least total weight
 
 
-def node_problems(tier: TierConfig, node: k8s.V1Node) -> list[Problem]:
-    """Why a client pod of ``tier`` cannot run on ``node`` (empty: it can)."""
+def node_problems(tier: TierConfig, node: k8s.V1Node, used: dict[str, Decimal] | None = None) -> list[Problem]:
+    """Why a client pod of ``tier`` cannot run on ``node`` (empty: it can); ``used``: what the pods
+    already on the node request (capacity.pod_requests), taken from its allocatable."""
     name, t = node.metadata.name, tier.name
     labels = node.metadata.labels or {}
     out = [Problem("selector", f"label {k}={v} missing" + (f" (has {labels[k]})" if k in labels else ""),
@@ -149,12 +150,18 @@ def node_problems(tier: TierConfig, node: k8s.V1Node) -> list[Problem]:
         out.append(Problem("cordoned", "cordoned", f"kubectl uncordon {name}"))
     if not ready:
         out.append(Problem("not Ready", "not Ready", f"not Ready: check its kubelet (kubectl describe node {name})", 3))
-    have, want = allocatable(node), tier_requests(tier)
+    alloc, want = allocatable(node), tier_requests(tier)
+    have = {r: v - (used or {}).get(r, Decimal(0)) for r, v in alloc.items()}
     field_of = {"cpu": "cpu_request", "memory": "memory_request", GPU: "gpu"}
     for r, need in want.items():
         if r == GPU and need > 0 and have[r] == 0:  # a pool member without GPUs: usually no device plugin
             out.append(Problem(r, f"no allocatable {GPU}", f"no {GPU} is advertised: install the NVIDIA device plugin "
                                f"(or GPU operator) on the pool's GPU nodes (docs/deploy.md), or set ranks.tiers[{t}].gpu: 0", 3))
+        elif need > have[r] and have[r] < alloc[r]:
+            out.append(Problem(r, f"free {r} {fmt_quantity(have[r], r)} (of {fmt_quantity(alloc[r], r)} allocatable, the rest "
+                               f"requested by its pods) < {fmt_quantity(need, r)}",
+                               f"only {fmt_quantity(have[r], r)} {r} free: lower ranks.tiers[{t}].{field_of[r]}, "
+                               f"free room on the node (kubectl describe node {name}) or add a node to the pool", 3))
         elif need > have[r]:
             out.append(Problem(r, f"allocatable {r} {fmt_quantity(have[r], r)} < {fmt_quantity(need, r)}",
                                f"only {fmt_quantity(have[r], r)} allocatable {r}: lower "
@@ -197,8 +204,8 @@ class PreflightReport:
         return all(t.ok for t in self.tiers) and all(c.ok for c in self.checks)
 
 
-def check_tier(tier: TierConfig, nodes: list[k8s.V1Node]) -> TierReport:
-    probs = {n.metadata.name: node_problems(tier, n) for n in nodes}
+def check_tier(tier: TierConfig, nodes: list[k8s.V1Node], used: dict[str, dict[str, Decimal]] | None = None) -> TierReport:
+    probs = {n.metadata.name: node_problems(tier, n, (used or {}).get(n.metadata.name)) for n in nodes}
     rep = TierReport(tier.name, tier.rank, tier_requests(tier), sorted(n for n, p in probs.items() if not p),
                      {n: ps for n, ps in probs.items() if ps})
     if not rep.ok:
@@ -332,13 +339,16 @@ def core_api(kubeconfig: str | None = None, context: str | None = None) -> k8s.C
 def run_preflight(cfg: HetLoRAConfig, api: Any, *, skip_store: bool = False,
                   opener: Callable[..., Any] = open_store) -> PreflightReport:
     """All checks against ``api`` (a CoreV1Api); ``PreflightError`` only when the API cannot answer."""
-    nodes = list_nodes(api)
-    tiers = [check_tier(t, nodes) for t in cfg.ranks.tiers]
+    from .capacity import pod_requests, server_check
+
+    nodes, used = list_nodes(api), pod_requests(api)
+    tiers = [check_tier(t, nodes, used) for t in cfg.ranks.tiers]
     ns, name = cfg.kubeflow.namespace, cfg.kubeflow.store_secret
     secret = read_secret(api, ns, name)
     checks = [secret_check(secret, ns, name)]
     if not skip_store:
         checks.append(store_check(cfg, secret_credentials(secret), opener))
+    checks.append(server_check(cfg, nodes, used))
     return PreflightReport(tiers, checks)
 
 

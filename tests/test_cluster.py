@@ -232,6 +232,13 @@ def test_preflight_passes_on_the_cluster_and_names_the_fix_when_a_tier_cannot_fi
         big = preflight(real_cluster, tmp_path, "ranks.tiers=" + json.dumps(tiers), f"store.endpoint=127.0.0.1:{port}")
         assert big.returncode == 1 and re.search(r"^large\s.*FAIL", big.stdout, re.M), big.stdout
         assert "cpu" in big.stdout.split("large", 1)[1]
+        # The large tier at all of its node's 2 CPUs fits its node, but evaluate (which takes the largest
+        # tier's requests) no longer fits beside the platform's own pods: FAIL with the free CPU.
+        tiers = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())["ranks"]["tiers"]
+        tiers[2]["cpu_request"] = "2"
+        full = preflight(real_cluster, tmp_path, "ranks.tiers=" + json.dumps(tiers), f"store.endpoint=127.0.0.1:{port}")
+        assert full.returncode == 1 and re.search(r"^large\s.*\shetlora-large\s+ok$", full.stdout, re.M), full.stdout
+        assert "server tasks:  FAIL" in full.stdout and "node hetlora-platform: only" in full.stdout, full.stdout
         # A tier whose nodes do not exist: FAIL naming the selector.
         tiers = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())["ranks"]["tiers"]
         tiers[0]["node_selector"] = {"hetlora.io/tier": "xlarge"}

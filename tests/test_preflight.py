@@ -113,6 +113,11 @@ class FakeCoreV1Api:
     def __init__(self) -> None:
         self.nodes: dict[str, k8s.V1Node] = {}
         self.secrets: dict[tuple[str, str], k8s.V1Secret] = {}
+        self.pods: list[k8s.V1Pod] = []
+
+    def list_pod_for_all_namespaces(self, field_selector: str = "", **_: Any) -> k8s.V1PodList:
+        done = {"Succeeded", "Failed"} if "status.phase!=Succeeded" in field_selector else set()
+        return k8s.V1PodList(items=[p for p in self.pods if p.status.phase not in done])
 
     def list_node(self, limit: int | None = None, _continue: str | None = None, **_: Any) -> k8s.V1NodeList:
         names = sorted(self.nodes)
@@ -124,6 +129,16 @@ class FakeCoreV1Api:
         if (namespace, name) not in self.secrets:
             raise k8s.ApiException(status=404, reason="Not Found")
         return self.secrets[(namespace, name)]
+
+
+BUSY_NS = "busy"
+
+
+def busy_pod(name: str, node: str, cpu: str, memory: str, phase: str) -> k8s.V1Pod:
+    """A pod already bound to ``node`` (another workload holding its requests)."""
+    return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name=name, namespace=BUSY_NS), spec=k8s.V1PodSpec(
+        node_name=node, containers=[k8s.V1Container(name="c", image="x", resources=k8s.V1ResourceRequirements(
+            requests={"cpu": cpu, "memory": memory}))]), status=k8s.V1PodStatus(phase=phase))
 
 
 class ModelCluster:
@@ -143,6 +158,9 @@ class ModelCluster:
             status=k8s.V1NodeStatus(allocatable=alloc, conditions=[
                 k8s.V1NodeCondition(type="Ready", status="True" if ready else "False")]))
 
+    def add_pod(self, name: str, node: str, cpu: str, memory: str, phase: str = "Running") -> None:
+        self.core.pods.append(busy_pod(name, node, cpu, memory, phase))
+
     def put_secret(self, namespace: str, name: str, data: dict[str, str]) -> None:
         import base64
 
@@ -157,9 +175,17 @@ class RealCluster:
     def __init__(self, server: KubeAPIServer) -> None:
         self.server, self.core, self.kubeconfig = server, server.core, server.kubeconfig
         server.clear_nodes()
+        server.ensure_namespace(BUSY_NS)
+        # No kubelet here to finish a graceful delete: remove the previous test's pods at once.
+        self.core.delete_collection_namespaced_pod(BUSY_NS, grace_period_seconds=0)
 
     def add_node(self, name: str, **kw: Any) -> None:
         self.server.add_node(name, **kw)
+
+    def add_pod(self, name: str, node: str, cpu: str, memory: str, phase: str = "Running") -> None:
+        pod = self.core.create_namespaced_pod(BUSY_NS, busy_pod(name, node, cpu, memory, phase))
+        pod.status = k8s.V1PodStatus(phase=phase)
+        self.core.replace_namespaced_pod_status(name, BUSY_NS, pod)
 
     def put_secret(self, namespace: str, name: str, data: dict[str, str]) -> None:
         self.server.put_secret(namespace, name, data)
@@ -273,7 +299,8 @@ def test_missing_secret_fails(cluster: Any, ns: str) -> None:
     three_pools(cluster)
     rep = pf.run_preflight(make_cfg([tier("small", 2)], ns), cluster.core, skip_store=True)
     assert rep.tiers[0].ok and not rep.ok
-    (sec,) = rep.checks
+    sec, server = rep.checks
+    assert server.name == "server tasks" and server.ok, server
     assert not sec.ok and sec.detail == f"secret {ns}/hetlora-store not found"
     assert (f"kubectl -n {ns} create secret generic hetlora-store --from-literal=accesskey=ACCESS_KEY "
             "--from-literal=secretkey=SECRET_KEY") in pf.render(rep)
@@ -408,3 +435,31 @@ def test_dry_run_rejects_a_bad_manifest(kube_apiserver: KubeAPIServer) -> None:
     with pytest.raises(k8s.ApiException) as e:  # dry run: nothing was stored
         kube_apiserver.api_client.call_api("/apis/apps/v1/namespaces/default/deployments/bad", "GET", auth_settings=["BearerToken"])
     assert e.value.status == 404
+
+
+def test_server_tasks_need_free_room_on_an_untainted_node(cluster: Any, ns: str) -> None:
+    """evaluate takes the largest tier's requests and runs on an untainted node (CPU): what the pods
+    already on that node request counts, finished pods do not."""
+    three_pools(cluster)  # platform: 4 CPUs, untainted
+    cluster.put_secret(ns, "hetlora-store", {"accesskey": "a", "secretkey": "b"})
+    cfg = make_cfg([tier("small", 2), tier("large", 16, cpu="3", memory="6Gi")], ns)
+    server = pf.run_preflight(cfg, cluster.core, skip_store=True).checks[-1]
+    assert server.ok and "fits on platform (free)" in server.detail, server
+    cluster.add_pod("done", "platform", cpu="3", memory="1Gi", phase="Succeeded")
+    cluster.add_pod("store", "platform", cpu="1500m", memory="1Gi")
+    rep = pf.run_preflight(cfg, cluster.core, skip_store=True)
+    server = rep.checks[-1]
+    assert all(t.ok for t in rep.tiers) and not server.ok and not rep.ok
+    assert "the largest tier large's requests) fits on no untainted node (free)" in server.detail
+    out = pf.render(rep)
+    assert "node platform: only 2500m cpu free: lower ranks.tiers[large].cpu_request" in out, out
+    assert "server tasks:  FAIL" in out
+
+
+def test_server_tasks_without_any_untainted_node(cluster: Any, ns: str) -> None:
+    for name in ("small", "large"):
+        cluster.add_node(f"w-{name}", labels={TIER_KEY: name}, taints=[taint(name)])
+    rep = pf.run_preflight(make_cfg([tier("small", 2), tier("large", 16)], ns), cluster.core, skip_store=True)
+    server = rep.checks[-1]
+    assert all(t.ok for t in rep.tiers) and not server.ok
+    assert "no untainted node" in server.detail and "add a node without taints" in pf.render(rep)
