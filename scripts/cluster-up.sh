@@ -39,6 +39,8 @@ POD_CIDR=10.244.0.0/16
 # Node name -> index; the index gives its IP (10.77.0.1<i>) and pod subnet (10.244.<i>.0/24).
 NODES=(platform small medium large)
 COREDNS_VERSION="${HETLORA_COREDNS_VERSION:-v1.15.0}"
+# The project's venv (scripts/setup.sh) has PyYAML for the manifest filter; a bare python3 may not.
+PYTHON="${PYTHON:-$( [[ -x "$ROOT/.venv/bin/python" ]] && echo "$ROOT/.venv/bin/python" || echo python3)}"
 PAUSE_IMAGE=hetlora.local/pause:1
 COREDNS_IMAGE="hetlora.local/coredns:$COREDNS_VERSION"
 TOOLBOX_IMAGE=hetlora.local/toolbox:1
@@ -121,7 +123,7 @@ ensure_tools() {
 # ------------------------------------------------------------------ images
 
 build_images() {  # the small images the platform node runs, as OCI tars under $D/images
-  local py="${PYTHON:-python3}" img="$D/images"
+  local py="$PYTHON" img="$D/images"
   mkdir -p "$img"
   if [[ ! -f "$img/pause.tar" ]]; then
     gcc -static -O2 -o "$img/pause" "$ROOT/images/pause/pause.c"
@@ -529,7 +531,7 @@ spec:
 EOF
   # Everything of the overlay but the ServiceMonitor: no Prometheus Operator runs here.
   "$BIN/kustomize" build "$ROOT/manifests/overlays/cluster" |
-    "${PYTHON:-python3}" -c 'import sys, yaml; print(yaml.safe_dump_all([o for o in yaml.safe_load_all(sys.stdin) if o and o.get("kind") != "ServiceMonitor"]))' |
+    "$PYTHON" -c 'import sys, yaml; print(yaml.safe_dump_all([o for o in yaml.safe_load_all(sys.stdin) if o and o.get("kind") != "ServiceMonitor"]))' |
     kc apply -f - >/dev/null
   kc -n kube-system rollout status deploy/coredns --timeout=120s >/dev/null
   kc -n hetlora rollout status statefulset/minio --timeout=180s >/dev/null

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,7 @@ def free_port() -> int:
 
 
 def preflight(cluster: RealCluster, tmp_path: Path, *sets: str) -> subprocess.CompletedProcess[str]:
-    args = [str(ROOT / ".venv" / "bin" / "hetlora"), "preflight", "-c", str(ROOT / "configs" / "cluster.yaml"),
+    args = [str(Path(sys.executable).parent / "hetlora"), "preflight", "-c", str(ROOT / "configs" / "cluster.yaml"),
             "--kubeconfig", cluster.kubeconfig]
     for s in sets:
         args += ["--set", s]
@@ -273,7 +274,7 @@ def test_compiled_round_tasks_land_on_their_tier_nodes_under_their_limits(real_c
     is not built on this machine yet, so the containers stop at their image (ErrImageNeverPull):
     placement, Secret env, cgroups and sandboxes are real, the task's own run is not (issue 14)."""
     ir = tmp_path / "round.yaml"
-    res = subprocess.run([str(ROOT / ".venv" / "bin" / "hetlora"), "compile", "-c", str(ROOT / "configs" / "cluster.yaml"),
+    res = subprocess.run([str(Path(sys.executable).parent / "hetlora"), "compile", "-c", str(ROOT / "configs" / "cluster.yaml"),
                           "-o", str(ir)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     real_cluster.kubectl("create", "namespace", "kubeflow", check=False)
