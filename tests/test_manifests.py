@@ -18,7 +18,7 @@ from hetlora_core.config import RankConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
-OVERLAYS = ("kind", "production")
+OVERLAYS = ("kind", "production", "cluster")
 BUILDS = ("base", *OVERLAYS)
 # Kubernetes versions to validate against: kind's node image (manifests/kind/cluster.yaml) and an
 # older release still common in production clusters.
@@ -395,3 +395,16 @@ def test_kind_cluster_has_one_tainted_worker_per_tier() -> None:
     assert init["kind"] == "InitConfiguration" and init["nodeRegistration"]["taints"] == []
     images = {n.get("image") for n in cfg["nodes"]}
     assert len(images) == 1 and re.fullmatch(r"kindest/node:v\d+\.\d+\.\d+(@sha256:[0-9a-f]{64})?", images.pop())
+
+
+def test_cluster_overlay_is_kind_with_local_images() -> None:
+    """overlays/cluster (scripts/cluster-up.sh) changes only the images and never pulls."""
+    kind, local = build("kind"), build("cluster")
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in kind) == sorted((d["kind"], d["metadata"]["name"]) for d in local)
+    for k, name, image in (("StatefulSet", "minio", one(kind, "StatefulSet", "minio")), ("Deployment", "pushgateway", None)):
+        (c,) = pod_spec(one(local, k, name))["containers"]
+        assert c["imagePullPolicy"] == "Never"
+        if image is not None:  # MinIO keeps its name: cluster-up.sh builds it from the same module version
+            assert c["image"] == pod_spec(image)["containers"][0]["image"]
+        else:
+            assert c["image"] == "hetlora.local/pushgateway:debian"
