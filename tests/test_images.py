@@ -68,11 +68,15 @@ def pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-def final_stage(dockerfile: str) -> list[str]:
-    """Instructions of the last stage (continuation lines joined)."""
+def final_stage(dockerfile: str, args: dict[str, str] | None = None) -> list[str]:
+    """Instructions of the last stage (continuation lines joined), build args substituted: their
+    ARG defaults, overridden by ``args`` (what ``--build-arg`` would give)."""
     text = re.sub(r"\\\n", " ", (IMAGES / dockerfile).read_text())
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     start = max(i for i, ln in enumerate(lines) if ln.upper().startswith("FROM "))
+    values = dict(re.findall(r"^ARG (\w+)=(\S+)$", "\n".join(lines[start:]), re.M)) | (args or {})
+    for k, v in values.items():
+        lines = [re.sub(rf'"?\$\{{{k}\}}"?|\${k}\b', v, ln) if not ln.startswith("ARG ") else ln for ln in lines]
     return lines[start:]
 
 
@@ -267,3 +271,11 @@ def test_make_tags_images_with_the_package_version() -> None:
                             ("images/Dockerfile.minio", minio)):
         assert re.search(rf"docker build -f {re.escape(dockerfile)} .*-t {re.escape(tag)} \.$", dry.stdout, re.M), \
             dry.stdout
+
+
+def test_cpu_dockerfile_takes_pypis_torch_with_a_build_arg() -> None:
+    """TORCH=cuda (scripts/build-image.sh, where PyTorch's CPU index is unreachable) copies and
+    installs the PyPI torch lock instead; the default stays the CPU index."""
+    text = " ".join(final_stage("Dockerfile", {"TORCH": "cuda"}))
+    assert "install.sh cuda " in text and "images/torch-cuda.lock" in text and "torch-cpu.lock" not in text
+    assert "install.sh cpu " in " ".join(final_stage("Dockerfile"))
