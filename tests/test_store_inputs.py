@@ -142,6 +142,31 @@ def test_s3_wrong_credentials_and_access_denied_are_told_apart(s3_store_config: 
     assert s3_server.secret_key not in msg
 
 
+def test_s3_edge_answers_match_on_every_server(s3_store_config: StoreConfig) -> None:
+    """The answers S3Store maps to its own errors, from each real server (MinIO, SeaweedFS): a body
+    over max_bytes, a missing key, an empty object, an empty prefix, a bucket that is not there."""
+    s = open_store(s3_store_config)
+    s.put_bytes("e/big", b"x" * 1000)
+    with pytest.raises(st.ObjectTooLarge):
+        s.get_bytes("e/big", max_bytes=999)  # refused from content-length, before the body is read
+    assert s.get_bytes("e/big", max_bytes=1000) == b"x" * 1000
+    with pytest.raises(st.NotFound):
+        s.get_bytes("e/missing")
+    assert not s.exists("e/missing")
+    s.delete("e/missing")  # idempotent
+    s.put_bytes("e/empty", b"")
+    assert s.get_bytes("e/empty") == b"" and s.exists("e/empty")
+    assert s.list("e") == ["e/big", "e/empty"] and s.list("nothing") == []
+    s.delete_prefix("nothing")
+    missing = st.S3Store(s3_store_config.endpoint, "no-such-bucket-here", retry_deadline_s=3, create_bucket=False)
+    t0 = time.monotonic()
+    for call in (lambda: missing.get_bytes("e/k"), lambda: missing.list("e")):
+        with pytest.raises(st.StoreError, match="NoSuchBucket") as e:
+            call()
+        assert not isinstance(e.value, (st.NotFound, st.StoreUnavailable)), e.value
+    assert time.monotonic() - t0 < 2, "a missing bucket is not retried"
+
+
 class FullS3(http.server.BaseHTTPRequestHandler):
     """Answers every request the way a MinIO whose drives are full answers a PUT."""
 
