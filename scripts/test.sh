@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README "Quick start"; CI's .ci/run calls exactly this).
-# Sets everything up first (idempotent: venv, MinIO and kustomize builds, Prometheus), then runs
+# Sets everything up first (idempotent: venv, MinIO, SeaweedFS and kustomize builds, Prometheus), then runs
 # the fast suite and the slow end-to-end tests (real SmolLM2, kfp.local + MinIO).
 #   scripts/test.sh            everything (what CI runs)
 #   scripts/test.sh --fast     skip the slow end-to-end tests

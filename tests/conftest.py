@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from minio_server import MinioServer, find_minio, minio_binary_path
+from seaweed_server import SeaweedServer, find_weed, weed_binary_path
 from tally import TALLY, Tally
 
 from hetlora_core.config import StoreConfig
@@ -42,18 +43,59 @@ def minio_server() -> Iterator[MinioServer]:
         server.close()
 
 
+def s3_store_config_for(server: MinioServer | SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> StoreConfig:
+    """A config for ``server`` with a fresh bucket; its credentials in HETLORA_S3_* for this test only."""
+    if not server.running():
+        server.start()  # an earlier test stopped it and failed before restarting
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HETLORA_S3_CA_BUNDLE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HETLORA_S3_ACCESS_KEY", server.access_key)
+    monkeypatch.setenv("HETLORA_S3_SECRET_KEY", server.secret_key)
+    return StoreConfig(kind="s3", endpoint=server.endpoint, bucket=f"t-{uuid.uuid4().hex[:16]}",
+                       retry_deadline_s=15.0)
+
+
 @pytest.fixture
 def minio_store_config(minio_server: MinioServer, monkeypatch: pytest.MonkeyPatch) -> StoreConfig:
     """A ``StoreConfig(kind="s3")`` for the session MinIO with a fresh bucket per test; the
     credentials are put in the environment (HETLORA_S3_*) for this test only."""
-    if not minio_server.running():
-        minio_server.start()  # an earlier test stopped it and failed before restarting
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HETLORA_S3_CA_BUNDLE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HETLORA_S3_ACCESS_KEY", minio_server.access_key)
-    monkeypatch.setenv("HETLORA_S3_SECRET_KEY", minio_server.secret_key)
-    return StoreConfig(kind="s3", endpoint=minio_server.endpoint, bucket=f"t-{uuid.uuid4().hex[:16]}",
-                       retry_deadline_s=15.0)
+    return s3_store_config_for(minio_server, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def seaweed_server() -> Iterator[SeaweedServer]:
+    """A real SeaweedFS (master, volume, filer and S3 gateway in one ``weed server``) on 127.0.0.1
+    for the whole session, with the same attributes as ``minio_server``."""
+    binary = find_weed()
+    if binary is None:
+        skip_or_fail(f"SeaweedFS binary not found at {weed_binary_path()}: run scripts/setup.sh tools "
+                     "(builds it from its Go module; set HETLORA_CACHE if it lives elsewhere)")
+    server = SeaweedServer(binary)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+# Every S3 server the store suite runs against: MinIO (Kubeflow before 2.15) and SeaweedFS (its
+# default since). A test asks for ``s3_server`` / ``s3_store_config`` to run once per server;
+# ``minio_server`` / ``minio_store_config`` stay for what only MinIO has (admin API, IAM users, TLS).
+S3_SERVERS = [pytest.param("minio", marks=pytest.mark.minio), pytest.param("seaweedfs", marks=pytest.mark.seaweedfs)]
+SERVER_FIXTURE = {"minio": "minio_server", "seaweedfs": "seaweed_server"}
+
+
+@pytest.fixture(params=S3_SERVERS)
+def s3_server(request: pytest.FixtureRequest) -> MinioServer | SeaweedServer:
+    """The session server of this parameter: ``minio_server`` or ``seaweed_server`` (started on first use)."""
+    server: MinioServer | SeaweedServer = request.getfixturevalue(SERVER_FIXTURE[request.param])
+    return server
+
+
+@pytest.fixture
+def s3_store_config(s3_server: MinioServer | SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> StoreConfig:
+    """``minio_store_config`` for each server of ``S3_SERVERS`` (a fresh bucket per test)."""
+    return s3_store_config_for(s3_server, monkeypatch)
 
 
 # Real Prometheus + Pushgateway (session-scoped; see tests/prometheus_server.py)

@@ -71,6 +71,7 @@ class MinioServer:
             self._make_cert()
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_s: list[float] = []  # seconds from spawn to ready, per start
+        self.restart_write_pause_s = 0.0  # MinIO takes writes as soon as it is ready (cf. SeaweedServer)
         atexit.register(self.close)
 
     @property

@@ -1,5 +1,5 @@
-"""Folder data under an S3 prefix on the real MinIO: one train task lists and gets only its own
-client's keys, and a whole `hetlora run` (kfp.local) trains and evaluates on it."""
+"""Folder data under an S3 prefix on the real MinIO and SeaweedFS: one train task lists and gets only
+its own client's keys, and a whole `hetlora run` (kfp.local, MinIO) trains and evaluates on it."""
 
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ def s3_config(tmp_path: Path, store_cfg: StoreConfig, data_path: str, **extra: A
     return folder_config(data_path, tmp_path / "unused", store=store, **extra)
 
 
-def test_a_train_task_reads_only_its_own_prefix(tmp_path: Path, minio_store_config: StoreConfig,
+def test_a_train_task_reads_only_its_own_prefix(tmp_path: Path, s3_store_config: StoreConfig,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    data_path = upload_clients(tmp_path, minio_store_config)
-    cfg = s3_config(tmp_path, minio_store_config, data_path)
+    data_path = upload_clients(tmp_path, s3_store_config)
+    cfg = s3_config(tmp_path, s3_store_config, data_path)
     store = st.open_store(cfg.store)
     assert client_ids(cfg) == sorted(CLIENTS)
     plan_round(cfg, store, client_ids(cfg), 0)
@@ -65,7 +65,7 @@ def test_a_train_task_reads_only_its_own_prefix(tmp_path: Path, minio_store_conf
     assert all(k.startswith("clients/bob/") for k in touched), touched
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a whole kfp.local run: MinIO only (the store calls it makes are the ones tested above)
 def test_hetlora_run_on_folder_data_under_an_s3_prefix(tmp_path: Path, minio_store_config: StoreConfig) -> None:
     data_path = upload_clients(tmp_path, minio_store_config)
     cfg = s3_config(tmp_path, minio_store_config, data_path)

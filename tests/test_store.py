@@ -1,4 +1,4 @@
-"""hetlora_core.store: LocalStore and S3Store (a real MinIO), manifests, the commit protocol, JSON documents,
+"""hetlora_core.store: LocalStore and S3Store (a real MinIO and a real SeaweedFS), manifests, the commit protocol, JSON documents,
 atomic_write and the package's import structure. The layout's keys: tests/test_layout_ownership.py."""
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import S3_SERVERS, SERVER_FIXTURE, s3_store_config_for
 from minio_server import MinioServer, free_port
+from seaweed_server import SeaweedServer
 
 from hetlora_core import store as st
 from hetlora_core.config import StoreConfig
@@ -50,11 +52,12 @@ BAD_KEYS = ["../escape", "a/../../escape", "/etc/passwd", "a//b", "a/./b", "a/..
             "a/\x00b", "a/.hetlora-tmp-x"]
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.minio)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+@pytest.fixture(params=["local", *S3_SERVERS])
+def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """Each store test runs on a local directory, a real MinIO and a real SeaweedFS."""
     if request.param == "local":
         return open_store(StoreConfig(kind="local", root=str(tmp_path / "store")))
-    return open_store(request.getfixturevalue("minio_store_config"))
+    return open_store(s3_store_config_for(request.getfixturevalue(SERVER_FIXTURE[request.param]), monkeypatch))
 
 
 def s3(cfg: StoreConfig, **changes: object) -> st.S3Store:
@@ -313,18 +316,18 @@ from hetlora_core.store import S3Store
     assert not (root / "hetlora_core" / "store.py").exists() and not (root / "hetlora_core" / "store_s3.py").exists()
 
 
-# ---------------------------------------------------------------- S3Store against a real MinIO
+# ---------------------------------------------------------------- S3Store against a real MinIO and SeaweedFS
+# (s3_server / s3_store_config: once per server of conftest.S3_SERVERS; minio_*: what only MinIO has)
 
-@pytest.mark.minio
-def test_s3_bucket_created_private(minio_store_config: StoreConfig, minio_server: MinioServer) -> None:
-    s = open_store(minio_store_config)
+def test_s3_bucket_created_private(s3_store_config: StoreConfig, s3_server: MinioServer | SeaweedServer) -> None:
+    s = open_store(s3_store_config)
     s.put_bytes("e/secret.bin", b"x")
-    url = f"http://{minio_server.endpoint}/{minio_store_config.bucket}/e/secret.bin"
+    url = f"http://{s3_server.endpoint}/{s3_store_config.bucket}/e/secret.bin"
     with pytest.raises(urllib.error.HTTPError) as exc:  # anonymous read must be refused
         urllib.request.urlopen(url, timeout=5)
     assert exc.value.code == 403
-    assert s.describe() == f"s3 bucket {minio_store_config.bucket} at http://{minio_server.endpoint}"
-    assert minio_server.secret_key not in repr(s) + s.describe()
+    assert s.describe() == f"s3 bucket {s3_store_config.bucket} at http://{s3_server.endpoint}"
+    assert s3_server.secret_key not in repr(s) + s.describe()
     with pytest.raises(TypeError, match="credentials"):
         pickle.dumps(s)
 
@@ -347,35 +350,33 @@ def test_s3_unavailable_is_quick_and_clear(monkeypatch: pytest.MonkeyPatch, capl
     assert secret not in msg + caplog.text
 
 
-@pytest.mark.minio
 @pytest.mark.parametrize("which", ["HETLORA_S3_SECRET_KEY", "HETLORA_S3_ACCESS_KEY"])
-def test_s3_wrong_credentials(minio_store_config: StoreConfig, monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+def test_s3_wrong_credentials(s3_store_config: StoreConfig, monkeypatch: pytest.MonkeyPatch, which: str) -> None:
     monkeypatch.setenv(which, "wrong-" + "x" * 20)
     t0 = time.monotonic()
     with pytest.raises(StoreAuthError) as exc:
-        s3(minio_store_config, retry_deadline_s=30.0)
+        s3(s3_store_config, retry_deadline_s=30.0)
     assert time.monotonic() - t0 < 5.0  # not retried until the deadline
     assert "HETLORA_S3_ACCESS_KEY" in str(exc.value) and "HETLORA_S3_SECRET_KEY" in str(exc.value)
     assert "wrong-" not in str(exc.value)
 
 
-@pytest.mark.minio
-def test_s3_credentials_from_environment_only(minio_store_config: StoreConfig, minio_server: MinioServer,
+def test_s3_credentials_from_environment_only(s3_store_config: StoreConfig, s3_server: MinioServer | SeaweedServer,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HETLORA_S3_ACCESS_KEY")
     monkeypatch.delenv("HETLORA_S3_SECRET_KEY")
     with pytest.raises(StoreAuthError, match="HETLORA_S3_ACCESS_KEY and HETLORA_S3_SECRET_KEY"):
-        open_store(minio_store_config)
-    monkeypatch.setenv("HETLORA_S3_ACCESS_KEY", minio_server.access_key)
+        open_store(s3_store_config)
+    monkeypatch.setenv("HETLORA_S3_ACCESS_KEY", s3_server.access_key)
     with pytest.raises(StoreAuthError, match="HETLORA_S3_SECRET_KEY is not"):
-        open_store(minio_store_config)
+        open_store(s3_store_config)
     monkeypatch.delenv("HETLORA_S3_ACCESS_KEY")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", minio_server.access_key)  # the AWS fallback
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", minio_server.secret_key)
-    open_store(minio_store_config).put_bytes("e/k", b"ok")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)  # the AWS fallback
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    open_store(s3_store_config).put_bytes("e/k", b"ok")
 
 
-@pytest.mark.minio
+@pytest.mark.minio  # S3Store._retry's own logic: any live server will do, so MinIO only
 def test_s3_retries_5xx_but_not_auth(minio_store_config: StoreConfig) -> None:
     from minio.error import S3Error
 
@@ -402,10 +403,14 @@ def test_s3_retries_5xx_but_not_auth(minio_store_config: StoreConfig) -> None:
     assert len(calls) == 1
 
 
-@pytest.mark.minio
 @pytest.mark.timeout(120)
-def test_s3_put_survives_minio_restart(minio_store_config: StoreConfig, minio_server: MinioServer) -> None:
-    s = s3(minio_store_config, retry_deadline_s=20.0)
+@pytest.mark.parametrize("s3_server", [S3_SERVERS[0], pytest.param("seaweedfs", marks=[pytest.mark.seaweedfs, pytest.mark.slow])],
+                         indirect=True)  # SeaweedFS: ~25 s (its master's 15 s warm-up after a restart)
+def test_s3_put_survives_server_restart(s3_store_config: StoreConfig, s3_server: MinioServer | SeaweedServer) -> None:
+    # A restarted SeaweedFS holds PUTs until its master has warmed up (restart_write_pause_s): the
+    # deadline must cover the outage plus that pause, as store.retry_deadline_s must in production.
+    budget = 20.0 + s3_server.restart_write_pause_s
+    s = s3(s3_store_config, retry_deadline_s=budget)
     s.put_bytes("e/before", b"persisted")  # also leaves a pooled connection that goes stale
     payload = os.urandom(200_000)
     result: dict[str, object] = {}
@@ -418,17 +423,17 @@ def test_s3_put_survives_minio_restart(minio_store_config: StoreConfig, minio_se
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             result["error"] = e
 
-    minio_server.stop()
+    s3_server.stop()
     th = threading.Thread(target=worker)
     th.start()
     try:
         time.sleep(2.0)
-        assert th.is_alive(), f"put gave up while MinIO was down: {result}"
+        assert th.is_alive(), f"put gave up while the server was down: {result}"
     finally:
-        minio_server.restart()
+        s3_server.restart()
         th.join(40)
     assert "error" not in result, result
-    assert 1.5 <= result["took"] < 20.0  # type: ignore[operator]
+    assert 1.5 <= result["took"] < budget  # type: ignore[operator]
     assert get_artifact(s, global_prefix("e", 0))[0] == payload
     assert s.get_bytes("e/before") == b"persisted"  # same data dir after restart
 
@@ -436,6 +441,7 @@ def test_s3_put_survives_minio_restart(minio_store_config: StoreConfig, minio_se
 @pytest.mark.minio
 def test_s3_tls(minio_server: MinioServer, monkeypatch: pytest.MonkeyPatch) -> None:
     # minio_server only ensures the binary exists (skip/fail otherwise); this test runs its own TLS MinIO.
+    # MinIO only: it checks our client's TLS handling (CA bundle, http-vs-https), not the server.
     with MinioServer(minio_server.binary, tls=True) as tls:
         monkeypatch.setenv("HETLORA_S3_ACCESS_KEY", tls.access_key)
         monkeypatch.setenv("HETLORA_S3_SECRET_KEY", tls.secret_key)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from minio_server import MinioServer
+from seaweed_server import SeaweedServer
 
 from hetlora_core import store as st
 from hetlora_core.config import StoreConfig, load_config
@@ -121,16 +122,16 @@ def test_s3_call_against_a_stalling_endpoint_times_out_within_the_deadline(every
 # ---------------------------------------------------------------- disk full and permissions, by name
 
 
-@pytest.mark.minio
-def test_minio_wrong_credentials_and_access_denied_are_told_apart(minio_store_config: StoreConfig, minio_server: MinioServer) -> None:
-    open_store(minio_store_config).put_bytes("e/k", b"x")
-    ep, bucket = minio_server.endpoint, minio_store_config.bucket
+def test_s3_wrong_credentials_and_access_denied_are_told_apart(s3_store_config: StoreConfig,
+                                                               s3_server: MinioServer | SeaweedServer) -> None:
+    open_store(s3_store_config).put_bytes("e/k", b"x")
+    ep, bucket = s3_server.endpoint, s3_store_config.bucket
     wrong = st.S3Store(ep, bucket, credentials=("nobody", "not-the-secret-1234"), create_bucket=False, retry_deadline_s=5)
     with pytest.raises(st.StoreAuthError) as e:
         wrong.get_bytes("e/k")
     assert not isinstance(e.value, st.StorePermissionError)
     assert "rejected the credentials" in str(e.value) and "get e/k" in str(e.value), str(e.value)
-    # The real MinIO's AccessDenied: a request without credentials to the private bucket.
+    # The real server's AccessDenied: a request without credentials to the private bucket.
     anonymous = st.S3Store(ep, bucket, credentials=("", ""), create_bucket=False, retry_deadline_s=5)
     t0 = time.monotonic()
     with pytest.raises(st.StorePermissionError) as d:
@@ -138,7 +139,32 @@ def test_minio_wrong_credentials_and_access_denied_are_told_apart(minio_store_co
     assert time.monotonic() - t0 < 2, "a refusal is not retried"
     msg = str(d.value)
     assert "permission denied (AccessDenied)" in msg and "put e/k2" in msg and bucket in msg, msg
-    assert minio_server.secret_key not in msg
+    assert s3_server.secret_key not in msg
+
+
+def test_s3_edge_answers_match_on_every_server(s3_store_config: StoreConfig) -> None:
+    """The answers S3Store maps to its own errors, from each real server (MinIO, SeaweedFS): a body
+    over max_bytes, a missing key, an empty object, an empty prefix, a bucket that is not there."""
+    s = open_store(s3_store_config)
+    s.put_bytes("e/big", b"x" * 1000)
+    with pytest.raises(st.ObjectTooLarge):
+        s.get_bytes("e/big", max_bytes=999)  # refused from content-length, before the body is read
+    assert s.get_bytes("e/big", max_bytes=1000) == b"x" * 1000
+    with pytest.raises(st.NotFound):
+        s.get_bytes("e/missing")
+    assert not s.exists("e/missing")
+    s.delete("e/missing")  # idempotent
+    s.put_bytes("e/empty", b"")
+    assert s.get_bytes("e/empty") == b"" and s.exists("e/empty")
+    assert s.list("e") == ["e/big", "e/empty"] and s.list("nothing") == []
+    s.delete_prefix("nothing")
+    missing = st.S3Store(s3_store_config.endpoint, "no-such-bucket-here", retry_deadline_s=3, create_bucket=False)
+    t0 = time.monotonic()
+    for call in (lambda: missing.get_bytes("e/k"), lambda: missing.list("e")):
+        with pytest.raises(st.StoreError, match="NoSuchBucket") as e:
+            call()
+        assert not isinstance(e.value, (st.NotFound, st.StoreUnavailable)), e.value
+    assert time.monotonic() - t0 < 2, "a missing bucket is not retried"
 
 
 class FullS3(http.server.BaseHTTPRequestHandler):
