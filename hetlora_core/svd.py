@@ -81,7 +81,7 @@ class DeltaSums:
     (``total_ranks``, known from the facts up front) is at most half of min(out, in), the stacked
     factors themselves are kept and ``finish`` factors their product through ``_low_rank_svd``
     (no out x in SVD): the same best rank-r approximation, at a fraction of the cost. A module's
-    sum is allocated at its first group and freed when it is finished, as in ``strategies._FactorSums``."""
+    sum is allocated at its first group and freed when it is finished, as in ``averaging.FactorSums``."""
 
     def __init__(self, prev_global: LoraAdapter, r_max: int, total_ranks: Mapping[str, int]) -> None:
         self.prev, self.r_max = prev_global, r_max
@@ -93,7 +93,7 @@ class DeltaSums:
         self._scratch32 = Scratch(np.float32)
 
     def add(self, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
-        """Add a group with sample weights ``w``, module by module (see ``strategies._FactorSums.add``)."""
+        """Add a group with sample weights ``w``, module by module (see ``averaging.FactorSums.add``)."""
         for m in self.shapes:
             self.add_module(m, adapters, w)
 
