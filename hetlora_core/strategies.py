@@ -373,7 +373,7 @@ class Aggregation:
             f = self.facts[i]
             if self._added[i]:
                 raise ValueError(f"client {f.client_id} was added twice")
-            if a.ranks != f.ranks:
+            if len(a.A) != len(f.ranks) or any(m not in a.A or a.A[m].shape[0] != r for m, r in f.ranks.items()):  # a.ranks != f.ranks
                 raise AdapterError(f"client {f.client_id}: ranks {a.ranks} differ from its facts' {f.ranks}")
             if f.factor_clip is not None:
                 a = apply_factor_clip(a, self.prev.truncate(a.ranks), f.factor_clip)
@@ -412,7 +412,7 @@ def aggregate(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], cfg: St
     if cfg.name == "full_ft":
         raise ValueError("full_ft aggregates full weight deltas: call average_tensors")
     # modules and ranks are checked by Aggregation, from the facts (the same messages)
-    if measurable(cfg) and all(x.dtype == np.float32 for u in updates for x in (*u.adapter.A.values(), *u.adapter.B.values())):
+    if measurable(cfg):
         agg = Aggregation(prev_global, _facts_of(updates), cfg, r_max, measure=True)  # norms measured while averaging
         agg.add_all([u.adapter for u in updates])
         return agg.result()

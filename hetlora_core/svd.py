@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .adapter import LoraAdapter
+from .lapack import top_eigh
 from .reduce import Scratch
 
 
@@ -56,8 +57,7 @@ def top_svd(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.nd
     out_f, in_f = delta.shape
     k = min(rank, out_f, in_f)
     wide = out_f <= in_f  # eigenvectors of the smaller side; the other side by one product
-    _, vecs = np.linalg.eigh(delta @ delta.T if wide else delta.T @ delta)  # ascending eigenvalues
-    Q = np.ascontiguousarray(vecs[:, ::-1][:, :k])
+    _, Q = top_eigh(delta @ delta.T if wide else delta.T @ delta, k)  # the k leading eigenvectors only (lapack.py)
     P = Q.T @ delta if wide else (delta @ Q).T  # rows: sigma_i times the other side's singular vector
     S = np.linalg.norm(P, axis=1)
     S[S <= np.finfo(np.float64).tiny * max(out_f, in_f)] = 0.0  # zero update: zero factors, no 0/0
@@ -70,7 +70,6 @@ def top_svd(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.nd
 # and every product is added into the float64 sum: a float32 accumulation over K terms is off by
 # ~sqrt(K) * 6e-8 relative, ~2e-6 at this K, below the float32 result's tolerance.
 GEMM_K = 1024
-F32_SAFE = 1e36  # a float32 GEMM whose entries could exceed this runs in float64 (max float32 is 3.4e38)
 
 
 class DeltaSums:
@@ -111,19 +110,26 @@ class DeltaSums:
         if m not in self.dense:
             self.dense[m] = np.zeros((out_f, in_f))
         Bc32 = np.concatenate([a.B[m] for a in adapters], axis=1)  # float32: see GEMM_K
-        Bc32 *= cols.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught below, not warned about
+            Bc32 *= cols.astype(np.float32)
         Ac32 = np.concatenate([a.A[m] for a in adapters], axis=0)
         prod = self._scratch32.get("prod", out_f * in_f).reshape(out_f, in_f)
         for s in range(0, Ac32.shape[0], GEMM_K):
             Bk, Ak = Bc32[:, s:s + GEMM_K], Ac32[s:s + GEMM_K]
-            # Security: uploads are untrusted and float32 overflows at 3.4e38. A bound on every entry
-            # of the product (cheap: the factors are thin) sends a chunk that could overflow to float64,
-            # where the sum stays finite and the outlier is judged as a number, not as an inf.
-            if Bk.size and float(np.abs(Bk).max()) * float(np.abs(Ak).max()) * Ak.shape[0] > F32_SAFE:
-                self.dense[m] += Bk.astype(np.float64) @ Ak.astype(np.float64)
+            # Security: uploads are untrusted and float32 overflows at 3.4e38. An overflow anywhere
+            # (in the weighting of B, a product or a partial sum) leaves an inf or a nan in the result
+            # (inf + x = inf, inf - inf = nan), so one sum of it tells (a huge finite sum only costs a
+            # needless float64 redo); such a chunk is redone in float64 from the unscaled factors, where
+            # the sum stays finite and the outlier is judged as a number, not as an inf. (This replaced a
+            # bound from the factors' max-abs, whose temporaries read every stacked factor twice more.)
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.matmul(Bk, Ak, out=prod)
+                finite = bool(np.isfinite(prod.sum()))
+            if finite:
+                self.dense[m] += prod
                 continue
-            np.matmul(Bk, Ak, out=prod)
-            self.dense[m] += prod
+            Bk64 = np.concatenate([a.B[m] for a in adapters], axis=1, dtype=np.float64)[:, s:s + GEMM_K] * cols[s:s + GEMM_K]
+            self.dense[m] += Bk64 @ Ak.astype(np.float64)
 
     def finish(self, m: str) -> None:
         """Module ``m``'s balanced factors by SVD; its sums are freed."""
