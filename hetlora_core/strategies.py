@@ -373,7 +373,7 @@ class Aggregation:
             f = self.facts[i]
             if self._added[i]:
                 raise ValueError(f"client {f.client_id} was added twice")
-            if len(a.A) != len(f.ranks) or any(m not in a.A or a.A[m].shape[0] != r for m, r in f.ranks.items()):  # a.ranks != f.ranks
+            if a.ranks != f.ranks:
                 raise AdapterError(f"client {f.client_id}: ranks {a.ranks} differ from its facts' {f.ranks}")
             if f.factor_clip is not None:
                 a = apply_factor_clip(a, self.prev.truncate(a.ranks), f.factor_clip)
