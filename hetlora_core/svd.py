@@ -76,7 +76,7 @@ class DeltaSums:
     """Recon+SVD's ``dW = sum_k w_k s_k B_k A_k`` per module, fed group by group: GEMMs of the
     column-stacked ``[w_k s_k B_k]`` (out x R) by the row-stacked ``[A_k]`` (R x in), float32, over
     chunks of whole clients of at most ``GEMM_K`` components, into a float64 (out x in) sum, never a dense delta per
-client; ``finish`` takes its leading triplets from the Gram matrix (``top_svd``). Where the round's whole stacked rank
+    client; ``finish`` takes its leading triplets from the Gram matrix (``top_svd``). Where the round's whole stacked rank
     (``total_ranks``, known from the facts up front) is at most half of min(out, in), the stacked
     factors themselves are kept and ``finish`` factors their product through ``_low_rank_svd``
     (no out x in SVD): the same best rank-r approximation, at a fraction of the cost. A module's
