@@ -20,7 +20,7 @@ results): the aggregate step loads no torch.
 
 Clients are reduced in *groups*: clients with the same per-module ranks, in batches of at most
 ``GROUP_BYTES`` of factors (``rank_groups``). Per module, a group is reduced in L2-sized chunks: one
-copy into a reused float32 stack and one GEMV of the weights against it (``reduce.weighted_sum_into``),
+copy into a reused float32 stack and one GEMV of the weights against it (``reduce.weighted_pair_into``),
 or for Recon+SVD one GEMM of the stacked factors, instead of a Python loop over clients and modules. The weights
 need only a few numbers per client (``ClientFacts``: ranks, sample count, delta norms), so
 ``Aggregation`` can also be fed group by group: the aggregate step keeps the facts of every upload
