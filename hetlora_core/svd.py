@@ -117,8 +117,9 @@ class DeltaSums:
             while j < len(adapters) and width + ranks[j] <= GEMM_K:
                 width += ranks[j]
                 j += 1
-            # Reused float32 stacks of a few MiB, not the whole group's: a fresh group-sized array
-            # is page-faulted in on first touch, which cost more than the copy itself (~0.4x the GEMM)
+            # Reused float32 stacks of a few MiB, not a fresh group-sized pair per group: the step holds
+            # a few MiB of stacks instead of one group's module share again (the time did not change
+            # measurably in one loaded run; the strided copy of B dominates either way)
             Bk = np.concatenate([a.B[m] for a in adapters[i:j]], axis=1,
                                 out=self._scratch32.get("B", out_f * width).reshape(out_f, width))
             Ak = np.concatenate([a.A[m] for a in adapters[i:j]], axis=0,
