@@ -10,9 +10,11 @@ client ranks uniform in [2, 16], r_max 16 (1000 clients hold ~2.1 GB of float32 
 **Time** (library code, in this process). Every client's A and B tensors are views into one flat
 buffer per client, and the baseline adds those buffers (one ``np.add`` per client into one
 accumulator), so it reads exactly the bytes the strategies read. Timed: ``strategies.aggregate``
-for hetlora, zero_pad and recon_svd (the grouped paths), and HetLoRA's two halves: the sparsity
-weights (``client_weights``: ``||B_k A_k||_F`` per client and module, r x r Gram form) and the factor
-averaging (``average_factors``: one stacked reduction per module and rank group). Repetitions
+for hetlora, zero_pad and recon_svd (the grouped paths; hetlora measures its sparsity weights on the
+averaging's own chunk stacks, one pass), and HetLoRA's two halves apart: the sparsity weights alone
+(``client_weights``: ``||B_k A_k||_F`` per client and module, r x r Gram form, as the aggregate step's
+first pass computes them) and the factor averaging with given weights (``average_factors``: one
+stacked reduction per module and rank group). Repetitions
 interleave the baseline and each case; medians are reported; a case whose first run exceeds
 ``--max-seconds`` is not repeated at that size. ``--compare DIR`` adds ``<strategy>@before``: the
 same ``aggregate`` call of another checkout's ``hetlora_core`` (e.g. main's tree from ``git archive``),

@@ -237,7 +237,7 @@ class StrategyConfig:
     # "paper": p_k over all clients of the round, zero padding (the paper's formula); "rank_aware":
     # a client's components above its rank are padded with the previous global's, not zeros, so a
     # component trained by few clients moves by their p_k-weighted update instead of shrinking by
-    # p_k^2 in B A (strategies._FactorSums.finish; not a renormalisation, which diverged).
+    # p_k^2 in B A (averaging.FactorSums.finish; not a renormalisation, which diverged).
     normalisation: Literal["paper", "rank_aware"] = "paper"
     clip_norm: float | None = None  # optional per-client clipping of the whole update s·B·A (poisoned clients)
     # Robust aggregation, a departure from the paper (robust.py): drop a client whose update or factor

@@ -22,6 +22,7 @@ in-memory ``strategies.aggregate`` agree byte for byte.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -81,4 +82,15 @@ def delta_norms_many(adapters: Sequence[tuple[Mapping[str, np.ndarray], Mapping[
                 a = np.concatenate(xa, axis=0, dtype=np.float64)
                 b = np.concatenate(xb, axis=0, dtype=np.float64)
             sq.update(zip(part, _gram_sq(a.reshape(len(part), r, in_f), b.reshape(len(part), out_f, r)).tolist(), strict=True))
-    return [{m: abs(scale) * max(sq[(k, m)], 0.0) ** 0.5 for m in sorted(A)} for k, (A, _, scale) in enumerate(adapters)]
+    # abs(scale) * sqrt(sq): the same IEEE operations as ``stack_norms``'s arrays, so the same bits
+    return [{m: abs(scale) * math.sqrt(max(sq[(k, m)], 0.0)) for m in sorted(A)} for k, (A, _, scale) in enumerate(adapters)]
+
+
+def stack_norms(a: np.ndarray, b: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """``||s_k B_k A_k||_F`` of stacked factors ``a`` (c, r, in) and ``b`` (c, out, r), float64: the
+    factor averaging measures HetLoRA's sparsity weights on the stacks it copies anyway
+    (``averaging``). Bit for bit ``delta_norms_many``'s numbers (a client's bits do not depend on
+    its chunk), so the streaming step, which has them from its first pass, gets the same weights."""
+    if a.dtype != np.float32 or b.dtype != np.float32:
+        a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.abs(np.asarray(scales, np.float64)) * np.sqrt(np.maximum(_gram_sq(a, b), 0.0))

@@ -4,7 +4,8 @@ client. numpy only: the aggregate step imports no torch."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -30,27 +31,49 @@ def add_scaled(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray) ->
     np.add(acc, tmp, out=acc)
 
 
-# Clients per weighted reduction in ``weighted_sum_into``: their float32 stack stays within ~1 MiB
-# (this CPU's L2), so the stack is written and read in cache, not through memory.
-CHUNK_BYTES = 1 << 20
+# Clients per chunk of ``weighted_pair_into``: each factor's float32 stack about 1 MiB (this CPU's L2),
+# so a stack is written and read in cache, not through memory. (1 MiB for both stacks together, i.e.
+# half the clients per chunk, made zero-padding's reduction ~17% slower: twice the calls per client.)
+CHUNK_BYTES = 2 << 20
+
+# ``weigh(a, b, start)``: the weights of the chunk of clients ``start..`` from its stacks ``a`` (c, r, in)
+# and ``b`` (c, out, r), for a caller whose weights depend on the factors (HetLoRA's ||B A||_F)
+Weigh = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
 
-def weighted_sum_into(acc: np.ndarray, xs: Sequence[np.ndarray], w: np.ndarray, scratch: Scratch) -> None:
-    """``acc += sum_k w[k] * xs[k]`` for equal-shape arrays ``xs`` (float32 factors) into a float64
-    ``acc`` of their shape (any strides: a transposed view works). Clients go in chunks of
-    ``CHUNK_BYTES``: one copy into a reused float32 stack, one float32 GEMV with the weights, one add
-    into ``acc``. Why float32 inside a chunk: the inputs are float32 (exact), a chunk sums a few to
-    ~100 terms (rounding ~1e-7 relative to the chunk's sum, below the float32 result's resolution),
-    and the float64 cast copy and GEMV read twice the bytes: this reduction was ~5x the numpy
-    bandwidth floor that way. Across chunks the sum is float64."""
-    (rows, cols), k = xs[0].shape, len(xs)
-    c = max(1, CHUNK_BYTES // (4 * rows * cols))
-    stack = scratch.get("wsum-stack", min(c, k) * rows * cols)
-    res = scratch.get("wsum-res", rows * cols)
-    w32 = np.asarray(w, dtype=np.float32)
+def weighted_pair_into(acc_a: np.ndarray, acc_b: np.ndarray, xa: Sequence[np.ndarray], xb: Sequence[np.ndarray],
+                       w: np.ndarray | Weigh, scratch: Scratch) -> None:
+    """``acc_a += sum_k w[k] * xa[k]`` and ``acc_b += sum_k w[k] * xb[k]`` for equal-shape float32
+    factors ``xa`` (r, in) and ``xb`` (out, r) into float64 ``acc_a``, ``acc_b`` of their shapes (any
+    strides: a transposed view works). Clients go in chunks of ``CHUNK_BYTES`` of both factors: one
+    copy of each into a reused float32 stack, one float32 GEMV with the weights per factor, one add
+    into the accumulator. Why float32 inside a chunk: the inputs are float32 (exact), a chunk sums a
+    few to ~100 terms (rounding ~1e-7 relative to the chunk's sum, below the float32 result's
+    resolution), and a float64 cast copy and GEMV read twice the bytes (this reduction was ~5x the
+    numpy bandwidth floor that way). Across chunks the sum is float64.
+
+    Why A and B in one chunk: ``w`` may be a function of the chunk's stacks (``Weigh``), so HetLoRA's
+    sparsity weights are measured on the stacks the averaging copies anyway (one copy of every
+    factor, not two). The weights are scaled per chunk by a power of two (exact) into [0.5, 1) before
+    the float32 cast, so unnormalised weights (norms up to float64's range, from untrusted uploads)
+    never overflow float32."""
+    k, (r, in_f), out_f = len(xa), xa[0].shape, xb[0].shape[0]
+    c = max(1, CHUNK_BYTES // (4 * r * (in_f + out_f)))
+    stack_a, stack_b = scratch.get("pair-a", min(c, k) * r * in_f), scratch.get("pair-b", min(c, k) * out_f * r)
+    res_a, res_b = scratch.get("pair-res-a", r * in_f), scratch.get("pair-res-b", out_f * r)
     for s in range(0, k, c):
-        part = xs[s:s + c]
-        st = stack[:len(part) * rows * cols]
-        np.concatenate(part, axis=0, out=st.reshape(len(part) * rows, cols))
-        np.dot(w32[s:s + c], st.reshape(len(part), rows * cols), out=res)
-        acc += res.reshape(rows, cols)
+        n = min(c, k - s)
+        a = np.concatenate(xa[s:s + n], axis=0, out=stack_a[:n * r * in_f].reshape(n * r, in_f))
+        b = np.concatenate(xb[s:s + n], axis=0, out=stack_b[:n * out_f * r].reshape(n * out_f, r))
+        ws = np.asarray(w(a.reshape(n, r, in_f), b.reshape(n, out_f, r), s) if callable(w) else w[s:s + n], np.float64)
+        top = float(np.abs(ws).max())
+        e = math.frexp(top)[1] if 0 < top < math.inf else 0
+        w32 = np.ldexp(ws, -e).astype(np.float32)
+        np.dot(w32, a.reshape(n, r * in_f), out=res_a)
+        np.dot(w32, b.reshape(n, out_f * r), out=res_b)
+        if e:  # float64 products: the scale-back may leave float32's range
+            acc_a += np.float64(2.0 ** e) * res_a.reshape(r, in_f)
+            acc_b += np.float64(2.0 ** e) * res_b.reshape(out_f, r)
+        else:
+            acc_a += res_a.reshape(r, in_f)
+            acc_b += res_b.reshape(out_f, r)

@@ -12,7 +12,7 @@ Three code paths cover every method of HETLORA.md:
   factor the result by SVD with balanced factors, so truncating to r is the best rank-r approximation.
 * full fine-tuning FedAvg (``full_ft``): ``methods.full_ft.average_tensors`` over full weight deltas.
 
-The SVD half of Recon+SVD lives in ``svd.py``, the batched delta norms in ``norms.py``, the
+The SVD half of Recon+SVD lives in ``svd.py``, the factor averaging's sums in ``averaging.py``, the batched delta norms in ``norms.py``, the
 weighted-sum kernel and scratch buffers in ``reduce.py``.
 
 Everything is numpy (float32 within a cache-sized chunk of clients, float64 across chunks, float32
@@ -20,7 +20,7 @@ results): the aggregate step loads no torch.
 
 Clients are reduced in *groups*: clients with the same per-module ranks, in batches of at most
 ``GROUP_BYTES`` of factors (``rank_groups``). Per module, a group is reduced in L2-sized chunks: one
-copy into a reused float32 stack and one GEMV of the weights against it (``reduce.weighted_sum_into``),
+copy into a reused float32 stack and one GEMV of the weights against it (``reduce.weighted_pair_into``),
 or for Recon+SVD one GEMM of the stacked factors, instead of a Python loop over clients and modules. The weights
 need only a few numbers per client (``ClientFacts``: ranks, sample count, delta norms), so
 ``Aggregation`` can also be fed group by group: the aggregate step keeps the facts of every upload
@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .adapter import AdapterError, LoraAdapter
+from .averaging import FactorSums
 from .config import StrategyConfig
-from .norms import delta_norms_many
-from .reduce import Scratch, add_scaled, weighted_sum_into
+from .norms import delta_norms_many, stack_norms
 from .robust import FactorClip, apply_factor_clip, factor_clip
 from .svd import DeltaSums
 
@@ -114,6 +114,11 @@ def needs_norms(cfg: StrategyConfig) -> bool:
     return (cfg.name != "recon_svd" and weighting(cfg) == "sparsity") or cfg.clip_norm is not None
 
 
+def measurable(cfg: StrategyConfig) -> bool:
+    """Whether ``Aggregation(measure=True)`` applies: per-module sparsity weights, no clipping."""
+    return cfg.name != "recon_svd" and weighting(cfg) == "sparsity" and cfg.weight_granularity == "module" and cfg.clip_norm is None
+
+
 def client_facts(update: ClientUpdate, cfg: StrategyConfig, prev: LoraAdapter | None = None,
                  norms: Mapping[str, float] | None = None) -> ClientFacts:
     """The facts of one client under ``cfg``: clipping decided here (it depends on the client and the
@@ -142,31 +147,50 @@ def client_facts(update: ClientUpdate, cfg: StrategyConfig, prev: LoraAdapter | 
     return ClientFacts(update.client_id, update.num_samples, a.ranks, a.nbytes(), norms if sparsity else None, f, fc)
 
 
-def _weights(n: np.ndarray, norms: Sequence[Mapping[str, float]] | None, modules: Sequence[str],
-             cfg: StrategyConfig) -> tuple[dict[str, np.ndarray], str]:
-    """``p[module]`` from sample counts ``n`` and (sparsity weighting) per-client module norms."""
+SAMPLE_FALLBACK = "all sparsity norms zero: sample-count weights"
+
+
+def _normalise(s: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, float, str]:
+    """Sparsity weights ``s`` (one module, all clients) -> ``(p, total, fallback)``: ``p = s / total``,
+    or sample-count weights (total 1.0) and a note where the total is zero or not finite (HETLORA.md
+    step 5: round 0's B are all zero)."""
+    total = float(s.sum())
+    if total > 0 and math.isfinite(total):
+        return s / total, total, ""
+    return n / n.sum(), 1.0, SAMPLE_FALLBACK
+
+
+def _raw_weights(n: np.ndarray, norms: Sequence[Mapping[str, float]] | None, modules: Sequence[str],
+                 cfg: StrategyConfig) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, np.ndarray], str]:
+    """``(u, total, p, fallback)`` per module: the weights the sums add (``u``; for sparsity weights
+    the unnormalised norms, else ``p``), what the sums are divided by at the end (``total``), the
+    normalised weights ``p = u / total`` and a fallback note."""
     kind = weighting(cfg)
-    if kind == "uniform":
-        return {m: np.full(len(n), 1.0 / len(n)) for m in modules}, ""
-    if kind == "samples":
-        return {m: n / n.sum() for m in modules}, ""
+    if kind in ("uniform", "samples"):
+        p = np.full(len(n), 1.0 / len(n)) if kind == "uniform" else n / n.sum()
+        return dict.fromkeys(modules, p), dict.fromkeys(modules, 1.0), dict.fromkeys(modules, p), ""
     if norms is None:
         raise ValueError("sparsity weights need every client's delta norms")
     if cfg.weight_granularity == "client":
         per_client = np.array([math.sqrt(sum(v * v for v in d.values())) for d in norms])
-        raw = {m: per_client for m in modules}
+        raw = dict.fromkeys(modules, per_client)
     else:
         raw = {m: np.array([d[m] for d in norms]) for m in modules}
-    out, fallback = {}, ""
+    u, totals, p, fallback = {}, {}, {}, ""
     for m, s in raw.items():
         if cfg.sample_weighted:
             s = s * n
-        total = float(s.sum())
-        if total > 0 and math.isfinite(total):
-            out[m] = s / total
-        else:  # guard sum = 0 (HETLORA.md step 5)
-            out[m], fallback = n / n.sum(), "all sparsity norms zero: sample-count weights"
-    return out, fallback
+        p[m], totals[m], note = _normalise(s, n)
+        u[m] = p[m] if note else s
+        fallback = note or fallback
+    return u, totals, p, fallback
+
+
+def _weights(n: np.ndarray, norms: Sequence[Mapping[str, float]] | None, modules: Sequence[str],
+             cfg: StrategyConfig) -> tuple[dict[str, np.ndarray], str]:
+    """``p[module]`` from sample counts ``n`` and (sparsity weighting) per-client module norms."""
+    _, _, p, fallback = _raw_weights(n, norms, modules, cfg)
+    return p, fallback
 
 
 def client_weights(updates: Sequence[ClientUpdate], cfg: StrategyConfig) -> tuple[dict[str, np.ndarray], str]:
@@ -204,97 +228,6 @@ def _facts_of(updates: Sequence[ClientUpdate]) -> list[ClientFacts]:
     return [ClientFacts(u.client_id, u.num_samples, u.adapter.ranks, u.adapter.nbytes()) for u in updates]
 
 
-class _FactorSums:
-    """Running float64 sums ``sum_k W[k, j] pad(A_k)``, ``sum_k W[k, j] pad(B_k)``, the column
-    weights ``sum_k W[k, j]`` and the total weight ``sum_k p_k`` per module at ``r_max`` (component j
-    of client k weighs ``W[k, j] = p_k`` if ``j < r_k`` else 0, its zero padding). B is accumulated
-    transposed (component j = row j of both sums), so every update of a sum runs over contiguous
-    rows. A module's sums are allocated at its first group and freed when it is finished (fed module
-    by module, the allocator then hands the next module the same, already mapped, memory)."""
-
-    def __init__(self, prev_global: LoraAdapter, r_max: int, cfg: StrategyConfig) -> None:
-        self.prev, self.r_max, self.cfg = prev_global, r_max, cfg
-        self._sums: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}  # module -> (a, bt, col, total)
-        self._done: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # module -> (A, B) float32
-        self._scratch = Scratch()
-        self._scratch32 = Scratch(np.float32)
-
-    def add(self, adapters: Sequence[LoraAdapter], w: Mapping[str, np.ndarray]) -> None:
-        """Add a group of adapters of equal per-module ranks with weights ``w[module]`` (one per
-        adapter), module by module. Each module's sums see the same operations whatever order the
-        modules and groups come in (``add_module``), so the result does not depend on it."""
-        ranks = adapters[0].ranks
-        if any(a.ranks != ranks for a in adapters[1:]):
-            raise AdapterError("a group's adapters must have equal per-module ranks (see rank_groups)")
-        for m in ranks:
-            self.add_module(m, adapters, w[m])
-
-    def add_module(self, m: str, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
-        """Module ``m`` of a group (equal ranks there): one weighted reduction of the stacked A and
-        one of the stacked B (into B^T's sum, through a transposed view); a group of one is just its
-        weighted adds (stacking only adds calls)."""
-        if m not in self._sums:
-            self._sums[m] = (np.zeros((self.r_max, self.prev.A[m].shape[1])), np.zeros((self.r_max, self.prev.B[m].shape[0])),
-                             np.zeros(self.r_max), np.zeros(1))
-        a, bt, col, total = self._sums[m]
-        r = adapters[0].A[m].shape[0]
-        if len(adapters) == 1:
-            x, wk = adapters[0], float(w[0])
-            tmp = self._scratch.get("stack", max(x.A[m].size, x.B[m].size))
-            add_scaled(a[:r], x.A[m], wk, tmp)
-            add_scaled(bt[:r], x.B[m].T, wk, tmp)
-            col[:r] += wk
-            total += wk
-            return
-        ws = np.asarray(w, dtype=np.float64)
-        weighted_sum_into(a[:r], [x.A[m] for x in adapters], ws, self._scratch32)
-        weighted_sum_into(bt[:r].T, [x.B[m] for x in adapters], ws, self._scratch32)  # B as stored: no transposing copy
-        col[:r] += ws.sum()
-        total += ws.sum()  # the same float additions as every trained column: equal where all clients trained j
-
-    def finish(self, m: str) -> None:
-        """Module ``m``'s float32 factors; its float64 sums are freed. ``normalisation="paper"``
-        uses W as is (the paper's formula: zero padding). ``"rank_aware"`` pads a client that did
-        not train component j (rank, received or pruned, <= j) with the previous global's
-        component j -- it trained from that global, so what it did not receive it did not change --
-        i.e. adds ``(sum_k p_k - sum_k W[k, j]) * prev[j]`` to both sums. Component j then moves by
-        the weighted average of the clients' updates (a non-trainer's is zero): a lone client of
-        weight p_k moves it by ~p_k of its update, as FedAvg would, not p_k^2 (paper) nor 1. Where
-        every client trained j the added weight is exactly 0.0 (same float sums): the paper's bytes.
-
-        Why not renormalise column j by ``sum_k W[k, j]`` (this option's first form, issue 16): a
-        lone client's tail entered at full strength every round; on SmolLM2 (bench ``full``, seed 2)
-        the global tail ``||B A||`` went 17.9 -> 25.3 -> 41.0 -> 55.0 in 4 rounds (paper 5.6..8.8,
-        this padding 8.0 -> 23.2), final perplexity 80.1 / 121.0 / 127.9 over seeds 0-2 (base
-        119.8). A ``sqrt`` split over both factors: 67.6 / 90.4 / 229.5. This padding: 68.3 / 80.6
-        / 79.6; the paper's formula: 64.3 / 71.6 / 66.8 (its p_k^2 damping regularises the tail).
-
-        Components with ``sum_k W[k, j] == 0`` keep the previous global value
-        (``untrained_components = "keep"``, what rank-aware padding gives anyway when the weights
-        sum to 1) or become zero (``"zero"``, paper-literal)."""
-        r_max, in_f, out_f = self.r_max, self.prev.A[m].shape[1], self.prev.B[m].shape[0]
-        a, bt, col, total = self._sums.pop(m, None) or (np.zeros((r_max, in_f)), np.zeros((r_max, out_f)), np.zeros(r_max), np.zeros(1))
-        untrained = col == 0
-        if self.cfg.normalisation == "rank_aware":
-            gap = total[0] - col  # the weight of the clients that did not train component j
-            for j in np.flatnonzero(gap):  # row by row: no module-sized temporary
-                a[j] += gap[j] * self.prev.A[m][j]
-                bt[j] += gap[j] * self.prev.B[m][:, j]
-            if self.cfg.untrained_components == "zero":
-                a[untrained], bt[untrained] = 0.0, 0.0
-        if self.cfg.untrained_components == "keep" and untrained.any():
-            a[untrained] = self.prev.A[m][untrained]
-            bt[untrained] = self.prev.B[m][:, untrained].T
-        self._done[m] = (a.astype(np.float32), np.ascontiguousarray(bt.T, dtype=np.float32))
-
-    def result(self) -> LoraAdapter:
-        for m in self.prev.modules:
-            if m not in self._done:
-                self.finish(m)
-        return LoraAdapter({m: self._done[m][0] for m in self.prev.modules}, {m: self._done[m][1] for m in self.prev.modules},
-                           self.prev.scale)
-
-
 def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p: dict[str, np.ndarray],
                     cfg: StrategyConfig, r_max: int) -> LoraAdapter:
     """``B_g = sum_k p_k pad(B_k)``, ``A_g = sum_k p_k pad(A_k)`` per module, component by component.
@@ -303,11 +236,11 @@ def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p
     ``normalisation="paper"`` uses W as is (the paper's formula); ``"rank_aware"`` pads a client
     with the previous global's components above its rank instead of zeros, so a component trained
     by few clients moves by their weighted update (about ``p_k`` times one client's) instead of
-    being shrunk by ``p_k^2`` in B A (``_FactorSums.finish`` says why not a renormalisation).
+    being shrunk by ``p_k^2`` in B A (``FactorSums.finish`` says why not a renormalisation).
     Components with ``sum_k W[k, j] == 0`` keep the previous global value (``untrained_components
     = "keep"``) or become zero (``"zero"``, paper-literal; then they can never train again).
     Clients are reduced group by group (``rank_groups``), float64 sums of float32 chunks, float32 result."""
-    sums = _FactorSums(prev_global, r_max, cfg)
+    sums = FactorSums(prev_global, r_max, cfg)
     groups = [(idx, [updates[i].adapter for i in idx]) for idx in rank_groups(_facts_of(updates))]
     for m in prev_global.modules:  # module by module: one module's sums live at a time
         for idx, adapters in groups:
@@ -334,9 +267,16 @@ class Aggregation:
     """One LoRA aggregation, fed group by group. The weights, the clipping and the groups follow
     from the clients' facts alone, so a caller may hold one group's adapters at a time: call
     ``add`` for every entry of ``groups``, in that order (the order fixes the float64 sums, hence
-    the bytes), then ``result``. ``aggregate`` does exactly this from memory."""
+    the bytes), then ``result``. ``aggregate`` does exactly this from memory.
 
-    def __init__(self, prev_global: LoraAdapter, facts: Sequence[ClientFacts], cfg: StrategyConfig, r_max: int) -> None:
+    ``measure=True`` (``aggregate``, every adapter in memory, HetLoRA's per-module sparsity weights
+    without clipping): the facts carry no norms; ``add_all`` measures them on the averaging's own
+    chunk stacks (``norms.stack_norms``) and adds the unnormalised norms, dividing each module's sums
+    by their total at the end -- which is what the streaming path does with the norms its facts
+    carry, so both give the same bytes, and every factor is copied once instead of twice."""
+
+    def __init__(self, prev_global: LoraAdapter, facts: Sequence[ClientFacts], cfg: StrategyConfig, r_max: int,
+                 measure: bool = False) -> None:
         if not facts:
             raise AdapterError("aggregate: no client updates to aggregate")
         if cfg.name == "full_ft":
@@ -349,30 +289,39 @@ class Aggregation:
                 raise AdapterError(f"client {f.client_id}: rank {max(f.ranks.values())} > r_max {r_max}")
         self.facts, self.cfg, self.prev = list(facts), cfg, prev_global
         n = np.array([f.num_samples for f in facts], dtype=np.float64)
-        self.fallback = ""
-        self._sums: _FactorSums | DeltaSums
+        self.n, self.fallback = n, ""
+        self._sums: FactorSums | DeltaSums
+        self.measure = measure
+        if measure and not measurable(cfg):
+            raise ValueError("measure=True is for per-module sparsity weights without clipping")
         if cfg.name == "recon_svd":
             w = n / n.sum()
             self.p = {m: w for m in modules}
+            self._u, self._total = self.p, dict.fromkeys(modules, 1.0)
             self._sums = DeltaSums(prev_global, r_max, {m: sum(f.ranks[m] for f in facts) for m in modules})
         else:
             norms = [f.norms for f in facts]
-            if weighting(cfg) == "sparsity" and any(d is None for d in norms):
+            if weighting(cfg) == "sparsity" and not measure and any(d is None for d in norms):
                 raise ValueError("sparsity weights need every client's delta norms: make the facts with client_facts(update, cfg)")
-            self.p, self.fallback = _weights(n, [d for d in norms if d is not None] if weighting(cfg) == "sparsity" else None,
-                                             modules, cfg)
-            self._sums = _FactorSums(prev_global, r_max, cfg)
+            if measure:  # known after add_all
+                self.p, self._u, self._total = {}, {}, {}
+            else:
+                self._u, self._total, self.p, self.fallback = _raw_weights(
+                    n, [d for d in norms if d is not None] if weighting(cfg) == "sparsity" else None, modules, cfg)
+            self._sums = FactorSums(prev_global, r_max, cfg)
         self.groups = rank_groups(self.facts)
         self._added = [False] * len(self.facts)
 
     def add(self, indices: Sequence[int], adapters: Sequence[LoraAdapter]) -> None:
         """Add clients ``indices`` (an entry of ``groups``) whose adapters are ``adapters``; the
         clipping decided in their facts is applied here."""
+        if self.measure:
+            raise ValueError("measure=True measures the norms in add_all: add every client at once")
         idx, clipped = self._take(indices, adapters)
         if isinstance(self._sums, DeltaSums):
             self._sums.add(clipped, next(iter(self.p.values()))[idx])
         else:
-            self._sums.add(clipped, {m: w[idx] for m, w in self.p.items()})
+            self._sums.add(clipped, {m: w[idx] for m, w in self._u.items()})
 
     def add_all(self, adapters: Sequence[LoraAdapter]) -> None:
         """Add every client at once (``adapters[i]`` is client i's), module by module: the same
@@ -381,10 +330,40 @@ class Aggregation:
         if len(adapters) != len(self.facts):
             raise ValueError(f"{len(self.facts)} clients but {len(adapters)} adapters")
         taken = [self._take(g, [adapters[i] for i in g]) for g in self.groups]
-        for m, w in self.p.items():
+        for m in self.prev.modules:
+            if self.measure and isinstance(self._sums, FactorSums):
+                self._measured_module(m, taken)
+                continue
             for idx, clipped in taken:
-                self._sums.add_module(m, clipped, w[idx])
-            self._sums.finish(m)
+                self._sums.add_module(m, clipped, self._u[m][idx])
+            if isinstance(self._sums, FactorSums):
+                self._sums.finish(m, self._total[m])
+            else:
+                self._sums.finish(m)
+
+    def _measured_module(self, m: str, taken: list[tuple[list[int], list[LoraAdapter]]]) -> None:
+        """Module ``m`` under ``measure``: each chunk's norms from its stacks, added unnormalised; the
+        weights follow, as ``_raw_weights`` makes them from the facts. If they fall back (every norm
+        zero) the module is added again with the sample-count weights."""
+        assert isinstance(self._sums, FactorSums)
+        s = np.zeros(len(self.facts))
+        for idx, clipped in taken:
+            scales = np.array([a.scale for a in clipped], np.float64)
+            n = self.n[idx] if self.cfg.sample_weighted else None
+
+            def measure(a: np.ndarray, b: np.ndarray, start: int, idx: list[int] = idx, scales: np.ndarray = scales,
+                        n: np.ndarray | None = n) -> np.ndarray:
+                u = stack_norms(a, b, scales[start:start + len(a)])
+                return u if n is None else u * n[start:start + len(a)]
+            s[idx] = self._sums.add_module(m, clipped, measure)
+        self.p[m], self._total[m], note = _normalise(s, self.n)
+        self._u[m] = self.p[m] if note else s
+        if note:
+            self._sums.reset(m)
+            for idx, clipped in taken:
+                self._sums.add_module(m, clipped, self._u[m][idx])
+            self.fallback = note
+        self._sums.finish(m, self._total[m])
 
     def _take(self, indices: Sequence[int], adapters: Sequence[LoraAdapter]) -> tuple[list[int], list[LoraAdapter]]:
         if len(indices) != len(adapters):
@@ -407,6 +386,9 @@ class Aggregation:
         missing = [f.client_id for f, done in zip(self.facts, self._added, strict=True) if not done]
         if missing:
             raise ValueError(f"aggregation incomplete: clients {missing[:5]} were never added")
+        if isinstance(self._sums, FactorSums):
+            for m in self.prev.modules:
+                self._sums.finish(m, self._total[m])  # a module not finished yet (fed by add)
         new = self._sums.result()
         ids = [f.client_id for f in self.facts]
         p = self.p
@@ -430,6 +412,10 @@ def aggregate(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], cfg: St
     if cfg.name == "full_ft":
         raise ValueError("full_ft aggregates full weight deltas: call average_tensors")
     # modules and ranks are checked by Aggregation, from the facts (the same messages)
+    if measurable(cfg):
+        agg = Aggregation(prev_global, _facts_of(updates), cfg, r_max, measure=True)  # norms measured while averaging
+        agg.add_all([u.adapter for u in updates])
+        return agg.result()
     norms: list[dict[str, float] | None] = [None] * len(updates)
     if needs_norms(cfg):  # every client's norms in one batch (norms.py): the same bits as one by one
         norms = list(delta_norms_many([(u.adapter.A, u.adapter.B, u.adapter.scale) for u in updates]))

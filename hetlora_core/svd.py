@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .adapter import LoraAdapter
+from .lapack import top_eigh
 from .reduce import Scratch
 
 
@@ -56,8 +57,7 @@ def top_svd(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.nd
     out_f, in_f = delta.shape
     k = min(rank, out_f, in_f)
     wide = out_f <= in_f  # eigenvectors of the smaller side; the other side by one product
-    _, vecs = np.linalg.eigh(delta @ delta.T if wide else delta.T @ delta)  # ascending eigenvalues
-    Q = np.ascontiguousarray(vecs[:, ::-1][:, :k])
+    _, Q = top_eigh(delta @ delta.T if wide else delta.T @ delta, k)  # the k leading eigenvectors only (lapack.py)
     P = Q.T @ delta if wide else (delta @ Q).T  # rows: sigma_i times the other side's singular vector
     S = np.linalg.norm(P, axis=1)
     S[S <= np.finfo(np.float64).tiny * max(out_f, in_f)] = 0.0  # zero update: zero factors, no 0/0
@@ -70,18 +70,17 @@ def top_svd(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.nd
 # and every product is added into the float64 sum: a float32 accumulation over K terms is off by
 # ~sqrt(K) * 6e-8 relative, ~2e-6 at this K, below the float32 result's tolerance.
 GEMM_K = 1024
-F32_SAFE = 1e36  # a float32 GEMM whose entries could exceed this runs in float64 (max float32 is 3.4e38)
 
 
 class DeltaSums:
-    """Recon+SVD's ``dW = sum_k w_k s_k B_k A_k`` per module, fed group by group: one GEMM of the
-    column-stacked ``[w_k s_k B_k]`` (out x R) by the row-stacked ``[A_k]`` (R x in) per group (float32,
-    at most ``GEMM_K`` components per GEMM), into a float64 (out x in) sum, never a dense delta per
+    """Recon+SVD's ``dW = sum_k w_k s_k B_k A_k`` per module, fed group by group: GEMMs of the
+    column-stacked ``[w_k s_k B_k]`` (out x R) by the row-stacked ``[A_k]`` (R x in), float32, over
+    chunks of whole clients of at most ``GEMM_K`` components, into a float64 (out x in) sum, never a dense delta per
     client; ``finish`` takes its leading triplets from the Gram matrix (``top_svd``). Where the round's whole stacked rank
     (``total_ranks``, known from the facts up front) is at most half of min(out, in), the stacked
     factors themselves are kept and ``finish`` factors their product through ``_low_rank_svd``
     (no out x in SVD): the same best rank-r approximation, at a fraction of the cost. A module's
-    sum is allocated at its first group and freed when it is finished, as in ``strategies._FactorSums``."""
+    sum is allocated at its first group and freed when it is finished, as in ``averaging.FactorSums``."""
 
     def __init__(self, prev_global: LoraAdapter, r_max: int, total_ranks: Mapping[str, int]) -> None:
         self.prev, self.r_max = prev_global, r_max
@@ -93,7 +92,7 @@ class DeltaSums:
         self._scratch32 = Scratch(np.float32)
 
     def add(self, adapters: Sequence[LoraAdapter], w: np.ndarray) -> None:
-        """Add a group with sample weights ``w``, module by module (see ``strategies._FactorSums.add``)."""
+        """Add a group with sample weights ``w``, module by module (see ``averaging.FactorSums.add``)."""
         for m in self.shapes:
             self.add_module(m, adapters, w)
 
@@ -110,20 +109,37 @@ class DeltaSums:
         out_f, in_f = self.shapes[m]
         if m not in self.dense:
             self.dense[m] = np.zeros((out_f, in_f))
-        Bc32 = np.concatenate([a.B[m] for a in adapters], axis=1)  # float32: see GEMM_K
-        Bc32 *= cols.astype(np.float32)
-        Ac32 = np.concatenate([a.A[m] for a in adapters], axis=0)
         prod = self._scratch32.get("prod", out_f * in_f).reshape(out_f, in_f)
-        for s in range(0, Ac32.shape[0], GEMM_K):
-            Bk, Ak = Bc32[:, s:s + GEMM_K], Ac32[s:s + GEMM_K]
-            # Security: uploads are untrusted and float32 overflows at 3.4e38. A bound on every entry
-            # of the product (cheap: the factors are thin) sends a chunk that could overflow to float64,
-            # where the sum stays finite and the outlier is judged as a number, not as an inf.
-            if Bk.size and float(np.abs(Bk).max()) * float(np.abs(Ak).max()) * Ak.shape[0] > F32_SAFE:
-                self.dense[m] += Bk.astype(np.float64) @ Ak.astype(np.float64)
-                continue
-            np.matmul(Bk, Ak, out=prod)
-            self.dense[m] += prod
+        ranks = [a.A[m].shape[0] for a in adapters]
+        i, off = 0, 0
+        while i < len(adapters):  # chunks of whole clients, at most GEMM_K components (or one client)
+            j, width = i + 1, ranks[i]
+            while j < len(adapters) and width + ranks[j] <= GEMM_K:
+                width += ranks[j]
+                j += 1
+            # Reused float32 stacks of a few MiB, not a fresh group-sized pair per group: the step holds
+            # a few MiB of stacks instead of one group's module share again (the time did not change
+            # measurably in one loaded run; the strided copy of B dominates either way)
+            Bk = np.concatenate([a.B[m] for a in adapters[i:j]], axis=1,
+                                out=self._scratch32.get("B", out_f * width).reshape(out_f, width))
+            Ak = np.concatenate([a.A[m] for a in adapters[i:j]], axis=0,
+                                out=self._scratch32.get("A", width * in_f).reshape(width, in_f))
+            # Security: uploads are untrusted and float32 overflows at 3.4e38. An overflow anywhere
+            # (in the weighting of B, a product or a partial sum) leaves an inf or a nan in the result
+            # (inf + x = inf, inf - inf = nan), so one sum of it tells (a huge finite sum only costs a
+            # needless float64 redo); such a chunk is redone in float64 from the unscaled factors, where
+            # the sum stays finite and the outlier is judged as a number, not as an inf. (This replaced a
+            # bound from the factors' max-abs, whose temporaries read every stacked factor twice more.)
+            with np.errstate(over="ignore", invalid="ignore"):
+                Bk *= cols[off:off + width].astype(np.float32)
+                np.matmul(Bk, Ak, out=prod)
+                finite = bool(np.isfinite(prod.sum()))
+            if finite:
+                self.dense[m] += prod
+            else:
+                Bk64 = np.concatenate([a.B[m] for a in adapters[i:j]], axis=1, dtype=np.float64) * cols[off:off + width]
+                self.dense[m] += Bk64 @ Ak.astype(np.float64)
+            i, off = j, off + width
 
     def finish(self, m: str) -> None:
         """Module ``m``'s balanced factors by SVD; its sums are freed."""

@@ -63,17 +63,44 @@ def test_delta_norms_of_zero_factors_are_zero():
 
 @pytest.mark.parametrize("chunk_bytes", [None, 1, 200])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_weighted_sum_into_matches_float64_reference(chunk_bytes, transposed, monkeypatch):
+@pytest.mark.parametrize("scale", [1.0, 1e30])  # weights far outside float32's range are scaled, not overflowed
+def test_weighted_pair_into_matches_float64_reference(chunk_bytes, transposed, scale, monkeypatch):
     if chunk_bytes:
         monkeypatch.setattr(reduce, "CHUNK_BYTES", chunk_bytes)
     g = np.random.default_rng(2)
-    xs = [g.standard_normal((7, 5)).astype(np.float32) for _ in range(13)]
-    w = g.random(13)
-    start = g.standard_normal((7, 5))
-    acc = np.ascontiguousarray(start.T).T if transposed else start.copy()  # a transposed view, as bt[:r].T
-    reduce.weighted_sum_into(acc, xs, w, reduce.Scratch(np.float32))
-    ref = start + sum(wk * x.astype(np.float64) for wk, x in zip(w, xs, strict=True))
-    np.testing.assert_allclose(acc, ref, rtol=1e-6, atol=1e-6)
+    xa = [g.standard_normal((3, 5)).astype(np.float32) for _ in range(13)]
+    xb = [g.standard_normal((7, 3)).astype(np.float32) for _ in range(13)]
+    w = scale * g.random(13)
+    start_a, start_b = g.standard_normal((3, 5)), g.standard_normal((7, 3))
+    acc_a = start_a.copy()
+    acc_b = np.ascontiguousarray(start_b.T).T if transposed else start_b.copy()  # a transposed view, as bt[:r].T
+    reduce.weighted_pair_into(acc_a, acc_b, xa, xb, w, reduce.Scratch(np.float32))
+    ref_a = start_a + sum(wk * x.astype(np.float64) for wk, x in zip(w, xa, strict=True))
+    ref_b = start_b + sum(wk * x.astype(np.float64) for wk, x in zip(w, xb, strict=True))
+    np.testing.assert_allclose(acc_a, ref_a, rtol=1e-6, atol=1e-6 * scale)
+    np.testing.assert_allclose(acc_b, ref_b, rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_weighted_pair_into_measures_weights_on_its_stacks(monkeypatch):
+    """A ``Weigh`` sees every client once, in order, as its chunk's stacks, and its weights are used:
+    here HetLoRA's ||s B A||, equal bit for bit to ``delta_norms_many``'s."""
+    monkeypatch.setattr(reduce, "CHUNK_BYTES", 500)  # several chunks
+    g = np.random.default_rng(5)
+    xa = [g.standard_normal((4, 6)).astype(np.float32) for _ in range(9)]
+    xb = [g.standard_normal((5, 4)).astype(np.float32) for _ in range(9)]
+    seen: list[float] = []
+
+    def weigh(a: np.ndarray, b: np.ndarray, start: int) -> np.ndarray:
+        assert start == len(seen) and a.shape[1:] == (4, 6) and b.shape[1:] == (5, 4)
+        u = norms.stack_norms(a, b, np.full(len(a), 2.0))
+        seen.extend(u.tolist())
+        return u
+
+    acc_a, acc_b = np.zeros((4, 6)), np.zeros((5, 4))
+    reduce.weighted_pair_into(acc_a, acc_b, xa, xb, weigh, reduce.Scratch(np.float32))
+    want = [d["m"] for d in norms.delta_norms_many([({"m": a}, {"m": b}, 2.0) for a, b in zip(xa, xb, strict=True)])]
+    assert seen == want  # the same bits
+    np.testing.assert_allclose(acc_a, sum(wk * a.astype(np.float64) for wk, a in zip(want, xa, strict=True)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(30, 30), (12, 40), (40, 12)])

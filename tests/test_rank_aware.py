@@ -1,7 +1,7 @@
 """Rank-aware aggregation (``strategy.normalisation: rank_aware``): a component trained by few
 clients moves by their weighted update, neither shrunk by ``p_k^2`` (the paper's zero padding) nor
 taken at full strength from one client (the first form of this option, which renormalised each
-column over its trainers and diverged: issue 16). See ``strategies._FactorSums.finish``."""
+column over its trainers and diverged: issue 16). See ``averaging.FactorSums.finish``."""
 
 from __future__ import annotations
 
