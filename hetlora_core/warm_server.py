@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -183,7 +184,15 @@ def serve(path: str, parent: int | None = None, do_preload: bool = True) -> None
         os.umask(old)
     listener.listen(64)  # from here tasks may connect; they wait in the backlog until preloaded
     t0 = time.perf_counter()
+    # Copy-on-write: the children share the preloaded heap. A garbage collection in a child would
+    # write the GC header of every inherited object (copying all their pages, and walking them:
+    # measured 1 s more for a tokenizer load), so they go to the permanent generation, as the gc
+    # docs advise for a pre-fork server: collected never, shared always.
+    gc.disable()
     failed = preload() if do_preload else []
+    gc.collect()
+    gc.freeze()
+    gc.enable()
     print(f"warm task server {os.getpid()}: listening on {path}; preloaded in {time.perf_counter() - t0:.2f} s"
           + (f" (not importable: {', '.join(failed)})" if failed else "") + f"; {os_threads()} OS thread(s)", flush=True)
     wake_r, wake_w = socket.socketpair()

@@ -217,3 +217,28 @@ def test_delegated_step_raises_the_same_config_error(real_server: warm.WarmServe
         train_task(json.dumps({"training": {"lr": "fast"}}), 0, "c")
     assert isinstance(e.value.__cause__, warm.RemoteTraceback) and "config_of" in str(e.value.__cause__)
     assert "preloaded" in Path(real_server.log_path or "").read_text()
+
+
+@pytest.mark.slow
+def test_kfp_local_round_with_the_server_equals_without(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One kfp.local round (3 clients, tiny model) with the warm server and without: the same global
+    bytes; the model tasks did run in the server; signing works (the server tasks' children got the
+    key from their task's environment although the server itself was started without it)."""
+    from hetlora_kfp.pipelines.runners import run_local
+
+    monkeypatch.setenv("HETLORA_SERVER_KEY", "ab" * 32)  # the driver's environment holds the key
+    cfg = config_from_dict(CFG)
+    glob = {}
+    for on in (True, False):
+        out = tmp_path / ("warm" if on else "cold")
+        res = run_local(cfg, out, progress=False, warm=on)
+        assert res["rounds_committed"] == 1
+        store = st.LocalStore(out / "store")
+        man = st.signing.get_global_manifest(store, cfg.store, "warm", 0)  # verified with the key
+        assert man is not None and sorted(man["participants"]) == sorted(client_ids(cfg)), man
+        glob[on] = st.get_artifact(store, st.global_prefix("warm", 0))[0]
+        logs = {p.name: p.read_text(errors="replace") for p in (out / "logs").rglob("*") if p.is_file()}
+        in_server = sorted(n for n, text in logs.items() if "ran in the warm task server" in text)
+        assert len(in_server) == (4 if on else 0), (in_server, sorted(logs))  # 3 trains + evaluate
+        assert not list(out.glob("warm-*"))  # the socket directory is gone with the server
+    assert glob[True] == glob[False]
