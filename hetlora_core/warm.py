@@ -244,7 +244,7 @@ class WarmServer:
         try:
             # A session of its own: a Ctrl-C at the terminal reaches the driver, which stops it.
             self.proc = subprocess.Popen(argv, env=server_env(self.withhold), stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True, cwd=self.dir)
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()

@@ -100,6 +100,18 @@ def _jsonable_args(e: BaseException) -> list[Any] | None:
     return list(e.args) if all(isinstance(a, (str, int, float, bool)) or a is None for a in e.args) else None
 
 
+def _fresh_random_state() -> None:
+    """The random state a fresh task process starts with: torch's default generator at its initial
+    seed, numpy's global one from fresh entropy (Python's ``random`` reseeds itself at a fork).
+    The steps seed their own generators; this keeps any unseeded use as it is in a task process."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(torch.initial_seed())
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed()
+
+
 def child(conn: socket.socket, close: list[Any]) -> NoReturn:
     """The forked child: become the task, run its step, reply, exit. Never returns."""
     code = 70
@@ -127,6 +139,7 @@ def child(conn: socket.socket, close: list[Any]) -> NoReturn:
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})
         os.chdir(str(request["cwd"]))
+        _fresh_random_state()
         done = threading.Event()
         threading.Thread(target=_watch, args=(conn, done), daemon=True).start()
         step = str(request["step"])
