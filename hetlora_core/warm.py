@@ -40,6 +40,8 @@ MAGIC = b"HLW1"
 MAX_FRAME = 64 << 20  # a request holds one config and one environment: far below this
 # AF_UNIX paths are limited to 108 bytes (sun_path) on Linux; keep a margin.
 MAX_SOCKET_PATH = 100
+# How long a task waits for the server to fork its child (the server's preload, ~10 s, included).
+START_TIMEOUT_S = 120.0
 
 # The only steps the server runs: name -> "module:function". A request names a step, never a module
 # or a path: what the server's memory image can be made to run is fixed here.
@@ -130,7 +132,14 @@ def delegate(step: str, *args: str | int | float) -> str | None:
             # The child writes to this task's own stdout/stderr (kfp.local's log of this task).
             socket.send_fds(sock, [HEADER.pack(MAGIC, len(data))], [1, 2])
             sock.sendall(data)
+            # A server that does not take the task in time (stuck, or preloading on a starved
+            # machine) is not waited for: the step runs here, and closing the connection kills a
+            # child forked later before it starts (its watcher sees the closed connection).
+            sock.settimeout(START_TIMEOUT_S)
             reply = recv_frame(sock)
+            if reply is not None and reply.get("kind") == "started":
+                sock.settimeout(None)  # the step itself may take as long as it takes
+                reply = recv_frame(sock)
         except (OSError, ValueError) as e:
             log.warning("warm task server %s failed (%s): running %s in this process", path, e, step)
             return None

@@ -142,6 +142,7 @@ def child(conn: socket.socket, close: list[Any]) -> NoReturn:
         _fresh_random_state()
         done = threading.Event()
         threading.Thread(target=_watch, args=(conn, done), daemon=True).start()
+        warm.send_frame(conn, {"kind": "started", "pid": os.getpid()})
         step = str(request["step"])
         fn = resolve(step)  # KeyError for a name not in STEPS: reported as the error below
         try:

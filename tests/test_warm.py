@@ -154,6 +154,16 @@ def test_unreachable_server_means_in_process(tmp_path: Path, monkeypatch: pytest
         caplog.clear()
         assert warm.delegate("train", "{}", 0, "c") is None
         assert len([r for r in caplog.records if "running train in this process" in r.getMessage()]) == 1
+    # a server that never takes the task (listening, never accepting): not waited for beyond the timeout
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stuck.bind(str(tmp_path / "stuck.sock"))
+    stuck.listen(4)
+    monkeypatch.setattr(warm, "START_TIMEOUT_S", 0.3)
+    monkeypatch.setenv(warm.SOCKET_ENV, str(tmp_path / "stuck.sock"))
+    caplog.clear()
+    assert warm.delegate("train", "{}", 0, "c") is None
+    assert any("timed out" in r.getMessage() and "running train in this process" in r.getMessage() for r in caplog.records)
+    stuck.close()
     monkeypatch.delenv(warm.SOCKET_ENV)
     assert warm.delegate("train", "{}", 0, "c") is None  # Kubeflow: never set, nothing said
 
