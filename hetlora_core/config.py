@@ -400,6 +400,17 @@ class KubeflowConfig:
 
 
 @dataclass(frozen=True)
+class LocalConfig:
+    """How a local run (``hetlora run``, kfp.local) executes its tasks; never what they compute, so
+    a resumed run may change it. Kubeflow ignores it."""
+
+    # One warm task server per run forks the model-side tasks (train, evaluate) from a process that
+    # imported torch, transformers and peft once (hetlora_core/warm.py): ~2 s per task instead of
+    # ~10 s of imports. false: every task imports everything itself (`hetlora run --no-warm`).
+    warm_tasks: bool = True
+
+
+@dataclass(frozen=True)
 class HetLoRAConfig:
     """The whole run. ``experiment`` names the run's folder in the store (resume key)."""
 
@@ -414,6 +425,7 @@ class HetLoRAConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     kubeflow: KubeflowConfig = field(default_factory=KubeflowConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment) and all(c.isalnum() or c in "-_." for c in self.experiment), "experiment",
@@ -461,7 +473,7 @@ from .config_load import (  # noqa: E402
 
 __all__ = [
     "BUILTIN_MODELS", "MAX_YAML_BYTES", "MAX_YAML_NODES", "TARGET_SELECTORS", "ConfigError", "DataConfig", "FederationConfig",
-    "HetLoRAConfig", "KubeflowConfig", "MetricsConfig", "ModelConfig", "PruningConfig", "RankConfig", "StoreConfig",
+    "HetLoRAConfig", "KubeflowConfig", "LocalConfig", "MetricsConfig", "ModelConfig", "PruningConfig", "RankConfig", "StoreConfig",
     "StrategyConfig", "TierConfig", "TrainingConfig", "config_from_dict", "image_for", "load_config", "load_yaml",
     "model_name_kind", "replace", "set_dotted",
 ]

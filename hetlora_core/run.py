@@ -67,8 +67,8 @@ class Executor(Protocol):
 # config without the key ran with this value (and resumes only with it).
 _BEHAVIOUR_BEFORE: dict[tuple[str, str], Any] = {("pruning", "form"): "loss", ("strategy", "norm_ratio"): None}
 
-# Sections a resumed run may change: where it runs and reports, and how many rounds it has.
-_MUTABLE_SECTIONS = ("federation", "metrics", "kubeflow", "store")
+# Sections a resumed run may change: where and how it runs and reports, and how many rounds it has.
+_MUTABLE_SECTIONS = ("federation", "metrics", "kubeflow", "store", "local")
 
 
 def _same_targets(d: dict[str, Any], mine: Any, targets: tuple[str, ...] | None) -> dict[str, Any]:

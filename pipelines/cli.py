@@ -19,7 +19,9 @@ __all__ = ["main"]
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/local", show_default=True,
               help="Run directory: store/ (unless the config sets store.root or an S3 store), pipeline-root/, results.json, plot.")
 @verbose_option
-def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool) -> None:
+@click.option("--no-warm", is_flag=True, help="Start every model task from scratch (imports, model load) instead of forking it "
+              "from this run's warm task server; the same as --set local.warm_tasks=false.")
+def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool, no_warm: bool) -> None:
     """Run a whole federated fine-tuning locally through kfp.local: each round is the real round
     pipeline (train -> self-prune per tier, aggregate, evaluate), each task a subprocess.
 
@@ -27,7 +29,9 @@ def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool) -> N
     artifacts go to that MinIO/S3 (credentials from HETLORA_S3_ACCESS_KEY / HETLORA_S3_SECRET_KEY).
 
     The console shows one progress display; each task's full output is in OUT/logs/round-NNNN/
-    (a failed task's last lines are printed with its name; -v prints everything as it comes)."""
+    (a failed task's last lines are printed with its name; -v prints everything as it comes).
+    The train and evaluate tasks fork from one warm task server of the run (imports paid once;
+    --no-warm turns it off)."""
     from hetlora_core.config import ConfigError
     from hetlora_core.corpus import DataError
     from hetlora_core.model_source import ModelError
@@ -39,7 +43,7 @@ def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool) -> N
     cfg = load_cfg(config, sets, trains_here=True)  # kfp.local trains on this machine
     quiet_libraries(verbose)
     try:
-        res = run_local(cfg, out, verbose=verbose)
+        res = run_local(cfg, out, verbose=verbose, warm=False if no_warm else None)
     except (RoundFailed, RunConfigMismatch, StoreError, ConfigError, ModelError, DataError) as e:
         fail(str(e))
     click.echo(f"{summary_line(res, Path(out))}, plot: {Path(out) / 'perplexity.png'}")

@@ -23,6 +23,7 @@ from hetlora_core.datasource import client_ids
 from hetlora_core.progress import Progress
 from hetlora_core.run import PipelineFailed, RoundFailed, RoundRunner, check_or_record_config, local_config
 from hetlora_core.steps.plan import RoundPlan, load_plan, plan_round
+from hetlora_core.warm import local_server
 
 from .round import build_evaluate_pipeline, build_round_pipeline, compile_evaluate, compile_round, eval_groups, tier_groups
 from .task_logs import TaskLogs, captured
@@ -196,14 +197,21 @@ class KubeflowExecutor:
                      f"evaluation of round {rnd + 1}")
 
 
-def run_local(cfg: HetLoRAConfig, out_dir: str | Path, verbose: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_local(cfg: HetLoRAConfig, out_dir: str | Path, verbose: bool = False, progress: bool = True,
+              warm: bool | None = None) -> dict[str, Any]:
     """Run (or resume) every round through kfp.local; results.json and the plot in ``out_dir``,
-    one log file per task under ``out_dir/logs``."""
+    one log file per task under ``out_dir/logs``. ``warm`` (None: ``local.warm_tasks``): the
+    model-side tasks fork from one warm task server of this run (hetlora_core/warm.py; its own log
+    is ``out_dir/logs/warm-server.log``) instead of importing torch and transformers each."""
     out = Path(out_dir).resolve()
     cfg = local_config(cfg, out)
     shown = Progress(cfg.federation.rounds) if progress else None
     executor = KfpLocalExecutor(out / "pipeline-root", out / "logs", verbose, shown.line if shown else None)
-    return RoundRunner(cfg, executor, out, shown).run()
+    # Started before the first round and stopped after the last (also on an error or Ctrl-C); the
+    # server's environment holds neither the server key nor store credentials (warm.server_env).
+    with local_server(out, (cfg.store.server_key_env,), cfg.local.warm_tasks if warm is None else warm,
+                      out / "logs" / "warm-server.log"):
+        return RoundRunner(cfg, executor, out, shown).run()
 
 
 def submit_run(cfg: HetLoRAConfig, host: str, out_dir: str | Path, client: Any = None, timeout_s: float = 6 * 3600,

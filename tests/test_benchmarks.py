@@ -22,7 +22,7 @@ EXPECTED = {
     "bench_precision.py": ("precision-quick.json", ["auto_vs_float32", "bf16_vs_float32"]),
     "bench_pruning_form.py": ("pruning_form-quick.json", []),
     "bench_regulariser.py": ("regulariser-quick.json", ["ratio"]),
-    "bench_task_startup.py": ("task_startup-quick.json", ["interpreter_s", "model_free_s", "model_s"]),
+    "bench_task_startup.py": ("task_startup-quick.json", ["interpreter_s", "model_free_s", "model_s", "warm_s"]),
     "bench_threads.py": ("threads-quick.json", ["ratio"]),
     "bench_vocab.py": ("vocab-quick.json", ["train_ratio", "eval_ratio"]),
 }

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .. import eval_reports
+from .. import eval_reports, warm
 from .. import store as st
 from ..config import HetLoRAConfig
 from ..methods import method_for
@@ -117,7 +117,10 @@ def evaluate_federated(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_ids
 
 
 def evaluate_task(config_json: str, round_index: int, round_started_at: float = 0.0) -> str:
-    """The evaluate component's body: evaluates, then pushes the round's metrics when configured."""
+    """The evaluate component's body: evaluates, then pushes the round's metrics when configured
+    (in a forked child of the warm task server when a local run has one: hetlora_core/warm.py)."""
+    if (out := warm.delegate("evaluate", config_json, round_index, round_started_at)) is not None:
+        return out
     from ..reporting import push_round_outcome
 
     cfg = config_of(config_json)

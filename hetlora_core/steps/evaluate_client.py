@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from .. import store as st
+from .. import warm
 from ..config import ConfigError, HetLoRAConfig
 from ..eval_reports import sums
 from ..methods import method_for
@@ -74,7 +75,10 @@ def evaluate_client(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_id: st
 
 def evaluate_client_task(config_json: str, round_index: int, client_id: str) -> str:
     """The evaluate-client component's body: JSON config in, a short JSON status out (the sums go
-    to the store; the server reads them there, not from this output)."""
+    to the store; the server reads them there, not from this output). In a forked child of the
+    warm task server when a local run has one (hetlora_core/warm.py)."""
+    if (out := warm.delegate("evaluate_client", config_json, round_index, client_id)) is not None:
+        return out
     cfg = config_of(config_json)
     rnd = int(round_index)
     try:

@@ -13,6 +13,7 @@ import logging
 from dataclasses import asdict, dataclass
 
 from .. import store as st
+from .. import warm
 from ..config import ConfigError, HetLoRAConfig
 from ..faults import failpoint
 from ..methods import method_for
@@ -63,6 +64,9 @@ def train(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_id: str) -> Trai
 
 
 def train_task(config_json: str, round_index: int, client_id: str) -> str:
-    """The train component's body: JSON config in, JSON report out."""
+    """The train component's body: JSON config in, JSON report out. Under a local run with a warm
+    task server (hetlora_core/warm.py) the step runs in a forked child of that server instead."""
+    if (out := warm.delegate("train", config_json, round_index, client_id)) is not None:
+        return out
     cfg = config_of(config_json)
     return json.dumps(asdict(train(cfg, st.open_store(cfg.store), int(round_index), client_id)))

@@ -1,0 +1,271 @@
+"""The warm task server process (``python -m hetlora_core.warm_server --socket PATH``): imports torch,
+transformers, peft, the model classes and the model-side steps once, then forks one child per task
+connection; the child becomes the task (its environment, working directory, stdout and stderr) and
+runs the step. The protocol and the task side are in ``hetlora_core.warm``.
+
+Fork safety: OpenMP's thread pool and the tokenizers' Rayon pool do not survive a fork once used, so
+this process only imports: it never runs a torch op (no model load, no ``set_num_threads``) nor a
+tokenizer before forking, and it forks from its one thread. The child then does exactly what a fresh
+task process does after its imports (load the model, set its torch threads from hetlora_core.threads).
+
+Security: the driver starts this process without the server key or store credentials in its
+environment (``warm.server_env``): every child, client tasks' included, is a copy of its memory. The
+socket is 0600 in a 0700 directory, and a peer of another user is refused (SO_PEERCRED).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from . import warm
+
+# What a model-side task imports on its way to the real work, beyond the steps themselves
+# (each step imports most of these lazily). A name missing in this version is skipped.
+PRELOAD = (
+    "torch", "transformers", "peft", "safetensors.torch",
+    "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
+    "transformers.models.llama.modeling_llama", "transformers.models.llama.configuration_llama",
+    "transformers.tokenization_utils_fast", "transformers.generation.utils", "peft.tuners.lora",
+    "hetlora_core.runtime", "hetlora_core.models", "hetlora_core.client", "hetlora_core.evaluation",
+    "hetlora_core.peft_bridge", "hetlora_core.precision", "hetlora_core.rouge", "hetlora_core.reporting",
+    "hetlora_core.folder_data", "hetlora_core.data", "hetlora_core.vocab", "hetlora_core.threads",
+)
+# kfp's executor configures logging like this (kfp/dsl/executor_main.py) before a step runs.
+KFP_LOG_FORMAT = "[KFP Executor %(asctime)s %(levelname)s]: %(message)s"
+
+
+def preload() -> list[str]:
+    """Import PRELOAD and every step module; returns the names that failed to import."""
+    failed = []
+    for name in (*PRELOAD, *(spec.split(":")[0] for spec in warm.STEPS.values())):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            failed.append(name)
+    return failed
+
+
+def resolve(step: str) -> Callable[..., Any]:
+    module, _, attr = warm.STEPS[step].partition(":")
+    fn: Callable[..., Any] = getattr(importlib.import_module(module), attr)
+    return fn
+
+
+def os_threads() -> int:
+    """This process's OS threads (1 expected before a fork)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def _same_user(conn: socket.socket) -> bool:
+    """Security: only this user's processes may ask for a task (the directory's 0700 says the same)."""
+    opt = getattr(socket, "SO_PEERCRED", None)
+    if opt is None:
+        return True
+    import struct
+
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, opt, struct.calcsize("3i")))
+    return uid == os.getuid()
+
+
+def _watch(conn: socket.socket, done: threading.Event) -> None:
+    """Kill this child when its task goes away: the task sends nothing after its request, so the
+    end of the stream (or an error) means the task process died or gave up."""
+    try:
+        while conn.recv(4096):
+            pass
+    except OSError:
+        pass
+    if not done.is_set():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _jsonable_args(e: BaseException) -> list[Any] | None:
+    return list(e.args) if all(isinstance(a, (str, int, float, bool)) or a is None for a in e.args) else None
+
+
+def _fresh_random_state() -> None:
+    """The random state a fresh task process starts with: torch's default generator at its initial
+    seed, numpy's global one from fresh entropy (Python's ``random`` reseeds itself at a fork).
+    The steps seed their own generators; this keeps any unseeded use as it is in a task process."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(torch.initial_seed())
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed()
+
+
+def child(conn: socket.socket, close: list[Any]) -> NoReturn:
+    """The forked child: become the task, run its step, reply, exit. Never returns."""
+    code = 70
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for obj in close:
+            obj.close()
+        msg, fds, _flags, _addr = socket.recv_fds(conn, warm.HEADER.size, 2)
+        if not msg:
+            os._exit(0)
+        request = warm.recv_frame(conn, msg)
+        if request is None or len(fds) != 2:
+            raise ValueError(f"incomplete request ({len(fds)} file descriptors)")
+        # Become the task: its stdout/stderr (its log under kfp.local), its environment (a client
+        # task's empty server key stays empty), its working directory.
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        for fd, target in zip(fds, (1, 2), strict=True):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.environ.clear()
+        os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})
+        os.chdir(str(request["cwd"]))
+        _fresh_random_state()
+        done = threading.Event()
+        threading.Thread(target=_watch, args=(conn, done), daemon=True).start()
+        warm.send_frame(conn, {"kind": "started", "pid": os.getpid()})
+        step = str(request["step"])
+        fn = resolve(step)  # KeyError for a name not in STEPS: reported as the error below
+        try:
+            reply = {"kind": "result", "value": fn(*list(request["args"]))}
+        except SystemExit as e:  # as in the task process: the process exits with the code
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+        except BaseException as e:  # noqa: BLE001 - every failure goes back to the task
+            reply = {"kind": "error", "type": type(e).__qualname__, "module": type(e).__module__, "args": _jsonable_args(e),
+                     "message": str(e), "traceback": "".join(traceback.format_exception(e))}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        done.set()
+        warm.send_frame(conn, reply)
+        code = 0
+    except BaseException:  # noqa: BLE001 - a broken request: said on the task's stderr when we have it
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+            sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
+def _report_exits(children: dict[int, socket.socket]) -> None:
+    """Reap finished children and tell each one's task how it ended (the task exits with that code
+    when it got no result; after a result it no longer listens)."""
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is None:
+            continue
+        with contextlib.suppress(OSError):
+            conn.setblocking(False)
+            warm.send_frame(conn, {"kind": "exit", "code": os.waitstatus_to_exitcode(status)})
+        conn.close()
+
+
+def serve(path: str, parent: int | None = None, do_preload: bool = True) -> None:
+    """Listen on ``path`` and fork a child per connection until SIGTERM or the parent is gone."""
+    warm.serving = True
+    logging.basicConfig(stream=sys.stdout, format=KFP_LOG_FORMAT, level=logging.INFO)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # Security: the socket is created 0600 (its directory is 0700 too)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(64)  # from here tasks may connect; they wait in the backlog until preloaded
+    t0 = time.perf_counter()
+    # Copy-on-write: the children share the preloaded heap. A garbage collection in a child would
+    # write the GC header of every inherited object (copying all their pages, and walking them:
+    # measured 1 s more for a tokenizer load), so they go to the permanent generation, as the gc
+    # docs advise for a pre-fork server: collected never, shared always.
+    gc.disable()
+    failed = preload() if do_preload else []
+    gc.collect()
+    gc.freeze()
+    gc.enable()
+    print(f"warm task server {os.getpid()}: listening on {path}; preloaded in {time.perf_counter() - t0:.2f} s"
+          + (f" (not importable: {', '.join(failed)})" if failed else "") + f"; {os_threads()} OS thread(s)", flush=True)
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    stop = False
+
+    def on_term(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    children: dict[int, socket.socket] = {}
+    try:
+        while not stop and (parent is None or os.getppid() == parent):
+            ready, _, _ = select.select([listener, wake_r], [], [], 1.0)
+            if wake_r in ready:
+                with contextlib.suppress(OSError):
+                    wake_r.recv(4096)
+            if listener in ready and not stop:
+                conn, _ = listener.accept()
+                if not _same_user(conn):
+                    conn.close()
+                else:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    pid = os.fork()
+                    if pid == 0:
+                        child(conn, [listener, wake_r, wake_w, *children.values()])
+                    children[pid] = conn
+            _report_exits(children)
+    finally:
+        for pid in list(children):  # tasks still running when the run stops: their children go with it
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            with contextlib.suppress(OSError):
+                children[pid].setblocking(False)
+                warm.send_frame(children[pid], {"kind": "exit", "code": -signal.SIGKILL})
+            children.pop(pid).close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="warm task server for local runs (started by the local driver)")
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--parent", type=int, default=None, help="exit when this process (the driver) is gone")
+    ap.add_argument("--no-preload", action="store_true", help="import nothing ahead (tests)")
+    args = ap.parse_args(argv)
+    serve(args.socket, args.parent, not args.no_preload)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown of torch & co (seconds): nothing is left to clean up
+
+
+if __name__ == "__main__":
+    main()
