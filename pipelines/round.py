@@ -104,7 +104,9 @@ def add_evaluate(cfg: HetLoRAConfig, comps_for: Callable[[TierConfig | None], Co
         return ev
     platform.set_tier_resources(ev, largest)  # evaluation runs the model at r_max
     platform.place_on_gpu_tier(ev, largest)
-    platform.share_cpus(ev, concurrent_tasks)
+    # Nothing else of the round runs beside it (it waits for aggregate, which waits for every client):
+    # under kfp.local it takes every CPU instead of a share.
+    platform.share_cpus(ev, 1 if concurrent_tasks else None)
     platform.use_model_cache(ev, cfg)
     return ev
 

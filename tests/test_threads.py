@@ -52,7 +52,10 @@ def test_kfp_local_round_tells_model_tasks_how_many_share_the_machine(tmp_path: 
         spec = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
         envs[n] = {name: ex["container"].get("env", []) for name, ex in spec["deploymentSpec"]["executors"].items()}
     want = {"name": threads.CONCURRENT_TASKS_ENV, "value": "2"}
-    model_tasks = [e for e in envs[2] if "train" in e or "evaluate" in e]
-    assert len(model_tasks) == 3 and all(want in envs[2][e] for e in model_tasks)  # 2 tiers' train + evaluate
-    assert not any(want in env for e, env in envs[2].items() if e not in model_tasks)
-    assert not any(want in env for env in envs[None].values())
+    alone = {"name": threads.CONCURRENT_TASKS_ENV, "value": "1"}  # evaluate: nothing of the round runs beside it
+    train_tasks = [e for e in envs[2] if "train" in e]
+    assert len(train_tasks) == 2 and all(want in envs[2][e] for e in train_tasks)  # 2 tiers' train
+    (evaluate,) = [e for e in envs[2] if "evaluate" in e]
+    assert alone in envs[2][evaluate] and want not in envs[2][evaluate]
+    assert not any(want in env or alone in env for e, env in envs[2].items() if e not in (*train_tasks, evaluate))
+    assert not any(want in env or alone in env for env in envs[None].values())
