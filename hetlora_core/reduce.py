@@ -54,7 +54,7 @@ def weighted_pair_into(acc_a: np.ndarray, acc_b: np.ndarray, xa: Sequence[np.nda
 
     Why A and B in one chunk: ``w`` may be a function of the chunk's stacks (``Weigh``), so HetLoRA's
     sparsity weights are measured on the stacks the averaging copies anyway (one copy of every
-    factor, not two). The weights are scaled per chunk by a power of two (exact) into [0.5, 1) before
+    factor, not two). The weights are scaled per chunk by a power of two (exact) so that they sum to under 1 before
     the float32 cast, so unnormalised weights (norms up to float64's range, from untrusted uploads)
     never overflow float32."""
     k, (r, in_f), out_f = len(xa), xa[0].shape, xb[0].shape[0]
@@ -66,7 +66,9 @@ def weighted_pair_into(acc_a: np.ndarray, acc_b: np.ndarray, xa: Sequence[np.nda
         a = np.concatenate(xa[s:s + n], axis=0, out=stack_a[:n * r * in_f].reshape(n * r, in_f))
         b = np.concatenate(xb[s:s + n], axis=0, out=stack_b[:n * out_f * r].reshape(n * out_f, r))
         ws = np.asarray(w(a.reshape(n, r, in_f), b.reshape(n, out_f, r), s) if callable(w) else w[s:s + n], np.float64)
-        top = float(np.abs(ws).max())
+        # By the sum, not the max: the scaled weights then add up to at most 1, so a chunk's float32
+        # partial sums stay within its largest entry, as with normalised weights (hostile uploads).
+        top = float(np.abs(ws).sum())
         e = math.frexp(top)[1] if 0 < top < math.inf else 0
         w32 = np.ldexp(ws, -e).astype(np.float32)
         np.dot(w32, a.reshape(n, r * in_f), out=res_a)

@@ -230,16 +230,28 @@ def serve(path: str, parent: int | None = None, do_preload: bool = True) -> None
                 with contextlib.suppress(OSError):
                     wake_r.recv(4096)
             if listener in ready and not stop:
-                conn, _ = listener.accept()
-                if not _same_user(conn):
-                    conn.close()
-                else:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    pid = os.fork()
-                    if pid == 0:
-                        child(conn, [listener, wake_r, wake_w, *children.values()])
-                    children[pid] = conn
+                try:
+                    conn, _ = listener.accept()
+                except OSError as e:  # EMFILE, ECONNABORTED...: that task gets no answer and runs in-process
+                    print(f"warm server: accept failed: {e}", file=sys.stderr, flush=True)
+                    conn = None
+                if conn is not None:
+                    try:
+                        if not _same_user(conn):
+                            conn.close()
+                        else:
+                            sys.stdout.flush()
+                            sys.stderr.flush()
+                            pid = os.fork()
+                            if pid == 0:
+                                child(conn, [listener, wake_r, wake_w, *children.values()])
+                            children[pid] = conn
+                    except OSError as e:
+                        # A failed fork (EAGAIN under a pids limit, ENOMEM) fails this one request only:
+                        # the task sees the connection close with no word and runs the step itself;
+                        # the tasks already running in children are untouched.
+                        print(f"warm server: could not serve a task: {e}", file=sys.stderr, flush=True)
+                        conn.close()
             _report_exits(children)
     finally:
         for pid in list(children):  # tasks still running when the run stops: their children go with it

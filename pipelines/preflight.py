@@ -154,7 +154,7 @@ def node_problems(tier: TierConfig, node: k8s.V1Node, used: dict[str, Decimal] |
     have = {r: v - (used or {}).get(r, Decimal(0)) for r, v in alloc.items()}
     field_of = {"cpu": "cpu_request", "memory": "memory_request", GPU: "gpu"}
     for r, need in want.items():
-        if r == GPU and need > 0 and have[r] == 0:  # a pool member without GPUs: usually no device plugin
+        if r == GPU and need > 0 and alloc[r] == 0:  # a pool member without GPUs: usually no device plugin
             out.append(Problem(r, f"no allocatable {GPU}", f"no {GPU} is advertised: install the NVIDIA device plugin "
                                f"(or GPU operator) on the pool's GPU nodes (docs/deploy.md), or set ranks.tiers[{t}].gpu: 0", 3))
         elif need > have[r] and have[r] < alloc[r]:

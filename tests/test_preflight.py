@@ -463,3 +463,17 @@ def test_server_tasks_without_any_untainted_node(cluster: Any, ns: str) -> None:
     server = rep.checks[-1]
     assert all(t.ok for t in rep.tiers) and not server.ok
     assert "no untainted node" in server.detail and "add a node without taints" in pf.render(rep)
+
+
+def test_gpus_in_use_are_not_a_missing_device_plugin() -> None:
+    """A GPU node whose one GPU a pod holds: 'free 0 < 1', not 'install the device plugin'."""
+    from decimal import Decimal as D
+
+    t = make_cfg([tier("g", 16, gpu=1)], "x").ranks.tiers[0]
+    node = k8s.V1Node(metadata=k8s.V1ObjectMeta(name="n1", labels={TIER_KEY: "g"}), spec=k8s.V1NodeSpec(
+        taints=[k8s.V1Taint(**taint("g"))]), status=k8s.V1NodeStatus(
+        allocatable={"cpu": "16", "memory": "64Gi", pf.GPU: "1"}, conditions=[k8s.V1NodeCondition(type="Ready", status="True")]))
+    probs = pf.node_problems(t, node, {"cpu": D(0), "memory": D(0), pf.GPU: D(1)})
+    assert [p.tag for p in probs] == [pf.GPU] and probs[0].text.startswith("free nvidia.com/gpu 0 "), probs
+    assert "device plugin" not in probs[0].fix
+    assert pf.node_problems(t, node, {"cpu": D(0), "memory": D(0), pf.GPU: D(0)}) == []

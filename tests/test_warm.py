@@ -252,3 +252,47 @@ def test_kfp_local_round_with_the_server_equals_without(tmp_path: Path, monkeypa
         assert len(in_server) == (4 if on else 0), (in_server, sorted(logs))  # 3 trains + evaluate
         assert not list(out.glob("warm-*"))  # the socket directory is gone with the server
     assert glob[True] == glob[False]
+
+
+def test_a_failed_fork_fails_only_that_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork that fails (EAGAIN under a pids limit) makes that one task run in-process; a task whose
+    child is already running is untouched and the server goes on serving (the review's reproducer)."""
+    script = tmp_path / "flaky_server.py"
+    script.write_text(PROBES + textwrap.dedent('''
+        _fork, n = os.fork, [0]
+        def fork():
+            n[0] += 1
+            if n[0] == 2:
+                raise BlockingIOError(11, "Resource temporarily unavailable")
+            return _fork()
+        os.fork = fork
+        from hetlora_core.warm_server import main
+        main()
+    '''))
+    server = warm.WarmServer(tmp_path / "run", log_path=tmp_path / "server.log", preload=False, argv=[sys.executable, str(script)])
+    assert server.start()
+    try:
+        task = tmp_path / "task.py"
+        task.write_text(TASK)
+        env = {**os.environ, warm.SOCKET_ENV: server.socket_path}
+        lingering = subprocess.Popen([sys.executable, str(task), "linger", str(tmp_path / "pid")], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(100):  # fork 1: its child runs linger
+            if (tmp_path / "pid").exists():
+                break
+            time.sleep(0.1)
+        child = int((tmp_path / "pid").read_text())
+        assert child != lingering.pid
+        # fork 2 fails: no answer, so delegate() returns None and the step runs in the task's process
+        second = subprocess.run([sys.executable, str(task), "probe", "[]"], env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 0 and second.stdout.strip().splitlines()[-1] == "None", second.stderr[-500:]
+        assert lingering.poll() is None
+        os.kill(child, 0)  # the running task's child is untouched
+        lingering.kill()
+        lingering.wait()
+        third = subprocess.run([sys.executable, str(task), "probe", "[]"], env=env, capture_output=True, text=True, timeout=60)
+        assert third.returncode == 0 and json.loads(third.stdout.strip().splitlines()[-1])["pid"] != os.getpid()
+        assert server.proc is not None and server.proc.poll() is None, (tmp_path / "server.log").read_text()
+        assert "could not serve a task" in (tmp_path / "server.log").read_text()
+    finally:
+        server.stop()
