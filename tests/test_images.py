@@ -279,3 +279,12 @@ def test_cpu_dockerfile_takes_pypis_torch_with_a_build_arg() -> None:
     text = " ".join(final_stage("Dockerfile", {"TORCH": "cuda"}))
     assert "install.sh cuda " in text and "images/torch-cuda.lock" in text and "torch-cpu.lock" not in text
     assert "install.sh cpu " in " ".join(final_stage("Dockerfile"))
+
+
+@pytest.mark.parametrize("dockerfile", COMPONENT_DOCKERFILES)
+def test_workdir_is_not_under_the_tasks_tmp_mount(dockerfile: str) -> None:
+    """The pipeline mounts an emptyDir at /tmp (pipelines/platform.py harden); a WORKDIR inside it is
+    created by the runtime as root, and user 1000 then cannot make HOME's caches there (seen on the
+    real cluster: torch's import failed with PermissionError on /tmp/hetlora/.cache)."""
+    workdirs = [ln.split()[1] for ln in final_stage(dockerfile) if ln.upper().startswith("WORKDIR ")]
+    assert workdirs and not (workdirs[-1] + "/").startswith("/tmp/"), workdirs
