@@ -29,17 +29,24 @@ kill_cgroups() {  # everything still running in the nodes' cgroups: the containe
   done
 }
 
+ours() {  # ours PID: a live process of this cluster (its command line names the state directory)
+  [[ -r "/proc/$1/cmdline" ]] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF "$D/"
+}
+
 stop_processes() {
   local f pid
+  # Only process groups led by a process of ours: a stale pid file (after a reboot) may name a pid
+  # that is now someone else's, and this runs as root.
   for f in "$D"/pids/*; do
     [[ -f "$f" ]] || continue
     pid="$(cat "$f")"
-    kill -TERM -- "-$pid" 2>/dev/null || true
+    if ours "$pid"; then kill -TERM -- "-$pid" 2>/dev/null || true; else rm -f "$f"; fi
   done
   sleep 1
   for f in "$D"/pids/*; do
     [[ -f "$f" ]] || continue
-    kill -KILL -- "-$(cat "$f")" 2>/dev/null || true
+    pid="$(cat "$f")"
+    if ours "$pid"; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
     rm -f "$f"
   done
   # containerd's shims run in sessions of their own: find them by the node socket they serve.

@@ -44,6 +44,8 @@ PYTHON="${PYTHON:-$( [[ -x "$ROOT/.venv/bin/python" ]] && echo "$ROOT/.venv/bin/
 PAUSE_IMAGE=hetlora.local/pause:1
 COREDNS_IMAGE="hetlora.local/coredns:$COREDNS_VERSION"
 TOOLBOX_IMAGE=hetlora.local/toolbox:1
+# Host paths each node sees a private copy of (start.sh); their mount points are made if missing.
+HOST_DIRS="run/containerd run/netns var/lib/cni etc/cni/net.d var/lib/kubelet var/log/containers"
 
 log() { printf '[cluster-up] %s\n' "$*" >&2; }
 die() { printf '[cluster-up] error: %s\n' "$*" >&2; exit 1; }
@@ -221,10 +223,15 @@ EOF
 
 # ------------------------------------------------------------------ processes
 
+ours() {  # ours PID: a live process of this cluster (its command line names the state directory)
+  [[ -r "/proc/$1/cmdline" ]] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -qF "$D/"
+}
+
 spawn() {  # spawn NAME CMD... : a process in the cluster's network namespace, its own session and log
   local name="$1"; shift
   mkdir -p "$D/logs" "$D/pids"
-  if [[ -f "$D/pids/$name" ]] && kill -0 "$(cat "$D/pids/$name")" 2>/dev/null; then return; fi
+  # A pid file can outlive its process (a reboot, a kill -9): running means running *and* ours.
+  if [[ -f "$D/pids/$name" ]] && ours "$(cat "$D/pids/$name")"; then return; fi
   setsid nsenter --net="/run/netns/$NETNS" -- "$@" >"$D/logs/$name.log" 2>&1 </dev/null &
   echo $! >"$D/pids/$name"
 }
@@ -357,9 +364,11 @@ set -euo pipefail
 mount --make-rprivate /
 for kv in ${KUBELET_SYSCTLS[*]}; do mount --bind "$nd/sysctl/\${kv%%=*}" "/proc/sys/\${kv%%=*}"; done
 # Host paths the runtime writes with no setting to move them: containerd's shims and runc
-# (/run/containerd), the pods' network namespaces (/run/netns) and the CNI result cache
-# (/var/lib/cni). Each node gets its own, so nothing lands in (or lingers on) the host's.
-for d in run/containerd run/netns var/lib/cni; do
+# (/run/containerd), the pods' network namespaces (/run/netns), the CNI result cache and lock
+# (/var/lib/cni, /etc/cni/net.d), the kubelet's serving certificate and device-plugin socket
+# (/var/lib/kubelet) and its container log links (/var/log/containers). Each node gets its own, so
+# nothing lands in (or lingers on) the host's.
+for d in $HOST_DIRS; do
   mkdir -p "$nd/host/\$d" && mount --bind "$nd/host/\$d" "/\$d"
 done
 containerd --config "$nd/containerd.toml" >"$D/logs/containerd-$n.log" 2>&1 &
@@ -396,8 +405,8 @@ nodes_up() {
   # The mount points of the nodes' private copies of these (start.sh): made here if the host has
   # none, listed so that cluster-down.sh removes them again.
   local d
-  for d in /run/containerd /run/netns /var/lib/cni; do
-    [[ -d "$d" ]] || { mkdir -p "$d"; echo "$d" >>"$D/host-dirs-made"; }
+  for d in $HOST_DIRS; do
+    [[ -d "/$d" ]] || { mkdir -p "/$d"; echo "/$d" >>"$D/host-dirs-made"; }
   done
   local i
   for i in "${!NODES[@]}"; do

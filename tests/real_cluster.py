@@ -40,6 +40,7 @@ class RealCluster:
         self.kubeconfig = str(self.dir / "state" / "admin.kubeconfig")
         self.up_s = 0.0
         self.log = ""
+        self.host_before = host_paths()
 
     def up(self, timeout_s: int = 900) -> None:
         t0 = time.monotonic()
@@ -73,6 +74,15 @@ class RealCluster:
                              text=True, timeout=300)
         shutil.rmtree(self.dir, ignore_errors=True)
         return res.stderr
+
+
+# Host paths the runtime writes by default (scripts/cluster-up.sh gives each node private copies).
+HOST_PATHS = ("/run/containerd", "/run/netns", "/var/lib/cni", "/etc/cni/net.d", "/var/lib/kubelet", "/var/log/containers")
+
+
+def host_paths() -> dict[str, list[str] | None]:
+    """Each of HOST_PATHS: its entries, or None where it does not exist."""
+    return {p: sorted(os.listdir(p)) if os.path.isdir(p) else None for p in HOST_PATHS}
 
 
 def missing_prerequisites() -> str:

@@ -22,7 +22,7 @@ import kfp_pods
 import pytest
 import yaml
 from kube_apiserver import cache_bin
-from real_cluster import NODES, RealCluster, real_cluster_fixture  # noqa: F401  (registers the fixture)
+from real_cluster import NODES, RealCluster, host_paths, real_cluster_fixture  # noqa: F401  (registers the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -163,6 +163,15 @@ def pod_cgroup_file(pod_uid: str, controller: str, name: str) -> str:
     return hits[0].read_text().strip()
 
 
+def pod_limits(pod_uid: str) -> tuple[int, int]:
+    """(memory limit in bytes, CPU quota in microseconds per 100 ms) of a pod's cgroup, v1 or v2."""
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # cgroup v2
+        quota, period = pod_cgroup_file(pod_uid, "", "cpu.max").split()
+        return int(pod_cgroup_file(pod_uid, "", "memory.max")), int(int(quota) * 100000 / int(period))
+    return (int(pod_cgroup_file(pod_uid, "memory", "memory.limit_in_bytes")),
+            int(pod_cgroup_file(pod_uid, "/cpu/", "cpu.cfs_quota_us")))
+
+
 def test_tier_limits_are_enforced_by_the_real_cgroup(real_cluster: RealCluster) -> None:
     """A client task's limits are not advisory here: a pod that outgrows its memory limit on a tier
     node is OOM-killed by the kernel, and its pod cgroup carries the CPU and memory limits."""
@@ -180,12 +189,7 @@ def test_tier_limits_are_enforced_by_the_real_cgroup(real_cluster: RealCluster) 
     while time.monotonic() < deadline:
         p = real_cluster.get("pod", "oom-probe", "-n", "kubeflow")
         if not limits_seen and p["status"].get("phase") == "Running":
-            uid = p["metadata"]["uid"]
-            if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # cgroup v2
-                assert pod_cgroup_file(uid, "", "memory.max") == str(48 * 2**20)
-            else:
-                assert int(pod_cgroup_file(uid, "memory", "memory.limit_in_bytes")) == 48 * 2**20
-                assert int(pod_cgroup_file(uid, "/cpu/", "cpu.cfs_quota_us")) == 50000  # 500m of a 100 ms period
+            assert pod_limits(p["metadata"]["uid"]) == (48 * 2**20, 50000)  # 500m: 50 ms of every 100 ms
             limits_seen = True
         if p["status"].get("phase") in ("Succeeded", "Failed"):
             break
@@ -300,9 +304,7 @@ def test_compiled_round_tasks_land_on_their_tier_nodes_under_their_limits(real_c
             if tier:
                 mem = tiers[tier]["memory_limit"]
                 assert mem.endswith("Mi")
-                uid = p["metadata"]["uid"]
-                assert int(pod_cgroup_file(uid, "memory", "memory.limit_in_bytes")) == int(mem[:-2]) * 2**20
-                assert int(pod_cgroup_file(uid, "/cpu/", "cpu.cfs_quota_us")) == int(float(tiers[tier]["cpu_limit"]) * 100000)
+                assert pod_limits(p["metadata"]["uid"]) == (int(mem[:-2]) * 2**20, int(float(tiers[tier]["cpu_limit"]) * 100000))
         real_cluster.kubectl("delete", "pods", "-n", "kubeflow", "-l", "hetlora.io/task", "--wait=true", timeout=180)
 
 
@@ -316,3 +318,4 @@ def test_cluster_down_leaves_nothing_behind(real_cluster: RealCluster) -> None:
     left = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True).stdout.split()
     assert left == [], left
     assert os.system("ip link show hlc-host >/dev/null 2>&1") != 0
+    assert host_paths() == real_cluster.host_before  # the kubelets' and runtimes' default host paths untouched
