@@ -48,6 +48,7 @@ def cluster_processes(netns: str) -> dict[int, tuple[str, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(OUT), help="where cluster.json goes")
+    ap.add_argument("--quick", action="store_true", help="the same measurement (a cluster has no smaller variant)")
     args = ap.parse_args()
     why = missing_prerequisites()
     if why:

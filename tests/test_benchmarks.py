@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "bench_aggregation.py": ("aggregation-quick.json", []),
     "bench_bytes.py": ("bytes-quick.json", []),
+    "bench_cluster.py": ("cluster.json", ["up_s", "rss_total_mb"]),
     "bench_flops.py": ("flops-quick.json", []),
     "bench_pipeline_overhead.py": ("pipeline_overhead.json", ["ratio", "ratio_vs_cold", "in_process_cold_s"]),
     "bench_precision.py": ("precision-quick.json", ["auto_vs_float32", "bf16_vs_float32"]),
@@ -38,6 +39,11 @@ def test_benchmark_quick_variant_runs(script: str, tmp_path: Path) -> None:
     name, keys = EXPECTED[script]
     if script == "bench_pipeline_overhead.py" and find_minio() is None:
         skip_or_fail("MinIO server binary not found: run scripts/setup.sh tools")
+    if script == "bench_cluster.py":
+        from real_cluster import missing_prerequisites
+
+        if why := missing_prerequisites() or (Path("/sys/class/net/hlc-host").exists() and "a cluster is running"):
+            skip_or_fail(f"real cluster unavailable: {why}")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
