@@ -4,6 +4,7 @@ in-process (hetlora simulate, local store), as a ratio from one run of each.
     .venv/bin/python benchmarks/bench_pipeline_overhead.py            # default config (SmolLM2)
     .venv/bin/python benchmarks/bench_pipeline_overhead.py --quick    # configs/smoke.yaml (tiny)
     .venv/bin/python benchmarks/bench_pipeline_overhead.py --set training.local_steps=12  # more work
+    .venv/bin/python benchmarks/bench_pipeline_overhead.py --reps 3 --warm on  # medians of 3 interleaved runs
 
 Both runs use the same config and seeds and must produce the same global adapter (checked). The
 model and tokenised data are cached on disk before timing, so neither side pays the one-time GGUF
@@ -22,8 +23,10 @@ default config, <= 1.15 at the paper's work per client."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +56,9 @@ def main() -> None:
     ap.add_argument("--name", default="pipeline_overhead", help="JSON file name (without .json)")
     ap.add_argument("--warm", choices=("both", "on", "off"), default="both",
                     help="pipeline runs with the warm task server (on), without (off: every task starts from scratch), or both")
+    ap.add_argument("--reps", type=int, default=1, help="repetitions (in-process and pipeline interleaved; medians reported)")
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="run in DIR and keep it (the runs' task logs, e.g. to see where a round's time goes) instead of a temporary folder")
     args = ap.parse_args()
     cfg = load_config(args.config or (ROOT / "configs/smoke.yaml" if args.quick else None), parse_sets(tuple(args.sets)))
     cfg = replace(cfg, **{"federation.rounds": 1, "experiment": "bench-overhead"})
@@ -67,11 +73,10 @@ def main() -> None:
     server = MinioServer(binary)
     server.start()
     os.environ["HETLORA_S3_ACCESS_KEY"], os.environ["HETLORA_S3_SECRET_KEY"] = server.access_key, server.secret_key
+    inprocs: list[float] = []
+    runs: dict[str, list[float]] = {m: [] for m in modes}
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            t = time.perf_counter()
-            simulate(cfg, Path(tmp) / "inproc", progress=False)
-            inproc = time.perf_counter() - t
+        with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as tmp:
             cfg_file = Path(tmp) / "cfg.json"
             cfg_file.write_text(cfg.to_json())
             t = time.perf_counter()
@@ -79,16 +84,24 @@ def main() -> None:
                             "--out", str(Path(tmp) / "cold")], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             cold = time.perf_counter() - t
             s3 = replace(cfg, **{"store.kind": "s3", "store.endpoint": server.endpoint, "store.bucket": server.bucket})
-            a, _ = st.get_artifact(st.LocalStore(Path(tmp) / "inproc" / "store"), st.global_prefix(cfg.experiment, 0))
-            for mode in modes:  # each its own experiment in the bucket (a second run would otherwise resume)
-                run_cfg = replace(s3, experiment=f"{cfg.experiment}-{mode}")
+            # Repetitions interleave the in-process round and the pipeline rounds, so load from other
+            # jobs on a shared machine falls on both sides; medians are reported.
+            for rep in range(args.reps):
                 t = time.perf_counter()
-                run_local(run_cfg, Path(tmp) / f"kfp-{mode}", warm=mode == "warm")
-                pipes[mode] = time.perf_counter() - t
-                b, _ = st.get_artifact(st.open_store(run_cfg.store), st.global_prefix(run_cfg.experiment, 0))
-                same[mode] = a == b
+                simulate(cfg, Path(tmp) / f"inproc-{rep}", progress=False)
+                inprocs.append(time.perf_counter() - t)
+                a, _ = st.get_artifact(st.LocalStore(Path(tmp) / f"inproc-{rep}" / "store"), st.global_prefix(cfg.experiment, 0))
+                for mode in modes:  # each its own experiment in the bucket (a second run would otherwise resume)
+                    run_cfg = replace(s3, experiment=f"{cfg.experiment}-{mode}-{rep}")
+                    t = time.perf_counter()
+                    run_local(run_cfg, Path(tmp) / f"kfp-{mode}-{rep}", warm=mode == "warm")
+                    runs[mode].append(time.perf_counter() - t)
+                    b, _ = st.get_artifact(st.open_store(run_cfg.store), st.global_prefix(run_cfg.experiment, 0))
+                    same[mode] = same.get(mode, True) and a == b
     finally:
         server.close()
+    inproc = statistics.median(inprocs)
+    pipes = {m: statistics.median(v) for m, v in runs.items()}
     main_mode = "warm" if "warm" in pipes else "cold"
     pipe = pipes[main_mode]
     res = {"config": args.config or ("configs/smoke.yaml" if args.quick else "defaults"), "model": cfg.model.name,
@@ -97,7 +110,7 @@ def main() -> None:
            "in_process_cold_s": cold, "pipeline_s": pipe, "pipeline_mode": main_mode, "ratio": pipe / inproc,
            "ratio_vs_cold": pipe / cold, "overhead_per_task_s": (pipe - inproc) / n_tasks, "same_global_bytes": all(same.values()),
            "pipeline_by_mode_s": pipes, "ratio_by_mode": {m: p / inproc for m, p in pipes.items()}, "same_by_mode": same,
-           "nproc": os.cpu_count(), "load_avg": os.getloadavg()}
+           "in_process_runs_s": inprocs, "pipeline_runs_s": runs, "nproc": os.cpu_count(), "load_avg": os.getloadavg()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{args.name}.json").write_text(json.dumps(res, indent=1))
     print(f"one round, {cfg.model.name}, {cfg.federation.clients_per_round} clients x {cfg.training.local_steps} steps: "

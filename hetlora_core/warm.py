@@ -231,8 +231,11 @@ class WarmServer:
     """One warm server process: ``start`` it, point tasks at ``socket_path``, ``stop`` it."""
 
     def __init__(self, run_dir: str | Path, withhold: Iterable[str] = (), log_path: str | Path | None = None,
-                 preload: bool = True, argv: list[str] | None = None) -> None:
+                 preload: bool = True, argv: list[str] | None = None, config_json: str | None = None) -> None:
         self.run_dir, self.withhold, self.preload = Path(run_dir), tuple(withhold), preload
+        # The run's (credential-free) config: the server loads its base model once before forking
+        # when that is fork-safe (warm_server.model_preload_refusal), so model tasks skip the load.
+        self.config_json = config_json
         self.log_path = Path(log_path) if log_path else None
         self.argv = argv  # the server's command line; None: python -m hetlora_core.warm_server
         self.dir: Path | None = None
@@ -246,6 +249,10 @@ class WarmServer:
         self.socket_path = str(self.dir / "s")
         argv = self.argv or [sys.executable, "-m", "hetlora_core.warm_server"]
         argv = [*argv, "--socket", self.socket_path, "--parent", str(os.getpid())] + ([] if self.preload else ["--no-preload"])
+        if self.preload and self.config_json:
+            config_path = self.dir / "config.json"  # in the 0700 socket directory, removed at stop
+            config_path.write_text(self.config_json)
+            argv += ["--config", str(config_path)]
         out: Any = subprocess.DEVNULL
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,19 +287,21 @@ class WarmServer:
             with contextlib.suppress(OSError):
                 os.unlink(self.socket_path)
             with contextlib.suppress(OSError):
+                os.unlink(self.dir / "config.json")
+            with contextlib.suppress(OSError):
                 self.dir.rmdir()
 
 
 @contextlib.contextmanager
 def local_server(run_dir: str | Path, withhold: Iterable[str] = (), enabled: bool = True,
-                 log_path: str | Path | None = None) -> Iterator[str]:
+                 log_path: str | Path | None = None, config_json: str | None = None) -> Iterator[str]:
     """For a local driver: a warm server for the run and ``HETLORA_WARM_SOCKET`` set in this
     process's environment while it lasts (kfp.local's tasks inherit it); yields the socket path
     ('' when disabled or not started). Stopped at the end, on an error and on KeyboardInterrupt."""
     if not enabled:
         yield ""
         return
-    server = WarmServer(run_dir, withhold, log_path)
+    server = WarmServer(run_dir, withhold, log_path, config_json=config_json)
     before = os.environ.get(SOCKET_ENV)
     try:
         if server.start():

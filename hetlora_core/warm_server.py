@@ -3,10 +3,14 @@ transformers, peft, the model classes and the model-side steps once, then forks 
 connection; the child becomes the task (its environment, working directory, stdout and stderr) and
 runs the step. The protocol and the task side are in ``hetlora_core.warm``.
 
-Fork safety: OpenMP's thread pool and the tokenizers' Rayon pool do not survive a fork once used, so
-this process only imports: it never runs a torch op (no model load, no ``set_num_threads``) nor a
-tokenizer before forking, and it forks from its one thread. The child then does exactly what a fresh
-task process does after its imports (load the model, set its torch threads from hetlora_core.threads).
+Fork safety: OpenMP's thread pool and the tokenizers' Rayon pool do not survive a fork once used, and
+neither does a CUDA context. So this process never encodes text, never touches CUDA, and runs torch
+with one thread (an OpenMP region of one thread starts no pool); it forks from its one thread. Beyond
+the imports it loads the run's base model (``--config``) when that is fork-safe
+(:func:`model_preload_refusal`): every child then shares those weights copy-on-write (the base is
+frozen: nobody writes them) and skips the load. The child then does what a fresh task process does
+after its imports (set its torch threads from hetlora_core.threads, find the model in the process
+cache, keyed on the same model section).
 
 Security: the driver starts this process without the server key or store credentials in its
 environment (``warm.server_env``): every child, client tasks' included, is a copy of its memory. The
@@ -19,6 +23,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import json
 import logging
 import os
 import select
@@ -29,6 +34,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from . import warm
@@ -44,6 +50,8 @@ PRELOAD = (
     "hetlora_core.peft_bridge", "hetlora_core.precision", "hetlora_core.rouge", "hetlora_core.reporting",
     "hetlora_core.folder_data", "hetlora_core.data", "hetlora_core.vocab", "hetlora_core.threads",
 )
+# torch's thread count before preload_model set it to one (0: untouched, nothing to restore).
+fresh_threads = 0
 # kfp's executor configures logging like this (kfp/dsl/executor_main.py) before a step runs.
 KFP_LOG_FORMAT = "[KFP Executor %(asctime)s %(levelname)s]: %(message)s"
 
@@ -57,6 +65,43 @@ def preload() -> list[str]:
         except ImportError:
             failed.append(name)
     return failed
+
+
+def model_preload_refusal(cfg: Any) -> str | None:
+    """Why the base model of ``cfg`` must not be loaded before forking (None: it may). CUDA: a
+    context does not survive a fork, and with an NVIDIA device present even asking torch whether
+    CUDA is there may start one; 4-bit weights need CUDA; ``model.vocab: corpus`` needs the
+    tokenised corpus (the tokenizer's thread pool must not run before a fork)."""
+    if cfg.model.device == "cuda" or cfg.model.quantize != "none":
+        return f"model.device {cfg.model.device}, model.quantize {cfg.model.quantize}: needs CUDA"
+    if cfg.model.device == "auto" and any(Path("/dev").glob("nvidia*")):
+        return "an NVIDIA device is present (model.device auto may pick CUDA)"
+    if cfg.model.vocab != "full":
+        return f"model.vocab {cfg.model.vocab}: needs the tokenised corpus"
+    return None
+
+
+def preload_model(config_path: str) -> str:
+    """Load the run's base model into this process's cache (hetlora_core.runtime), or say why not."""
+    import torch
+
+    from . import runtime
+    from .config import config_from_dict
+
+    cfg = config_from_dict(json.loads(Path(config_path).read_text()))
+    refusal = model_preload_refusal(cfg)
+    if refusal:
+        return f"base model not preloaded ({refusal})"
+    global fresh_threads
+    fresh_threads = torch.get_num_threads()  # what a fresh process has: each child gets it back
+    torch.set_num_threads(1)  # one thread: no OpenMP pool exists when the children fork
+    with contextlib.suppress(ImportError):  # nor tqdm's monitor thread (started by the first progress bar)
+        import tqdm
+
+        tqdm.tqdm.monitor_interval = 0
+    t0 = time.perf_counter()
+    runtime.model(cfg)
+    return f"base model {cfg.model.name} preloaded in {time.perf_counter() - t0:.2f} s"
 
 
 def resolve(step: str) -> Callable[..., Any]:
@@ -100,12 +145,15 @@ def _jsonable_args(e: BaseException) -> list[Any] | None:
     return list(e.args) if all(isinstance(a, (str, int, float, bool)) or a is None for a in e.args) else None
 
 
-def _fresh_random_state() -> None:
-    """The random state a fresh task process starts with: torch's default generator at its initial
-    seed, numpy's global one from fresh entropy (Python's ``random`` reseeds itself at a fork).
-    The steps seed their own generators; this keeps any unseeded use as it is in a task process."""
+def _fresh_process_state() -> None:
+    """The state a fresh task process starts with: torch's default thread count (the server ran on
+    one to load the model), torch's default generator at its initial seed, numpy's global one from
+    fresh entropy (Python's ``random`` reseeds itself at a fork). The steps seed their own
+    generators and set their threads; this keeps anything they leave as it is in a task process."""
     torch = sys.modules.get("torch")
     if torch is not None:
+        if fresh_threads:
+            torch.set_num_threads(fresh_threads)
         torch.manual_seed(torch.initial_seed())
     np = sys.modules.get("numpy")
     if np is not None:
@@ -139,7 +187,7 @@ def child(conn: socket.socket, close: list[Any]) -> NoReturn:
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})
         os.chdir(str(request["cwd"]))
-        _fresh_random_state()
+        _fresh_process_state()
         done = threading.Event()
         threading.Thread(target=_watch, args=(conn, done), daemon=True).start()
         warm.send_frame(conn, {"kind": "started", "pid": os.getpid()})
@@ -186,7 +234,7 @@ def _report_exits(children: dict[int, socket.socket]) -> None:
         conn.close()
 
 
-def serve(path: str, parent: int | None = None, do_preload: bool = True) -> None:
+def serve(path: str, parent: int | None = None, do_preload: bool = True, config_path: str | None = None) -> None:
     """Listen on ``path`` and fork a child per connection until SIGTERM or the parent is gone."""
     warm.serving = True
     logging.basicConfig(stream=sys.stdout, format=KFP_LOG_FORMAT, level=logging.INFO)
@@ -204,11 +252,17 @@ def serve(path: str, parent: int | None = None, do_preload: bool = True) -> None
     # docs advise for a pre-fork server: collected never, shared always.
     gc.disable()
     failed = preload() if do_preload else []
+    model_note = ""
+    if do_preload and config_path:
+        try:
+            model_note = "; " + preload_model(config_path)
+        except Exception as e:  # noqa: BLE001 - the tasks then load it themselves, and say why if they cannot
+            model_note = f"; base model not preloaded: {type(e).__name__}: {e}"
     gc.collect()
     gc.freeze()
     gc.enable()
     print(f"warm task server {os.getpid()}: listening on {path}; preloaded in {time.perf_counter() - t0:.2f} s"
-          + (f" (not importable: {', '.join(failed)})" if failed else "") + f"; {os_threads()} OS thread(s)", flush=True)
+          + (f" (not importable: {', '.join(failed)})" if failed else "") + model_note + f"; {os_threads()} OS thread(s)", flush=True)
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
@@ -272,8 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--socket", required=True)
     ap.add_argument("--parent", type=int, default=None, help="exit when this process (the driver) is gone")
     ap.add_argument("--no-preload", action="store_true", help="import nothing ahead (tests)")
+    ap.add_argument("--config", default=None, help="the run's config (JSON): its base model is loaded ahead when fork-safe")
     args = ap.parse_args(argv)
-    serve(args.socket, args.parent, not args.no_preload)
+    serve(args.socket, args.parent, not args.no_preload, args.config)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # no interpreter teardown of torch & co (seconds): nothing is left to clean up

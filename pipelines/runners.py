@@ -210,7 +210,7 @@ def run_local(cfg: HetLoRAConfig, out_dir: str | Path, verbose: bool = False, pr
     # Started before the first round and stopped after the last (also on an error or Ctrl-C); the
     # server's environment holds neither the server key nor store credentials (warm.server_env).
     with local_server(out, (cfg.store.server_key_env,), cfg.local.warm_tasks if warm is None else warm,
-                      out / "logs" / "warm-server.log"):
+                      out / "logs" / "warm-server.log", cfg.to_json()):
         return RoundRunner(cfg, executor, out, shown).run()
 
 

@@ -35,7 +35,9 @@ def test_task_threads_share_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_kfp_local_round_tells_model_tasks_how_many_share_the_machine(tmp_path: Path) -> None:
-    """The env var is set on the kfp.local build only; the compiled (cluster) pipeline has none."""
+    """The env var is set on the kfp.local build only; the compiled (cluster) pipeline has none. A
+    tier's loop runs up to two clients at once there, so a tier with several clients in the round
+    shares the CPUs (2) and a tier with one client runs alone (1), as does evaluate."""
     import yaml
     from hetlora_kfp.pipelines.round import build_round_pipeline
     from kfp import compiler
@@ -44,18 +46,26 @@ def test_kfp_local_round_tells_model_tasks_how_many_share_the_machine(tmp_path: 
     from hetlora_core.steps.plan import ClientPlan, RoundPlan
 
     cfg = load_config("configs/smoke.yaml")
-    plan = RoundPlan("smoke", 0, [ClientPlan("a", "small", 2), ClientPlan("b", "large", 8)],
-                     {"a": {"rank": 2, "tier": "small"}, "b": {"rank": 8, "tier": "large"}})
+    chosen = [ClientPlan("a", "small", 2), ClientPlan("b", "large", 8), ClientPlan("c", "large", 8), ClientPlan("d", "large", 8)]
+    plan = RoundPlan("smoke", 0, chosen, {p.client_id: {"rank": p.rank, "tier": p.tier} for p in chosen})
     envs = {}
     for n in (2, None):
         compiler.Compiler().compile(build_round_pipeline(cfg, plan, concurrent_tasks=n), str(tmp_path / "p.yaml"))
         spec = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
         envs[n] = {name: ex["container"].get("env", []) for name, ex in spec["deploymentSpec"]["executors"].items()}
-    want = {"name": threads.CONCURRENT_TASKS_ENV, "value": "2"}
-    alone = {"name": threads.CONCURRENT_TASKS_ENV, "value": "1"}  # evaluate: nothing of the round runs beside it
-    train_tasks = [e for e in envs[2] if "train" in e]
-    assert len(train_tasks) == 2 and all(want in envs[2][e] for e in train_tasks)  # 2 tiers' train
+    shared = {"name": threads.CONCURRENT_TASKS_ENV, "value": "2"}
+    alone = {"name": threads.CONCURRENT_TASKS_ENV, "value": "1"}
+    train_tasks = sorted(e for e in envs[2] if "train" in e)
+    assert len(train_tasks) == 2  # 2 tiers' train loops: small (1 client), large (3 clients)
+    assert [shared in envs[2][e] for e in train_tasks] == [False, True] and alone in envs[2][train_tasks[0]]
     (evaluate,) = [e for e in envs[2] if "evaluate" in e]
-    assert alone in envs[2][evaluate] and want not in envs[2][evaluate]
-    assert not any(want in env or alone in env for e, env in envs[2].items() if e not in (*train_tasks, evaluate))
-    assert not any(want in env or alone in env for env in envs[None].values())
+    assert alone in envs[2][evaluate] and shared not in envs[2][evaluate]
+    assert not any(shared in env or alone in env for e, env in envs[2].items() if e not in (*train_tasks, evaluate))
+    assert not any(shared in env or alone in env for env in envs[None].values())
+
+
+def test_loop_share() -> None:
+    from hetlora_kfp.pipelines.round import loop_share
+
+    assert [loop_share(2, n) for n in (1, 2, 5)] == [1, 2, 2]
+    assert loop_share(None, 3) is None  # the cluster: a pod's own quota counts

@@ -53,7 +53,15 @@ PROBES = textwrap.dedent('''
         time.sleep(120)
         return "too late"
 
-    STEPS = {n: "__main__:" + n for n in ("probe", "boom", "hard_exit", "linger")}
+    def model_state(cfg_json):
+        import torch
+        from hetlora_core import runtime
+        from hetlora_core.config import config_from_dict
+        before = runtime._model.cache_info().currsize
+        runtime.model(config_from_dict(json.loads(cfg_json)))
+        return json.dumps({"threads": torch.get_num_threads(), "cached_before": before, "loads": runtime._model.cache_info().misses})
+
+    STEPS = {n: "__main__:" + n for n in ("probe", "boom", "hard_exit", "linger", "model_state")}
     warm.STEPS.update(STEPS)
 ''')
 
@@ -190,10 +198,44 @@ CFG = {
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[warm.WarmServer]:
     d = tmp_path_factory.mktemp("warm-real")
-    server = warm.WarmServer(d, log_path=d / "server.log")
+    server = warm.WarmServer(d, log_path=d / "server.log", config_json=config_from_dict(CFG).to_json())
     assert server.start(), (d / "server.log").read_text()
     yield server
     server.stop()
+
+
+def test_server_preloads_the_base_model_for_its_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the run's config the server loads the base model before forking: a child finds it in
+    its process cache (loaded once, by the server) and starts with a fresh process's torch threads,
+    not the one thread the server loaded with."""
+    script = tmp_path / "server.py"
+    script.write_text(SERVER)
+    cfg = config_from_dict(CFG)
+    server = warm.WarmServer(tmp_path / "run", log_path=tmp_path / "server.log", argv=[sys.executable, str(script)],
+                             config_json=cfg.to_json())
+    assert server.start(), (tmp_path / "server.log").read_text()
+    monkeypatch.setitem(warm.STEPS, "model_state", "__main__:model_state")
+    monkeypatch.setenv(warm.SOCKET_ENV, server.socket_path)
+    try:
+        got = json.loads(warm.delegate("model_state", cfg.to_json()) or "{}")
+    finally:
+        server.stop()
+    fresh = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert "base model tiny preloaded" in (tmp_path / "server.log").read_text()
+    assert got == {"threads": int(fresh), "cached_before": 1, "loads": 1}, got
+    assert not list((tmp_path / "run").glob("warm-*"))  # the config file went with the socket directory
+
+
+@pytest.mark.parametrize("section, why", [({"device": "cuda"}, "needs CUDA"), ({"quantize": "4bit"}, "needs CUDA"),
+                                          ({"vocab": "corpus"}, "tokenised corpus"), ({"device": "cpu"}, None)])
+def test_model_preload_only_where_fork_safe(section: dict[str, str], why: str | None) -> None:
+    from hetlora_core.warm_server import model_preload_refusal
+
+    model = {"name": "smollm2-135m"} if section.get("quantize") else CFG["model"]  # 4bit needs a saved model
+    cfg = config_from_dict({**CFG, "model": {**model, **section}})  # type: ignore[dict-item]
+    refusal = model_preload_refusal(cfg)
+    assert (refusal is None) if why is None else (why in (refusal or "")), refusal
 
 
 def test_delegated_train_uploads_the_same_bytes(real_server: warm.WarmServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -250,6 +292,7 @@ def test_kfp_local_round_with_the_server_equals_without(tmp_path: Path, monkeypa
         logs = {p.name: p.read_text(errors="replace") for p in (out / "logs").rglob("*") if p.is_file()}
         in_server = sorted(n for n, text in logs.items() if "ran in the warm task server" in text)
         assert len(in_server) == (4 if on else 0), (in_server, sorted(logs))  # 3 trains + evaluate
+        assert ("base model tiny preloaded" in logs.get("warm-server.log", "")) == on
         assert not list(out.glob("warm-*"))  # the socket directory is gone with the server
     assert glob[True] == glob[False]
 

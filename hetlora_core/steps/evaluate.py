@@ -64,13 +64,13 @@ def evaluate(cfg: HetLoRAConfig, store: st.Store, rnd: int) -> dict[str, Any]:
         raise st.NotFound(f"round {rnd} of {cfg.experiment} is not committed; nothing to evaluate")
     if cfg.data.source == "folder":
         return evaluate_federated(cfg, store, rnd, sorted(gman["clients"]), start)
-    evaluate_baseline(cfg, store)
     import torch
 
     from .. import runtime  # the model and the data: only the central (Shakespeare) path loads them
     from ..threads import task_threads
 
-    torch.set_num_threads(task_threads(cfg.training.threads))  # the CPUs this task may use (threads.py)
+    torch.set_num_threads(task_threads(cfg.training.threads))  # the CPUs this task may use (threads.py), baseline included
+    evaluate_baseline(cfg, store)
     method, model = method_for(cfg), runtime.model(cfg)
     glob = load_global(cfg, store, rnd + 1, method.model_spec(model))
     ranks = {c: (s.get("module_ranks") or int(s["rank"])) for c, s in gman["clients"].items()}
