@@ -14,9 +14,9 @@
 # therefore pins each staging module to the published v0.<minor>.<patch> that matches the release.
 set -euo pipefail
 
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # ROOT, CACHE, BIN
 K8S_VERSION="${HETLORA_K8S_VERSION:-v1.37.2}"
-CACHE="${HETLORA_CACHE:-$HOME/.cache/hetlora}"
-BIN="$CACHE/bin"
 OUT="$BIN/kube-apiserver"
 MARKER="$BIN/.kube-apiserver.version"
 CLUSTER_CMDS=(kube-apiserver kubelet kube-controller-manager kube-scheduler kube-proxy kubectl)

@@ -9,10 +9,9 @@
 #   scripts/setup.sh tools      only MinIO, SeaweedFS, kustomize, Prometheus
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # ROOT, CACHE, BIN
 VENV="${HETLORA_VENV:-$ROOT/.venv}"
-CACHE="${HETLORA_CACHE:-$HOME/.cache/hetlora}"
-BIN="$CACHE/bin"
 PYTHON="${PYTHON:-python3}"
 # Pinned releases (a Go pseudo-version is MinIO's latest tagged module state; minio has no semver tags).
 MINIO_VERSION="v0.0.0-20260212201848-7aac2a2c5b7c"
