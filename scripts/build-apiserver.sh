@@ -53,19 +53,9 @@ build_k8s() {
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' RETURN
   log "building ${cmds[*]} $K8S_VERSION (staging modules at $staging; first time takes 10+ minutes)"
-  gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
-  [[ -f "$gomod" ]] || { log "cannot download k8s.io/kubernetes@$K8S_VERSION"; return 1; }
-  {
-    echo "module hetlora.local/apiserver-build"
-    echo
-    grep -m1 '^go ' "$gomod"
-    echo
-    echo "require k8s.io/kubernetes $K8S_VERSION"
-    echo
-    echo "replace ("
-    sed -n 's#^[[:space:]]*\(k8s\.io/[a-z0-9-]*\) => \./staging/.*#\t\1 => \1 '"$staging"'#p' "$gomod"
-    echo ")"
-  } >"$work/go.mod"
+  gomod="$(go_module_gomod k8s.io/kubernetes "$K8S_VERSION")" || return 1
+  # The ./staging/... replaces become the published staging modules at $staging (scripts/lib.sh).
+  go_wrapper_mod apiserver k8s.io/kubernetes "$K8S_VERSION" "$gomod" "$staging" >"$work/go.mod"
   cat >"$work/tools.go" <<'EOF'
 //go:build tools
 
