@@ -14,9 +14,9 @@
 # therefore pins each staging module to the published v0.<minor>.<patch> that matches the release.
 set -euo pipefail
 
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # ROOT, CACHE, BIN
 K8S_VERSION="${HETLORA_K8S_VERSION:-v1.37.2}"
-CACHE="${HETLORA_CACHE:-$HOME/.cache/hetlora}"
-BIN="$CACHE/bin"
 OUT="$BIN/kube-apiserver"
 MARKER="$BIN/.kube-apiserver.version"
 CLUSTER_CMDS=(kube-apiserver kubelet kube-controller-manager kube-scheduler kube-proxy kubectl)
@@ -53,19 +53,9 @@ build_k8s() {
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' RETURN
   log "building ${cmds[*]} $K8S_VERSION (staging modules at $staging; first time takes 10+ minutes)"
-  gomod="$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
-  [[ -f "$gomod" ]] || { log "cannot download k8s.io/kubernetes@$K8S_VERSION"; return 1; }
-  {
-    echo "module hetlora.local/apiserver-build"
-    echo
-    grep -m1 '^go ' "$gomod"
-    echo
-    echo "require k8s.io/kubernetes $K8S_VERSION"
-    echo
-    echo "replace ("
-    sed -n 's#^[[:space:]]*\(k8s\.io/[a-z0-9-]*\) => \./staging/.*#\t\1 => \1 '"$staging"'#p' "$gomod"
-    echo ")"
-  } >"$work/go.mod"
+  gomod="$(go_module_gomod k8s.io/kubernetes "$K8S_VERSION")" || return 1
+  # The ./staging/... replaces become the published staging modules at $staging (scripts/lib.sh).
+  go_wrapper_mod apiserver k8s.io/kubernetes "$K8S_VERSION" "$gomod" "$staging" >"$work/go.mod"
   cat >"$work/tools.go" <<'EOF'
 //go:build tools
 

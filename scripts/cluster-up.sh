@@ -23,9 +23,8 @@
 # restrict_oom_score_adj), sysctls the kubelet wants to write, a node IP that may not be loopback.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${HETLORA_CACHE:-$HOME/.cache/hetlora}"
-BIN="$CACHE/bin"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # ROOT, CACHE, BIN
 D="${HETLORA_CLUSTER_DIR:-/var/tmp/hetlora-cluster}"
 NETNS="${HETLORA_CLUSTER_NETNS:-hetlora-cluster}"
 VETH_HOST=hlc-host

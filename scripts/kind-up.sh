@@ -12,7 +12,8 @@
 # the CUDA image, SKIP_IMAGES=1 to reuse images already loaded.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # ROOT, CACHE, BIN
 CLUSTER_NAME="${CLUSTER_NAME:-hetlora}"
 # Pinned versions. KFP's backend matches the kfp / kfp-server-api SDK in images/requirements.lock.
 KFP_VERSION="${KFP_VERSION:-2.17.3}"
@@ -21,7 +22,6 @@ KIND_TESTED_VERSION="v0.33.0"                     # its default node image is in
 KPS_RELEASE="kps"                                 # Helm release and fullnameOverride: kps-prometheus, kps-grafana
 MONITORING_NS="monitoring"
 TIERS=(small medium large)
-CACHE="${HETLORA_CACHE:-$HOME/.cache/hetlora}"
 
 log() { printf '[kind-up] %s\n' "$*" >&2; }
 die() { printf '[kind-up] error: %s\n' "$*" >&2; exit 1; }
@@ -29,8 +29,8 @@ need() { command -v "$1" >/dev/null 2>&1 || die "$1 is required ($2)"; }
 kc() { kubectl --context "kind-$CLUSTER_NAME" "$@"; }
 
 kustomize_build() {  # kustomize_build DIR
-  if [[ -x "$CACHE/bin/kustomize" ]]; then
-    "$CACHE/bin/kustomize" build "$1"
+  if [[ -x "$BIN/kustomize" ]]; then
+    "$BIN/kustomize" build "$1"
   elif command -v kustomize >/dev/null 2>&1; then
     kustomize build "$1"
   else

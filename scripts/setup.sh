@@ -9,10 +9,9 @@
 #   scripts/setup.sh tools      only MinIO, SeaweedFS, kustomize, Prometheus
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"  # ROOT, CACHE, BIN
 VENV="${HETLORA_VENV:-$ROOT/.venv}"
-CACHE="${HETLORA_CACHE:-$HOME/.cache/hetlora}"
-BIN="$CACHE/bin"
 PYTHON="${PYTHON:-python3}"
 # Pinned releases (a Go pseudo-version is MinIO's latest tagged module state; minio has no semver tags).
 MINIO_VERSION="v0.0.0-20260212201848-7aac2a2c5b7c"
@@ -53,9 +52,8 @@ go_tool() {  # go_tool NAME MODULE@VERSION
 }
 
 # go_tool_wrapped NAME MODULE VERSION PACKAGE: like go_tool, for a module whose go.mod has replace
-# directives (`go install module@version` refuses those). A throwaway wrapper module requires it and
-# repeats its replaces (Go ignores a dependency's replaces), so the build resolves exactly as the
-# module's own would; local-path replaces cannot be repeated and are left out.
+# directives (`go install module@version` refuses those): built in a wrapper module that repeats
+# them (go_wrapper_mod in scripts/lib.sh); local-path replaces cannot be repeated and are left out.
 go_tool_wrapped() {
   local name="$1" mod="$2" ver="$3" pkg="$4" marker="$BIN/.$1.version" gomod work
   if [[ -x "$BIN/$name" && -f "$marker" && "$(cat "$marker")" == "$pkg@$ver" ]]; then
@@ -63,14 +61,9 @@ go_tool_wrapped() {
   fi
   command -v go >/dev/null || { log "go is not installed: cannot build $name"; return 1; }
   log "building $name from $pkg@$ver (first time only; takes minutes)"
-  gomod="$(go mod download -json "$mod@$ver" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
-  [[ -f "$gomod" ]] || { log "cannot download $mod@$ver"; return 1; }
+  gomod="$(go_module_gomod "$mod" "$ver")" || return 1
   work="$(mktemp -d)"
-  {
-    printf 'module hetlora.local/%s-build\n\n%s\n\nrequire %s %s\n\n' "$name" "$(grep -m1 '^go ' "$gomod")" "$mod" "$ver"
-    awk '/^replace[[:space:]]*\($/ {blk=1; next} blk && /^\)/ {blk=0; next}
-         blk {print "replace " $0; next} /^replace[[:space:]]/ {print}' "$gomod" | grep -v '=>[[:space:]]*\.' || true
-  } >"$work/go.mod"
+  go_wrapper_mod "$name" "$mod" "$ver" "$gomod" >"$work/go.mod"
   mkdir -p "$BIN"
   (cd "$work" && GOFLAGS="-mod=mod -trimpath" CGO_ENABLED=0 go build -o "$BIN/$name.new" "$pkg") || { rm -rf "$work"; return 1; }
   rm -rf "$work"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import pytest
 from minio_server import MinioServer, find_minio, minio_binary_path
 from seaweed_server import SeaweedServer, find_weed, weed_binary_path
+from server_process import ServerProcess
 from tally import TALLY, Tally
 
 from hetlora_core.config import StoreConfig
@@ -20,10 +22,26 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
-def skip_or_fail(reason: str) -> None:
+def skip_or_fail(reason: str) -> NoReturn:
     if in_ci():
         pytest.fail(f"{reason} (CI=true: failing instead of skipping)", pytrace=False)
     pytest.skip(reason)
+
+
+Server = TypeVar("Server", bound=ServerProcess)
+
+
+def session_server(server_class: Callable[[str], Server], binary: str | None, missing: str) -> Iterator[Server]:
+    """The body of a session-scoped server fixture: skip (fail under CI) with ``missing`` when the
+    binary was not built, else start one server for the whole session and close it at the end."""
+    if binary is None:
+        skip_or_fail(missing)
+    server = server_class(binary)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="session")
@@ -31,16 +49,9 @@ def minio_server() -> Iterator[MinioServer]:
     """A real MinIO on 127.0.0.1 for the whole session: ``.endpoint``, ``.access_key``,
     ``.secret_key``, ``.bucket`` (plus ``.stop()``, ``.restart()``, ``.startup_s``).
     A test that stops it must restart it (``minio_store_config`` restarts it if needed)."""
-    binary = find_minio()
-    if binary is None:
-        skip_or_fail(f"MinIO server binary not found at {minio_binary_path()}: run scripts/setup.sh tools "
-                     "(builds it with go install; set HETLORA_CACHE if it lives elsewhere)")
-    server = MinioServer(binary)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+    yield from session_server(MinioServer, find_minio(),
+                              f"MinIO server binary not found at {minio_binary_path()}: run scripts/setup.sh tools "
+                              "(builds it with go install; set HETLORA_CACHE if it lives elsewhere)")
 
 
 def s3_store_config_for(server: MinioServer | SeaweedServer, monkeypatch: pytest.MonkeyPatch) -> StoreConfig:
@@ -66,16 +77,9 @@ def minio_store_config(minio_server: MinioServer, monkeypatch: pytest.MonkeyPatc
 def seaweed_server() -> Iterator[SeaweedServer]:
     """A real SeaweedFS (master, volume, filer and S3 gateway in one ``weed server``) on 127.0.0.1
     for the whole session, with the same attributes as ``minio_server``."""
-    binary = find_weed()
-    if binary is None:
-        skip_or_fail(f"SeaweedFS binary not found at {weed_binary_path()}: run scripts/setup.sh tools "
-                     "(builds it from its Go module; set HETLORA_CACHE if it lives elsewhere)")
-    server = SeaweedServer(binary)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+    yield from session_server(SeaweedServer, find_weed(),
+                              f"SeaweedFS binary not found at {weed_binary_path()}: run scripts/setup.sh tools "
+                              "(builds it from its Go module; set HETLORA_CACHE if it lives elsewhere)")
 
 
 # Every S3 server the store suite runs against: MinIO (Kubeflow before 2.15) and SeaweedFS (its

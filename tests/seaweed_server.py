@@ -10,54 +10,43 @@ The same attributes as ``MinioServer`` (``endpoint``, ``access_key``, ``secret_k
 process runs master, volume server, filer and the S3 gateway (what Kubeflow's SeaweedFS deployment
 runs too); the WebDAV, SFTP, IAM, MQ, Iceberg and Lance side servers stay off.
 
+Start, stop, restart and clean-up are ``ServerProcess``'s (tests/server_process.py), shared by both servers.
+
 The binary is built by ``scripts/setup.sh tools`` into ``$HETLORA_CACHE/bin/weed``
 (default ``~/.cache/hetlora/bin/weed``); a ``weed`` on PATH is used otherwise.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import secrets
-import shutil
-import subprocess
-import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from minio_server import HOST, free_port
+from server_process import HOST, ServerProcess, cached_binary_path, distinct_ports, find_binary
 
 
 def weed_binary_path() -> Path:
     """Where scripts/setup.sh puts the SeaweedFS binary."""
-    cache = os.environ.get("HETLORA_CACHE") or os.path.expanduser("~/.cache/hetlora")
-    return Path(cache) / "bin" / "weed"
+    return cached_binary_path("weed")
 
 
 def find_weed() -> str | None:
     """The SeaweedFS ``weed`` binary, or None when it has not been built."""
-    path = weed_binary_path()
-    if path.is_file() and os.access(path, os.X_OK):
-        return str(path)
-    return shutil.which("weed")
+    return find_binary("weed")
 
 
-def _distinct_ports(n: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < n:
-        if (p := free_port()) not in ports:
-            ports.append(p)
-    return ports
-
-
-class SeaweedServer:
+class SeaweedServer(ServerProcess):
     """One ``weed server -filer -s3`` process; ``endpoint``, ``access_key``, ``secret_key``, ``bucket`` for clients."""
 
+    name, process_name = "SeaweedFS", "weed"
+    # SIGTERM, then SIGKILL after 3 s: ``weed server`` stops its volume server before its filer,
+    # whose last metadata-log flush then waits 15 s for a volume that is gone. What S3
+    # acknowledged is on disk by then, so cutting that wait short loses nothing a test reads.
+    stop_timeout_s = 3.0
     tls = False  # the TLS tests stay on MinIO (tests/test_store.py::test_s3_tls says why)
-    ca_file: str | None = None
     # After a restart with data, SeaweedFS's master refuses volume assignments for 3 heartbeat
     # pulses (15 s, fixed: "master is warming up, topology is still loading"); the S3 gateway holds
     # PUTs meanwhile (reads work). start() waits this out; a client writing across a restart sees it.
@@ -67,13 +56,10 @@ class SeaweedServer:
         found = binary or find_weed()
         if not found:
             raise FileNotFoundError(f"SeaweedFS binary not found at {weed_binary_path()}: run scripts/setup.sh tools")
+        super().__init__(workdir_prefix="hetlora-weed-", log_name="weed.log")
         self.binary, self.bucket = found, bucket
-        self.workdir = Path(tempfile.mkdtemp(prefix="hetlora-weed-"))
-        self.data_dir = self.workdir / "data"
-        self.data_dir.mkdir()
-        self.log_path = self.workdir / "weed.log"
         (self.port, self.master_port, self.master_grpc, self.volume_port, self.volume_grpc,
-         self.filer_port, self.filer_grpc, self.s3_grpc) = _distinct_ports(8)
+         self.filer_port, self.filer_grpc, self.s3_grpc) = distinct_ports(8)
         self.access_key = "hl" + secrets.token_hex(6)
         self.secret_key = secrets.token_urlsafe(24)
         # Security: with no identities SeaweedFS's S3 gateway lets anyone in (anonymous admin), so the
@@ -88,20 +74,6 @@ class SeaweedServer:
         # weed reads master.toml from its working directory first: grow 1 volume per collection
         # (bucket), not 7, so a test's fresh bucket takes its first write in milliseconds.
         (self.workdir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.startup_s: list[float] = []  # seconds from spawn to ready, per start
-        atexit.register(self.close)
-
-    @property
-    def endpoint(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.endpoint}"
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def command(self) -> list[str]:
         return [
@@ -120,21 +92,13 @@ class SeaweedServer:
             f"-s3.localSocket={self.workdir / 's3.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]
 
-    def start(self, timeout: float = 60.0) -> float:
-        """Spawn ``weed server`` and wait until it serves S3; returns the startup time in seconds."""
-        if self.running():
-            return 0.0
+    def environment(self) -> dict[str, str]:
         # AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in weed's environment would add a second admin
         # identity: the config file must be the only source of credentials.
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_", "S3_"))}
-        t0 = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), env=env, cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT)
-        self._wait_ready(t0 + timeout)
-        took = time.monotonic() - t0
-        self.startup_s.append(took)
-        return took
+        return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_", "S3_"))}
+
+    def spawn_cwd(self) -> Path:
+        return self.workdir  # where weed finds master.toml
 
     def _get(self, url: str, timeout: float = 1.0) -> tuple[int, bytes]:
         try:
@@ -168,47 +132,4 @@ class SeaweedServer:
                   ("volume allocation", self._can_allocate),
                   ("anonymous refused", lambda: self._get(self.url + "/")[0] == 403)]
         for what, ok in checks:
-            while not ok():
-                if not self.running():
-                    raise RuntimeError(f"weed exited with {self.proc.returncode if self.proc else '?'}:\n{self.log_tail()}")
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError(f"SeaweedFS at {self.url} not ready ({what}):\n{self.log_tail()}")
-                time.sleep(0.05)
-
-    def stop(self, timeout: float = 3.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout``: ``weed server`` stops its volume server before its
-        filer, whose last metadata-log flush then waits 15 s for a volume that is gone. What S3
-        acknowledged is on disk by then, so cutting that wait short loses nothing a test reads."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def restart(self, timeout: float = 60.0) -> float:
-        """Stop and start again on the same ports with the same data dir and identity."""
-        self.stop()
-        return self.start(timeout)
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-    def __enter__(self) -> SeaweedServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+            self._wait_until(what, ok, deadline)

@@ -8,20 +8,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_round import tiny_round
 
 from hetlora_core import store as st
 from hetlora_core.config import config_from_dict, replace
 from hetlora_core.datasource import client_ids
 from hetlora_core.run import RoundFailed
 
-CFG = {
-    "experiment": "hard",
-    "model": {"name": "tiny", "tiny_hidden": 32, "tiny_layers": 1},
-    "data": {"num_clients": 3, "max_chars": 6000, "seq_len": 32, "eval_max_tokens": 128},
-    "ranks": {"r_min": 2, "r_max": 4, "tiers": [{"name": "small", "rank": 2}, {"name": "large", "rank": 4}]},
-    "training": {"local_steps": 1, "batch_size": 2, "bf16": False, "threads": 1},
-    "federation": {"rounds": 1, "clients_per_round": 3, "quorum": 0.6},
-}
+CFG = tiny_round("hard", local_steps=1, quorum=0.6)
 
 
 def test_compiled_aggregate_runs_after_every_client_task_whatever_their_outcome(tmp_path: Path) -> None:

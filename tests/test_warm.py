@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tiny_round import tiny_round
 
 from hetlora_core import store as st
 from hetlora_core import warm
@@ -185,14 +186,7 @@ def test_stopped_server_is_gone_and_its_dir_removed(probe_server: warm.WarmServe
 
 # ---------------------------------------------------------------- the real steps, one preloaded server
 
-CFG = {
-    "experiment": "warm",
-    "model": {"name": "tiny", "tiny_hidden": 32, "tiny_layers": 1},
-    "data": {"num_clients": 3, "max_chars": 6000, "seq_len": 32, "eval_max_tokens": 128},
-    "ranks": {"r_min": 2, "r_max": 4, "tiers": [{"name": "small", "rank": 2}, {"name": "large", "rank": 4}]},
-    "training": {"local_steps": 2, "batch_size": 2, "bf16": False, "threads": 1},
-    "federation": {"rounds": 1, "clients_per_round": 3},
-}
+CFG = tiny_round("warm")
 
 
 @pytest.fixture(scope="module")
