@@ -56,13 +56,15 @@ def main() -> None:
     ap.add_argument("--name", default="pipeline_overhead", help="JSON file name (without .json)")
     ap.add_argument("--warm", choices=("both", "on", "off"), default="both",
                     help="pipeline runs with the warm task server (on), without (off: every task starts from scratch), or both")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="rounds per run (1: the round pays the warm server's start-up alone; the default config has 2)")
     ap.add_argument("--reps", type=int, default=1, help="repetitions (in-process and pipeline interleaved; medians reported)")
     ap.add_argument("--keep", default=None, metavar="DIR",
                     help="run in DIR and keep it (the runs' task logs, e.g. to see where a round's time goes) instead of a temporary folder")
     args = ap.parse_args()
     cfg = load_config(args.config or (ROOT / "configs/smoke.yaml" if args.quick else None), parse_sets(tuple(args.sets)))
-    cfg = replace(cfg, **{"federation.rounds": 1, "experiment": "bench-overhead"})
-    n_tasks = 2 * cfg.federation.clients_per_round + 2  # train + prune per client, aggregate, evaluate
+    cfg = replace(cfg, **{"federation.rounds": args.rounds, "experiment": "bench-overhead"})
+    n_tasks = (2 * cfg.federation.clients_per_round + 2) * args.rounds  # train + prune per client, aggregate, evaluate
     modes = {"both": ("cold", "warm"), "on": ("warm",), "off": ("cold",)}[args.warm]
     pipes: dict[str, float] = {}
     same: dict[str, bool] = {}
@@ -90,13 +92,13 @@ def main() -> None:
                 t = time.perf_counter()
                 simulate(cfg, Path(tmp) / f"inproc-{rep}", progress=False)
                 inprocs.append(time.perf_counter() - t)
-                a, _ = st.get_artifact(st.LocalStore(Path(tmp) / f"inproc-{rep}" / "store"), st.global_prefix(cfg.experiment, 0))
+                a, _ = st.get_artifact(st.LocalStore(Path(tmp) / f"inproc-{rep}" / "store"), st.global_prefix(cfg.experiment, args.rounds - 1))
                 for mode in modes:  # each its own experiment in the bucket (a second run would otherwise resume)
                     run_cfg = replace(s3, experiment=f"{cfg.experiment}-{mode}-{rep}")
                     t = time.perf_counter()
                     run_local(run_cfg, Path(tmp) / f"kfp-{mode}-{rep}", warm=mode == "warm")
                     runs[mode].append(time.perf_counter() - t)
-                    b, _ = st.get_artifact(st.open_store(run_cfg.store), st.global_prefix(run_cfg.experiment, 0))
+                    b, _ = st.get_artifact(st.open_store(run_cfg.store), st.global_prefix(run_cfg.experiment, args.rounds - 1))
                     same[mode] = same.get(mode, True) and a == b
     finally:
         server.close()
@@ -106,14 +108,14 @@ def main() -> None:
     pipe = pipes[main_mode]
     res = {"config": args.config or ("configs/smoke.yaml" if args.quick else "defaults"), "model": cfg.model.name,
            "sets": args.sets, "local_steps": cfg.training.local_steps, "batch_size": cfg.training.batch_size,
-           "clients_per_round": cfg.federation.clients_per_round, "tasks": n_tasks, "in_process_s": inproc,
+           "clients_per_round": cfg.federation.clients_per_round, "rounds": args.rounds, "tasks": n_tasks, "in_process_s": inproc,
            "in_process_cold_s": cold, "pipeline_s": pipe, "pipeline_mode": main_mode, "ratio": pipe / inproc,
            "ratio_vs_cold": pipe / cold, "overhead_per_task_s": (pipe - inproc) / n_tasks, "same_global_bytes": all(same.values()),
            "pipeline_by_mode_s": pipes, "ratio_by_mode": {m: p / inproc for m, p in pipes.items()}, "same_by_mode": same,
            "in_process_runs_s": inprocs, "pipeline_runs_s": runs, "nproc": os.cpu_count(), "load_avg": os.getloadavg()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"{args.name}.json").write_text(json.dumps(res, indent=1))
-    print(f"one round, {cfg.model.name}, {cfg.federation.clients_per_round} clients x {cfg.training.local_steps} steps: "
+    print(f"{args.rounds} round(s), {cfg.model.name}, {cfg.federation.clients_per_round} clients x {cfg.training.local_steps} steps: "
           f"in-process {inproc:.1f} s (cold process {cold:.1f} s)")
     for mode, p in pipes.items():
         what = "warm task server" if mode == "warm" else "every task from scratch"

@@ -227,7 +227,7 @@ def test_model_preload_only_where_fork_safe(section: dict[str, str], why: str | 
     from hetlora_core.warm_server import model_preload_refusal
 
     model = {"name": "smollm2-135m"} if section.get("quantize") else CFG["model"]  # 4bit needs a saved model
-    cfg = config_from_dict({**CFG, "model": {**model, **section}})  # type: ignore[dict-item]
+    cfg = config_from_dict({**CFG, "model": {**model, **section}})
     refusal = model_preload_refusal(cfg)
     assert (refusal is None) if why is None else (why in (refusal or "")), refusal
 
