@@ -117,6 +117,24 @@ def test_child_takes_the_tasks_env_cwd_and_output(probe_server: warm.WarmServer,
     assert "probe on stdout" in cap.out and "probe on stderr" in cap.err  # written to this task's fds 1 and 2
 
 
+@pytest.mark.parametrize("served", [True, False])
+def test_run_step_delegates_a_model_free_step_before_importing_it(probe_server: warm.WarmServer, served: bool) -> None:
+    """A prune/aggregate task (warm.run_step) hands the step to the server without importing the
+    step's module (the point: ~0.35 s of numpy, config and store imports per task); with no server it
+    imports and runs it here. Either way the step's own error comes back as the same class."""
+    code = textwrap.dedent("""
+        import sys
+        from hetlora_core import warm
+        try:
+            warm.run_step("prune", '{"training": {"lr": "fast"}}', 0, "c")
+        except Exception as e:
+            print(type(e).__name__, "lr" in str(e), "hetlora_core.steps.prune" in sys.modules)
+    """)
+    env = {**os.environ, warm.SOCKET_ENV: probe_server.socket_path if served else ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.stdout.split() == ["ConfigError", "True", str(not served)], out.stderr
+
+
 def test_exception_comes_back_with_message_and_traceback(probe_server: warm.WarmServer) -> None:
     with pytest.raises(ValueError, match="the step broke") as e:
         warm.delegate("boom", "the step broke")
@@ -285,7 +303,7 @@ def test_kfp_local_round_with_the_server_equals_without(tmp_path: Path, monkeypa
         glob[on] = st.get_artifact(store, st.global_prefix("warm", 0))[0]
         logs = {p.name: p.read_text(errors="replace") for p in (out / "logs").rglob("*") if p.is_file()}
         in_server = sorted(n for n, text in logs.items() if "ran in the warm task server" in text)
-        assert len(in_server) == (4 if on else 0), (in_server, sorted(logs))  # 3 trains + evaluate
+        assert len(in_server) == (8 if on else 0), (in_server, sorted(logs))  # 3 trains, 3 prunes, aggregate, evaluate
         assert ("base model tiny preloaded" in logs.get("warm-server.log", "")) == on
         assert not list(out.glob("warm-*"))  # the socket directory is gone with the server
     assert glob[True] == glob[False]

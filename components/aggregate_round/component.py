@@ -8,9 +8,9 @@ store's checksummed manifests are what count, and a client without one is droppe
 
 def aggregate_round(config_json: str, round_index: int) -> str:
     """Returns a JSON summary: participants and dropped uploads with reasons."""
-    from hetlora_core.steps.aggregate import aggregate_task
+    from hetlora_core.warm import run_step  # hetlora_core.steps.aggregate:aggregate_task, in the local warm server if any
 
-    return aggregate_task(config_json, round_index, [])
+    return run_step("aggregate", config_json, round_index, [])
 
 
 MAX_TIERS = 8  # tier loops per round DAG (tiers with clients); more is a config mistake

@@ -6,6 +6,6 @@ cheap task. Writes the client's final upload and its manifest (the client's comm
 
 def prune_client(config_json: str, round_index: int, client_id: str) -> str:
     """Returns a JSON summary: client id, rank before and after, sha256 of the upload."""
-    from hetlora_core.steps.prune import prune_task
+    from hetlora_core.warm import run_step  # hetlora_core.steps.prune:prune_task, in the local warm server if any
 
-    return prune_task(config_json, round_index, client_id)
+    return run_step("prune", config_json, round_index, client_id)
