@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from . import ckernels
+
 # A module whose float32 ``||B A||^2`` is below this fraction of ``(sum_i |a_i| |b_i|)^2`` (its value
 # without cancellation; random factors sit at ~1/r, so ranks above ~100 would always take the float64
 # route: correct, only slower) is recomputed in float64: there the float32 Gram's rounding could
@@ -41,13 +43,16 @@ def _gram_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     stacks for the Gram matrices and float64 for their Hadamard sums; float32 results where the
     cancellation test fails are recomputed in float64."""
     c = a.shape[0]
-    with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow is caught below, not warned about
-        ga = np.matmul(a, a.transpose(0, 2, 1)).astype(np.float64)
-        gb = np.matmul(b.transpose(0, 2, 1), b).astype(np.float64)
-        sq = (ga * gb).reshape(c, -1).sum(axis=1)  # row by row: a client's bits do not depend on its chunk
-    if a.dtype != np.float64:
-        with np.errstate(over="ignore", invalid="ignore"):
+    compiled = ckernels.gram_sq(a, b) if a.dtype == np.float32 else None  # both Grams in one compiled pass
+    if compiled is not None:
+        sq, diag = compiled
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow is caught below, not warned about
+            ga = np.matmul(a, a.transpose(0, 2, 1)).astype(np.float64)
+            gb = np.matmul(b.transpose(0, 2, 1), b).astype(np.float64)
+            sq = (ga * gb).reshape(c, -1).sum(axis=1)  # row by row: a client's bits do not depend on its chunk
             diag = np.sqrt(np.abs(np.diagonal(ga, axis1=1, axis2=2) * np.diagonal(gb, axis1=1, axis2=2))).sum(axis=1)
+    if a.dtype != np.float64:
         # Security: untrusted factors near float32's range overflow a float32 Gram (inf, or nan
         # from inf - inf): those are recomputed in float64 like the cancelling ones, so a huge
         # update gets its true (huge, finite) norm and is judged by it, never by a nan.
