@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -134,6 +135,70 @@ void gram_sq(long c, long r, long in, long out, const float *a, const float *b, 
         diag[k] = d;
     }
 }
+/* ---- kernels over the clients' own arrays (no stack copy): each is passed as the address of its numpy
+   array object, whose fields data, nd, dimensions, strides follow the object header (numpy's public
+   PyArrayObject_fields; numpy's own PyArray_DATA reads them so). ``off`` is that header's size, probed by
+   ckernels.py against numpy's values before any call. Every array is checked here (2-D, the expected
+   shape, C-contiguous, 4-byte aligned; its Python type and float32 dtype were checked by the caller)
+   before anything is read: -1 if any fails, and nothing is written. */
+struct np_fields { char *data; int nd; long *dims; long *strides; };
+
+static const float *arr2(const char *obj, long off, long d0, long d1) {
+    const struct np_fields *h = (const struct np_fields *)(obj + off);
+    if (h->nd != 2 || h->dims[0] != d0 || h->dims[1] != d1) return 0;
+    if ((d0 > 1 && h->strides[0] != d1 * 4) || (d1 > 1 && h->strides[1] != 4)) return 0;
+    if ((unsigned long)h->data % 4) return 0;
+    return (const float *)h->data;
+}
+
+/* the probe: data pointer, nd, dims[0], dims[1], strides[0], strides[1] of one array object */
+void probe(long off, const char *obj, long *out) {
+    const struct np_fields *h = (const struct np_fields *)(obj + off);
+    out[0] = (long)h->data; out[1] = h->nd;
+    if (h->nd == 2) { out[2] = h->dims[0]; out[3] = h->dims[1]; out[4] = h->strides[0]; out[5] = h->strides[1]; }
+}
+
+/* 0 if all c array objects are C-contiguous float32 (d0 x d1) as arr2 checks, else -1 */
+long check_objs(long off, long c, long d0, long d1, const long *xs) {
+    for (long k = 0; k < c; k++)
+        if (!arr2((const char *)xs[k], off, d0, d1)) return -1;
+    return 0;
+}
+
+/* gram_sq over c clients' A_k (r x in) and B_k (out x r) given as array objects; work: 2 r^2 floats */
+long gram_sq_objs(long off, long c, long r, long in, long out, const long *xa, const long *xb, double *sq, double *diag,
+                  float *work) {
+    for (long k = 0; k < c; k++)
+        if (!arr2((const char *)xa[k], off, r, in) || !arr2((const char *)xb[k], off, out, r)) return -1;
+    for (long k = 0; k < c; k++)
+        gram_sq(1, r, in, out, arr2((const char *)xa[k], off, r, in), arr2((const char *)xb[k], off, out, r), sq + k,
+                diag + k, work);
+    return 0;
+}
+
+/* acc (d0 x d1 float64, C order) += sum_k w[k] x_k for c float32 arrays x_k (d0 x d1): eight clients per pass
+   over acc (acc + (w0 x0 + ... + w7 x7), summed left to right), then the last c % 8 one by one, in float64
+   (the products of float32 entries and finite weights below ~1e270 cannot overflow; the old float32 route
+   needed its weights scaled). A caller that splits clients into calls at multiples of 8 gets the same bits. */
+long wsum_objs(long off, long c, long d0, long d1, const long *xs, const double *w, double *acc) {
+    for (long k = 0; k < c; k++)
+        if (!arr2((const char *)xs[k], off, d0, d1)) return -1;
+    long n = d0 * d1, k = 0;
+    for (; k + 8 <= c; k += 8) {
+        const float *x[8];
+        double v[8];
+        for (int u = 0; u < 8; u++) { x[u] = arr2((const char *)xs[k + u], off, d0, d1); v[u] = w[k + u]; }
+        for (long e = 0; e < n; e++)
+            acc[e] += ((((((v[0] * (double)x[0][e] + v[1] * (double)x[1][e]) + v[2] * (double)x[2][e]) + v[3] * (double)x[3][e])
+                       + v[4] * (double)x[4][e]) + v[5] * (double)x[5][e]) + v[6] * (double)x[6][e]) + v[7] * (double)x[7][e];
+    }
+    for (; k < c; k++) {
+        const float *x0 = arr2((const char *)xs[k], off, d0, d1);
+        double w0 = w[k];
+        for (long e = 0; e < n; e++) acc[e] += w0 * (double)x0[e];
+    }
+    return 0;
+}
 """
 
 _F32 = np.dtype(np.float32)
@@ -169,10 +234,14 @@ def _build(cc: str, target: Path) -> None:
         os.replace(lib, target)  # atomic: a concurrent process sees the old file or the whole new one
 
 
-@cache
-def kernels() -> ctypes.CDLL | None:
+def kernels() -> ctypes.PyDLL | None:
     """The compiled kernels (built on first use), or None: the callers then use numpy."""
-    if OFF or os.environ.get("HETLORA_CKERNELS", "1") == "0" or sys.platform not in ("linux", "darwin"):
+    return None if OFF else _kernels()
+
+
+@cache
+def _kernels() -> ctypes.PyDLL | None:
+    if os.environ.get("HETLORA_CKERNELS", "1") == "0" or sys.platform not in ("linux", "darwin"):
         return None
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     key = hashlib.sha256("\0".join([SOURCE, *FLAGS, cc or "", _cpu_key()]).encode()).hexdigest()[:16]
@@ -184,12 +253,20 @@ def kernels() -> ctypes.CDLL | None:
             _build(cc, target)
         if not _owned_private(target) or not _owned_private(target.parent):
             return None
-        lib = ctypes.CDLL(str(target))
+        lib = ctypes.PyDLL(str(target))  # PyDLL: calls keep the GIL, so no other thread can reshape an array mid-call
     except (OSError, subprocess.SubprocessError):
         return None
     lg, p = ctypes.c_long, ctypes.c_void_p
     lib.gram_sq.argtypes = [lg, lg, lg, lg, p, p, p, p, p]
     lib.gram_sq.restype = None
+    lib.probe.argtypes = [lg, p, p]
+    lib.probe.restype = None
+    lib.gram_sq_objs.argtypes = [lg, lg, lg, lg, lg, p, p, p, p, p]
+    lib.gram_sq_objs.restype = lg
+    lib.wsum_objs.argtypes = [lg, lg, lg, lg, p, p, p]
+    lib.wsum_objs.restype = lg
+    lib.check_objs.argtypes = [lg, lg, lg, lg, p]
+    lib.check_objs.restype = lg
     return lib
 
 
@@ -212,3 +289,82 @@ def gram_sq(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
     lib.gram_sq(c, r, in_f, out_f, a.ctypes.data, b.ctypes.data, sq.ctypes.data, diag.ctypes.data, work.ctypes.data)
     return sq, diag
 
+
+# The size of a Python object's header: numpy's array fields follow it (a debug or free-threaded
+# interpreter has a larger one; ``_objs`` checks what the C code reads before trusting it).
+_HEAD = object.__basicsize__
+
+
+def _objs() -> ctypes.PyDLL | None:
+    """The kernels that read numpy arrays by object address, where a probe of a few arrays (shapes,
+    strides, offsets into a buffer) reads back exactly numpy's own values; else None."""
+    return None if OFF else _probed()
+
+
+@cache
+def _probed() -> ctypes.PyDLL | None:
+    lib = _kernels()
+    if lib is None or ctypes.sizeof(ctypes.c_long) != 8 or sys.implementation.name != "cpython":
+        return None
+    base = np.zeros((7, 13), np.float32)
+    out = np.zeros(6, np.int64)
+    for x in (base, base[2:5], base[:, 3:4].copy(), np.zeros((1, 5), np.float32)):
+        lib.probe(_HEAD, id(x), out.ctypes.data)
+        if out.tolist() != [x.ctypes.data, 2, *x.shape, *x.strides]:
+            return None
+    return lib
+
+
+def _addresses(xs: Sequence[np.ndarray]) -> np.ndarray | None:
+    """The object addresses of ``xs`` for the ``*_objs`` kernels, or None unless every one is a
+    float32 ndarray (the C side checks shape, strides and alignment; these, only Python can)."""
+    for x in xs:
+        if type(x) is not np.ndarray or x.dtype != _F32:
+            return None
+    return np.fromiter(map(id, xs), np.int64, len(xs))
+
+
+def gram_sq_list(xa: Sequence[np.ndarray], xb: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``gram_sq`` of the clients' own arrays ``xa`` (each r x in) and ``xb`` (each out x r), no stack
+    copy; the same bits as ``gram_sq`` of their stacks (the same code per client). None where not possible."""
+    lib = _objs()
+    if lib is None or not xa or len(xa) != len(xb) or xa[0].ndim != 2 or xb[0].ndim != 2:
+        return None
+    (r, in_f), out_f = xa[0].shape, xb[0].shape[0]
+    pa, pb = _addresses(xa), _addresses(xb)
+    if r == 0 or in_f == 0 or out_f == 0 or pa is None or pb is None:
+        return None
+    c = len(xa)
+    sq, diag, work = np.empty(c), np.empty(c), np.empty(2 * r * r, np.float32)
+    if lib.gram_sq_objs(_HEAD, c, r, in_f, out_f, pa.ctypes.data, pb.ctypes.data, sq.ctypes.data, diag.ctypes.data, work.ctypes.data):
+        return None
+    return sq, diag
+
+
+def available() -> bool:
+    """Whether the kernels over the clients' own arrays run here (``addresses``, ``wsum_into``)."""
+    return _objs() is not None
+
+
+def addresses(xs: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray | None:
+    """The object addresses of ``xs`` for ``wsum_into``, or None unless the kernels run here and every
+    one is a C-contiguous, aligned float32 ndarray of ``shape`` (checked all at once, so a caller can
+    decide its route before it starts)."""
+    lib = _objs()
+    px = None if lib is None or len(shape) != 2 or min(shape) < 1 else _addresses(xs)
+    if lib is None or px is None or lib.check_objs(_HEAD, len(xs), shape[0], shape[1], px.ctypes.data):
+        return None
+    return px
+
+
+def wsum_into(acc: np.ndarray, px: np.ndarray, w: np.ndarray) -> bool:
+    """``acc += sum_k w[k] * x_k`` in float64 for the float32 arrays ``x_k`` (of ``acc``'s 2-D shape)
+    whose ``addresses`` are ``px``, read in place (no stack copy); False (``acc`` untouched) where not
+    possible. Keep the arrays referenced while calling (their addresses do not)."""
+    lib = _objs()
+    if lib is None or acc.ndim != 2 or acc.dtype != np.float64 or not acc.flags.c_contiguous or acc.size == 0:
+        return False
+    w = np.ascontiguousarray(w, dtype=np.float64)
+    if px.dtype != np.int64 or not px.flags.c_contiguous or w.shape != (len(px),):
+        return False
+    return lib.wsum_objs(_HEAD, len(px), acc.shape[0], acc.shape[1], px.ctypes.data, w.ctypes.data, acc.ctypes.data) == 0

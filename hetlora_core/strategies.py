@@ -40,6 +40,7 @@ from .adapter import AdapterError, LoraAdapter
 from .averaging import FactorSums
 from .config import StrategyConfig
 from .norms import delta_norms_many, stack_norms
+from .reduce import Chunk
 from .robust import FactorClip, apply_factor_clip, factor_clip
 from .svd import DeltaSums
 
@@ -286,8 +287,9 @@ class Aggregation:
         if cfg.name == "full_ft":
             raise ValueError("full_ft aggregates full weight deltas: call average_tensors")
         modules = prev_global.modules
+        expected = set(modules)
         for f in facts:
-            if set(f.ranks) != set(modules):
+            if f.ranks.keys() != expected:
                 raise AdapterError(f"client {f.client_id}: modules differ from the global adapter's")
             if max(f.ranks.values()) > r_max:
                 raise AdapterError(f"client {f.client_id}: rank {max(f.ranks.values())} > r_max {r_max}")
@@ -355,7 +357,7 @@ class Aggregation:
             scales = np.array([a.scale for a in clipped], np.float64)
             n = self.n[idx] if self.cfg.sample_weighted else None
 
-            def measure(a: np.ndarray, b: np.ndarray, start: int, idx: list[int] = idx, scales: np.ndarray = scales,
+            def measure(a: Chunk, b: Chunk, start: int, idx: list[int] = idx, scales: np.ndarray = scales,
                         n: np.ndarray | None = n) -> np.ndarray:
                 u = stack_norms(a, b, scales[start:start + len(a)])
                 return u if n is None else u * n[start:start + len(a)]
