@@ -176,3 +176,58 @@ def test_pair_kernel_keeps_huge_uniform_factors_finite(compiled) -> None:
     red.weighted_pair_into(aa, ab, xa, xb, np.full(k, 1.0 / k), red.Scratch(np.float32))
     assert np.isfinite(aa).all() and np.isfinite(ab).all()
     assert np.allclose(aa, 2e38, rtol=1e-6) and np.allclose(ab, 2e38, rtol=1e-6)
+
+
+def test_compiled_kernels_refuse_malformed_arrays(compiled):
+    """Uploads are untrusted: an array of the wrong shape, dtype, layout or type anywhere in a batch
+    makes the compiled route refuse the whole batch (nothing is read or written through it), and the
+    callers then take the numpy route, with the same results to float tolerance."""
+    if not compiled:
+        assert ckernels.addresses([np.zeros((2, 3), np.float32)], (2, 3)) is None
+        return
+    g = np.random.default_rng(8)
+    good = [g.standard_normal((3, 5)).astype(np.float32) for _ in range(4)]
+    assert ckernels.addresses(good, (3, 5)) is not None
+    bad_cases = [
+        np.zeros((3, 6), np.float32)[:, :5],  # not contiguous
+        np.zeros((5, 3), np.float32),  # other shape, same size
+        np.zeros((3, 5), np.float64),  # other dtype
+        np.zeros((1, 3, 5), np.float32),  # other rank
+        np.zeros((3, 5), np.float32).T.T[::-1],  # negative strides
+        np.frombuffer(bytes(61), np.float32, 15, offset=1).reshape(3, 5),  # misaligned
+    ]
+    for bad in bad_cases:
+        xs = [*good[:2], bad, *good[2:]]
+        assert ckernels.addresses(xs, (3, 5)) is None, bad.strides
+        acc = np.zeros((3, 5))
+        assert ckernels.gram_sq_list(xs, [np.ones((4, 3), np.float32)] * len(xs)) is None
+        reduce.weighted_pair_into(acc, np.zeros((4, 3)), good, [np.ones((4, 3), np.float32)] * 4, np.ones(4), reduce.Scratch(np.float32))
+        if bad.shape == (3, 5) and bad.dtype == np.float32:  # a layout the numpy route takes: same sums
+            want = np.zeros((3, 5))
+            reduce.weighted_pair_into(want, np.zeros((4, 3)), xs, [np.ones((4, 3), np.float32)] * 5, np.ones(5), reduce.Scratch(np.float32))
+            np.testing.assert_allclose(want, sum(x.astype(np.float64) for x in xs), rtol=1e-6)
+    assert not ckernels.wsum_into(np.zeros((3, 4)), ckernels.addresses(good, (3, 5)), np.ones(4))  # accumulator of another shape
+
+
+def test_compiled_and_numpy_routes_agree(monkeypatch):
+    """The compiled Grams and weighted sums equal numpy's to float tolerance, for ranks above one
+    vector (r > 8), inner sizes that are no multiple of 8 and single rows."""
+    if not ckernels.available():
+        pytest.skip("no C compiler here")
+    g = np.random.default_rng(9)
+    for r, i, o in ((1, 1, 1), (3, 13, 2), (9, 20, 17), (17, 33, 5), (16, 64, 1)):
+        xa = [g.standard_normal((r, i)).astype(np.float32) for _ in range(11)]
+        xb = [g.standard_normal((o, r)).astype(np.float32) for _ in range(11)]
+        scales = g.uniform(0.5, 2, 11)
+        got = norms.stack_norms(xa, xb, scales)
+        want = np.array([s * np.linalg.norm(b.astype(np.float64) @ a.astype(np.float64)) for s, a, b in zip(scales, xa, xb, strict=True)])
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        w = g.random(11)
+        acc_a, acc_b = np.zeros((r, i)), np.zeros((o, r))
+        reduce.weighted_pair_into(acc_a, acc_b, xa, xb, w, reduce.Scratch(np.float32))
+        monkeypatch.setattr(ckernels, "OFF", True)
+        ref_a, ref_b = np.zeros((r, i)), np.zeros((o, r))
+        reduce.weighted_pair_into(ref_a, ref_b, xa, xb, w, reduce.Scratch(np.float32))
+        monkeypatch.setattr(ckernels, "OFF", False)
+        np.testing.assert_allclose(acc_a, ref_a, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(acc_b, ref_b, rtol=1e-6, atol=1e-6)
