@@ -60,7 +60,8 @@ class LoraAdapter:
 
     @property
     def ranks(self) -> dict[str, int]:
-        return {m: int(self.A[m].shape[0]) for m in self.modules}
+        A = self.A  # read per client and module by the aggregation (1000s of calls): no property or int() per entry
+        return {m: A[m].shape[0] for m in sorted(A)}
 
     @property
     def rank(self) -> int:
@@ -71,7 +72,7 @@ class LoraAdapter:
         return sum(self.A[m].size + self.B[m].size for m in self.modules)
 
     def nbytes(self) -> int:
-        return sum(self.A[m].nbytes + self.B[m].nbytes for m in self.modules)
+        return sum(a.nbytes for a in self.A.values()) + sum(b.nbytes for b in self.B.values())
 
     def delta(self, module: str) -> np.ndarray:
         """dW = s * B @ A, shape (out, in)."""

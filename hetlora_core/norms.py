@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from . import ckernels
+
 # A module whose float32 ``||B A||^2`` is below this fraction of ``(sum_i |a_i| |b_i|)^2`` (its value
 # without cancellation; random factors sit at ~1/r, so ranks above ~100 would always take the float64
 # route: correct, only slower) is recomputed in float64: there the float32 Gram's rounding could
@@ -36,24 +38,29 @@ CANCELLATION = 1e-2
 CHUNK_BYTES = 1 << 20
 
 
-def _gram_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _gram_sq(a: np.ndarray, b: np.ndarray, compiled: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``||B_k A_k||_F^2`` for stacks ``a`` (c, r, in) and ``b`` (c, out, r), in the dtype of the
     stacks for the Gram matrices and float64 for their Hadamard sums; float32 results where the
-    cancellation test fails are recomputed in float64."""
-    c = a.shape[0]
-    with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow is caught below, not warned about
-        ga = np.matmul(a, a.transpose(0, 2, 1)).astype(np.float64)
-        gb = np.matmul(b.transpose(0, 2, 1), b).astype(np.float64)
-        sq = (ga * gb).reshape(c, -1).sum(axis=1)  # row by row: a client's bits do not depend on its chunk
-    if a.dtype != np.float64:
-        with np.errstate(over="ignore", invalid="ignore"):
+    cancellation test fails are recomputed in float64. ``compiled``: ``(sq, diag)`` of these clients
+    from ``ckernels.gram_sq_list`` (then ``a`` and ``b`` are read only for the float64 recomputation)."""
+    c = len(a)
+    if compiled is None and a.dtype == np.float32:
+        compiled = ckernels.gram_sq(a, b)  # both Grams of a client in one compiled pass
+    if compiled is not None:
+        sq, diag = compiled
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow is caught below, not warned about
+            ga = np.matmul(a, a.transpose(0, 2, 1)).astype(np.float64)
+            gb = np.matmul(b.transpose(0, 2, 1), b).astype(np.float64)
+            sq = (ga * gb).reshape(c, -1).sum(axis=1)  # row by row: a client's bits do not depend on its chunk
             diag = np.sqrt(np.abs(np.diagonal(ga, axis1=1, axis2=2) * np.diagonal(gb, axis1=1, axis2=2))).sum(axis=1)
+    if a[0].dtype != np.float64:
         # Security: untrusted factors near float32's range overflow a float32 Gram (inf, or nan
         # from inf - inf): those are recomputed in float64 like the cancelling ones, so a huge
         # update gets its true (huge, finite) norm and is judged by it, never by a nan.
         bad = np.flatnonzero(~np.isfinite(sq) | ~np.isfinite(diag) | (sq < CANCELLATION * diag * diag))
         if bad.size:
-            sq[bad] = _gram_sq(a[bad].astype(np.float64), b[bad].astype(np.float64))
+            sq[bad] = _gram_sq(np.stack([a[i] for i in bad]).astype(np.float64), np.stack([b[i] for i in bad]).astype(np.float64))
     return sq
 
 
@@ -86,11 +93,17 @@ def delta_norms_many(adapters: Sequence[tuple[Mapping[str, np.ndarray], Mapping[
     return [{m: abs(scale) * math.sqrt(max(sq[(k, m)], 0.0)) for m in sorted(A)} for k, (A, _, scale) in enumerate(adapters)]
 
 
-def stack_norms(a: np.ndarray, b: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """``||s_k B_k A_k||_F`` of stacked factors ``a`` (c, r, in) and ``b`` (c, out, r), float64: the
-    factor averaging measures HetLoRA's sparsity weights on the stacks it copies anyway
-    (``averaging``). Bit for bit ``delta_norms_many``'s numbers (a client's bits do not depend on
-    its chunk), so the streaming step, which has them from its first pass, gets the same weights."""
-    if a.dtype != np.float32 or b.dtype != np.float32:
-        a, b = a.astype(np.float64), b.astype(np.float64)
-    return np.abs(np.asarray(scales, np.float64)) * np.sqrt(np.maximum(_gram_sq(a, b), 0.0))
+def stack_norms(a: np.ndarray | Sequence[np.ndarray], b: np.ndarray | Sequence[np.ndarray], scales: np.ndarray) -> np.ndarray:
+    """``||s_k B_k A_k||_F`` of a chunk of factors ``a`` (c arrays r x in, or their stack (c, r, in))
+    and ``b`` (c arrays out x r), float64: the factor averaging measures HetLoRA's sparsity weights on
+    the chunks it reads anyway (``reduce.weighted_pair_into``). Bit for bit ``delta_norms_many``'s
+    numbers (a client's bits do not depend on its chunk, nor on whether its factors were stacked: the
+    compiled kernel runs the same code per client), so the streaming step, which has them from its
+    first pass, gets the same weights."""
+    compiled = None if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else ckernels.gram_sq_list(a, b)
+    if compiled is None:
+        a, b = np.asarray(a), np.asarray(b)  # a list that the kernel refused: stacked
+        if a.dtype != np.float32 or b.dtype != np.float32:
+            a, b = a.astype(np.float64), b.astype(np.float64)
+    sq = _gram_sq(a, b, compiled)  # type: ignore[arg-type]  # a list only with ``compiled`` (read for recomputations)
+    return np.abs(np.asarray(scales, np.float64)) * np.sqrt(np.maximum(sq, 0.0))

@@ -40,6 +40,7 @@ from .adapter import AdapterError, LoraAdapter
 from .averaging import FactorSums
 from .config import StrategyConfig
 from .norms import delta_norms_many, stack_norms
+from .reduce import Chunk
 from .robust import FactorClip, apply_factor_clip, factor_clip
 from .svd import DeltaSums
 
@@ -203,13 +204,17 @@ def client_weights(updates: Sequence[ClientUpdate], cfg: StrategyConfig) -> tupl
     return _weights(n, norms, updates[0].adapter.modules, cfg)
 
 
-def rank_groups(facts: Sequence[ClientFacts], max_bytes: int | None = None) -> list[list[int]]:
+def rank_groups(facts: Sequence[ClientFacts], max_bytes: int | None = None, by_rank: bool = True) -> list[list[int]]:
     """Client indices in groups of equal per-module ranks (signatures in order of first appearance,
-    clients in input order) of at most ``max_bytes`` (default ``GROUP_BYTES``) each, or one client."""
+    clients in input order) of at most ``max_bytes`` (default ``GROUP_BYTES``) each, or one client.
+    ``by_rank=False`` (Recon+SVD, whose stacks take any ranks): groups of consecutive clients by bytes
+    alone. Why: a group's GEMMs run over at most ``svd.GEMM_K`` components, and the rank groups of
+    1000 clients at ranks 2..16 are narrow (134-1072 components each), so every module paid ~2x the
+    GEMMs, float64 adds and overflow checks it needs."""
     max_bytes = GROUP_BYTES if max_bytes is None else max_bytes
     by_sig: dict[tuple[tuple[str, int], ...], list[int]] = {}
     for i, f in enumerate(facts):
-        by_sig.setdefault(tuple(sorted(f.ranks.items())), []).append(i)
+        by_sig.setdefault(tuple(sorted(f.ranks.items())) if by_rank else (), []).append(i)
     groups: list[list[int]] = []
     for members in by_sig.values():
         cur: list[int] = []
@@ -255,7 +260,7 @@ def recon_svd(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], r_max: 
     w = n / n.sum()
     facts = _facts_of(updates)
     sums = DeltaSums(prev_global, r_max, {m: sum(f.ranks[m] for f in facts) for m in prev_global.modules})
-    groups = [(idx, [updates[i].adapter for i in idx]) for idx in rank_groups(facts)]
+    groups = [(idx, [updates[i].adapter for i in idx]) for idx in rank_groups(facts, by_rank=False)]
     for m in prev_global.modules:  # module by module, as in average_factors
         for idx, adapters in groups:
             sums.add_module(m, adapters, w[idx])
@@ -282,8 +287,9 @@ class Aggregation:
         if cfg.name == "full_ft":
             raise ValueError("full_ft aggregates full weight deltas: call average_tensors")
         modules = prev_global.modules
+        expected = set(modules)
         for f in facts:
-            if set(f.ranks) != set(modules):
+            if f.ranks.keys() != expected:
                 raise AdapterError(f"client {f.client_id}: modules differ from the global adapter's")
             if max(f.ranks.values()) > r_max:
                 raise AdapterError(f"client {f.client_id}: rank {max(f.ranks.values())} > r_max {r_max}")
@@ -309,7 +315,7 @@ class Aggregation:
                 self._u, self._total, self.p, self.fallback = _raw_weights(
                     n, [d for d in norms if d is not None] if weighting(cfg) == "sparsity" else None, modules, cfg)
             self._sums = FactorSums(prev_global, r_max, cfg)
-        self.groups = rank_groups(self.facts)
+        self.groups = rank_groups(self.facts, by_rank=cfg.name != "recon_svd")
         self._added = [False] * len(self.facts)
 
     def add(self, indices: Sequence[int], adapters: Sequence[LoraAdapter]) -> None:
@@ -351,7 +357,7 @@ class Aggregation:
             scales = np.array([a.scale for a in clipped], np.float64)
             n = self.n[idx] if self.cfg.sample_weighted else None
 
-            def measure(a: np.ndarray, b: np.ndarray, start: int, idx: list[int] = idx, scales: np.ndarray = scales,
+            def measure(a: Chunk, b: Chunk, start: int, idx: list[int] = idx, scales: np.ndarray = scales,
                         n: np.ndarray | None = n) -> np.ndarray:
                 u = stack_norms(a, b, scales[start:start + len(a)])
                 return u if n is None else u * n[start:start + len(a)]

@@ -119,9 +119,14 @@ class DeltaSums:
                 j += 1
             # Reused float32 stacks of a few MiB, not a fresh group-sized pair per group: the step holds
             # a few MiB of stacks instead of one group's module share again (the time did not change
-            # measurably in one loaded run; the strided copy of B dominates either way)
-            Bk = np.concatenate([a.B[m] for a in adapters[i:j]], axis=1,
-                                out=self._scratch32.get("B", out_f * width).reshape(out_f, width))
+            # measurably in one loaded run)
+            # The B stack is built transposed, [B_k^T] (width x out), row block by row block, and handed
+            # to sgemm as its transpose (a flag, no copy): numpy's copy of each B_k^T into a contiguous
+            # block ran ~2.5x faster than the column stack [B_k] (r floats into each of out rows 4 KiB
+            # apart, then a separate column-scaling pass), the weights then scale whole rows, and the
+            # GEMM's speed is the same either way (68 GFLOP/s, 576 x 998 x 576, one EPYC core).
+            BkT = np.concatenate([a.B[m].T for a in adapters[i:j]], axis=0,
+                                 out=self._scratch32.get("B", width * out_f).reshape(width, out_f))
             Ak = np.concatenate([a.A[m] for a in adapters[i:j]], axis=0,
                                 out=self._scratch32.get("A", width * in_f).reshape(width, in_f))
             # Security: uploads are untrusted and float32 overflows at 3.4e38. An overflow anywhere
@@ -131,8 +136,8 @@ class DeltaSums:
             # the sum stays finite and the outlier is judged as a number, not as an inf. (This replaced a
             # bound from the factors' max-abs, whose temporaries read every stacked factor twice more.)
             with np.errstate(over="ignore", invalid="ignore"):
-                Bk *= cols[off:off + width].astype(np.float32)
-                np.matmul(Bk, Ak, out=prod)
+                BkT *= cols[off:off + width, None].astype(np.float32)
+                np.matmul(BkT.T, Ak, out=prod)
                 finite = bool(np.isfinite(prod.sum()))
             if finite:
                 self.dense[m] += prod
