@@ -11,7 +11,7 @@ import numpy as np
 
 from .adapter import AdapterError, LoraAdapter
 from .config import StrategyConfig
-from .reduce import Scratch, Weigh, weighted_pair_into
+from .reduce import Chunk, Scratch, Weigh, weighted_pair_into
 
 
 class FactorSums:
@@ -52,7 +52,7 @@ class FactorSums:
         if callable(w):
             measure, ws = w, np.zeros(len(adapters))
 
-            def weigh(sa: np.ndarray, sb: np.ndarray, s: int) -> np.ndarray:
+            def weigh(sa: Chunk, sb: Chunk, s: int) -> np.ndarray:
                 ws[s:s + len(sa)] = measure(sa, sb, s)
                 return ws[s:s + len(sa)]
             weighted_pair_into(a[:r], bt[:r].T, [x.A[m] for x in adapters], [x.B[m] for x in adapters], weigh, self._scratch32)
