@@ -7,8 +7,8 @@ Fork safety: OpenMP's thread pool and the tokenizers' Rayon pool do not survive 
 neither does a CUDA context. So this process never encodes text, never touches CUDA, and runs torch
 with one thread (an OpenMP region of one thread starts no pool); it forks from its one thread. Beyond
 the imports it loads the run's base model (``--config``) when that is fork-safe
-(:func:`model_preload_refusal`): every child then shares those weights copy-on-write (the base is
-frozen: nobody writes them) and skips the load. The child then does what a fresh task process does
+(:func:`model_preload_refusal`): every child then shares those weights copy-on-write (a child's writes, e.g. peft wrapping
+its modules, stay in its own copied pages) and skips the load. The child then does what a fresh task process does
 after its imports (set its torch threads from hetlora_core.threads, find the model in the process
 cache, keyed on the same model section).
 
@@ -67,6 +67,14 @@ def preload() -> list[str]:
     return failed
 
 
+# Device nodes of GPUs torch may use (NVIDIA, AMD ROCm, WSL): with one present, even asking torch
+# whether a GPU is there may start a context the children could not use.
+GPU_DEVICE_NODES = ("nvidia*", "kfd", "dxg")
+# The environment that decides which model folder a process loads (models._cached_folder): a child
+# whose task says otherwise than the server did must not use the server's preloaded model.
+MODEL_ENV = ("HETLORA_CACHE", "HETLORA_PREBUILT_CACHE", "HF_HOME", "HF_HUB_CACHE")
+
+
 def model_preload_refusal(cfg: Any) -> str | None:
     """Why the base model of ``cfg`` must not be loaded before forking (None: it may). CUDA: a
     context does not survive a fork, and with an NVIDIA device present even asking torch whether
@@ -74,8 +82,8 @@ def model_preload_refusal(cfg: Any) -> str | None:
     tokenised corpus (the tokenizer's thread pool must not run before a fork)."""
     if cfg.model.device == "cuda" or cfg.model.quantize != "none":
         return f"model.device {cfg.model.device}, model.quantize {cfg.model.quantize}: needs CUDA"
-    if cfg.model.device == "auto" and any(Path("/dev").glob("nvidia*")):
-        return "an NVIDIA device is present (model.device auto may pick CUDA)"
+    if cfg.model.device == "auto" and any(any(Path("/dev").glob(g)) for g in GPU_DEVICE_NODES):
+        return "a GPU device is present (model.device auto may pick it)"
     if cfg.model.vocab != "full":
         return f"model.vocab {cfg.model.vocab}: needs the tokenised corpus"
     return None
@@ -184,8 +192,11 @@ def child(conn: socket.socket, close: list[Any]) -> NoReturn:
         for fd, target in zip(fds, (1, 2), strict=True):
             os.dup2(fd, target)
             os.close(fd)
+        server_model_env = [os.environ.get(k) for k in MODEL_ENV]
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})
+        if [os.environ.get(k) for k in MODEL_ENV] != server_model_env and "hetlora_core.runtime" in sys.modules:
+            sys.modules["hetlora_core.runtime"]._model.cache_clear()  # loads what the task's own environment names
         os.chdir(str(request["cwd"]))
         _fresh_process_state()
         done = threading.Event()

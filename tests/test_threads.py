@@ -69,3 +69,11 @@ def test_loop_share() -> None:
 
     assert [loop_share(2, n) for n in (1, 2, 5)] == [1, 2, 2]
     assert loop_share(None, 3) is None  # the cluster: a pod's own quota counts
+
+
+def test_kfp_local_runs_at_most_two_iterations_of_a_loop_at_once() -> None:
+    """loop_share's premise (pipelines/round.py): kfp.local caps a ParallelFor at two workers. A kfp
+    upgrade that changes the cap must change loop_share's bound too."""
+    from kfp.local.orchestrator.enhanced_dag_orchestrator import ParallelExecutor
+
+    assert ParallelExecutor().max_workers == 2 and ParallelExecutor(8).max_workers == 2

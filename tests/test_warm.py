@@ -230,12 +230,15 @@ def test_server_preloads_the_base_model_for_its_children(tmp_path: Path, monkeyp
     monkeypatch.setenv(warm.SOCKET_ENV, server.socket_path)
     try:
         got = json.loads(warm.delegate("model_state", cfg.to_json()) or "{}")
+        monkeypatch.setenv("HETLORA_CACHE", str(tmp_path / "other-cache"))
+        other_cache = json.loads(warm.delegate("model_state", cfg.to_json()) or "{}")
     finally:
         server.stop()
     fresh = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True,
                            check=True).stdout.strip()
     assert "base model tiny preloaded" in (tmp_path / "server.log").read_text()
     assert got == {"threads": int(fresh), "cached_before": 1, "loads": 1}, got
+    assert not other_cache["cached_before"], other_cache  # a task naming another model cache loads its own
     assert not list((tmp_path / "run").glob("warm-*"))  # the config file went with the socket directory
 
 
