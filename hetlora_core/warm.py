@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +161,14 @@ def run_step(step: str, *args: str | int | float | list[str]) -> str:
     module is imported only when it runs here, so a delegated task imports nothing of it."""
     if (out := delegate(step, *args)) is not None:
         return out
+    return str(step_function(step)(*args))
+
+
+def step_function(step: str) -> Callable[..., Any]:
+    """The function STEPS names for ``step`` (imported now): what the server's child and run_step call."""
     module, _, attr = STEPS[step].partition(":")
-    return str(getattr(importlib.import_module(module), attr)(*args))
+    fn: Callable[..., Any] = getattr(importlib.import_module(module), attr)
+    return fn
 
 
 def _outcome(step: str, reply: dict[str, Any], seconds: float) -> str:

@@ -33,7 +33,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -77,8 +76,8 @@ MODEL_ENV = ("HETLORA_CACHE", "HETLORA_PREBUILT_CACHE", "HF_HOME", "HF_HUB_CACHE
 
 def model_preload_refusal(cfg: Any) -> str | None:
     """Why the base model of ``cfg`` must not be loaded before forking (None: it may). CUDA: a
-    context does not survive a fork, and with an NVIDIA device present even asking torch whether
-    CUDA is there may start one; 4-bit weights need CUDA; ``model.vocab: corpus`` needs the
+    context does not survive a fork, and with a GPU device node present (GPU_DEVICE_NODES) even
+    asking torch whether a GPU is there may start one; 4-bit weights need CUDA; ``model.vocab: corpus`` needs the
     tokenised corpus (the tokenizer's thread pool must not run before a fork)."""
     if cfg.model.device == "cuda" or cfg.model.quantize != "none":
         return f"model.device {cfg.model.device}, model.quantize {cfg.model.quantize}: needs CUDA"
@@ -110,12 +109,6 @@ def preload_model(config_path: str) -> str:
     t0 = time.perf_counter()
     runtime.model(cfg)
     return f"base model {cfg.model.name} preloaded in {time.perf_counter() - t0:.2f} s"
-
-
-def resolve(step: str) -> Callable[..., Any]:
-    module, _, attr = warm.STEPS[step].partition(":")
-    fn: Callable[..., Any] = getattr(importlib.import_module(module), attr)
-    return fn
 
 
 def os_threads() -> int:
@@ -203,7 +196,7 @@ def child(conn: socket.socket, close: list[Any]) -> NoReturn:
         threading.Thread(target=_watch, args=(conn, done), daemon=True).start()
         warm.send_frame(conn, {"kind": "started", "pid": os.getpid()})
         step = str(request["step"])
-        fn = resolve(step)  # KeyError for a name not in STEPS: reported as the error below
+        fn = warm.step_function(step)  # KeyError for a name not in STEPS: reported as the error below
         try:
             reply = {"kind": "result", "value": fn(*list(request["args"]))}
         except SystemExit as e:  # as in the task process: the process exits with the code
