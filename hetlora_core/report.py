@@ -367,7 +367,8 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
               f"{r['rounds']} | {r['final_ppl']:.2f} | {r['best_ppl']:.2f} | {r['baseline_ppl']:.2f} | {r['wall_seconds']:.0f} |"
               for r in sw["rows"]]
     else:
-        L += ["No sweep was run for this report: the profile's defaults were used (run `hetlora bench sweep`)."]
+        L += ["No sweep was run for this report: the profile's defaults were used (run `hetlora bench sweep`)"
+              + (f"; {meta['defaults_note']}." if meta.get("defaults_note") else ".")]
     L += ["", "## Scaled down relative to the paper", "", "| | paper (PaLM 2, HETLORA.md) | here |", "|---|---|---|",
           f"| model | PaLM 2-XXS (on-device scale) | {b['model']['name']} ({next(iter(S.values()))['params']['base_model'] / 1e6:.1f}M parameters) |",
           "| data | Reddit, Multi-Session Chat | Shakespeare roles (one client per role) |",
