@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from .bench_paper import METHODS, PROFILES, run_paper, run_sweep, set_threads
+from .quiet import quiet_libraries
 
 
 def register(main: click.Group) -> None:
@@ -58,9 +59,10 @@ def register(main: click.Group) -> None:
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                   help="Override the profile's model.device (default: the profile's; gpu: auto = CUDA when present).")
     @threads_opt
+    @click.option("--verbose", "-v", is_flag=True, help="Keep the libraries' warnings and progress bars (workers too).")
     def paper(profile: str, out: str, report: str, methods: str, seeds: int | None, sweep: bool, vocab: str, task: str,
               workers: int, deadline_min: float | None, stop_min: float | None, no_run: bool, device: str | None,
-              threads: int) -> None:
+              threads: int, verbose: bool) -> None:
         """Run HetLoRA, HomLoRA at r_min and r_max, zero-padding, the ablations, Recon+SVD and full
         fine-tuning on the same clients, seeds and local steps, and write the report with plots.
 
@@ -68,11 +70,12 @@ def register(main: click.Group) -> None:
         CPU), gpu (the paper's ranks 5..50, 5 steps x 8, 20 rounds, 3 seeds: about three 9-minute
         device calls with --workers 10, each continuing the last), gpu-tiny (the gpu profile's shape on the tiny model, a CPU check)."""
         set_threads(threads)
+        quiet_libraries(verbose)
         cmd = "hetlora " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
         run_paper(profile, Path(out), Path(report), [m for m in methods.split(",") if m] or None, seeds, sweep, cmd,
                   log=lambda s: click.echo(f"[bench {time.strftime('%H:%M:%S')}] {s}", err=True), vocab=vocab,
                   workers=workers, deadline_s=deadline_min * 60 if deadline_min else None, run=not no_run, task=task,
-                  device=device, stop_s=stop_min * 60 if stop_min else None)
+                  device=device, stop_s=stop_min * 60 if stop_min else None, verbose=verbose)
 
     @bench.command("sweep")
     @profile_opt

@@ -37,8 +37,12 @@ class Job:
     deadline: float | None = None  # its own latest start (Unix time), when its duration is known; else run_jobs'
 
 
-def _worker_init(threads: int) -> None:
-    """Each worker process: its share of the CPU threads (the model loads on its first job)."""
+def _worker_init(threads: int, verbose: bool = False) -> None:
+    """Each worker process: its share of the CPU threads (the model loads on its first job) and,
+    unless ``verbose``, the libraries' warnings and progress bars off as in the parent's console."""
+    from .quiet import quiet_libraries
+
+    quiet_libraries(verbose)
     if threads > 0:
         import torch
 
@@ -69,7 +73,7 @@ def _worker_log(msg: str) -> None:
 
 
 def run_jobs(jobs: Sequence[Job], workers: int, log: Callable[[str], None], deadline: float | None = None,
-             threads: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+             threads: int = 0, verbose: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
     """(every finished job's record in the order of ``jobs``, one line per job that failed or was
     skipped).
 
@@ -106,7 +110,8 @@ def run_jobs(jobs: Sequence[Job], workers: int, log: Callable[[str], None], dead
             settle(i, _none if late else functools.partial(run_one, j.cfg, j.run_dir, j.meta, log))
     else:
         ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(threads, verbose)) as pool:
             futs: dict[Future[dict[str, Any] | None], int] = {
                 pool.submit(_run_in_worker, j.cfg.to_json(), str(j.run_dir), j.meta, _earliest(j.deadline, deadline)): i
                 for i, j in enumerate(jobs)}

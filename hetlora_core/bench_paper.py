@@ -315,7 +315,8 @@ def _jobs(profile: str, base: HetLoRAConfig, prof: dict[str, Any], methods: list
 def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None = None, seeds: int | None = None,
               sweep: bool = False, command: str = "", log: Callable[[str], None] = print,
               vocab: str = "full", workers: int = 1, deadline_s: float | None = None, run: bool = True,
-              task: str = "lm", device: str | None = None, stop_s: float | None = None) -> dict[str, Any]:
+              task: str = "lm", device: str | None = None, stop_s: float | None = None,
+              verbose: bool = False) -> dict[str, Any]:
     """Run every (method, seed) of ``profile`` (resumable) and write the report and plots.
 
     ``workers``: processes sharing the machine (bench_jobs.py); ``deadline_s``: seconds from now
@@ -324,7 +325,8 @@ def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None =
     ``task``: ``lm`` (the roles' text, perplexity) or ``next-speech`` (bench_task.py); ``device``
     overrides the profile's ``model.device`` (e.g. the gpu-tiny check on a GPU); ``stop_s``: seconds
     from now at which the caller stops the bench (a device call's limit): a run whose method's
-    earlier runs took longer than the time left is not started (``_fit_to_stop``)."""
+    earlier runs took longer than the time left is not started (``_fit_to_stop``); ``verbose``: the
+    worker processes keep the libraries' warnings and progress bars."""
     from .bench_task import task_overrides
     from .report import write_report
 
@@ -359,7 +361,7 @@ def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None =
         deadline = now + deadline_s if deadline_s else (now + stop_s if stop_s else None)
         if stop_s:
             jobs = _fit_to_stop(jobs, now + stop_s, out)
-        records, missing = run_jobs(jobs, workers, log, deadline, threads=base.training.threads)
+        records, missing = run_jobs(jobs, workers, log, deadline, threads=base.training.threads, verbose=verbose)
         atomic_write(meta_path, json.dumps({**ran, "wall_seconds": time.perf_counter() - t0}, indent=1).encode())
     else:
         records = [json.loads((j.run_dir / "bench.json").read_text()) for j in jobs if (j.run_dir / "bench.json").is_file()]

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 import click
 
 from .config import ConfigError, HetLoRAConfig, load_config, load_yaml, replace
+from .quiet import quiet_libraries
 
 
 def parse_sets(sets: tuple[str, ...]) -> dict[str, Any]:
@@ -43,23 +44,6 @@ config_option = click.option("--config", "-c", type=click.Path(dir_okay=False), 
                              help="YAML config (see configs/); omitted: the embedded defaults (SmolLM2 + 6 Shakespeare roles).")
 set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                           help="Override one config value, e.g. --set training.lr=1e-3 (repeatable).")
-
-
-def quiet_libraries(verbose: bool) -> None:
-    """The console shows this tool's progress, not the libraries': no FutureWarning/DeprecationWarning
-    noise and no transformers "Loading weights" bars, unless ``-v`` asks for everything."""
-    if verbose:
-        return
-    import warnings
-
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category)
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 verbose_option = click.option("--verbose", "-v", is_flag=True,

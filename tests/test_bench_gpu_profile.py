@@ -152,3 +152,18 @@ def test_claims_without_a_common_seed_say_so() -> None:
     assert rows["HetLoRA beats HomLoRA r_min"]["verdict"] == "not shown (no seed in common)"
     assert rows["HetLoRA converges faster than HomLoRA r_min"]["verdict"] == "not shown (no seed in common)"
     assert rows["HetLoRA within reach of full fine-tuning"]["verdict"] == "not shown (no seed in common)"
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_bench_workers_quiet_the_libraries_unless_verbose(verbose: bool) -> None:
+    """A spawned worker starts with fresh warning filters: its init must quiet the libraries as the
+    parent's console is (transformers' FutureWarning once per client training filled the bench log)."""
+    import subprocess
+    import sys
+
+    code = ("import warnings; from hetlora_core.bench_jobs import _worker_init; "
+            f"_worker_init(0, {verbose}); warnings.warn('noisy library', FutureWarning); "
+            "from transformers.utils import logging as l; print(l.is_progress_bar_enabled())")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert ("noisy library" in p.stderr) is verbose
+    assert p.stdout.strip() == str(verbose)
