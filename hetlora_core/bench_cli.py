@@ -26,7 +26,8 @@ def register(main: click.Group) -> None:
         """Benchmarks: the paper's method comparison and its hyper-parameter sweep."""
 
     threads_opt = click.option("--threads", type=int, default=0, show_default=True,
-                               help="Torch threads (0: torch's default). Use 1 on a machine other jobs keep busy.")
+                               help="Torch threads per run (0: the CPUs split among the --workers). Use 1 on a machine other "
+                                    "jobs keep busy.")
     profile_opt = click.option("--profile", type=click.Choice(list(PROFILES)), default="quick", show_default=True,
                                help="tiny: random tiny model (CI, seconds); quick: SmolLM2, 1 seed; full: SmolLM2, 3 seeds; "
                                     "gpu: the paper's scale on an accelerator; gpu-tiny: its shape on the tiny model.")

@@ -238,12 +238,16 @@ def _final(rec: dict[str, Any]) -> float:
 
 
 def set_threads(n: int) -> None:
-    """Torch threads for the whole bench process (0: torch's default). On a machine other jobs
-    keep busy, 1 thread measured ~2x faster than 2 (threads wait for each other at every op)."""
+    """Torch threads for the whole bench, its worker processes and their training and evaluation
+    (0: each run's ``training.threads``, whose 0 splits the CPUs among the workers). On a machine
+    other jobs keep busy, 1 thread measured ~2x faster than 2 (threads wait for each other at every op)."""
     if n > 0:
         import torch
 
+        from .threads import TASK_THREADS_ENV
+
         torch.set_num_threads(n)
+        os.environ[TASK_THREADS_ENV] = str(n)  # read by task_threads in this process and the spawned workers
 
 
 def run_sweep(profile: str, out: Path, log: Callable[[str], None]) -> dict[str, Any]:

@@ -6,7 +6,8 @@ core) then oversubscribes it; two kfp.local tasks running at once on one machine
 core too. ``training.threads: 0`` (the default) means "decide here": CPUs from the cgroup quota
 (v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``) and the affinity mask, divided by the number of tasks
 the executor runs at once (``HETLORA_CONCURRENT_TASKS``, which the kfp.local executor sets on its
-tasks; unset = 1, as for one pod).
+tasks; unset = 1, as for one pod). A runner that decides for its tasks (the bench's ``--threads``)
+sets ``HETLORA_TASK_THREADS`` instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 
 CONCURRENT_TASKS_ENV = "HETLORA_CONCURRENT_TASKS"
+TASK_THREADS_ENV = "HETLORA_TASK_THREADS"
 
 
 def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -41,9 +43,16 @@ def available_cpus(root: Path = Path("/sys/fs/cgroup")) -> float:
 
 
 def task_threads(requested: int, concurrent: int | None = None, cpus: float | None = None) -> int:
-    """``requested`` (training.threads) when set, else floor(CPUs / concurrent tasks), at least 1."""
+    """``requested`` (training.threads) when set, else ``HETLORA_TASK_THREADS`` when set, else
+    floor(CPUs / concurrent tasks), at least 1."""
     if requested:
         return requested
+    try:
+        fixed = int(os.environ.get(TASK_THREADS_ENV, "0"))
+    except ValueError:
+        fixed = 0
+    if fixed > 0:
+        return fixed
     if concurrent is None:
         try:
             concurrent = max(1, int(os.environ.get(CONCURRENT_TASKS_ENV, "1")))

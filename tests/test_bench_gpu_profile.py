@@ -5,6 +5,7 @@ brought back from another machine, the next-speech task with ROUGE-L, and the cl
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -162,8 +163,11 @@ def test_bench_workers_quiet_the_libraries_unless_verbose(verbose: bool) -> None
     import sys
 
     code = ("import warnings; from hetlora_core.bench_jobs import _worker_init; "
-            f"_worker_init(0, {verbose}); warnings.warn('noisy library', FutureWarning); "
-            "from transformers.utils import logging as l; print(l.is_progress_bar_enabled())")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            f"_worker_init(0, {verbose}, workers=2); warnings.warn('noisy library', FutureWarning); "
+            "from transformers.utils import logging as l; print(l.is_progress_bar_enabled()); "
+            "from hetlora_core.threads import task_threads; print(task_threads(0, cpus=4))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={k: v for k, v in os.environ.items() if not k.startswith("HETLORA_")})
     assert ("noisy library" in p.stderr) is verbose
-    assert p.stdout.strip() == str(verbose)
+    # and each of 2 workers' runs takes half the CPUs, not all of them (oversubscribed before)
+    assert p.stdout.split() == [str(verbose), "2"]

@@ -32,6 +32,10 @@ def test_task_threads_share_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     assert threads.task_threads(0, cpus=8) == 2
     monkeypatch.delenv(threads.CONCURRENT_TASKS_ENV)
     assert threads.task_threads(0, cpus=8) == 8
+    monkeypatch.setenv(threads.TASK_THREADS_ENV, "3")  # a runner deciding for its tasks (bench --threads)
+    assert threads.task_threads(0, cpus=8) == 3 and threads.task_threads(5, cpus=8) == 5  # the config still wins
+    monkeypatch.setenv(threads.TASK_THREADS_ENV, "junk")
+    assert threads.task_threads(0, cpus=8) == 8
 
 
 def test_kfp_local_round_tells_model_tasks_how_many_share_the_machine(tmp_path: Path) -> None:
