@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from hetlora_core import runtime
+from hetlora_core import evaluation, peft_bridge, runtime
 from hetlora_core.adapter import LoraAdapter, init_global
 from hetlora_core.config import HetLoRAConfig, load_config, replace
-from hetlora_core.data import eval_windows
+from hetlora_core.data import eval_batch, eval_windows
 from hetlora_core.evaluation import EvalResult, evaluate, evaluate_full, nll
 from hetlora_core.peft_bridge import spec_from_model
 
@@ -116,3 +116,35 @@ def test_bf16_evaluation_is_close_to_float32(model, clients, cfg):
     f32 = evaluate(model, g, clients[:2], cfg)
     bf = evaluate(model, g, clients[:2], replace(cfg, **{"training.bf16": True}))
     assert bf.ppl == pytest.approx(f32.ppl, rel=0.05)
+
+
+def test_clients_windows_go_through_the_model_together(model, clients, cfg):
+    """Every client's windows in shared forward passes (fewer, fuller calls: launch-bound on a GPU),
+    with each client's figure equal to evaluating it alone."""
+    g = random_global(model, cfg)
+    calls: list[int] = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                       with_kwargs=True)
+    try:
+        together = evaluate(model, g, clients, cfg)
+    finally:
+        hook.remove()
+    rows = sum(eval_windows(c.heldout_ids, cfg.data.seq_len, cfg.data.eval_max_tokens).shape[0] for c in clients)
+    assert sum(calls) == rows and len(calls) == math.ceil(rows / evaluation.EVAL_BATCH) < len(clients)
+    for c in clients:
+        alone = nll(model_with := peft_bridge.attach(model, g), eval_batch(c, cfg.data), bf16=False)
+        peft_bridge.detach(model_with)
+        assert together.per_client[c.client_id] == pytest.approx(math.exp(alone[0] / alone[1]), rel=1e-6)
+        assert together.per_client_tokens[c.client_id] == alone[1]
+
+
+def test_row_nll_does_not_depend_on_rows_per_pass(model, clients, cfg):
+    """The GPU's fuller passes (CUDA_EVAL_ROWS) give the CPU's numbers: rows are independent."""
+    from hetlora_core.precision import resolve
+
+    w = torch.cat([eval_windows(c.heldout_ids, cfg.data.seq_len, cfg.data.eval_max_tokens) for c in clients])
+    a = evaluation.row_nll(model, w, resolve(cfg), rows=3)
+    b = evaluation.row_nll(model, w, resolve(cfg), rows=evaluation.CUDA_EVAL_ROWS)
+    assert a.shape == (w.shape[0],) and torch.allclose(a, b, rtol=1e-6)
+    total, _ = nll(model, w, bf16=False)
+    assert float(a.sum()) == pytest.approx(total, rel=1e-6)
