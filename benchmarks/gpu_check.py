@@ -12,7 +12,10 @@ it runs where nothing can be downloaded and only a few MiB of files are carried.
 2. bf16 autocast and float16 + GradScaler on CUDA through the same loop (finite, close to float32);
 3. QLoRA (``model.quantize: 4bit``) if bitsandbytes imports, else "skipped: no bitsandbytes";
 4. throughput: training tokens/s and peak GPU memory of the client loop for growing random Llamas
-   (SmolLM2-135M shape, Llama-3.2-1B shape, a ~3B shape) while the time budget lasts.
+   (SmolLM2-135M shape, Llama-3.2-1B shape, a ~3B shape) while the time budget lasts;
+5. evaluation: the gpu profile's held-out evaluation of 24 clients (512 tokens each, 128-token
+   windows) with the clients' windows batched together (``evaluation.evaluate``) against one forward
+   per client (what it did before), same numbers required.
 
 Writes ``gpu_check.json`` (or ``gpu_check-cpu.json``) with the card's name and every figure.
 """
@@ -35,7 +38,7 @@ import torch  # noqa: E402
 
 from hetlora_core.adapter import LoraAdapter, init_global  # noqa: E402
 from hetlora_core.client import train_lora  # noqa: E402
-from hetlora_core.config import HetLoRAConfig, load_config  # noqa: E402
+from hetlora_core.config import HetLoRAConfig, load_config, replace  # noqa: E402
 from hetlora_core.data import ClientData  # noqa: E402
 from hetlora_core.peft_bridge import spec_from_model  # noqa: E402
 
@@ -190,6 +193,46 @@ def throughput(shapes: list[str], device: str, dtype: str, batch: int, seq: int,
     return rows
 
 
+def eval_batching(shape: str, device: str, dtype: str, clients: int, tokens: int, seq: int) -> dict[str, Any]:
+    """Seconds of one held-out evaluation of ``clients`` clients, batched vs one forward per client."""
+    from hetlora_core import peft_bridge
+    from hetlora_core.data import eval_batch
+    from hetlora_core.evaluation import evaluate, nll
+    from hetlora_core.precision import resolve
+
+    m = build(shape, device)
+    cs = [fake_client(SHAPES[shape][5], tokens * 5, seed=i) for i in range(clients)]
+    cs = [ClientData(f"c{i}", c.play, c.role, c.train_ids, c.heldout_ids, c.num_chars) for i, c in enumerate(cs)]
+    cfg = replace(client_cfg(device, dtype, 8, seq, 1), **{"data.eval_max_tokens": tokens})
+    g, prec = adapter_for(m, 16), resolve(cfg)
+
+    def per_client() -> float:
+        pm = peft_bridge.attach(m, g)
+        try:
+            sums = [nll(pm, eval_batch(c, cfg.data), prec) for c in cs]
+        finally:
+            peft_bridge.detach(pm)
+        return sum(s for s, _ in sums) / sum(n for _, n in sums)
+
+    def timed(fn: Any) -> tuple[float, float]:
+        fn()  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        v = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t, v
+
+    import math
+
+    t_old, nll_old = timed(per_client)
+    t_new, ppl_new = timed(lambda: evaluate(m, g, cs, cfg).ppl)
+    return {"shape": shape, "clients": clients, "tokens_per_client": tokens, "seq": seq, "per_client_s": t_old,
+            "batched_s": t_new, "speedup": t_old / t_new, "ppl_rel_diff": abs(ppl_new / math.exp(nll_old) - 1),
+            "ok": abs(ppl_new / math.exp(nll_old) - 1) < 1e-3}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu-only", action="store_true", help="no CUDA checks even where CUDA exists; tiny sizes")
@@ -225,8 +268,11 @@ def main() -> None:
                                        8, 512, 5, start + args.budget_s)
     else:
         res["throughput"] = throughput(["tiny"], "cpu", "float32", 4, 64, 3, start + args.budget_s)
+    res["eval_batching"] = (eval_batching("smollm2-135m-shape", "cuda", "bfloat16", 24, 512, 128) if has_cuda
+                            else eval_batching("tiny", "cpu", "float32", 6, 64, 16))
+    print(f"evaluation: {res['eval_batching']}", flush=True)
     res["seconds"] = time.monotonic() - start
-    res["ok"] = all(v.get("ok", True) for k, v in res.items() if k in ("parity", "low_precision", "qlora") and isinstance(v, dict))
+    res["ok"] = all(v.get("ok", True) for k, v in res.items() if k in ("parity", "low_precision", "qlora", "eval_batching") and isinstance(v, dict))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("gpu_check.json" if has_cuda else "gpu_check-cpu.json")

@@ -27,3 +27,5 @@ def test_gpu_check_cpu_mode_writes_its_report(tmp_path: Path, monkeypatch: pytes
     assert res["low_precision"] == {"skipped": "no CUDA"} and res["qlora"] == {"skipped": "no CUDA"}
     (row,) = res["throughput"]
     assert row["shape"] == "tiny" and row["tokens_per_s"] > 0 and row["peak_gpu_bytes"] is None
+    ev = res["eval_batching"]
+    assert ev["clients"] == 6 and ev["per_client_s"] > 0 and ev["batched_s"] > 0 and ev["ppl_rel_diff"] < 1e-5
