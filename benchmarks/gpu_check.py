@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,11 @@ def throughput(shapes: list[str], device: str, dtype: str, batch: int, seq: int,
 
 
 def eval_batching(shape: str, device: str, dtype: str, clients: int, tokens: int, seq: int) -> dict[str, Any]:
-    """Seconds of one held-out evaluation of ``clients`` clients, batched vs one forward per client."""
+    """Seconds of one held-out evaluation of ``clients`` clients, batched vs one forward per client.
+    Both must agree: to 1e-4 in float32; in bf16 the passes' shapes differ (4 vs 32 rows), so their
+    kernels round differently, and 2e-2 is allowed (as for bf16 against float32 above)."""
+    import math
+
     from hetlora_core import peft_bridge
     from hetlora_core.data import eval_batch
     from hetlora_core.evaluation import evaluate, nll
@@ -207,6 +212,7 @@ def eval_batching(shape: str, device: str, dtype: str, clients: int, tokens: int
     g, prec = adapter_for(m, 16), resolve(cfg)
 
     def per_client() -> float:
+        """Mean NLL per token with one forward per client (the evaluation before batching)."""
         pm = peft_bridge.attach(m, g)
         try:
             sums = [nll(pm, eval_batch(c, cfg.data), prec) for c in cs]
@@ -214,7 +220,7 @@ def eval_batching(shape: str, device: str, dtype: str, clients: int, tokens: int
             peft_bridge.detach(pm)
         return sum(s for s, _ in sums) / sum(n for _, n in sums)
 
-    def timed(fn: Any) -> tuple[float, float]:
+    def timed(fn: Callable[[], float]) -> tuple[float, float]:
         fn()  # warm-up
         if device == "cuda":
             torch.cuda.synchronize()
@@ -224,13 +230,12 @@ def eval_batching(shape: str, device: str, dtype: str, clients: int, tokens: int
             torch.cuda.synchronize()
         return time.perf_counter() - t, v
 
-    import math
-
-    t_old, nll_old = timed(per_client)
+    t_old, mean_nll_old = timed(per_client)
     t_new, ppl_new = timed(lambda: evaluate(m, g, cs, cfg).ppl)
-    return {"shape": shape, "clients": clients, "tokens_per_client": tokens, "seq": seq, "per_client_s": t_old,
-            "batched_s": t_new, "speedup": t_old / t_new, "ppl_rel_diff": abs(ppl_new / math.exp(nll_old) - 1),
-            "ok": abs(ppl_new / math.exp(nll_old) - 1) < 1e-3}
+    diff = abs(ppl_new / math.exp(mean_nll_old) - 1)
+    return {"shape": shape, "dtype": dtype, "clients": clients, "tokens_per_client": tokens, "seq": seq,
+            "per_client_s": t_old, "batched_s": t_new, "speedup": t_old / t_new, "ppl_rel_diff": diff,
+            "ok": diff < (2e-2 if dtype == "bfloat16" else 1e-4)}
 
 
 def main() -> None:
@@ -262,15 +267,18 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - report, do not lose the other figures
         res["qlora"] = {"error": f"{type(e).__name__}: {e}"[:500], "ok": False}
     print(f"qlora: {res['qlora']}", flush=True)
+    try:  # before the throughput models: short, and its figure matters more than the 3B row
+        res["eval_batching"] = (eval_batching("smollm2-135m-shape", "cuda", "bfloat16", 24, 512, 128) if has_cuda
+                                else eval_batching("tiny", "cpu", "float32", 6, 64, 16))
+    except Exception as e:  # noqa: BLE001 - report, do not lose the other figures
+        res["eval_batching"] = {"error": f"{type(e).__name__}: {e}"[:500], "ok": False}
+    print(f"evaluation: {res['eval_batching']}", flush=True)
     if has_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # what a real run would use for float32 leftovers
         res["throughput"] = throughput(["smollm2-135m-shape", "llama3.2-1b-shape", "llama3.2-3b-shape"], "cuda", "bfloat16",
                                        8, 512, 5, start + args.budget_s)
     else:
         res["throughput"] = throughput(["tiny"], "cpu", "float32", 4, 64, 3, start + args.budget_s)
-    res["eval_batching"] = (eval_batching("smollm2-135m-shape", "cuda", "bfloat16", 24, 512, 128) if has_cuda
-                            else eval_batching("tiny", "cpu", "float32", 6, 64, 16))
-    print(f"evaluation: {res['eval_batching']}", flush=True)
     res["seconds"] = time.monotonic() - start
     res["ok"] = all(v.get("ok", True) for k, v in res.items() if k in ("parity", "low_precision", "qlora", "eval_batching") and isinstance(v, dict))
     out = Path(args.out)

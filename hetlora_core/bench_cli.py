@@ -82,10 +82,12 @@ def register(main: click.Group) -> None:
     @profile_opt
     @out_opt
     @threads_opt
-    def sweep_cmd(profile: str, out: str, threads: int) -> None:
+    @click.option("--verbose", "-v", is_flag=True, help="Keep the libraries' warnings and progress bars.")
+    def sweep_cmd(profile: str, out: str, threads: int, verbose: bool) -> None:
         """Choose lr, lambda, gamma, local steps and full fine-tuning's lr on validation roles; writes
         OUT/sweep/summary.json, which `bench paper` then applies."""
         set_threads(threads)
+        quiet_libraries(verbose)
         s = run_sweep(profile, Path(out), log=lambda s: click.echo(f"[sweep {time.strftime('%H:%M:%S')}] {s}", err=True))
         click.echo(json.dumps(s["choices"]))
 

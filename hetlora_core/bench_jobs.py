@@ -118,7 +118,7 @@ def run_jobs(jobs: Sequence[Job], workers: int, log: Callable[[str], None], dead
     else:
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(threads, verbose, workers)) as pool:
+                                 initargs=(threads, verbose, min(workers, len(jobs)))) as pool:
             futs: dict[Future[dict[str, Any] | None], int] = {
                 pool.submit(_run_in_worker, j.cfg.to_json(), str(j.run_dir), j.meta, _earliest(j.deadline, deadline)): i
                 for i, j in enumerate(jobs)}

@@ -52,7 +52,7 @@ METHODS: dict[str, tuple[str, Callable[[HetLoRAConfig, dict[str, Any]], Override
     "hetlora_lossform": ("HetLoRA, penalty in the loss", lambda b, p: {"pruning.form": "loss"}),
 }
 
-# quick (full: more rounds). Sizes come from costs measured on
+# quick and full (full: 3 seeds, 4 rounds of 4 local steps). Sizes come from costs measured on
 # the 2-core Zen-1 (AVX2) machine, float32, one thread: ~0.03 CPU-s per trained token (LoRA) and
 # ~0.01 per evaluated token. bf16 is OFF: without AVX512-BF16/AMX a bf16 matmul ran ~50x slower.
 _REAL: Overrides = {
@@ -99,14 +99,16 @@ _GPU_TINY: Overrides = {
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {"seeds": 1, "base": _TINY, "full_ft_lr": 1e-3, "sweep_rounds": 2, "sweep_step_budget": 4},
     "quick": {"seeds": 1, "base": _REAL, "full_ft_lr": 1e-4, "sweep_rounds": 3, "sweep_step_budget": 8},
-    # full: its defaults are the choices of the sweep run for the first full report (lr 0.01, 4 local
-    # steps at the sweep's equal client compute, so 4 rounds; lam 0.01, gamma 0.99 kept; full_ft_lr
-    # 1e-4), so a report can be made without the 40-minute sweep; `--sweep` still overrides them.
-    "full": {"seeds": 3, "base": {**_REAL, "federation.rounds": 4, "training.local_steps": 4, "training.lr": 1e-2},
+    # full: its defaults are the choices of the sweep run for the first full report, so a report can be
+    # made without the 40-minute sweep (`--sweep` still overrides them); the note says so in the report.
+    "full": {"seeds": 3, "base": (_FULL := {**_REAL, "federation.rounds": 4, "training.local_steps": 4, "training.lr": 1e-2}),
              "full_ft_lr": 1e-4, "sweep_rounds": 3, "sweep_step_budget": 8,
-             "defaults_note": "the profile's defaults are the choices of the sweep made for the first full report "
-                              "(training.lr 0.01, training.local_steps 4 at equal client compute, so 4 rounds; pruning.lam "
-                              "0.01, pruning.gamma 0.99, full_ft_lr 1e-4; that sweep used the loss form of the tail penalty)"},
+             "defaults_note": f"the profile's defaults are the choices of the sweep made for the first full report "
+                              f"(training.lr {_FULL['training.lr']:g}, training.local_steps {_FULL['training.local_steps']} "
+                              f"at equal client compute, so {_FULL['federation.rounds']} rounds; pruning.lam "
+                              f"{_FULL['pruning.lam']:g}, pruning.gamma {_FULL['pruning.gamma']:g}, full_ft_lr 0.0001). That "
+                              "sweep applied the tail penalty as a loss term; lambda was not swept again for the proximal "
+                              "form used here"},
     "gpu": {"seeds": 3, "base": _GPU, "full_ft_lr": 1e-4, "sweep_rounds": 4, "sweep_step_budget": 20},
     "gpu-tiny": {"seeds": 2, "base": _GPU_TINY, "full_ft_lr": 1e-3, "sweep_rounds": 2, "sweep_step_budget": 4},
 }
@@ -241,13 +243,15 @@ def set_threads(n: int) -> None:
     """Torch threads for the whole bench, its worker processes and their training and evaluation
     (0: each run's ``training.threads``, whose 0 splits the CPUs among the workers). On a machine
     other jobs keep busy, 1 thread measured ~2x faster than 2 (threads wait for each other at every op)."""
+    from .threads import TASK_THREADS_ENV
+
     if n > 0:
         import torch
 
-        from .threads import TASK_THREADS_ENV
-
         torch.set_num_threads(n)
         os.environ[TASK_THREADS_ENV] = str(n)  # read by task_threads in this process and the spawned workers
+    else:
+        os.environ.pop(TASK_THREADS_ENV, None)  # an earlier call's choice does not outlive it
 
 
 def run_sweep(profile: str, out: Path, log: Callable[[str], None]) -> dict[str, Any]:

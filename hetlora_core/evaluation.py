@@ -17,22 +17,37 @@ from .data import IGNORE, Batch, ClientData, eval_batch
 from .precision import Precision, resolve
 
 EVAL_BATCH = 8  # rows per forward pass on a CPU: its logits (rows x seq x vocab floats) stay ~100-200 MB
-CUDA_EVAL_ROWS = 32  # on a GPU a forward of 4 rows costs about what one of 32 does (launch-bound)
+# On a GPU a small model's forward of 4 short rows costs about what one of 32 does (bound by kernel
+# launches, not by rows): up to 32 rows per pass there, within LOGIT_BUDGET.
+CUDA_EVAL_ROWS = 32
+LOGIT_BUDGET = 2**27  # logit elements per pass (0.5 GB as float32): long windows x large vocabularies take fewer rows
+
+
+def eval_rows(model: torch.nn.Module, seq_len: int, device: str) -> int:
+    """Rows per evaluation pass: the device's batch, fewer where rows x seq x vocab logits would
+    exceed ``LOGIT_BUDGET`` (e.g. 1024-token windows of a 128k vocabulary: 1 row), at least one."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    vocab = int(out.weight.shape[0]) if out is not None else int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    want = CUDA_EVAL_ROWS if device == "cuda" else EVAL_BATCH
+    return max(1, min(want, LOGIT_BUDGET // max(1, seq_len * vocab))) if vocab else want
 
 
 @torch.no_grad()
 def row_nll(model: torch.nn.Module, windows: torch.Tensor, prec: Precision, rows: int = EVAL_BATCH) -> torch.Tensor:
-    """Each text window's summed next-token negative log-likelihood (float64, one per row), in
-    forward passes of ``rows`` rows: the windows of several clients evaluated together."""
+    """Each text window's summed next-token negative log-likelihood (one float64 per row, each
+    token's term in float32 as before), in forward passes of ``rows`` rows: the windows of several
+    clients evaluated together."""
     device = next(model.parameters()).device
-    out = torch.empty(windows.shape[0], dtype=torch.float64)
+    parts = []
     for i in range(0, windows.shape[0], rows):
         part = windows[i:i + rows].to(device)
         with prec.autocast():
             logits = model(input_ids=part).logits
-        lp = torch.log_softmax(logits[:, :-1].float(), -1)
-        out[i:i + part.shape[0]] = -lp.gather(-1, part[:, 1:, None])[..., 0].sum(-1).double().cpu()
-    return out
+        lp = torch.log_softmax(logits[:, :-1], -1, dtype=torch.float32)  # no separate float32 copy of the logits
+        parts.append(-lp.gather(-1, part[:, 1:, None])[..., 0].double().sum(-1))
+        del logits, lp
+    return torch.cat(parts).cpu() if parts else torch.empty(0, dtype=torch.float64)  # one device sync, not one per pass
 
 
 @torch.no_grad()
@@ -123,8 +138,7 @@ def _group_nll(model: torch.nn.Module, clients: Sequence[ClientData], cfg: HetLo
     windows = [x for x in inputs.values() if isinstance(x, torch.Tensor)]
     if len(windows) < len(inputs) or len({w.shape[1] for w in windows}) != 1:
         return {cid: nll(model, x, prec) for cid, x in inputs.items()}
-    rows = CUDA_EVAL_ROWS if prec.device == "cuda" else EVAL_BATCH
-    per_row = row_nll(model, torch.cat(windows), prec, rows)
+    per_row = row_nll(model, torch.cat(windows), prec, eval_rows(model, windows[0].shape[1], prec.device))
     out, start = {}, 0
     for cid, w in zip(inputs, windows, strict=True):
         n = w.shape[0]

@@ -148,3 +148,17 @@ def test_row_nll_does_not_depend_on_rows_per_pass(model, clients, cfg):
     assert a.shape == (w.shape[0],) and torch.allclose(a, b, rtol=1e-6)
     total, _ = nll(model, w, bf16=False)
     assert float(a.sum()) == pytest.approx(total, rel=1e-6)
+
+
+def test_eval_rows_keep_the_logits_within_budget(model, cfg, monkeypatch):
+    """Rows per pass: the device's batch for short windows, fewer for long windows of a large
+    vocabulary (the logits of one pass stay within LOGIT_BUDGET), never zero; read through peft too."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    assert evaluation.eval_rows(model, 16, "cpu") == min(evaluation.EVAL_BATCH, evaluation.LOGIT_BUDGET // (16 * vocab))
+    pm = peft_bridge.attach(model, random_global(model, cfg))
+    try:
+        assert evaluation.eval_rows(pm, 16, "cuda") == min(evaluation.CUDA_EVAL_ROWS, evaluation.LOGIT_BUDGET // (16 * vocab))
+    finally:
+        peft_bridge.detach(pm)
+    monkeypatch.setattr(evaluation, "LOGIT_BUDGET", 5 * 16 * vocab)
+    assert evaluation.eval_rows(model, 16, "cuda") == 5 and evaluation.eval_rows(model, 4096, "cuda") == 1

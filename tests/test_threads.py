@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,21 @@ def test_kfp_local_runs_at_most_two_iterations_of_a_loop_at_once() -> None:
     from kfp.local.orchestrator.enhanced_dag_orchestrator import ParallelExecutor
 
     assert ParallelExecutor().max_workers == 2 and ParallelExecutor(8).max_workers == 2
+
+
+def test_bench_threads_reach_the_runs_and_do_not_outlive_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench paper --threads N` sets the runs' thread count through the environment (spawned workers
+    inherit it); a later `--threads 0` in the same process clears it instead of keeping N."""
+    import torch
+
+    from hetlora_core.bench_paper import set_threads
+
+    monkeypatch.delenv(threads.TASK_THREADS_ENV, raising=False)
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert threads.task_threads(0, cpus=8) == 1
+        set_threads(0)
+        assert threads.TASK_THREADS_ENV not in os.environ and threads.task_threads(0, cpus=8) == 8
+    finally:
+        torch.set_num_threads(before)
