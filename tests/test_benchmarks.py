@@ -18,6 +18,7 @@ EXPECTED = {
     "bench_aggregation.py": ("aggregation-quick.json", []),
     "bench_bytes.py": ("bytes-quick.json", []),
     "bench_cluster.py": ("cluster.json", ["up_s", "rss_total_mb"]),
+    "bench_eval.py": ("eval-quick.json", ["ratio", "per_client_s", "batched_s"]),
     "bench_flops.py": ("flops-quick.json", []),
     "bench_pipeline_overhead.py": ("pipeline_overhead.json", ["ratio", "ratio_vs_cold", "in_process_cold_s"]),
     "bench_precision.py": ("precision-quick.json", ["auto_vs_float32", "bf16_vs_float32"]),
