@@ -35,8 +35,12 @@ from hetlora_core.run import RoundRunner, local_config
 from hetlora_core.threads import available_cpus
 
 
-def one_round(cfg: HetLoRAConfig, concurrent: int | None, halves: bool = False) -> float:
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(round_module, "loop_share", lambda n, _k: n) if halves else contextlib.nullcontext():
+def one_round(cfg: HetLoRAConfig, concurrent: int | None, halves: bool = False, keep: Path | None = None) -> float:
+    """Wall seconds of one kfp.local round; ``keep``: a folder that keeps the run (its task logs)."""
+    if keep is not None:
+        keep.mkdir(parents=True)
+    with (contextlib.nullcontext(str(keep)) if keep is not None else tempfile.TemporaryDirectory()) as tmp, \
+            mock.patch.object(round_module, "loop_share", lambda n, _k: n) if halves else contextlib.nullcontext():
         c = local_config(cfg, tmp)
         t = time.perf_counter()
         RoundRunner(c, KfpLocalExecutor(Path(tmp) / "pipeline-root", concurrent_tasks=concurrent), tmp).run()
@@ -49,16 +53,21 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1, help="repetitions of each variant (interleaved)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench-out/)")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep every run (task logs under its pipeline-root) in KEEP/<variant>-<rep> instead of a temporary folder")
     a = ap.parse_args()
     over = {"federation.rounds": 1, **({"federation.clients_per_round": 2, "data.num_clients": 4} if a.quick else {})}
     cfg = load_config(str(ROOT / "configs/smoke.yaml") if a.quick else None, {**over, **parse_sets(tuple(a.sets))})
     runtime.model(cfg)  # model and tokens cached on disk before timing: neither variant pays the conversion
     runtime.clients(cfg)
     loop, halves, default = [], [], []
-    for _ in range(a.reps):
-        default.append(one_round(cfg, None))  # each task: torch's default threads (all CPUs)
-        halves.append(one_round(cfg, 2, halves=True))  # each client task: floor(CPUs / 2) threads
-        loop.append(one_round(cfg, 2))  # each task: its share of the CPUs among its loop's running tasks
+    def keep(variant: str, rep: int) -> Path | None:
+        return a.keep / f"{variant}-{rep}" if a.keep else None
+
+    for rep in range(a.reps):
+        default.append(one_round(cfg, None, keep=keep("default", rep)))  # each task: torch's default threads (all CPUs)
+        halves.append(one_round(cfg, 2, halves=True, keep=keep("halves", rep)))  # each client task: floor(CPUs / 2) threads
+        loop.append(one_round(cfg, 2, keep=keep("loop", rep)))  # each task: its share of the CPUs among its loop's running tasks
     cpus = available_cpus()
     print(table(["variant", "threads per model task", "round wall s (median)"],
                 [["torch default", int(cpus), median(default)],
