@@ -10,6 +10,7 @@ everything as before.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import logging
@@ -118,11 +119,38 @@ def captured(logs: TaskLogs) -> Iterator[TaskLogs]:
     # exactly the handlers there were before, so nothing logs into a closed router later.
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    with warnings.catch_warnings(), contextlib.redirect_stdout(logs):
+    # kfp.local indents a task's streamed lines by swapping ``builtins.print`` for a wrapper and back
+    # (logging_utils.indented_print), from every task's thread. Two tasks at once restore each other's
+    # wrapper, so wrappers pile up for the life of the process, and each wrapper prints its indent
+    # through the one below it: a print costs 2^depth calls. In a long run (a bench of several rounds)
+    # tasks stalled ~100 s after their work and the logs filled with MBs of spaces. Each task has its
+    # own log file here, so the indent is dropped, and print is restored whatever happened.
+    from kfp.local import logging_utils
+
+    printer = builtins.print
+    with warnings.catch_warnings(), contextlib.redirect_stdout(logs), \
+            _replaced(logging_utils, "indented_print", _no_indent):
         warnings.showwarning = to_log
         try:
             yield logs
         finally:
             sys.stdout.flush()
+            builtins.print = printer
             root.handlers[:] = handlers
             root.setLevel(level)
+
+
+@contextlib.contextmanager
+def _no_indent(num_spaces: int = 4) -> Iterator[None]:
+    """kfp.local's ``indented_print`` without the indent (and without touching ``builtins.print``)."""
+    yield
+
+
+@contextlib.contextmanager
+def _replaced(obj: object, name: str, value: object) -> Iterator[None]:
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
