@@ -115,7 +115,7 @@ def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(task_threads(cfg.training.threads))  # the CPUs this task may use (threads.py)
     start = time.perf_counter()
-    peft_model = peft_bridge.attach(model, received)
+    peft_model = peft_bridge.attach(model, received, reuse=True)
     try:
         A, B = peft_bridge.lora_tensors(peft_model)
         ranks = received.ranks

@@ -113,7 +113,7 @@ def evaluate(model: torch.nn.Module, adapter: LoraAdapter | None, clients: Seque
             by_rank.setdefault(_rank_key(ranks[c.client_id]), []).append(c)
         groups = [(adapter.truncate(ranks[cs[0].client_id]), cs) for cs in by_rank.values()]
     for ad, cs in groups:
-        pm = peft_bridge.attach(model, ad) if ad is not None else None
+        pm = peft_bridge.attach(model, ad, reuse=True) if ad is not None else None
         try:
             sums.update(_group_nll(pm if pm is not None else model, cs, cfg, prec))
         finally:

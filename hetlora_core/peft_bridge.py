@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +79,78 @@ def lora_config(adapter: LoraAdapter, fan_in_fan_out: bool = False) -> LoraConfi
     )
 
 
-def attach(model: torch.nn.Module, adapter: LoraAdapter) -> PeftModel:
+def attach(model: torch.nn.Module, adapter: LoraAdapter, reuse: bool = False) -> PeftModel:
     """Wrap ``model`` with LoRA layers holding copies of ``adapter``'s tensors (trainable).
 
-    Undo with ``detach``; the base weights are never modified."""
-    peft_model = get_peft_model(model, lora_config(adapter, _fan_in_fan_out(model, list(adapter.modules))))
+    Undo with ``detach``; the base weights are never modified. ``reuse``: keep the LoRA layers
+    after ``detach`` (out of the model) and put them back at the next attach of the same shape,
+    instead of peft's injection (~0.3 s of Python per call whatever the model's size, most of an
+    in-process round on a GPU). Only for callers that never merge or save the returned model."""
+    cfg = lora_config(adapter, _fan_in_fan_out(model, list(adapter.modules)))
+    if not reuse:
+        peft_model = get_peft_model(model, cfg)
+    else:
+        key = _shape_key(model, cfg)  # before get_peft_model, which rewrites cfg's target_modules
+        peft_model = _reattach(model, key) or _remember(model, key, get_peft_model(model, cfg))
     load_into(peft_model, adapter)
+    return peft_model
+
+
+@dataclass
+class _Kept:
+    """LoRA layers of one shape kept for one base model: where each sits (parent, attribute),
+    the LoRA layer and the base layer it wraps. ``attached``: in the model now."""
+
+    peft_model: PeftModel
+    slots: list[tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]]
+    peft_config: Any
+    attached: bool = True
+
+
+# Bounded: each entry holds its base model alive (so id(model) cannot be reused by another model)
+# and a full set of LoRA weights; ranks shrink by pruning, so a run meets several shapes.
+_KEPT: OrderedDict[tuple[Any, ...], _Kept] = OrderedDict()
+KEPT_MAX = 6
+
+
+def _shape_key(model: torch.nn.Module, cfg: LoraConfig) -> tuple[Any, ...]:
+    p = next(model.parameters())  # LoRA layers are made on the base weights' device and dtype
+    return (id(model), str(p.device), str(p.dtype), tuple(sorted(cfg.target_modules)), cfg.r,
+            float(cfg.lora_alpha), tuple(sorted(cfg.rank_pattern.items())), tuple(sorted(cfg.alpha_pattern.items())),
+            cfg.fan_in_fan_out)
+
+
+def _reattach(model: torch.nn.Module, key: tuple[Any, ...]) -> PeftModel | None:
+    if any(k[0] == id(model) and e.attached for k, e in _KEPT.items()):
+        raise RuntimeError("attach(reuse=True) on a model that already has LoRA layers attached; detach them first")
+    kept = _KEPT.get(key)
+    if kept is None:
+        return None
+    # The model must still hold the base layers where they were; anything else (a module replaced
+    # since) and the kept layers are dropped for a fresh injection.
+    if any(getattr(parent, name, None) is not base for parent, name, _lora, base in kept.slots):
+        del _KEPT[key]
+        return None
+    for parent, name, lora, base in kept.slots:
+        setattr(parent, name, lora)
+        lora.train(base.training)
+        for p in [*lora.lora_A.parameters(), *lora.lora_B.parameters()]:
+            p.grad = None  # the last client's gradients: never summed into (zero_grad), but memory
+    model.peft_config = kept.peft_config
+    kept.attached = True
+    _KEPT.move_to_end(key)
+    return kept.peft_model
+
+
+def _remember(model: torch.nn.Module, key: tuple[Any, ...], peft_model: PeftModel) -> PeftModel:
+    slots = []
+    for name, mod in list(model.named_modules()):
+        if hasattr(mod, "lora_A") and hasattr(mod, "base_layer"):
+            parent_name, _, attr = name.rpartition(".")
+            slots.append((model.get_submodule(parent_name), attr, mod, mod.base_layer))
+    _KEPT[key] = _Kept(peft_model, slots, getattr(model, "peft_config", None))
+    while len(_KEPT) > KEPT_MAX:
+        _KEPT.popitem(last=False)
     return peft_model
 
 
@@ -134,8 +202,18 @@ def extract(peft_model: PeftModel, scale: float) -> LoraAdapter:
 
 
 def detach(peft_model: PeftModel) -> torch.nn.Module:
-    """Remove the LoRA layers and return the untouched base model."""
-    return peft_model.unload()
+    """Remove the LoRA layers and return the untouched base model (layers attached with
+    ``reuse`` are taken out and kept for the next attach of their shape)."""
+    kept = next((e for e in _KEPT.values() if e.peft_model is peft_model and e.attached), None)
+    if kept is None:
+        return peft_model.unload()
+    for parent, name, _lora, base in kept.slots:
+        setattr(parent, name, base)
+    model = peft_model.base_model.model
+    if hasattr(model, "peft_config"):
+        del model.peft_config  # as peft's unload does: a later get_peft_model would warn about it
+    kept.attached = False
+    return model
 
 
 def save_peft_folder(model: torch.nn.Module, adapter: LoraAdapter, out_dir: str | Path,

@@ -169,6 +169,69 @@ def test_per_module_ranks_via_rank_pattern(layers):
     assert torch.allclose(logits, want, atol=1e-4, rtol=0)
 
 
+# ---------------------------------------------------------------- kept LoRA layers (attach reuse=True)
+
+
+@torch.no_grad()
+def kept_logits(model: torch.nn.Module, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+    pm = peft_bridge.attach(model, adapter, reuse=True)
+    try:
+        return pm(input_ids=x).logits
+    finally:
+        peft_bridge.detach(pm)
+
+
+def test_kept_layers_compute_what_a_fresh_attach_computes(model, cfg):
+    """The in-process loop attaches the same shapes over and over; putting kept LoRA layers back
+    must load the new weights into them (not keep the last client's), per shape, and leave the
+    base model exactly as a fresh attach + unload does."""
+    peft_bridge._KEPT.clear()
+    snap, x = snapshot(model), ids()
+    g1, g2 = random_global(model, cfg, seed=1), random_global(model, cfg, seed=2)
+    for g in (g1, g2, g1):  # rank 3, then rank 5 in between, then rank 3 again with other weights
+        for r in (3, 5):
+            fresh, kept = peft_logits(model, g.truncate(r), x), kept_logits(model, g.truncate(r), x)
+            assert torch.equal(kept, fresh), f"rank {r}: max diff {(kept - fresh).abs().max():.3g}"
+            assert_untouched(model, snap)
+    assert len(peft_bridge._KEPT) == 2  # one entry per shape, found again (not re-injected) each time
+    assert not torch.equal(kept_logits(model, g1.truncate(3), x), kept_logits(model, g2.truncate(3), x))
+
+
+def test_kept_layers_start_without_gradients_and_are_bounded(model, cfg):
+    peft_bridge._KEPT.clear()
+    g = random_global(model, cfg)
+    pm = peft_bridge.attach(model, g.truncate(2), reuse=True)
+    pm(input_ids=ids()).logits.sum().backward()
+    assert all(p.grad is not None for p in peft_bridge.lora_parameters(pm))
+    peft_bridge.detach(pm)
+    pm = peft_bridge.attach(model, g.truncate(2), reuse=True)
+    try:
+        assert all(p.grad is None for p in peft_bridge.lora_parameters(pm))
+        with pytest.raises(RuntimeError, match="already has LoRA layers attached"):
+            peft_bridge.attach(model, g.truncate(2), reuse=True)
+    finally:
+        peft_bridge.detach(pm)
+    for r in range(1, peft_bridge.KEPT_MAX + 3):
+        peft_bridge.detach(peft_bridge.attach(model, g.truncate(r), reuse=True))
+    assert len(peft_bridge._KEPT) == peft_bridge.KEPT_MAX
+
+
+def test_a_replaced_module_drops_the_kept_layers(cfg):
+    """If the model's module tree changed since (a layer replaced), the kept layers wrap a layer
+    that is no longer there: a fresh injection instead of putting stale layers back."""
+    m, _ = load_base_model(ModelConfig(name="tiny", tiny_hidden=16, tiny_layers=1))
+    a = init_global(spec_from_model(m, ("q_proj", "v_proj")), 2, SCALE, 0)
+    peft_bridge.detach(peft_bridge.attach(m, a, reuse=True))
+    attn = m.get_submodule("model.layers.0.self_attn")
+    new_q = attn.q_proj = torch.nn.Linear(attn.q_proj.in_features, attn.q_proj.out_features, bias=False)
+    pm = peft_bridge.attach(m, a, reuse=True)
+    try:
+        assert peft_bridge._lora_layers(pm)["model.layers.0.self_attn.q_proj"].base_layer is new_q
+    finally:
+        peft_bridge.detach(pm)
+    assert m.get_submodule("model.layers.0.self_attn.q_proj") is new_q
+
+
 # ---------------------------------------------------------------- train_lora
 
 

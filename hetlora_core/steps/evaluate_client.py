@@ -63,7 +63,7 @@ def evaluate_client(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_id: st
     if not store.exists(st.baseline_key(cfg.experiment)):
         out["base"] = _sums_of(evaluate_model(model, None, [client], cfg), cid)
     if cfg.data.rouge_max_prompts and isinstance(glob, LoraAdapter) and client.eval_prompts:
-        pm = peft_bridge.attach(model, glob)
+        pm = peft_bridge.attach(model, glob, reuse=True)
         try:
             total, count = client_rouge(pm, runtime.tokenizer(cfg), client, cfg.data.rouge_max_new_tokens)
         finally:
