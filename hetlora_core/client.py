@@ -26,7 +26,7 @@ from .data import Batch, ClientData, sample_batch
 from .faults import failpoint
 from .methods import method_for
 from .pruning import tail_scores
-from .regulariser import adam_step_sizes, proximal_step, regulariser
+from .regulariser import proximal_step, regulariser
 from .threads import task_threads
 
 
@@ -136,8 +136,7 @@ def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData
         A_live, B_live = {m: A[m] for m in live}, {m: B[m] for m in live}
 
         def after_step(opt: torch.optim.Optimizer) -> None:  # the prox in the metric of the AdamW step just taken
-            steps = (adam_step_sizes(opt, A_live), adam_step_sizes(opt, B_live))
-            proximal_step(A_live, B_live, ranks, cfg.pruning, cfg.ranks.r_min, steps)
+            proximal_step(A_live, B_live, ranks, cfg.pruning, cfg.ranks.r_min, opt)
 
         with precision.checkpointing(model, cfg.model.gradient_checkpointing):
             loss, reg, tokens = _loop(peft_model, peft_bridge.lora_parameters(peft_model), client, cfg, rnd, reg_fn,

@@ -87,6 +87,7 @@ def attach(model: torch.nn.Module, adapter: LoraAdapter, reuse: bool = False) ->
     instead of peft's injection (~0.3 s of Python per call whatever the model's size, most of an
     in-process round on a GPU). Only for callers that never merge or save the returned model."""
     cfg = lora_config(adapter, _fan_in_fan_out(model, list(adapter.modules)))
+    peft_model: PeftModel
     if not reuse:
         peft_model = get_peft_model(model, cfg)
     else:
@@ -102,7 +103,7 @@ class _Kept:
     the LoRA layer and the base layer it wraps. ``attached``: in the model now."""
 
     peft_model: PeftModel
-    slots: list[tuple[torch.nn.Module, str, torch.nn.Module, torch.nn.Module]]
+    slots: list[tuple[torch.nn.Module, str, Any, torch.nn.Module]]  # Any: a peft LoRA layer
     peft_config: Any
     attached: bool = True
 
@@ -115,9 +116,9 @@ KEPT_MAX = 6
 
 def _shape_key(model: torch.nn.Module, cfg: LoraConfig) -> tuple[Any, ...]:
     p = next(model.parameters())  # LoRA layers are made on the base weights' device and dtype
-    return (id(model), str(p.device), str(p.dtype), tuple(sorted(cfg.target_modules)), cfg.r,
-            float(cfg.lora_alpha), tuple(sorted(cfg.rank_pattern.items())), tuple(sorted(cfg.alpha_pattern.items())),
-            cfg.fan_in_fan_out)
+    return (id(model), str(p.device), str(p.dtype), tuple(sorted(cfg.target_modules or ())), cfg.r,
+            float(cfg.lora_alpha), tuple(sorted((cfg.rank_pattern or {}).items())),
+            tuple(sorted((cfg.alpha_pattern or {}).items())), cfg.fan_in_fan_out)
 
 
 def _reattach(model: torch.nn.Module, key: tuple[Any, ...]) -> PeftModel | None:
@@ -209,7 +210,7 @@ def detach(peft_model: PeftModel) -> torch.nn.Module:
         return peft_model.unload()
     for parent, name, _lora, base in kept.slots:
         setattr(parent, name, base)
-    model = peft_model.base_model.model
+    model: torch.nn.Module = peft_model.base_model.model  # type: ignore[assignment]
     if hasattr(model, "peft_config"):
         del model.peft_config  # as peft's unload does: a later get_peft_model would warn about it
     kept.attached = False

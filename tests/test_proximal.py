@@ -20,8 +20,8 @@ from hetlora_core.adapter import LoraAdapter, init_global
 from hetlora_core.client import train_lora
 from hetlora_core.config import ConfigError, HetLoRAConfig, PruningConfig, load_config, replace
 from hetlora_core.peft_bridge import spec_from_model
-from hetlora_core.pruning import decide
-from hetlora_core.regulariser import adam_step_sizes, proximal_step, regulariser
+from hetlora_core.pruning import decide, tail_start
+from hetlora_core.regulariser import adam_step_sizes, proximal_step, regulariser, tail_score
 
 LR, LAM = 0.05, 0.2  # tau = lr * lam = 0.01
 
@@ -128,15 +128,19 @@ def test_adam_step_sizes_are_the_steps_adamw_took():
         torch.testing.assert_close(before - p.detach(), adam_step_sizes(opt, {"p": p})["p"] * m_hat, rtol=1e-4, atol=1e-7)
 
 
-def test_reported_penalty_is_the_same_value_without_grad():
+@pytest.mark.parametrize("score", ["product_of_norms", "norm_of_product"])
+def test_reported_penalty_is_the_same_value_without_grad(score):
     A, B = tensors(8)
-    cfg = PruningConfig(lam=LAM, gamma=0.75)
+    cfg = PruningConfig(lam=LAM, gamma=0.75, score=score)
     with torch.no_grad():
         quiet = regulariser(A, B, {"p": 8, "q": 8}, cfg, r_min=2)
     Ag = {m: a.clone().requires_grad_(True) for m, a in A.items()}
     live = regulariser(Ag, B, {"p": 8, "q": 8}, cfg, r_min=2)
     assert quiet is not None and live is not None and not quiet.requires_grad and live.requires_grad
-    assert float(quiet) == float(live.detach())
+    # without grad the modules' tails are stacked per shape: the same value up to summation order
+    assert float(quiet) == pytest.approx(float(live.detach()), rel=1e-6)
+    per_module = sum(float(tail_score(A[m], B[m], tail_start(8, 0.75), score)) for m in A)
+    assert float(quiet) == pytest.approx(LAM * per_module, rel=1e-6)
 
 
 # ---------------------------------------------------------------- on the tiny Llama with AdamW
@@ -257,3 +261,40 @@ def test_a_run_recorded_before_pruning_form_resumes_only_with_the_loss_form(tmp_
     with pytest.raises(RunConfigMismatch, match=r"resumes with --set pruning.form=loss"):
         check_or_record_config(now, store)
     check_or_record_config(replace(now, **{"pruning.form": "loss"}), store)  # the hint works
+
+
+# ---------------------------------------------------------------- the grouped form (an optimiser as the step)
+
+
+@pytest.mark.parametrize("score", ["product_of_norms", "norm_of_product"])
+def test_grouped_adam_prox_equals_the_per_module_form(score):
+    """``proximal_step(..., opt)`` stacks modules of equal shapes (a few kernels per shape, not ~15 per
+    module); it must compute what the per-module form computes with ``adam_step_sizes``: here with
+    two shapes, mixed received ranks (so tails start at different rows), a module at r_min and a
+    parameter that has no Adam state yet (left to the per-module form)."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"q0": (8, 6, 5), "q1": (8, 6, 5), "q2": (8, 6, 5), "v0": (8, 3, 5), "v1": (6, 3, 5), "v2": (8, 3, 5)}
+    A = {m: torch.nn.Parameter(torch.randn(r, i, generator=g)) for m, (r, o, i) in shapes.items()}
+    B = {m: torch.nn.Parameter(torch.randn(o, r, generator=g) * 0.3) for m, (r, o, i) in shapes.items()}
+    ranks = {"q0": 8, "q1": 8, "q2": 8, "v0": 8, "v1": 6, "v2": 2}  # v2 at r_min: never touched
+    fresh = torch.nn.Parameter(torch.randn(8, 5, generator=g))  # in the optimiser, never stepped
+    fresh_b = torch.nn.Parameter(torch.randn(3, 8, generator=g) * 0.3)
+    opt = torch.optim.AdamW([*A.values(), *B.values(), fresh, fresh_b], lr=0.05, weight_decay=0.0)
+    for _ in range(3):
+        for p in [*A.values(), *B.values()]:
+            p.grad = torch.randn(p.shape, generator=g) * 0.1
+        opt.step()
+    cfg = PruningConfig(lam=0.5, gamma=0.75, score=score)
+    A["fresh"], B["fresh"] = fresh, fresh_b
+    ranks["fresh"] = 8
+    before_A, before_B = clone(A), clone(B)
+    with torch.no_grad():
+        want_A, want_B = clone(A), clone(B)
+        proximal_step(want_A, want_B, ranks, cfg, 2, (adam_step_sizes(opt, A), adam_step_sizes(opt, B)))
+        proximal_step(A, B, ranks, cfg, 2, opt)  # on the live parameters: the optimiser's state is theirs
+    for m in A:
+        torch.testing.assert_close(A[m].detach(), want_A[m], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(B[m].detach(), want_B[m], rtol=1e-6, atol=1e-7)
+    moved = [m for m in A if not torch.equal(A[m].detach(), before_A[m])]
+    assert {"q0", "q1", "q2", "v0", "v1", "fresh"} <= set(moved) and "v2" not in moved  # not vacuous; r_min untouched
+    assert torch.equal(B["v2"].detach(), before_B["v2"])
