@@ -13,9 +13,10 @@
 #   benchmarks/gpu_paper.sh run           # call 2 (carry .gpu/p2): join, convert, run the profile, report
 #   benchmarks/gpu_paper.sh report DIR    # here: docs/results-gpu.md (+ -full-gpu.md) from the runs brought back
 #
-# `run` runs the profile's LoRA methods over its seeds on GPU_WORKERS processes and, beside them on
-# one more, full fine-tuning for FT_SEEDS seed(s): each of its uploads is the whole model (0.5 GB
-# through the store, signed and checked like any upload), so its 3 seeds do not fit one device call;
+# `run` runs the profile's LoRA methods over its seeds on GPU_WORKERS processes and, with FT_WORKERS > 0,
+# full fine-tuning for FT_SEEDS seed(s) beside them (off by default: each of its uploads is the whole
+# model, 0.5 GB written, hashed and read back through the store like any upload; a round of 5 clients
+# cost ~60 s of store work alone on the 2-core machine, so its 20 rounds do not fit a device call);
 # its runs join the others' folder for the report. With FULL_WORKERS / SPEECH_WORKERS > 0 it also runs
 # the CPU profile `full` (float32) and the next-speech task (ROUGE-L) at the full profile's size for
 # the claims' methods. `stage` also runs the gpu-tiny profile on CUDA with two
@@ -65,9 +66,9 @@ stage)
   $PY -m hetlora_core.bench_cli bench paper --profile gpu-tiny --device "${SMOKE_DEVICE:-cuda}" --workers 2 --methods hetlora,full_ft \
       --seeds 1 -o "$GG/smoke" --report "$OUTDIR/smoke.md" > "$OUTDIR/smoke.log" 2>&1 || { tail -30 "$OUTDIR/smoke.log"; exit 1; }
   { grep -v -i warn "$OUTDIR/smoke.log" || true; } | tail -3
-  $PY -m hetlora_core.bench_cli bench paper --profile tiny --task next-speech --device "${SMOKE_DEVICE:-cuda}" --methods homlora_rmin \
+  [ "${SMOKE_SPEECH:-1}" = 0 ] || $PY -m hetlora_core.bench_cli bench paper --profile tiny --task next-speech --device "${SMOKE_DEVICE:-cuda}" --methods homlora_rmin \
       -o "$GG/smoke-speech" --report "$GG/smoke-speech/r.md" > "$OUTDIR/smoke-speech.log" 2>&1 || { tail -30 "$OUTDIR/smoke-speech.log"; exit 1; }
-  grep -A3 "^| method" "$GG/smoke-speech/r.md"
+  [ "${SMOKE_SPEECH:-1}" = 0 ] || grep -A3 "^| method" "$GG/smoke-speech/r.md"
   $PY benchmarks/gpu_check.py --out "$OUTDIR" --budget-s "${GPU_CHECK_S:-20}" 2>&1 | tail -5
   ;;
 run)
@@ -82,7 +83,7 @@ run)
   # at the full profile's size for the claims' methods; a bench with 0 workers is left out.
   # name:profile:task:workers:methods:seeds (empty: the profile's)
   pids=() names=()
-  for spec in "gpu:$P_GPU:lm:${GPU_WORKERS:-14}:$LORA_METHODS:" "ft:$P_GPU:lm:${FT_WORKERS:-1}:full_ft:${FT_SEEDS:-1}" \
+  for spec in "gpu:$P_GPU:lm:${GPU_WORKERS:-15}:$LORA_METHODS:" "ft:$P_GPU:lm:${FT_WORKERS:-0}:full_ft:${FT_SEEDS:-1}" \
               "full:$P_FULL:lm:${FULL_WORKERS:-0}::" "speech:$P_FULL:next-speech:${SPEECH_WORKERS:-0}:$SPEECH_METHODS:"; do
     IFS=: read -r name prof task n methods seeds <<< "$spec"
     [ "$n" -gt 0 ] || continue
@@ -106,7 +107,7 @@ run)
     IFS=: read -r name prof task methods seeds <<< "$spec"
     { grep -v -i warn "$OUTDIR/bench-$name.log" || true; } | tail -3
     [ "$name" != ft ] || continue
-    [ "$name" != gpu ] || methods=""  # every method, full fine-tuning included
+    if [ "$name" = gpu ] && [ "${FT_WORKERS:-0}" -gt 0 ]; then methods=""; fi  # every method, full fine-tuning included
     $PY -m hetlora_core.bench_cli bench paper --profile "$prof" --task "$task" ${methods:+--methods "$methods"} --no-run \
         -o "$GG/$name" --report "$GG/report-$name/results.md" 2>&1 | tail -1 || true
     cp "$GG/report-$name/results.md" "$OUTDIR/results-$name.md" 2>/dev/null || true
@@ -120,7 +121,8 @@ report)
   src=${2:?usage: gpu_paper.sh report DIR (the folder holding gpu-runs.tgz)}
   VPY=${VPY:-.venv/bin/python} DOCS=${DOCS:-docs}
   rm -rf runs/bench-gpu && mkdir -p runs/bench-gpu && tar xzf "$src/gpu-runs.tgz" -C runs/bench-gpu
-  $VPY -m hetlora_core.bench_cli bench paper --profile "$P_GPU" --no-run -o runs/bench-gpu/gpu --report "$DOCS/results-gpu.md"
+  gm=""; [ -d runs/bench-gpu/gpu/runs/full_ft ] || gm=$LORA_METHODS  # full fine-tuning not run (FT_WORKERS=0)
+  $VPY -m hetlora_core.bench_cli bench paper --profile "$P_GPU" ${gm:+--methods "$gm"} --no-run -o runs/bench-gpu/gpu --report "$DOCS/results-gpu.md"
   [ ! -d runs/bench-gpu/full ] || $VPY -m hetlora_core.bench_cli bench paper --profile "$P_FULL" --no-run -o runs/bench-gpu/full \
       --report "$DOCS/results-full-gpu.md"
   [ ! -d runs/bench-gpu/speech ] || $VPY -m hetlora_core.bench_cli bench paper --profile "$P_FULL" --task next-speech --no-run \
