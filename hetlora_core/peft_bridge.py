@@ -105,13 +105,18 @@ class _Kept:
     peft_model: PeftModel
     slots: list[tuple[torch.nn.Module, str, Any, torch.nn.Module]]  # Any: a peft LoRA layer
     peft_config: Any
+    size: int = 0  # LoRA parameters held
     attached: bool = True
 
 
 # Bounded: each entry holds its base model alive (so id(model) cannot be reused by another model)
-# and a full set of LoRA weights; ranks shrink by pruning, so a run meets several shapes.
+# and a set of LoRA weights. Pruning shrinks ranks one client at a time, so a HetLoRA run meets tens
+# of shapes (train and evaluate at each distinct rank): a count of 6 thrashed (on an H200, pruning
+# runs took 1.6x the time of unpruned ones, 22 s of 34 s attaching on a CPU profile). So the bound is
+# memory: least recently used shapes go once a model's kept LoRA weights pass KEPT_SHARE of its own.
 _KEPT: OrderedDict[tuple[Any, ...], _Kept] = OrderedDict()
-KEPT_MAX = 6
+KEPT_MAX = 64  # entries over every model (tests build many small models)
+KEPT_SHARE = 0.25
 
 
 def _shape_key(model: torch.nn.Module, cfg: LoraConfig) -> tuple[Any, ...]:
@@ -149,7 +154,12 @@ def _remember(model: torch.nn.Module, key: tuple[Any, ...], peft_model: PeftMode
         if hasattr(mod, "lora_A") and hasattr(mod, "base_layer"):
             parent_name, _, attr = name.rpartition(".")
             slots.append((model.get_submodule(parent_name), attr, mod, mod.base_layer))
-    _KEPT[key] = _Kept(peft_model, slots, getattr(model, "peft_config", None))
+    size = sum(p.numel() for _p, _n, lora, _b in slots for p in [*lora.lora_A.parameters(), *lora.lora_B.parameters()])
+    _KEPT[key] = _Kept(peft_model, slots, getattr(model, "peft_config", None), size)
+    budget = KEPT_SHARE * (sum(p.numel() for p in model.parameters()) - size)  # the base model's (this entry is in it now)
+    mine = [k for k in _KEPT if k[0] == id(model)]  # oldest first
+    while len(mine) > 1 and sum(_KEPT[k].size for k in mine) > budget:
+        del _KEPT[mine.pop(0)]
     while len(_KEPT) > KEPT_MAX:
         _KEPT.popitem(last=False)
     return peft_model

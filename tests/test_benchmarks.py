@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # script -> (JSON file it writes, keys that must hold a positive number)
 EXPECTED = {
     "bench_aggregation.py": ("aggregation-quick.json", []),
+    "bench_attach.py": ("attach-quick.json", ["ratio", "inject_s", "kept_s"]),
     "bench_bytes.py": ("bytes-quick.json", []),
     "bench_cluster.py": ("cluster.json", ["up_s", "rss_total_mb"]),
     "bench_eval.py": ("eval-quick.json", ["ratio", "per_client_s", "batched_s"]),

@@ -211,9 +211,28 @@ def test_kept_layers_start_without_gradients_and_are_bounded(model, cfg):
             peft_bridge.attach(model, g.truncate(2), reuse=True)
     finally:
         peft_bridge.detach(pm)
-    for r in range(1, peft_bridge.KEPT_MAX + 3):
+
+def test_kept_layers_are_bounded_by_memory_then_by_count(model, cfg, monkeypatch):
+    """Least recently used shapes go once the model's kept LoRA weights pass KEPT_SHARE of its own
+    parameters (the newest always stays); KEPT_MAX bounds the entries over every model."""
+    peft_bridge._KEPT.clear()
+    g = random_global(model, cfg)
+    base = sum(p.numel() for p in model.parameters())
+    per_rank = sum(b.shape[0] + a.shape[1] for a, b in zip(g.A.values(), g.B.values(), strict=True))  # LoRA parameters per unit of rank
+    monkeypatch.setattr(peft_bridge, "KEPT_SHARE", 10.5 * per_rank / base)  # room for ranks summing to 10
+    for r in (1, 2, 3, 4):  # 10 in all: every one kept
         peft_bridge.detach(peft_bridge.attach(model, g.truncate(r), reuse=True))
-    assert len(peft_bridge._KEPT) == peft_bridge.KEPT_MAX
+    assert sorted(e.size // per_rank for e in peft_bridge._KEPT.values()) == [1, 2, 3, 4]
+    peft_bridge.detach(peft_bridge.attach(model, g.truncate(1), reuse=True))  # found again: now the most recent
+    peft_bridge.detach(peft_bridge.attach(model, g.truncate(5), reuse=True))  # 15 > 10.5: the oldest (2, 3) go
+    assert [e.size // per_rank for e in peft_bridge._KEPT.values()] == [4, 1, 5]
+    peft_bridge.detach(peft_bridge.attach(model, g.truncate(8), reuse=True))  # alone over the budget: kept alone
+    assert [e.size // per_rank for e in peft_bridge._KEPT.values()] == [8]
+    monkeypatch.setattr(peft_bridge, "KEPT_SHARE", 1.0)
+    monkeypatch.setattr(peft_bridge, "KEPT_MAX", 3)
+    for r in (1, 2, 3, 4, 5):
+        peft_bridge.detach(peft_bridge.attach(model, g.truncate(r), reuse=True))
+    assert [e.size // per_rank for e in peft_bridge._KEPT.values()] == [3, 4, 5]
 
 
 def test_a_replaced_module_drops_the_kept_layers(cfg):
