@@ -56,7 +56,9 @@ def main() -> None:
             peft_bridge.detach(pm)
 
     peft_bridge._KEPT.clear()
-    if not torch.equal(logits(False), logits(True)):
+    logits(True)  # injects and keeps this shape
+    peft_bridge.detach(peft_bridge.attach(model, adapters[0], reuse=True))  # another shape in between
+    if not torch.equal(logits(False), logits(True)):  # the second: the kept layers, put back
         raise SystemExit("the arms disagree: kept layers give other logits than a fresh attach")
     peft_bridge._KEPT.clear()
 

@@ -85,7 +85,9 @@ def attach(model: torch.nn.Module, adapter: LoraAdapter, reuse: bool = False) ->
     Undo with ``detach``; the base weights are never modified. ``reuse``: keep the LoRA layers
     after ``detach`` (out of the model) and put them back at the next attach of the same shape,
     instead of peft's injection (~0.3 s of Python per call whatever the model's size, most of an
-    in-process round on a GPU). Only for callers that never merge or save the returned model."""
+    in-process round on a GPU; benchmarks/bench_attach.py). Only for callers that never merge or save
+    the returned model (a merged kept layer is dropped, not reused). Not thread-safe: one attach per
+    process at a time, as every caller runs (the warm server forks processes, not threads)."""
     cfg = lora_config(adapter, _fan_in_fan_out(model, list(adapter.modules)))
     peft_model: PeftModel
     if not reuse:
@@ -93,17 +95,21 @@ def attach(model: torch.nn.Module, adapter: LoraAdapter, reuse: bool = False) ->
     else:
         key = _shape_key(model, cfg)  # before get_peft_model, which rewrites cfg's target_modules
         peft_model = _reattach(model, key) or _remember(model, key, get_peft_model(model, cfg))
-    load_into(peft_model, adapter)
+    try:
+        load_into(peft_model, adapter)
+    except BaseException:
+        detach(peft_model)  # the caller gets no handle: leave the model clean, not attached for good
+        raise
     return peft_model
 
 
 @dataclass
 class _Kept:
-    """LoRA layers of one shape kept for one base model: where each sits (parent, attribute),
-    the LoRA layer and the base layer it wraps. ``attached``: in the model now."""
+    """LoRA layers of one shape kept for one base model: where each sits (the parent's path, the
+    parent, the attribute), the LoRA layer and the base layer it wraps. ``attached``: in the model now."""
 
     peft_model: PeftModel
-    slots: list[tuple[torch.nn.Module, str, Any, torch.nn.Module]]  # Any: a peft LoRA layer
+    slots: list[tuple[str, torch.nn.Module, str, Any, torch.nn.Module]]  # Any: a peft LoRA layer
     peft_config: Any
     size: int = 0  # LoRA parameters held
     attached: bool = True
@@ -113,14 +119,17 @@ class _Kept:
 # and a set of LoRA weights. Pruning shrinks ranks one client at a time, so a HetLoRA run meets tens
 # of shapes (train and evaluate at each distinct rank): a count of 6 thrashed (on an H200, pruning
 # runs took 1.6x the time of unpruned ones, 22 s of 34 s attaching on a CPU profile). So the bound is
-# memory: least recently used shapes go once a model's kept LoRA weights pass KEPT_SHARE of its own.
+# memory: least recently used shapes go once a model's kept LoRA parameters pass KEPT_SHARE of its
+# own parameter count (a count, not bytes: peft keeps adapters in float32 over a bf16 or 4-bit base).
+# Entries of one model at a time: a new model's first kept attach drops the others' (else a model the
+# runtime's cache let go would stay alive here).
 _KEPT: OrderedDict[tuple[Any, ...], _Kept] = OrderedDict()
-KEPT_MAX = 64  # entries over every model (tests build many small models)
+KEPT_MAX = 64
 KEPT_SHARE = 0.25
 
 
 def _shape_key(model: torch.nn.Module, cfg: LoraConfig) -> tuple[Any, ...]:
-    p = next(model.parameters())  # LoRA layers are made on the base weights' device and dtype
+    p = next(model.parameters())  # LoRA layers are made on the base weights' device, their dtype from its
     return (id(model), str(p.device), str(p.dtype), tuple(sorted(cfg.target_modules or ())), cfg.r,
             float(cfg.lora_alpha), tuple(sorted((cfg.rank_pattern or {}).items())),
             tuple(sorted((cfg.alpha_pattern or {}).items())), cfg.fan_in_fan_out)
@@ -132,16 +141,17 @@ def _reattach(model: torch.nn.Module, key: tuple[Any, ...]) -> PeftModel | None:
     kept = _KEPT.get(key)
     if kept is None:
         return None
-    # The model must still hold the base layers where they were; anything else (a module replaced
-    # since) and the kept layers are dropped for a fresh injection.
-    if any(getattr(parent, name, None) is not base for parent, name, _lora, base in kept.slots):
+    # The model must still hold the base layers where they were; anything else (a module or its parent
+    # replaced since, or a kept layer merged) and the kept layers are dropped for a fresh injection.
+    if any(getattr(parent, name, None) is not base or model.get_submodule(path) is not parent or getattr(lora, "merged", False)
+           for path, parent, name, lora, base in kept.slots):
         del _KEPT[key]
         return None
-    for parent, name, lora, base in kept.slots:
+    for _path, parent, name, lora, base in kept.slots:
         setattr(parent, name, lora)
         lora.train(base.training)
         for p in [*lora.lora_A.parameters(), *lora.lora_B.parameters()]:
-            p.grad = None  # the last client's gradients: never summed into (zero_grad), but memory
+            p.grad = None  # detach clears them too; here in case a caller stepped outside it
     model.peft_config = kept.peft_config
     kept.attached = True
     _KEPT.move_to_end(key)
@@ -149,12 +159,14 @@ def _reattach(model: torch.nn.Module, key: tuple[Any, ...]) -> PeftModel | None:
 
 
 def _remember(model: torch.nn.Module, key: tuple[Any, ...], peft_model: PeftModel) -> PeftModel:
+    for k in [k for k, e in _KEPT.items() if k[0] != id(model) and not e.attached]:
+        del _KEPT[k]
     slots = []
     for name, mod in list(model.named_modules()):
         if hasattr(mod, "lora_A") and hasattr(mod, "base_layer"):
             parent_name, _, attr = name.rpartition(".")
-            slots.append((model.get_submodule(parent_name), attr, mod, mod.base_layer))
-    size = sum(p.numel() for _p, _n, lora, _b in slots for p in [*lora.lora_A.parameters(), *lora.lora_B.parameters()])
+            slots.append((parent_name, model.get_submodule(parent_name), attr, mod, mod.base_layer))
+    size = sum(p.numel() for *_, lora, _b in slots for p in [*lora.lora_A.parameters(), *lora.lora_B.parameters()])
     _KEPT[key] = _Kept(peft_model, slots, getattr(model, "peft_config", None), size)
     budget = KEPT_SHARE * (sum(p.numel() for p in model.parameters()) - size)  # the base model's (this entry is in it now)
     mine = [k for k in _KEPT if k[0] == id(model)]  # oldest first
@@ -218,8 +230,10 @@ def detach(peft_model: PeftModel) -> torch.nn.Module:
     kept = next((e for e in _KEPT.values() if e.peft_model is peft_model and e.attached), None)
     if kept is None:
         return peft_model.unload()
-    for parent, name, _lora, base in kept.slots:
+    for _path, parent, name, lora, base in kept.slots:
         setattr(parent, name, base)
+        for p in [*lora.lora_A.parameters(), *lora.lora_B.parameters()]:
+            p.grad = None  # a kept layer's last gradients would double its memory until its next attach
     model: torch.nn.Module = peft_model.base_model.model  # type: ignore[assignment]
     if hasattr(model, "peft_config"):
         del model.peft_config  # as peft's unload does: a later get_peft_model would warn about it

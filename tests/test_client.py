@@ -197,20 +197,39 @@ def test_kept_layers_compute_what_a_fresh_attach_computes(model, cfg):
     assert not torch.equal(kept_logits(model, g1.truncate(3), x), kept_logits(model, g2.truncate(3), x))
 
 
-def test_kept_layers_start_without_gradients_and_are_bounded(model, cfg):
+def test_kept_layers_drop_their_gradients_and_a_failed_load_leaves_the_model_clean(model, cfg):
     peft_bridge._KEPT.clear()
-    g = random_global(model, cfg)
+    snap, g = snapshot(model), random_global(model, cfg)
     pm = peft_bridge.attach(model, g.truncate(2), reuse=True)
+    params = peft_bridge.lora_parameters(pm)
     pm(input_ids=ids()).logits.sum().backward()
-    assert all(p.grad is not None for p in peft_bridge.lora_parameters(pm))
+    assert all(p.grad is not None for p in params)
     peft_bridge.detach(pm)
+    assert all(p.grad is None for p in params)  # kept out of the model without the last client's gradients
     pm = peft_bridge.attach(model, g.truncate(2), reuse=True)
     try:
-        assert all(p.grad is None for p in peft_bridge.lora_parameters(pm))
+        assert peft_bridge.lora_parameters(pm)[0] is params[0]  # the kept layers, put back
         with pytest.raises(RuntimeError, match="already has LoRA layers attached"):
             peft_bridge.attach(model, g.truncate(2), reuse=True)
     finally:
         peft_bridge.detach(pm)
+    bad = g.truncate(2)
+    bad.A = {m: a[:, :-1] for m, a in bad.A.items()}  # wrong input width: the copy into the layers fails
+    with pytest.raises(RuntimeError):
+        peft_bridge.attach(model, bad, reuse=True)
+    model.eval()
+    assert_untouched(model, snap)  # nothing left attached: the next attach works
+    peft_bridge.detach(peft_bridge.attach(model, g.truncate(2), reuse=True))
+
+
+def test_kept_layers_of_one_model_at_a_time(model, cfg):
+    """A model the runtime's cache let go must not stay alive in the kept layers."""
+    peft_bridge._KEPT.clear()
+    peft_bridge.detach(peft_bridge.attach(model, random_global(model, cfg).truncate(2), reuse=True))
+    other, _ = load_base_model(ModelConfig(name="tiny", tiny_hidden=16, tiny_layers=1))
+    a = init_global(spec_from_model(other, ("q_proj", "v_proj")), 2, SCALE, 0)
+    peft_bridge.detach(peft_bridge.attach(other, a, reuse=True))
+    assert {k[0] for k in peft_bridge._KEPT} == {id(other)}
 
 def test_kept_layers_are_bounded_by_memory_then_by_count(model, cfg, monkeypatch):
     """Least recently used shapes go once the model's kept LoRA weights pass KEPT_SHARE of its own

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hetlora_core import client as client_mod
+from hetlora_core import regulariser as regulariser_mod
 from hetlora_core import runtime
 from hetlora_core.adapter import LoraAdapter, init_global
 from hetlora_core.client import train_lora
@@ -129,11 +130,15 @@ def test_adam_step_sizes_are_the_steps_adamw_took():
 
 
 @pytest.mark.parametrize("score", ["product_of_norms", "norm_of_product"])
-def test_reported_penalty_is_the_same_value_without_grad(score):
+def test_reported_penalty_is_the_same_value_without_grad(score, monkeypatch):
     A, B = tensors(8)
     cfg = PruningConfig(lam=LAM, gamma=0.75, score=score)
+    stacked: list[list[str]] = []
+    real = regulariser_mod._stacked_scores
+    monkeypatch.setattr(regulariser_mod, "_stacked_scores", lambda A, B, ms, *a: stacked.append(ms) or real(A, B, ms, *a))
     with torch.no_grad():
         quiet = regulariser(A, B, {"p": 8, "q": 8}, cfg, r_min=2)
+    assert sorted(m for ms in stacked for m in ms) == ["p", "q"]  # the stacked path ran
     Ag = {m: a.clone().requires_grad_(True) for m, a in A.items()}
     live = regulariser(Ag, B, {"p": 8, "q": 8}, cfg, r_min=2)
     assert quiet is not None and live is not None and not quiet.requires_grad and live.requires_grad
@@ -267,7 +272,7 @@ def test_a_run_recorded_before_pruning_form_resumes_only_with_the_loss_form(tmp_
 
 
 @pytest.mark.parametrize("score", ["product_of_norms", "norm_of_product"])
-def test_grouped_adam_prox_equals_the_per_module_form(score):
+def test_grouped_adam_prox_equals_the_per_module_form(score, monkeypatch):
     """``proximal_step(..., opt)`` stacks modules of equal shapes (a few kernels per shape, not ~15 per
     module); it must compute what the per-module form computes with ``adam_step_sizes``: here with
     two shapes, mixed received ranks (so tails start at different rows), a module at r_min and a
@@ -277,7 +282,7 @@ def test_grouped_adam_prox_equals_the_per_module_form(score):
     A = {m: torch.nn.Parameter(torch.randn(r, i, generator=g)) for m, (r, o, i) in shapes.items()}
     B = {m: torch.nn.Parameter(torch.randn(o, r, generator=g) * 0.3) for m, (r, o, i) in shapes.items()}
     ranks = {"q0": 8, "q1": 8, "q2": 8, "v0": 8, "v1": 6, "v2": 2}  # v2 at r_min: never touched
-    fresh = torch.nn.Parameter(torch.randn(8, 5, generator=g))  # in the optimiser, never stepped
+    fresh = torch.nn.Parameter(torch.randn(8, 7, generator=g))  # in the optimiser, never stepped; a shape of its own
     fresh_b = torch.nn.Parameter(torch.randn(3, 8, generator=g) * 0.3)
     opt = torch.optim.AdamW([*A.values(), *B.values(), fresh, fresh_b], lr=0.05, weight_decay=0.0)
     for _ in range(3):
@@ -291,7 +296,11 @@ def test_grouped_adam_prox_equals_the_per_module_form(score):
     with torch.no_grad():
         want_A, want_B = clone(A), clone(B)
         proximal_step(want_A, want_B, ranks, cfg, 2, (adam_step_sizes(opt, A), adam_step_sizes(opt, B)))
+        left: list[list[str]] = []
+        real = regulariser_mod._grouped_adam_prox
+        monkeypatch.setattr(regulariser_mod, "_grouped_adam_prox", lambda *a: left.append(real(*a)) or left[-1])
         proximal_step(A, B, ranks, cfg, 2, opt)  # on the live parameters: the optimiser's state is theirs
+    assert left == [["fresh"]]  # every module with Adam state was grouped; only the stateless one fell back
     for m in A:
         torch.testing.assert_close(A[m].detach(), want_A[m], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(B[m].detach(), want_B[m], rtol=1e-6, atol=1e-7)
