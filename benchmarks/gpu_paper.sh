@@ -15,8 +15,8 @@
 #
 # `run` runs the profile's LoRA methods over its seeds on GPU_WORKERS processes and, with FT_WORKERS > 0,
 # full fine-tuning for FT_SEEDS seed(s) beside them (off by default: each of its uploads is the whole
-# model, 0.5 GB written, hashed and read back through the store like any upload; a round of 5 clients
-# cost ~60 s of store work alone on the 2-core machine, so its 20 rounds do not fit a device call);
+# model, 0.5 GB written, hashed and read back through the store like any upload, several times a
+# client per round: on the H200 in 2026-11 its runs did not finish within a call);
 # its runs join the others' folder for the report. With FULL_WORKERS / SPEECH_WORKERS > 0 it also runs
 # the CPU profile `full` (float32) and the next-speech task (ROUGE-L) at the full profile's size for
 # the claims' methods. `stage` also runs the gpu-tiny profile on CUDA with two
@@ -102,7 +102,7 @@ run)
   sleep 3; for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; wait "$p" || true; done
   # Full fine-tuning's runs join the LoRA methods' folder: one report with every method.
   if [ -d "$GG/ft/runs" ]; then mkdir -p "$GG/gpu/runs" && cp -r "$GG/ft/runs/." "$GG/gpu/runs/"; fi
-  # Whatever finished is reported, and every record comes back (gpu-runs.tgz) for `report` here.
+  # Whatever finished is reported, and every record comes back (gpu-runs.tgz: JSON only, `report` redraws the plots).
   for spec in "${names[@]}"; do
     IFS=: read -r name prof task methods seeds <<< "$spec"
     { grep -v -i warn "$OUTDIR/bench-$name.log" || true; } | tail -3
@@ -114,7 +114,7 @@ run)
   done
   cat "$OUTDIR"/bench-*.log > "$OUTDIR/bench.log" && rm -f "$OUTDIR"/bench-*.log
   (cd "$GG" && dirs=() && for d in gpu full speech report-*; do if [ -d "$d" ]; then dirs+=("$d"); fi; done \
-      && find "${dirs[@]}" -name 'bench-meta-*.json' -o -name bench.json -o -name '*.png' | tar czf "$OUTDIR/gpu-runs.tgz" -T -)
+      && find "${dirs[@]}" -name 'bench-meta-*.json' -o -name bench.json | tar czf "$OUTDIR/gpu-runs.tgz" -T -)
   ls -la "$OUTDIR"
   ;;
 report)

@@ -118,7 +118,7 @@ class _Kept:
 # Bounded: each entry holds its base model alive (so id(model) cannot be reused by another model)
 # and a set of LoRA weights. Pruning shrinks ranks one client at a time, so a HetLoRA run meets tens
 # of shapes (train and evaluate at each distinct rank): a count of 6 thrashed (on an H200, pruning
-# runs took 1.6x the time of unpruned ones, 22 s of 34 s attaching on a CPU profile). So the bound is
+# runs took 1.6x the time of unpruned ones; an injection costs ~13x a re-insert, bench_attach.py). So the bound is
 # memory: least recently used shapes go once a model's kept LoRA parameters pass KEPT_SHARE of its
 # own parameter count (a count, not bytes: peft keeps adapters in float32 over a bf16 or 4-bit base).
 # Entries of one model at a time: a new model's first kept attach drops the others' (else a model the

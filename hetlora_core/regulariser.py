@@ -136,8 +136,8 @@ def proximal_step(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], 
     So this form penalises exactly the score it names.
     ``step`` an Adam(W) optimiser: its metric (``adam_step_sizes``) with modules of equal shapes and
     tails stacked, so a step costs a few kernels per shape instead of ~15 per module (on a GPU the
-    per-module form launched ~1,500 kernels per step at SmolLM2's 60 modules: as many as the model's
-    own forward and backward). Same arithmetic, grouped (tests/test_proximal.py compares them).
+    per-module form launches about that many per module, counted from the code, not profiled: several
+    hundred per step at SmolLM2's 60 modules, each a separate launch on a GPU). Same arithmetic, grouped (tests/test_proximal.py compares them).
 
     Float32 arithmetic; the tensors keep their dtype. Zero groups stay zero."""
     mods = penalised_modules(list(A), received_ranks, cfg, r_min)
