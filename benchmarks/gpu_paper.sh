@@ -33,7 +33,7 @@ GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 # A rehearsal on a CPU: P_GPU=gpu-tiny P_FULL=tiny SMOKE_DEVICE=cpu PYTHON=.venv/bin/python (seconds per run).
 P_GPU=${P_GPU:-gpu} P_FULL=${P_FULL:-full}
 SPEECH_METHODS=hetlora,homlora_rmin,homlora_rmax,recon_svd
-LORA_METHODS=hetlora,homlora_rmin,homlora_rmax,zero_pad,hetlora_noprune,hetlora_nosparsity,recon_svd,hetlora_rankaware,hetlora_lossform
+LORA_METHODS=hetlora,homlora_rmin,homlora_rmax,zero_pad,hetlora_noprune,hetlora_nosparsity,recon_svd,hetlora_lossform
 
 case "${1:-}" in
 pack)
@@ -122,6 +122,9 @@ report)
   VPY=${VPY:-.venv/bin/python} DOCS=${DOCS:-docs}
   rm -rf runs/bench-gpu && mkdir -p runs/bench-gpu && tar xzf "$src/gpu-runs.tgz" -C runs/bench-gpu
   gm=""; [ -d runs/bench-gpu/gpu/runs/full_ft ] || gm=$LORA_METHODS  # full fine-tuning not run (FT_WORKERS=0)
+  # hetlora_rankaware was removed after docs/results-gpu.md's runs (bench_paper.REMOVED_METHODS): records of it are
+  # still reported, in their old place (without --methods, --no-run adds them by itself)
+  [ -z "$gm" ] || [ ! -d runs/bench-gpu/gpu/runs/hetlora_rankaware ] || gm=${gm/recon_svd,/recon_svd,hetlora_rankaware,}
   $VPY -m hetlora_core.bench_cli bench paper --profile "$P_GPU" ${gm:+--methods "$gm"} --no-run -o runs/bench-gpu/gpu --report "$DOCS/results-gpu.md"
   [ ! -d runs/bench-gpu/full ] || $VPY -m hetlora_core.bench_cli bench paper --profile "$P_FULL" --no-run -o runs/bench-gpu/full \
       --report "$DOCS/results-full-gpu.md"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .bench_paper import METHODS, PROFILES, run_paper, run_sweep, set_threads
+from .bench_paper import METHODS, PROFILES, REMOVED_METHODS, run_paper, run_sweep, set_threads
 from .quiet import quiet_libraries
 
 
@@ -39,7 +39,8 @@ def register(main: click.Group) -> None:
     @out_opt
     @click.option("--report", type=click.Path(dir_okay=False), default="docs/results.md", show_default=True,
                   help="Markdown report; PNG plots go to a folder next to it named after it (docs/results/).")
-    @click.option("--methods", default="", help=f"Comma-separated subset of: {','.join(METHODS)} (default: all).")
+    @click.option("--methods", default="", help=f"Comma-separated subset of: {','.join(METHODS)} (default: all). With "
+                  f"--no-run also the removed {','.join(REMOVED_METHODS)}: their recorded runs under --out are reported (without --methods too).")
     @click.option("--seeds", type=int, default=None, help="Number of seeds (default: the profile's).")
     @click.option("--sweep", is_flag=True, help="Run the sweep first (resumable). Without it, OUT/sweep/summary.json is used if present.")
     @click.option("--vocab", type=click.Choice(["full", "corpus"]), default="full", show_default=True,

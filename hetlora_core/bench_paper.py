@@ -15,6 +15,7 @@ PNG plots, verdict computed from the numbers) is written by ``report.py``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from typing import Any
 import click
 
 from .bench_jobs import Job, run_jobs
-from .config import HetLoRAConfig, replace
+from .config import REMOVED_SETTINGS, HetLoRAConfig, replace
 
 Overrides = dict[str, Any]
 
@@ -48,8 +49,18 @@ METHODS: dict[str, tuple[str, Callable[[HetLoRAConfig, dict[str, Any]], Override
     "hetlora_nosparsity": ("HetLoRA w/o sparsity weights", lambda b, p: {"strategy.sparsity_weights": False}),
     "recon_svd": ("Recon+SVD (FlexLoRA)", lambda b, p: {"strategy.name": "recon_svd"}),
     "full_ft": ("full fine-tuning", lambda b, p: {"strategy.name": "full_ft", "training.lr": p["full_ft_lr"]}),
-    "hetlora_rankaware": ("HetLoRA rank-aware", lambda b, p: {"strategy.normalisation": "rank_aware"}),
     "hetlora_lossform": ("HetLoRA, penalty in the loss", lambda b, p: {"pruning.form": "loss"}),
+}
+# Methods removed after runs were recorded with them: name -> (label, the method listed before it (its
+# place in a report), the removed settings its runs had on top of HetLoRA's config, why it went: said by
+# the CLI when asked to run it and by a report of its runs).
+# Never run again; ``--no-run`` still finds and reports their runs (docs/results*.md are records of them).
+REMOVED_METHODS: dict[str, tuple[str, str, dict[tuple[str, str], Any], str]] = {
+    "hetlora_rankaware": ("HetLoRA rank-aware", "full_ft", {("strategy", "normalisation"): "rank_aware"},
+                          "its setting strategy.normalisation: rank_aware (not in the paper) was removed: it ended 8-12% "
+                          "worse in final perplexity than the paper's normalisation on CPU and on an H200 (docs/results.md, "
+                          "docs/results-gpu.md); the paper's p_k^2 damping of a rarely trained rank tail regularises it "
+                          "(hetlora_core/averaging.py, FactorSums.finish)"),
 }
 
 # quick and full (full: 3 seeds, 4 rounds of 4 local steps). Sizes come from costs measured on
@@ -138,15 +149,23 @@ def method_config(base: HetLoRAConfig, method: str, seed: int, prof: dict[str, A
 
 
 # Settings added after runs were first recorded: left out of the hash while at their default, so
-# adding an option does not orphan the finished runs it cannot have changed.
+# adding an option does not orphan the finished runs it cannot have changed. Settings removed since
+# (config.REMOVED_SETTINGS) are put back at the value that remains, for the same reason.
 LATE_DEFAULTS: dict[tuple[str, str], Any] = {("model", "vocab"): "full"}
 
 
 def config_hash(cfg: HetLoRAConfig) -> str:
-    d = cfg.to_dict()
-    d.pop("experiment")
+    return _hash(cfg.to_dict())
+
+
+def _hash(d: dict[str, Any]) -> str:
+    """``config_hash`` of a config as plain data (a removed method's runs: their config no longer loads)."""
     from .bench_task import portable_data_path
 
+    d = copy.deepcopy(d)
+    d.pop("experiment")
+    for (section, key), (kept, _) in REMOVED_SETTINGS.items():
+        d[section].setdefault(key, kept)
     d["data"]["path"] = portable_data_path(d["data"]["path"])  # runs copied to another machine keep their hash
     for (section, key), default in LATE_DEFAULTS.items():
         if d[section].get(key) == default:
@@ -306,18 +325,45 @@ def machine() -> dict[str, Any]:
             "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if gpu else None}
 
 
-def _jobs(profile: str, base: HetLoRAConfig, prof: dict[str, Any], methods: list[str], seeds: int, out: Path) -> list[Job]:
-    """Every (method, seed) as a job, seed by seed, so that when a deadline cuts the bench short the
-    finished runs are whole seeds. Within a seed the slowest method (full fine-tuning: every upload
-    is the whole model) goes first. (Queueing all its seeds first, tried on the H200, let it hold
-    3 of 10 workers for a whole device call without finishing.)"""
-    pairs = [(m, seed) for seed in range(seeds) for m in sorted(methods, key=lambda m: m != "full_ft")]
-    out_jobs = []
-    for m, seed in pairs:
+def label_of(method: str) -> str:
+    return METHODS[method][0] if method in METHODS else REMOVED_METHODS[method][0]
+
+
+def _run_dir(base: HetLoRAConfig, m: str, seed: int, prof: dict[str, Any], out: Path) -> tuple[HetLoRAConfig | None, Path]:
+    """A (method, seed)'s config and run folder. A removed method has no config any more (None):
+    its folder is named by the hash of the config its runs had, HetLoRA's plus its removed settings."""
+    if m in METHODS:
         cfg = method_config(base, m, seed, prof)
-        out_jobs.append(Job(cfg, out / "runs" / m / f"seed{seed}-{config_hash(cfg)}",
-                            {"method": m, "label": METHODS[m][0], "seed": seed, "profile": profile}))
-    return out_jobs
+        return cfg, out / "runs" / m / f"seed{seed}-{config_hash(cfg)}"
+    d = method_config(base, "hetlora", seed, prof).to_dict()
+    for (section, key), v in REMOVED_METHODS[m][2].items():
+        d[section][key] = v
+    return None, out / "runs" / m / f"seed{seed}-{_hash(d)}"
+
+
+def _planned(profile: str, base: HetLoRAConfig, prof: dict[str, Any], methods: list[str], seeds: int,
+             out: Path) -> list[tuple[HetLoRAConfig | None, Path, dict[str, Any]]]:
+    """Every (method, seed) as (config, run folder, record metadata), seed by seed, so that when a
+    deadline cuts the bench short the finished runs are whole seeds. Within a seed the slowest method
+    (full fine-tuning: every upload is the whole model) goes first. (Queueing all its seeds first,
+    tried on the H200, let it hold 3 of 10 workers for a whole device call without finishing.)"""
+    pairs = [(m, seed) for seed in range(seeds) for m in sorted(methods, key=lambda m: m != "full_ft")]
+    return [(*_run_dir(base, m, seed, prof, out), {"method": m, "label": label_of(m), "seed": seed, "profile": profile})
+            for m, seed in pairs]
+
+
+def _jobs(profile: str, base: HetLoRAConfig, prof: dict[str, Any], methods: list[str], seeds: int, out: Path) -> list[Job]:
+    """``_planned``'s runs as jobs to run (a removed method has none: its runs are only reported)."""
+    return [Job(cfg, run_dir, meta) for cfg, run_dir, meta in _planned(profile, base, prof, methods, seeds, out) if cfg is not None]
+
+
+def _all_methods(out: Path) -> list[str]:
+    """Every method, and every removed one whose runs are under ``out``, in report order."""
+    methods = list(METHODS)
+    for m, (_, after, _, _) in REMOVED_METHODS.items():
+        if (out / "runs" / m).is_dir():
+            methods.insert(methods.index(after) + 1, m)
+    return methods
 
 
 def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None = None, seeds: int | None = None,
@@ -340,10 +386,14 @@ def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None =
 
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     prof = PROFILES[profile]
-    methods = methods or list(METHODS)
-    bad = [m for m in methods if m not in METHODS]
+    methods = methods or (list(METHODS) if run else _all_methods(out))
+    bad = [m for m in methods if m not in METHODS and m not in REMOVED_METHODS]
     if bad:
         raise click.BadParameter(f"unknown method(s) {bad}; choose from {list(METHODS)}", param_hint="--methods")
+    gone = [m for m in methods if m in REMOVED_METHODS]
+    if gone and run:
+        raise click.BadParameter("; ".join(f"{m}: {REMOVED_METHODS[m][3]}" for m in gone)
+                                 + ". Recorded runs of a removed method are still reported with --no-run", param_hint="--methods")
     summary_path = out / "sweep" / "summary.json"
     sweep_summary = run_sweep(profile, out, log) if sweep and run else (
         json.loads(summary_path.read_text()) if summary_path.is_file() else None)
@@ -353,7 +403,8 @@ def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None =
     prof = {**prof, **({"full_ft_lr": choices["full_ft_lr"]} if "full_ft_lr" in choices else {})}
     base = replace(base_config(profile, choices), **{"model.vocab": vocab})
     base = replace(base, **task_overrides(task, base, out, log), **({"model.device": device} if device else {}))
-    jobs = _jobs(profile, base, prof, methods, seeds or prof["seeds"], out)
+    planned = _planned(profile, base, prof, methods, seeds or prof["seeds"], out)
+    jobs = [Job(cfg, run_dir, meta) for cfg, run_dir, meta in planned if cfg is not None]  # all of them when run
     meta_path = out / f"bench-meta-{profile}-{task}.json"
     if run:
         from .store.base import atomic_write
@@ -372,9 +423,9 @@ def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None =
         records, missing = run_jobs(jobs, workers, log, deadline, threads=base.training.threads, verbose=verbose)
         atomic_write(meta_path, json.dumps({**ran, "wall_seconds": time.perf_counter() - t0}, indent=1).encode())
     else:
-        records = [json.loads((j.run_dir / "bench.json").read_text()) for j in jobs if (j.run_dir / "bench.json").is_file()]
-        missing = [f"{j.meta['method']} seed {j.meta['seed']}: no finished run in {j.run_dir}" for j in jobs
-                   if not (j.run_dir / "bench.json").is_file()]
+        records = [json.loads((d / "bench.json").read_text()) for _, d, _ in planned if (d / "bench.json").is_file()]
+        missing = [f"{meta['method']} seed {meta['seed']}: no finished run in {d}" for _, d, meta in planned
+                   if not (d / "bench.json").is_file()]
         saved: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         mach, load0 = saved.get("machine") or machine(), float(saved.get("load_start", load0))
         command = str(saved.get("command") or command)
@@ -384,10 +435,11 @@ def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None =
     meta = {"profile": profile, "command": command, "machine": mach, "load_start": load0,
             "wall_seconds": wall, "stopped": wall is None and meta_path.is_file(),  # stopped before it could record it
             "base": base.to_dict(), "full_ft_lr": prof["full_ft_lr"], "sweep": sweep_summary, "out": str(out),
-            "methods": methods, "labels": {m: METHODS[m][0] for m in methods}, "missing": missing, "task": task,
-            "planned_runs": len(jobs), "defaults_note": prof.get("defaults_note")}
+            "methods": methods, "labels": {m: label_of(m) for m in methods}, "missing": missing, "task": task,
+            "removed": {m: REMOVED_METHODS[m][3] for m in methods if m in REMOVED_METHODS},
+            "planned_runs": len(planned), "defaults_note": prof.get("defaults_note")}
     write_report(records, meta, report)
-    log(f"report: {report} ({len(records)} of {len(jobs)} runs)")
+    log(f"report: {report} ({len(records)} of {len(planned)} runs)")
     return {"records": records, "meta": meta}
 
 

@@ -2,7 +2,8 @@
 
 Every section is a frozen dataclass whose ``__post_init__`` validates its own fields and names the
 bad field and value (as peft's ``LoraConfig`` does). ``load_config`` reads YAML or JSON, rejects
-unknown keys with the list of allowed ones, and coerces numbers that KFP hands back as floats.
+unknown keys with the list of allowed ones, refuses removed settings saying why they went
+(``config_load.REMOVED_SETTINGS``), and coerces numbers that KFP hands back as floats.
 The open choices of HETLORA.md are fields here with the documented defaults.
 """
 
@@ -234,11 +235,6 @@ class StrategyConfig:
     # Components no client of the round trained: keep the previous global value (default) or the
     # paper-literal zeros from zero-padding (which makes them dead forever; HETLORA.md pitfalls).
     untrained_components: Literal["keep", "zero"] = "keep"
-    # "paper": p_k over all clients of the round, zero padding (the paper's formula); "rank_aware":
-    # a client's components above its rank are padded with the previous global's, not zeros, so a
-    # component trained by few clients moves by their p_k-weighted update instead of shrinking by
-    # p_k^2 in B A (averaging.FactorSums.finish; not a renormalisation, which diverged).
-    normalisation: Literal["paper", "rank_aware"] = "paper"
     clip_norm: float | None = None  # optional per-client clipping of the whole update s·B·A (poisoned clients)
     # Robust aggregation, a departure from the paper (robust.py): drop a client whose update or factor
     # norm is more than this many times the round's median; null disables.
@@ -464,6 +460,7 @@ def image_for(tier: TierConfig, kf: KubeflowConfig) -> str:
 from .config_load import (  # noqa: E402
     MAX_YAML_BYTES,
     MAX_YAML_NODES,
+    REMOVED_SETTINGS,
     config_from_dict,
     load_config,
     load_yaml,
@@ -473,7 +470,7 @@ from .config_load import (  # noqa: E402
 
 __all__ = [
     "BUILTIN_MODELS", "MAX_YAML_BYTES", "MAX_YAML_NODES", "TARGET_SELECTORS", "ConfigError", "DataConfig", "FederationConfig",
-    "HetLoRAConfig", "KubeflowConfig", "LocalConfig", "MetricsConfig", "ModelConfig", "PruningConfig", "RankConfig", "StoreConfig",
-    "StrategyConfig", "TierConfig", "TrainingConfig", "config_from_dict", "image_for", "load_config", "load_yaml",
+    "HetLoRAConfig", "KubeflowConfig", "LocalConfig", "MetricsConfig", "ModelConfig", "PruningConfig", "REMOVED_SETTINGS",
+    "RankConfig", "StoreConfig", "StrategyConfig", "TierConfig", "TrainingConfig", "config_from_dict", "image_for", "load_config", "load_yaml",
     "model_name_kind", "replace", "set_dotted",
 ]

@@ -16,12 +16,34 @@ import yaml
 
 from .config import ConfigError, HetLoRAConfig, _check
 
+# Settings removed from the config: (section, key) -> (the value that asks for what remains, why the
+# setting went). Every config recorded before the removal spells that value out (``to_dict`` writes
+# every field), so it is dropped without a word: earlier runs resume, export and re-report as before.
+# Any other value asks for behaviour that no longer exists: refused, naming the field, the value and why.
+REMOVED_SETTINGS: dict[tuple[str, str], tuple[Any, str]] = {
+    ("strategy", "normalisation"): (
+        "paper", "the option was removed (rank_aware, not in the paper, ended 8-12% worse in perplexity than the "
+                 "paper's normalisation: docs/results.md, docs/results-gpu.md); delete the key, the paper's formula is "
+                 "the only one"),
+}
+
+
+def _drop_removed(data: dict[str, Any], path: str) -> dict[str, Any]:
+    """``data`` without the removed settings of section ``path`` that ask for what remains (``REMOVED_SETTINGS``)."""
+    gone = {}
+    for (section, key), (kept, why) in REMOVED_SETTINGS.items():
+        if section == path and key in data:
+            _check(data[key] == kept, f"{path}.{key}", f"{data[key]!r}: {why}")
+            gone[key] = kept
+    return {k: v for k, v in data.items() if k not in gone} if gone else data
+
 
 def _build(cls: type, data: Any, path: str) -> Any:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and coercing types."""
     if dataclasses.is_dataclass(data):
         return data
     _check(isinstance(data, dict), path or "<root>", f"must be a mapping, got {type(data).__name__}")
+    data = _drop_removed(data, path)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

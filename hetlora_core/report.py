@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 # HetLoRA against these; "paper" says what the paper reports (HETLORA.md headline table).
+# hetlora_rankaware is a removed method (bench_paper.REMOVED_METHODS): kept for reports of its records.
 COMPARE = [("homlora_rmin", "HetLoRA better"), ("homlora_rmax", "HetLoRA better (r_max overfits)"),
            ("recon_svd", "HetLoRA better"), ("zero_pad", "HetLoRA better"), ("hetlora_noprune", "pruning helps"),
            ("hetlora_nosparsity", "sparsity weights help"), ("hetlora_rankaware", "not in the paper (our option)"),
@@ -375,7 +376,7 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
          f"score {b['pruning']['score']}, "
          f"decision per {b['pruning']['decision']}, regulariser at r_min: {b['pruning']['regularize_at_r_min']}. Aggregation: "
          f"weights per {b['strategy']['weight_granularity']}, sample-weighted {b['strategy']['sample_weighted']}, untrained "
-         f"components {b['strategy']['untrained_components']}, normalisation {b['strategy']['normalisation']} (the paper's formula).", ""]
+         f"components {b['strategy']['untrained_components']}, normalisation paper (the paper's formula).", ""]
     sw = meta.get("sweep")
     if sw:
         L += [f"Settings chosen by the sweep (`hetlora bench sweep`): a coordinate sweep on **other** roles (data.seed "
@@ -416,6 +417,9 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
     L += ["", "Own-rank perplexity: each client evaluated with the global adapter truncated to its own (possibly pruned) rank."
           + (" ROUGE-L: F-measure of the global adapter's greedy answers to each client's first held-out prompts after the last "
              "round (full fine-tuning is not scored)." if rouge else ""), ""]
+    removed = [(m, why) for m, why in (meta.get("removed") or {}).items() if m in S]  # bench_paper.REMOVED_METHODS
+    if removed:
+        L += ["**No longer in the code**: " + "; ".join(f"{S[m]['label']} (`{m}`): {why}" for m, why in removed) + ".", ""]
     if meta.get("missing"):
         L += [f"**{len(meta['missing'])} of {meta.get('planned_runs', '?')} planned runs are missing** from this report "
               "(the statistics use the seeds each pair of methods has in common):", ""] + [f"- {m}" for m in meta["missing"]] + [""]

@@ -5,9 +5,8 @@ Three code paths cover every method of HETLORA.md:
 * factor averaging (``hetlora``, ``zero_pad``, ``homlora``): zero-pad each client's ``A_k``, ``B_k``
   to ``r_max`` and average with weights ``p_k`` -- sparsity weights ``||B_k A_k||_F`` (HetLoRA),
   uniform (zero-padding baseline, and the HetLoRA "no sparsity weights" ablation) or sample counts
-  (HomLoRA FedAvg). Options: weights per module or per client, sample counts multiplied in,
-  rank-aware padding (a client's missing components padded with the previous global's, not
-  zeros), and what happens to components no client trained.
+  (HomLoRA FedAvg). Options: weights per module or per client, sample counts multiplied in, and
+  what happens to components no client trained.
 * reconstruction + SVD (``recon_svd``, FlexLoRA): average ``dW_k = s B_k A_k`` by sample counts and
   factor the result by SVD with balanced factors, so truncating to r is the best rank-r approximation.
 * full fine-tuning FedAvg (``full_ft``): ``methods.full_ft.average_tensors`` over full weight deltas.
@@ -237,11 +236,8 @@ def average_factors(prev_global: LoraAdapter, updates: Sequence[ClientUpdate], p
                     cfg: StrategyConfig, r_max: int) -> LoraAdapter:
     """``B_g = sum_k p_k pad(B_k)``, ``A_g = sum_k p_k pad(A_k)`` per module, component by component.
 
-    Component j of client k gets weight ``W[k, j] = p_k`` if ``j < r_k`` else 0 (its zero padding).
-    ``normalisation="paper"`` uses W as is (the paper's formula); ``"rank_aware"`` pads a client
-    with the previous global's components above its rank instead of zeros, so a component trained
-    by few clients moves by their weighted update (about ``p_k`` times one client's) instead of
-    being shrunk by ``p_k^2`` in B A (``FactorSums.finish`` says why not a renormalisation).
+    Component j of client k gets weight ``W[k, j] = p_k`` if ``j < r_k`` else 0 (its zero padding:
+    the paper's formula; ``FactorSums.finish`` says why no other normalisation is offered).
     Components with ``sum_k W[k, j] == 0`` keep the previous global value (``untrained_components
     = "keep"``) or become zero (``"zero"``, paper-literal; then they can never train again).
     Clients are reduced group by group (``rank_groups``), float64 sums of float32 chunks, float32 result."""

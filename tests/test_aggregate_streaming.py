@@ -62,7 +62,7 @@ RANKS = [1, 3, 8, 3, 2, 8, 3, 1, 2, 3, 8, 3]
 
 
 @pytest.mark.parametrize("strategy", [{"name": "hetlora"}, {"name": "hetlora", "weight_granularity": "client", "clip_norm": 0.05},
-                                      {"name": "zero_pad", "normalisation": "rank_aware"}, {"name": "homlora"},
+                                      {"name": "zero_pad"}, {"name": "homlora"},
                                       {"name": "recon_svd"}])
 def test_the_streamed_step_commits_the_bytes_of_aggregate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: dict) -> None:
     monkeypatch.setattr(strategies, "GROUP_BYTES", 3000)  # several groups per rank: one to three uploads each

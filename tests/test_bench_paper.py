@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import tarfile
+from pathlib import Path
 
 import click
 import pytest
@@ -50,7 +52,6 @@ def test_methods_are_overrides_of_one_base():
     assert cfgs["homlora_rmin"].ranks.r_max == cfgs["homlora_rmin"].ranks.r_min == base.ranks.r_min
     assert cfgs["homlora_rmax"].ranks.r_max == base.ranks.r_max and cfgs["homlora_rmax"].strategy.name == "homlora"
     assert not cfgs["hetlora_noprune"].pruning.enabled and not cfgs["hetlora_nosparsity"].strategy.sparsity_weights
-    assert cfgs["hetlora_rankaware"].strategy.normalisation == "rank_aware"
     assert cfgs["full_ft"].training.lr == bp.PROFILES["tiny"]["full_ft_lr"]
     # everything not named by a method's overrides is shared: same data, steps, rounds, seed
     for c in cfgs.values():
@@ -135,3 +136,42 @@ def test_pruning_ablation_says_whether_it_differs_and_why_not(noprune: dict, ran
     line = f"**{j}**." + _pruning_why(S, j)  # as the verdict's "HetLoRA vs HetLoRA w/o pruning" line ends
     assert says in line
     assert ("Why not" in line) is (says != "**better**")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script_methods(name: str) -> list[str]:
+    line = next(ln for ln in (ROOT / "benchmarks" / "gpu_paper.sh").read_text().splitlines() if ln.startswith(f"{name}="))
+    return line.split("=", 1)[1].split(",")
+
+
+def test_gpu_script_runs_only_methods_that_exist():
+    """benchmarks/gpu_paper.sh names methods for `run`: each must be one bench paper still runs."""
+    for name in ("LORA_METHODS", "SPEECH_METHODS"):
+        assert set(_script_methods(name)) <= set(bp.METHODS), name
+    assert not set(bp.METHODS) & set(bp.REMOVED_METHODS)
+
+
+def test_a_removed_method_is_not_run(tmp_path):
+    with pytest.raises(click.BadParameter, match=r"hetlora_rankaware: its setting strategy.normalisation: rank_aware .*was removed.*--no-run"):
+        bp.run_paper("tiny", tmp_path, tmp_path / "r.md", methods=["hetlora", "hetlora_rankaware"], log=lambda s: None)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("methods", [None, ["hetlora", "hetlora_rankaware", "hetlora_lossform"]])
+def test_no_run_still_reports_the_recorded_runs_of_a_removed_method(tmp_path, methods):
+    """docs/results-gpu.md is rebuilt from docs/results-gpu/gpu-runs.tgz (benchmarks/gpu_paper.sh
+    report): its records, made before strategy.normalisation was removed, are all found (the run
+    folders' config hashes did not change) and the removed hetlora_rankaware keeps its row."""
+    with tarfile.open(ROOT / "docs" / "results-gpu" / "gpu-runs.tgz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    res = bp.run_paper("gpu", tmp_path / "gpu", tmp_path / "r.md", methods=methods, run=False, log=lambda s: None)
+    got = sorted((r["method"], r["seed"]) for r in res["records"])
+    on_disk = sorted((f.parts[-3], int(f.parent.name.split("-")[0].removeprefix("seed")))
+                     for f in (tmp_path / "gpu" / "runs").glob("*/seed*/bench.json"))
+    assert got == [x for x in on_disk if methods is None or x[0] in methods] and ("hetlora_rankaware", 1) in got
+    text = (tmp_path / "r.md").read_text()
+    assert "| HetLoRA rank-aware | 58.94 ± 0.80 |" in text and "| HetLoRA | 54.30 ± 0.41 |" in text
+    assert "HetLoRA vs HetLoRA rank-aware" in text and "**No longer in the code**: HetLoRA rank-aware (`hetlora_rankaware`)" in text
+    assert not any("hetlora_rankaware seed 0" in m or "hetlora_rankaware seed 1" in m for m in res["meta"]["missing"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,36 @@ def test_overrides_and_replace():
     assert replace(cfg, **{"federation.rounds": 7}).federation.rounds == 7
     with pytest.raises(ConfigError):
         replace(cfg, **{"federation.rounds": 0})
+
+
+@pytest.mark.parametrize("how", ["dict", "yaml", "set"])
+def test_removed_rank_aware_normalisation_is_refused_naming_the_field(how, tmp_path):
+    """``strategy.normalisation`` was removed (its only other value, rank_aware, trailed the paper's
+    formula): asking for rank_aware is an error naming the field, the value and why, however it is set."""
+    with pytest.raises(ConfigError, match=r"strategy\.normalisation: 'rank_aware': the option was removed .*docs/results\.md"):
+        if how == "dict":
+            config_from_dict({"strategy": {"normalisation": "rank_aware"}})
+        elif how == "yaml":
+            (tmp_path / "c.yaml").write_text("strategy:\n  name: hetlora\n  normalisation: rank_aware\n")
+            load_config(tmp_path / "c.yaml")
+        else:
+            load_config(None, {"strategy.normalisation": "rank_aware"})
+    with pytest.raises(ConfigError, match=r"strategy\.normalisation: 'bogus': the option was removed"):
+        config_from_dict({"strategy": {"normalisation": "bogus"}})
+
+
+def test_a_config_recorded_before_the_removal_still_loads_and_resumes(tmp_path):
+    """Every config recorded before the removal spells out ``strategy.normalisation: paper`` (the
+    default, what remains): it loads as the same config, and a run recorded with it resumes."""
+    from hetlora_core.run import check_or_record_config
+    from hetlora_core.store import LocalStore, config_key, get_json, put_json
+
+    cfg = load_config(None, {"model.name": "tiny", "strategy.name": "zero_pad"})
+    old = cfg.to_dict()
+    assert "normalisation" not in old["strategy"]
+    old["strategy"]["normalisation"] = "paper"
+    assert config_from_dict(old) == cfg
+    store = LocalStore(tmp_path / "store")
+    put_json(store, config_key(cfg.experiment), json.loads(json.dumps(old)))
+    check_or_record_config(cfg, store)  # no RunConfigMismatch
+    assert "normalisation" not in get_json(store, config_key(cfg.experiment))["strategy"]

@@ -53,12 +53,10 @@ def test_factor_averaging_matches_hand_computation(name, cfg_kw, weights):
     assert [info.weights[M][c] for c in "abc"] == pytest.approx(p)
 
 
-@pytest.mark.parametrize("normalisation", ["paper", "rank_aware"])
 @pytest.mark.parametrize("untrained", ["keep", "zero"])
-def test_factor_averaging_mixed_ranks_non_square(normalisation, untrained):
+def test_factor_averaging_mixed_ranks_non_square(untrained):
     """Mixed ranks on an out 5 x in 7 module against a dense reference: component j of client k
-    weighs ``W[k, j] = p_k`` if ``j < r_k`` else 0 (rank-aware: the previous global's component
-    weighs the rest, ``1 - sum_k W[k, j]``)."""
+    weighs ``W[k, j] = p_k`` if ``j < r_k`` else 0."""
     g, r_max = np.random.default_rng(3), 6
 
     def mk(r: int) -> LoraAdapter:
@@ -66,16 +64,12 @@ def test_factor_averaging_mixed_ranks_non_square(normalisation, untrained):
 
     prev = mk(r_max)
     ups = [ClientUpdate(f"c{k}", mk(r), 10 + k) for k, r in enumerate([1, 4, 2, 4])]  # nobody trains components 4, 5
-    new, info = aggregate(prev, ups, StrategyConfig(normalisation=normalisation, untrained_components=untrained), r_max)
+    new, info = aggregate(prev, ups, StrategyConfig(untrained_components=untrained), r_max)
     p = [info.weights[M][u.client_id] for u in ups]
     W = np.array([[p[k] if j < u.adapter.rank else 0.0 for j in range(r_max)] for k, u in enumerate(ups)])
     col = W.sum(0)
     A = sum(W[k][:, None] * u.adapter.pad(r_max).A[M] for k, u in enumerate(ups))
     B = sum(W[k][None, :] * u.adapter.pad(r_max).B[M] for k, u in enumerate(ups))
-    if normalisation == "rank_aware":
-        A, B = A + (1 - col)[:, None] * prev.A[M], B + (1 - col)[None, :] * prev.B[M]
-        if untrained == "zero":
-            A[col == 0], B[:, col == 0] = 0, 0
     if untrained == "keep":
         A[col == 0], B[:, col == 0] = prev.A[M][col == 0], prev.B[M][:, col == 0]
     assert new.ranks == {M: r_max} and new.B[M].flags.c_contiguous
@@ -93,16 +87,17 @@ def test_hetlora_explicit_numbers():
     assert new.B[M][:, 1].tolist() == pytest.approx([0, 0])  # b's B column 1 is zero, c's too
 
 
-def test_rank_aware_normalisation():
-    """Component 2 is trained only by c: rank-aware pads a and b with the previous global's
-    component 2 (all 7s), so it is p_c [0, 2] + (p_a + p_b) [7, 7] instead of p_c [0, 2]."""
+def test_a_component_one_client_trained_enters_b_a_at_its_weight_squared():
+    """The paper's zero padding: component 2 is trained by c alone, so the global's ``B[:, 2] A[2]``
+    is ``p_c^2`` times c's own (not ``p_c`` times, nor the previous global's 7s mixed in): the damping
+    of a rarely trained tail that the removed ``strategy.normalisation: rank_aware`` undid
+    (``averaging.FactorSums.finish`` says why it stays)."""
     prev, ups = three_clients()
-    new, _ = aggregate(prev, ups, StrategyConfig(normalisation="rank_aware"), R_MAX)
-    z = 3 + 6 ** 0.5
-    pa, pb, pc = 1 / z, 2 / z, 6 ** 0.5 / z
-    assert new.A[M][2].tolist() == pytest.approx([7 * (pa + pb), 2 * pc + 7 * (pa + pb)])
-    assert new.A[M][1].tolist() == pytest.approx([pb * 1 + 7 * pa, 0 + 7 * pa])  # b and c trained component 1
-    assert new.A[M][0].tolist() == pytest.approx([pa + pc, pb + pc])  # everybody trained component 0: the paper's value
+    new, info = aggregate(prev, ups, StrategyConfig(), R_MAX)
+    pc, c = info.weights[M]["c"], ups[2].adapter
+    own = np.outer(c.B[M][:, 2], c.A[M][2])
+    assert np.abs(own).max() > 0 and 0 < pc < 1
+    assert np.outer(new.B[M][:, 2], new.A[M][2]) == pytest.approx(pc * pc * own, abs=1e-6)
 
 
 def test_untrained_components_keep_or_zero():
@@ -277,11 +272,6 @@ def reference_average(prev: LoraAdapter, updates, cfg: StrategyConfig, r_max: in
             a += W[k][:, None] * pad.A[m].astype(np.float64)
             b += W[k][None, :] * pad.B[m].astype(np.float64)
         col = W.sum(0)
-        if cfg.normalisation == "rank_aware":  # non-trainers padded with the previous global's component
-            a = a + (p[m].sum() - col)[:, None] * prev.A[m].astype(np.float64)
-            b = b + (p[m].sum() - col)[None, :] * prev.B[m].astype(np.float64)
-            if cfg.untrained_components == "zero":
-                a[col == 0], b[:, col == 0] = 0, 0
         if cfg.untrained_components == "keep":
             a[col == 0], b[:, col == 0] = prev.A[m][col == 0], prev.B[m][:, col == 0]
         A[m], B[m] = a.astype(np.float32), b.astype(np.float32)
@@ -293,10 +283,9 @@ def reference_average(prev: LoraAdapter, updates, cfg: StrategyConfig, r_max: in
     {"name": "hetlora", "sparsity_weights": False}, {"name": "zero_pad"}, {"name": "homlora"},
     {"name": "hetlora", "clip_norm": 4.0}, {"name": "hetlora", "weight_granularity": "client", "clip_norm": 4.0},
 ])
-@pytest.mark.parametrize("normalisation", ["paper", "rank_aware"])
 @pytest.mark.parametrize("untrained", ["keep", "zero"])
 @pytest.mark.parametrize("group_bytes", [None, 3000])  # default groups; or one to three clients per group
-def test_grouped_factor_averaging_matches_the_per_client_reference(cfg_kw, normalisation, untrained, group_bytes, monkeypatch):
+def test_grouped_factor_averaging_matches_the_per_client_reference(cfg_kw, untrained, group_bytes, monkeypatch):
     import hetlora_core.reduce as reduce
     import hetlora_core.strategies as strategies
 
@@ -305,7 +294,7 @@ def test_grouped_factor_averaging_matches_the_per_client_reference(cfg_kw, norma
         monkeypatch.setattr(reduce, "CHUNK_BYTES", 200)
     prev, ups = mixed_clients()
     r_max = 6
-    cfg = StrategyConfig(normalisation=normalisation, untrained_components=untrained, **cfg_kw)
+    cfg = StrategyConfig(untrained_components=untrained, **cfg_kw)
     new, info = aggregate(prev, ups, cfg, r_max)
     ref, p = reference_average(prev, ups, cfg, r_max)
     for m in SHAPES:

@@ -217,8 +217,7 @@ def _second_pass(cfg: HetLoRAConfig, store: st.Store, method: Method, base: Stat
 
     Dropping a client here changes every other client's weight: p_k is normalised over the clients
     that take part, the sparsity weights fall back to sample counts only if *all* of theirs are
-    zero, rank-aware padding weighs the previous global by the weight of the clients that did not
-    train each component, and the quorum counts them. The partial sums already hold the old weights, so they
+    zero, and the quorum counts them. The partial sums already hold the old weights, so they
     are thrown away: the client is recorded in ``dropped``, the quorum checked again (QuorumError
     if it no longer holds, with nothing written), the weights recomputed from the first-pass
     summaries of the clients left, and the second pass restarts. Nothing has been written before it
