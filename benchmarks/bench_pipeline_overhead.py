@@ -83,6 +83,7 @@ def main() -> None:
     runs: dict[str, list[float]] = {m: [] for m in modes}
     try:
         with (contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory()) as tmp:
+            Path(tmp).mkdir(parents=True, exist_ok=True)  # --keep DIR may not exist yet
             cfg_file = Path(tmp) / "cfg.json"
             cfg_file.write_text(cfg.to_json())
             t = time.perf_counter()
