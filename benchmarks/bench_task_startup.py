@@ -19,6 +19,9 @@ nothing else (no store, no training), repetitions interleaved across kinds:
                   (kfp executor, steps: no torch) hands the step to a warm task server that imported
                   torch, transformers and peft once; the server's forked child loads the model,
                   tokenizer and client tokens (issue target: <= 2.5 s beyond the real work)
+    exec          a whole task of a no-op component as ``hetlora run`` starts it (pipelines/warm_exec.py):
+                  the task process (no kfp import) hands kfp's executor to the warm server's child,
+                  which loads the component and runs it; the wall time of the task process
 
 The child reports each stage's own time, so the table says where the seconds go (kfp, torch,
 transformers + peft, the model load). One warm server is started for the whole run (its preload is
@@ -109,13 +112,40 @@ warm.STEPS["bench_startup"] = "__main__:bench_startup"
 main()
 """
 
-TARGETS = {"model-free": 1.5, "model": 2.5, "warm": 2.5}
+# The "exec" kind: a whole kfp.local task of a component that does nothing, as `hetlora run` starts
+# it with a warm server (pipelines/warm_exec.py: the task process hands kfp's executor to the
+# server's child, which loads the component and runs it). Its wall time is the task's whole fixed cost.
+NOOP_COMPONENT = """
+from kfp import dsl
 
 
-def run_child(kind: str, model: str) -> tuple[float, dict[str, float]]:
-    """Wall time of one fresh process doing ``kind``'s start-up, and its stages."""
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
+def noop() -> str:
+    return ""
+"""
+
+TARGETS = {"model-free": 1.5, "model": 2.5, "warm": 2.5, "exec": 1.5}
+
+
+def exec_argv(tmp: Path) -> list[str]:
+    """kfp.local's command for the no-op component's task, through warm_exec."""
+    from hetlora_kfp.pipelines import warm_exec
+
+    module = tmp / "ephemeral_component.py"
+    module.write_text(NOOP_COMPONENT)
+    executor_input = {"inputs": {"parameterValues": {}}, "outputs": {
+        "parameters": {"Output": {"outputFile": str(tmp / "out" / "Output")}}, "outputFile": str(tmp / "out" / "executor_output.json")}}
+    return [sys.executable, "-P", "-m", warm_exec.MODULE, *warm_exec.EXECUTOR, "--component_module_path", str(module),
+            "--executor_input", json.dumps(executor_input), "--function_to_execute", "noop"]
+
+
+def run_child(kind: str, model: str, argv: list[str] | None = None) -> tuple[float, dict[str, float]]:
+    """Wall time of one fresh process doing ``kind``'s start-up, and its stages (none for "exec")."""
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", CHILD, kind, model], cwd=ROOT, capture_output=True, text=True, check=True)
+    p = subprocess.run(argv or [sys.executable, "-c", CHILD, kind, model], cwd=ROOT, capture_output=True, text=True, check=True)
+    if argv:
+        assert "this task's executor ran in the warm task server" in p.stdout, p.stdout + p.stderr
+        return time.perf_counter() - t, {"torch imported": 0.0}
     return time.perf_counter() - t, json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -128,14 +158,16 @@ def main() -> None:
     args = ap.parse_args()
     model = "tiny" if args.quick else "smollm2-135m"
     reps = args.reps or (2 if args.quick else 5)
-    kinds = ("interpreter", "model-free", "model") + (() if args.no_warm else ("warm",))
+    kinds = ("interpreter", "model-free", "model") + (() if args.no_warm else ("warm", "exec"))
     run_child("model", model)  # warm the on-disk caches (model conversion, tokens) and the page cache
     server = None
     if not args.no_warm:
+        from hetlora_kfp.pipelines import warm_exec
+
         from hetlora_core.warm import SOCKET_ENV, WarmServer
 
         tmp = tempfile.mkdtemp(prefix="bench-warm-")
-        server = WarmServer(tmp, log_path=Path(tmp) / "server.log", argv=[sys.executable, "-c", SERVER])
+        server = WarmServer(tmp, log_path=Path(tmp) / "server.log", argv=[sys.executable, "-c", SERVER], steps=warm_exec.STEPS)
         t = time.perf_counter()
         if not server.start():
             sys.exit(f"the warm server did not start: {Path(tmp) / 'server.log'}")
@@ -146,9 +178,10 @@ def main() -> None:
     stages: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     facts = machine()
     try:
+        argv = exec_argv(Path(tempfile.mkdtemp(prefix="bench-exec-"))) if "exec" in kinds else None
         for _ in range(reps):  # interleaved: load drifts hit every kind alike
             for k in kinds:
-                w, s = run_child(k, model)
+                w, s = run_child(k, model, argv if k == "exec" else None)
                 walls[k].append(w)
                 stages[k].append(s)
     finally:
@@ -167,7 +200,8 @@ def main() -> None:
     if "warm" in stages:
         print(f"  a warm task's own process imports torch: {'no' if all(s.get('torch imported') == 0.0 for s in stages['warm']) else 'YES'}")
     res = {"model": model, "reps": reps, "model_free_s": med["model-free"], "model_s": med["model"],
-           "interpreter_s": med["interpreter"], "warm_s": med.get("warm"), "median_s": med, "walls_s": walls, "stages": stages,
+           "interpreter_s": med["interpreter"], "warm_s": med.get("warm"), "exec_s": med.get("exec"),
+           "median_s": med, "walls_s": walls, "stages": stages,
            "targets_s": TARGETS,
            "model_free_torch_free": torch_free, **facts, "load_avg_end": os.getloadavg()}
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,15 +109,17 @@ def recv_frame(sock: socket.socket, head: bytes = b"") -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------- task side
 
 
-def delegate(step: str, *args: str | int | float | list[str]) -> str | None:
+def delegate(step: str, *args: str | int | float | list[str], registered: bool = False) -> str | None:
     """Run ``step`` (a name in STEPS) with ``args`` in a child of the warm server and return its
     result; None when there is no server to ask (the caller then runs the step in-process).
+    ``registered``: ``step`` is one the driver registered when it started the server (``WarmServer``'s
+    ``steps``), so this process's STEPS need not name it.
 
     Raises the step's exception (the same class where it is a builtin or hetlora_core exception
     that takes its arguments back, else RuntimeError naming it); exits this process with the child's
     code when the child exited without a result (``os._exit``, a signal: an OOM kill looks the same)."""
     path = os.environ.get(SOCKET_ENV, "")
-    if not path or serving or step not in STEPS:
+    if not path or serving or (step not in STEPS and not registered):
         return None
     t0 = time.perf_counter()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -251,8 +253,12 @@ class WarmServer:
     """One warm server process: ``start`` it, point tasks at ``socket_path``, ``stop`` it."""
 
     def __init__(self, run_dir: str | Path, withhold: Iterable[str] = (), log_path: str | Path | None = None,
-                 preload: bool = True, argv: list[str] | None = None, config_json: str | None = None) -> None:
+                 preload: bool = True, argv: list[str] | None = None, config_json: str | None = None,
+                 steps: Mapping[str, str] | None = None) -> None:
         self.run_dir, self.withhold, self.preload = Path(run_dir), tuple(withhold), preload
+        # Steps of the driver's own beside STEPS (name -> "module:function"), e.g. the local pipeline
+        # runner's task executor: fixed when the server starts, by the driver, never by a request.
+        self.steps = dict(steps or {})
         # The run's (credential-free) config: the server loads its base model once before forking
         # when that is fork-safe (warm_server.model_preload_refusal), so model tasks skip the load.
         self.config_json = config_json
@@ -269,6 +275,7 @@ class WarmServer:
         self.socket_path = str(self.dir / "s")
         argv = self.argv or [sys.executable, "-m", "hetlora_core.warm_server"]
         argv = [*argv, "--socket", self.socket_path, "--parent", str(os.getpid())] + ([] if self.preload else ["--no-preload"])
+        argv += [arg for name, spec in self.steps.items() for arg in ("--step", f"{name}={spec}")]
         if self.preload and self.config_json:
             config_path = self.dir / "config.json"  # in the 0700 socket directory, removed at stop
             config_path.write_text(self.config_json)
@@ -314,14 +321,16 @@ class WarmServer:
 
 @contextlib.contextmanager
 def local_server(run_dir: str | Path, withhold: Iterable[str] = (), enabled: bool = True,
-                 log_path: str | Path | None = None, config_json: str | None = None) -> Iterator[str]:
+                 log_path: str | Path | None = None, config_json: str | None = None,
+                 steps: Mapping[str, str] | None = None) -> Iterator[str]:
     """For a local driver: a warm server for the run and ``HETLORA_WARM_SOCKET`` set in this
     process's environment while it lasts (kfp.local's tasks inherit it); yields the socket path
-    ('' when disabled or not started). Stopped at the end, on an error and on KeyboardInterrupt."""
+    ('' when disabled or not started). Stopped at the end, on an error and on KeyboardInterrupt.
+    ``steps``: the driver's own steps beside STEPS (``WarmServer``)."""
     if not enabled:
         yield ""
         return
-    server = WarmServer(run_dir, withhold, log_path, config_json=config_json)
+    server = WarmServer(run_dir, withhold, log_path, config_json=config_json, steps=steps)
     before = os.environ.get(SOCKET_ENV)
     try:
         if server.start():

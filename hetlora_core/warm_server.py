@@ -238,9 +238,13 @@ def _report_exits(children: dict[int, socket.socket]) -> None:
         conn.close()
 
 
-def serve(path: str, parent: int | None = None, do_preload: bool = True, config_path: str | None = None) -> None:
-    """Listen on ``path`` and fork a child per connection until SIGTERM or the parent is gone."""
+def serve(path: str, parent: int | None = None, do_preload: bool = True, config_path: str | None = None,
+          steps: dict[str, str] | None = None) -> None:
+    """Listen on ``path`` and fork a child per connection until SIGTERM or the parent is gone.
+    ``steps``: the driver's own steps (name -> "module:function"), added to ``warm.STEPS`` here and
+    preloaded with them."""
     warm.serving = True
+    warm.STEPS.update(steps or {})
     logging.basicConfig(stream=sys.stdout, format=KFP_LOG_FORMAT, level=logging.INFO)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # Security: the socket is created 0600 (its directory is 0700 too)
@@ -325,14 +329,25 @@ def serve(path: str, parent: int | None = None, do_preload: bool = True, config_
             os.unlink(path)
 
 
+def _step(text: str) -> tuple[str, str]:
+    """``NAME=MODULE:FUNCTION`` -> (name, "module:function")."""
+    name, _, spec = text.partition("=")
+    module, _, function = spec.partition(":")
+    if not (name.isidentifier() and function.isidentifier() and all(p.isidentifier() for p in module.split("."))):
+        raise argparse.ArgumentTypeError(f"--step {text!r}: expected NAME=MODULE:FUNCTION")
+    return name, spec
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="warm task server for local runs (started by the local driver)")
     ap.add_argument("--socket", required=True)
     ap.add_argument("--parent", type=int, default=None, help="exit when this process (the driver) is gone")
     ap.add_argument("--no-preload", action="store_true", help="import nothing ahead (tests)")
     ap.add_argument("--config", default=None, help="the run's config (JSON): its base model is loaded ahead when fork-safe")
+    ap.add_argument("--step", action="append", default=[], type=_step, metavar="NAME=MODULE:FUNCTION",
+                    help="a step of the driver's own beside warm.STEPS (repeatable; its module is preloaded)")
     args = ap.parse_args(argv)
-    serve(args.socket, args.parent, not args.no_preload, args.config)
+    serve(args.socket, args.parent, not args.no_preload, args.config, dict(args.step))
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # no interpreter teardown of torch & co (seconds): nothing is left to clean up

@@ -27,6 +27,8 @@ from hetlora_core.warm import local_server
 
 from .round import build_evaluate_pipeline, build_round_pipeline, compile_evaluate, compile_round, eval_groups, tier_groups
 from .task_logs import TaskLogs, captured
+from .warm_exec import STEPS as EXECUTOR_STEPS
+from .warm_exec import tasks_via_server
 
 log = logging.getLogger("hetlora")
 
@@ -65,7 +67,7 @@ class KfpLocalExecutor:
 
         logs = TaskLogs(self.log_root / folder, echo=sys.__stderr__ if self.verbose else None, on_task=on_task)
         try:
-            with captured(logs):
+            with captured(logs), tasks_via_server():  # each task's executor in the warm server's child, if there is one
                 call()
         except RuntimeError as e:  # kfp.local: a task failed
             failed = logs.failed[-1] if logs.failed else ""
@@ -201,8 +203,9 @@ def run_local(cfg: HetLoRAConfig, out_dir: str | Path, verbose: bool = False, pr
               warm: bool | None = None) -> dict[str, Any]:
     """Run (or resume) every round through kfp.local; results.json and the plot in ``out_dir``,
     one log file per task under ``out_dir/logs``. ``warm`` (None: ``local.warm_tasks``): the
-    model-side tasks fork from one warm task server of this run (hetlora_core/warm.py; its own log
-    is ``out_dir/logs/warm-server.log``) instead of importing torch and transformers each."""
+    tasks fork from one warm task server of this run (hetlora_core/warm.py; its own log is
+    ``out_dir/logs/warm-server.log``), each task's whole kfp executor included (pipelines/warm_exec.py),
+    instead of importing kfp, torch and transformers each."""
     out = Path(out_dir).resolve()
     cfg = local_config(cfg, out)
     shown = Progress(cfg.federation.rounds) if progress else None
@@ -210,7 +213,7 @@ def run_local(cfg: HetLoRAConfig, out_dir: str | Path, verbose: bool = False, pr
     # Started before the first round and stopped after the last (also on an error or Ctrl-C); the
     # server's environment holds neither the server key nor store credentials (warm.server_env).
     with local_server(out, (cfg.store.server_key_env,), cfg.local.warm_tasks if warm is None else warm,
-                      out / "logs" / "warm-server.log", cfg.to_json()):
+                      out / "logs" / "warm-server.log", cfg.to_json(), steps=EXECUTOR_STEPS):
         return RoundRunner(cfg, executor, out, shown).run()
 
 
