@@ -43,8 +43,10 @@ MAX_SOCKET_PATH = 100
 # How long a task waits for the server to fork its child (the server's preload, ~10 s, included).
 START_TIMEOUT_S = 120.0
 
-# The only steps the server runs: name -> "module:function". A request names a step, never a module
-# or a path: what the server's memory image can be made to run is fixed here.
+# The steps the server runs: name -> "module:function", plus those its driver registers at its start
+# (``WarmServer(steps=...)``: the local pipeline runner's kfp executor, which runs the component file
+# the task names, as the task process itself would). A request names a step, never a module; the
+# boundary is the socket: only a process of this user reaches it (warm_server._same_user, 0700 dir).
 STEPS: dict[str, str] = {
     "train": "hetlora_core.steps.train:train_task",
     "evaluate": "hetlora_core.steps.evaluate:evaluate_task",
@@ -148,6 +150,9 @@ def delegate(step: str, *args: str | int | float | list[str], registered: bool =
                 reply = recv_frame(sock)
         except (OSError, ValueError) as e:
             log.warning("warm task server %s failed (%s): running %s in this process", path, e, step)
+            return None
+        if reply is not None and reply.get("kind") == "unavailable":  # a server without this step
+            log.warning("warm task server %s cannot run %s (%s): running it in this process", path, step, reply.get("message"))
             return None
         if reply is None:
             # Closed with no word: the server died before or while forking (a child that was running

@@ -1,5 +1,6 @@
 """The warm task server process (``python -m hetlora_core.warm_server --socket PATH``): imports torch,
-transformers, peft, the model classes and the model-side steps once, then forks one child per task
+transformers, peft, the model classes, the model-side steps and the steps its driver registers
+(``--step``: the local runner's kfp executor, so kfp too) once, then forks one child per task
 connection; the child becomes the task (its environment, working directory, stdout and stderr) and
 runs the step. The protocol and the task side are in ``hetlora_core.warm``.
 
@@ -192,11 +193,15 @@ def child(conn: socket.socket, close: list[Any]) -> NoReturn:
             sys.modules["hetlora_core.runtime"]._model.cache_clear()  # loads what the task's own environment names
         os.chdir(str(request["cwd"]))
         _fresh_process_state()
+        step = str(request["step"])
+        try:
+            fn = warm.step_function(step)
+        except (KeyError, ImportError, AttributeError) as e:  # not a step of this server: the task runs it itself
+            warm.send_frame(conn, {"kind": "unavailable", "message": f"{type(e).__name__}: {e}"})
+            os._exit(0)
         done = threading.Event()
         threading.Thread(target=_watch, args=(conn, done), daemon=True).start()
         warm.send_frame(conn, {"kind": "started", "pid": os.getpid()})
-        step = str(request["step"])
-        fn = warm.step_function(step)  # KeyError for a name not in STEPS: reported as the error below
         try:
             reply = {"kind": "result", "value": fn(*list(request["args"]))}
         except SystemExit as e:  # as in the task process: the process exits with the code

@@ -61,7 +61,8 @@ def tasks_via_server() -> Iterator[bool]:
     kfp.local's SubprocessRunner puts the interpreter's path where the component's command says
     ``python3`` (``subprocess_task_handler.replace_python_executable``); the interpreter followed by
     ``-m`` this module goes there instead. A kfp without that function runs its tasks as before
-    (tests/test_warm.py pins the function, so an upgrade that drops it is noticed)."""
+    (tests/test_warm_exec.py pins the function, so an upgrade that drops it is noticed). Only the
+    driver's own interpreter is rewritten (kfp.local's venv mode would name another, without hetlora)."""
     from kfp.local import subprocess_task_handler as handler
 
     original: Any = getattr(handler, "replace_python_executable", None)
@@ -70,6 +71,8 @@ def tasks_via_server() -> Iterator[bool]:
         return
 
     def through_server(full_command: list[str], new_executable: str) -> list[str]:
+        if new_executable != sys.executable:
+            return list(original(full_command, new_executable))
         # -P: the working directory is not put first on sys.path, so this module resolves as it does in
         # the driver whatever the task's directory holds (os.execv above runs kfp's command as given)
         return list(original(full_command, f"{new_executable} -P -m {MODULE}"))

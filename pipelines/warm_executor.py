@@ -12,9 +12,15 @@ the task's own environment.
 
 from __future__ import annotations
 
+import os
 import sys
 
-from kfp.dsl import executor_main
+# kfp's runtime mode, as the task's own command sets it (_KFP_RUNTIME=true python3 -m ...): kfp then
+# imports its executor without the SDK's client and compiler (kfp_server_api, kubernetes), here in
+# the server that every task's child is a copy of.
+os.environ.setdefault("_KFP_RUNTIME", "true")
+
+from kfp.dsl import executor_main  # noqa: E402
 
 
 def run_executor(*argv: str) -> str:

@@ -22,17 +22,20 @@ from hetlora_core import warm
 
 SHIM = [sys.executable, "-P", "-m", warm_exec.MODULE]
 
+# What kfp writes as a lightweight component's ephemeral module: its imports, then the function
+# without its decorator (run under _KFP_RUNTIME=true, where kfp.dsl has no ``component``).
 COMPONENT = '''
+import kfp
 from kfp import dsl
+from kfp.dsl import *
+from typing import *
 
-
-@dsl.component(base_image="python:3.11", install_kfp_package=False)
 def hello(name: str) -> str:
     import os
     import sys
     if name == "boom":
         raise ValueError("the component broke")
-    return f"{name} {os.getpid()} {os.environ.get('TASK_ONLY')} {os.getcwd()} {'torch' in sys.modules}"
+    return f"{name} {os.getppid()} {os.environ.get('TASK_ONLY')} {os.getcwd()} {'kubernetes' in sys.modules}"
 '''
 
 
@@ -108,13 +111,29 @@ def test_the_executor_runs_in_the_servers_child_as_the_task(exec_server: warm.Wa
     assert "this task's executor ran in the warm task server" in res.stdout
     assert "Wrote executor output file" in res.stdout  # kfp's executor logged into the task's own output
     value = json.loads((out / "executor_output.json").read_text())["parameterValues"]["Output"]
-    name, pid, task_only, cwd, torch_loaded = value.split(" ")
-    assert (name, task_only, cwd, torch_loaded) == ("x", "mine", str(tmp_path / "cwd"), "False")
-    assert int(pid) != exec_server.proc.pid  # a child of the server, not the server
+    name, parent, task_only, cwd, sdk_loaded = value.split(" ")
+    # a child of the server; kfp imported in its runtime mode (no SDK client, no kubernetes)
+    assert (name, int(parent), task_only, cwd, sdk_loaded) == ("x", exec_server.proc.pid, "mine", str(tmp_path / "cwd"), "False")
 
 
 def test_a_failing_component_fails_the_task_with_its_traceback(exec_server: warm.WarmServer, tmp_path: Path) -> None:
     res, out = run_task(exec_server, tmp_path, "boom")
     assert res.returncode == 1
     assert "ValueError: the component broke" in res.stderr and "ephemeral_component.py" in res.stderr, res.stderr
+    assert "warm_executor.py" in res.stderr  # the traceback came from the server's child, not a fallback run here
     assert not (out / "executor_output.json").exists()
+
+
+def test_a_server_without_the_executor_step_lets_the_task_run_it(tmp_path: Path) -> None:
+    """A server that was not given the executor step answers that it cannot run it, and the task
+    runs kfp's executor itself (a failure of the optimisation never fails a task)."""
+    server = warm.WarmServer(tmp_path / "run", log_path=tmp_path / "server.log", preload=False)
+    assert server.start(), (tmp_path / "server.log").read_text()
+    try:
+        res, out = run_task(server, tmp_path, "x")
+    finally:
+        server.stop()
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "cannot run kfp_executor" in res.stderr and "ran in the warm task server" not in res.stdout
+    value = json.loads((out / "executor_output.json").read_text())["parameterValues"]["Output"]
+    assert value.split(" ")[1] != str(server.proc.pid if server.proc else -1)
