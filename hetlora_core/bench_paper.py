@@ -353,8 +353,13 @@ def _planned(profile: str, base: HetLoRAConfig, prof: dict[str, Any], methods: l
 
 
 def _jobs(profile: str, base: HetLoRAConfig, prof: dict[str, Any], methods: list[str], seeds: int, out: Path) -> list[Job]:
-    """``_planned``'s runs as jobs to run (a removed method has none: its runs are only reported)."""
-    return [Job(cfg, run_dir, meta) for cfg, run_dir, meta in _planned(profile, base, prof, methods, seeds, out) if cfg is not None]
+    """``_planned``'s runs as jobs to run."""
+    return _as_jobs(_planned(profile, base, prof, methods, seeds, out))
+
+
+def _as_jobs(planned: list[tuple[HetLoRAConfig | None, Path, dict[str, Any]]]) -> list[Job]:
+    """Planned runs as jobs (a removed method has none: its runs are only reported)."""
+    return [Job(cfg, run_dir, meta) for cfg, run_dir, meta in planned if cfg is not None]
 
 
 def _all_methods(out: Path) -> list[str]:
@@ -404,7 +409,7 @@ def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None =
     base = replace(base_config(profile, choices), **{"model.vocab": vocab})
     base = replace(base, **task_overrides(task, base, out, log), **({"model.device": device} if device else {}))
     planned = _planned(profile, base, prof, methods, seeds or prof["seeds"], out)
-    jobs = [Job(cfg, run_dir, meta) for cfg, run_dir, meta in planned if cfg is not None]  # all of them when run
+    jobs = _as_jobs(planned)  # all of them when run
     meta_path = out / f"bench-meta-{profile}-{task}.json"
     if run:
         from .store.base import atomic_write

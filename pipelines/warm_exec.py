@@ -26,6 +26,8 @@ from typing import Any
 
 from hetlora_core import warm
 
+from .task_logs import _replaced
+
 # The server-side step (registered by the driver at the server's start: WarmServer(steps=...)).
 STEP = "kfp_executor"
 STEPS = {STEP: "hetlora_kfp.pipelines.warm_executor:run_executor"}
@@ -77,11 +79,8 @@ def tasks_via_server() -> Iterator[bool]:
         # the driver whatever the task's directory holds (os.execv above runs kfp's command as given)
         return list(original(full_command, f"{new_executable} -P -m {MODULE}"))
 
-    handler.replace_python_executable = through_server
-    try:
+    with _replaced(handler, "replace_python_executable", through_server):
         yield True
-    finally:
-        handler.replace_python_executable = original
 
 
 if __name__ == "__main__":
