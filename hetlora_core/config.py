@@ -329,6 +329,10 @@ class StoreConfig:
     # Security: no round-0 client upload larger than this is read (later rounds: the exact bound
     # from the global's shapes). Raise it for full fine-tuning of models above ~500M parameters.
     max_upload_mb: float = 2048.0
+    # kind: local: flush every write to disk before its rename (a power loss keeps whole files). false:
+    # for scratch stores (benchmarks): a killed process still never leaves a torn file, and a file a
+    # power loss tears is rejected by its manifest's sha256; full fine-tuning writes ~0.5 GB per upload.
+    fsync: bool = True
 
     def __post_init__(self) -> None:
         _check(self.retry_deadline_s > 0, "store.retry_deadline_s", f"must be > 0, got {self.retry_deadline_s:g}")

@@ -144,3 +144,25 @@ def test_wrong_format_and_scale_rejected():
         LoraAdapter.from_bytes(st_save(t), SPEC)
     with pytest.raises(AdapterError, match="differs from model.lora_scale"):
         LoraAdapter.from_bytes(rand_adapter(2, scale=3.0).to_bytes(), SPEC, scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("metadata", [None, {"z": "1", "format": "x"}])
+def test_encode_canonical_is_canonical_safetensors_byte_for_byte(dtype, metadata):
+    """encode_canonical writes what safetensors + canonical_safetensors write, without their copies:
+    names in safetensors' order (non-ASCII included), 0-d and empty tensors, strided views and
+    big-endian arrays by value; mixed dtypes take safetensors' own path, with the same result."""
+    from hetlora_core.adapter import canonical_safetensors, encode_canonical
+
+    rng = np.random.default_rng(0)
+    t = {"b.w": rng.random((3, 4)).astype(dtype), "a": rng.random(()).astype(dtype), "z.e": np.zeros((0, 5), dtype),
+         "\u00e9": rng.random(7).astype(dtype), "A": rng.random((2, 2, 2)).astype(dtype)[:, ::2],
+         "be": rng.random(3).astype(np.dtype(dtype).newbyteorder(">"))}
+    for tensors in (t, {**t, "mixed": np.ones(2, np.float32 if dtype != np.float32 else np.float64)}):
+        plain = {k: v.astype(v.dtype.newbyteorder("<"), order="C") for k, v in tensors.items()}
+        data = encode_canonical(tensors, metadata)
+        assert data == canonical_safetensors(st_save(plain, metadata=metadata))
+        from safetensors.numpy import load
+        back = load(data)
+        assert sorted(back) == sorted(tensors) and all(np.array_equal(back[k], v) and back[k].shape == v.shape
+                                                       for k, v in tensors.items())

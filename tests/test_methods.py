@@ -101,3 +101,49 @@ def test_lora_upload_above_the_planned_rank_is_dropped(tmp_path: Path) -> None:
     assert plan.client("a").rank == 2 and sorted(man["participants"]) == ["b", "c", "d"]
     assert "rank 8 is outside [r_min, r_max] = [2, 2]" in man["dropped"]["a"]
     assert man["clients"]["a"]["rank"] == 2  # its planned rank persists, not the one it claimed
+
+
+def test_a_method_that_does_not_prune_passes_its_trained_bytes_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prune step of full fine-tuning (or any method that does not prune) commits the trained
+    bytes as the client's upload without decoding them and with the digest already checked; a
+    corrupt trained update goes through the same way and the server drops it with its reason."""
+    from hetlora_core.steps.prune import prune
+
+    c = cfg(tmp_path)
+    method, store = method_for(c), st.open_store(c.store)
+    plan = plan_round(c, store, IDS, 0)
+    trained = {cid: method.encode(delta(float(i))) for i, cid in enumerate(IDS)}
+    trained["c4"] = b"not safetensors at all"
+    for cid, data in trained.items():
+        st.put_artifact(store, st.trained_prefix("m", 0, cid), data, {"client_id": cid, "num_samples": 10, "rank_before": 1})
+
+    def no_decode(*a: object, **k: object) -> None:
+        raise AssertionError("the prune step of a method that does not prune decoded an upload")
+
+    monkeypatch.setattr(FullFineTuning, "decode", no_decode)
+    reports = {cid: prune(c, store, 0, cid) for cid in IDS}
+    monkeypatch.undo()
+    for cid, data in trained.items():
+        got, man = st.get_artifact(store, st.client_prefix("m", 0, cid))
+        assert got == data and reports[cid].status == "ok" and reports[cid].sha256 == man["sha256"]
+        assert man["bytes_up"] == len(data) and man["pruned"] is False
+    man = aggregate(c, store, plan)
+    assert man["participants"] == ["c0", "c1", "c2", "c3"]
+    assert st.client_prefix("m", 0, "c4") in man["dropped"]["c4"] and "safetensors" in man["dropped"]["c4"]
+
+
+def test_full_ft_encodes_the_canonical_safetensors_bytes(tmp_path: Path) -> None:
+    """Full fine-tuning's direct encoder gives the bytes safetensors + canonical_safetensors gave
+    (resumed runs and content checks compare uploads byte for byte), and they decode to the delta."""
+    from safetensors.numpy import save
+
+    from hetlora_core.adapter import canonical_safetensors
+    from hetlora_core.methods.full_ft import FORMAT
+
+    method = method_for(cfg(tmp_path))
+    state = {"model.layers.1.w": np.arange(12, dtype=np.float32).reshape(3, 4), "a.b": np.ones((4,), np.float32),
+             "lm_head.weight": np.arange(8, dtype=np.float32).reshape(2, 4)[:, ::2]}  # a non-contiguous view
+    data = method.encode(state)
+    assert data == canonical_safetensors(save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata={"format": FORMAT}))
+    back = method.decode(data, {k: v.shape for k, v in state.items()}, "t")
+    assert all(np.array_equal(back[k], v) for k, v in state.items())

@@ -459,3 +459,68 @@ def test_s3_tls(minio_server: MinioServer, monkeypatch: pytest.MonkeyPatch) -> N
         put_artifact(s, "e/tls", b"over tls", {})
         assert get_artifact(s, "e/tls")[0] == b"over tls"
         assert s.describe().startswith("s3 bucket tls-bucket at https://")
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_local_store_fsync_follows_store_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: bool) -> None:
+    """store.fsync reaches the LocalStore open_store makes: every write flushed to disk by default,
+    none in a scratch store; the file is whole and atomic either way."""
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    s = st.open_store(StoreConfig(root=str(tmp_path / "s"), fsync=fsync))
+    s.put_bytes("e/k", b"x" * 1000)
+    atomic_write(tmp_path / "w", lambda p: Path(p).write_bytes(b"w"), fsync=fsync)
+    assert len(synced) == (2 if fsync else 0)
+    assert s.get_bytes("e/k") == b"x" * 1000 and (tmp_path / "w").read_bytes() == b"w"
+    assert sorted(os.listdir(tmp_path / "s" / "e")) == ["k"]
+
+
+def test_copy_artifact(store: Store) -> None:
+    """copy_artifact commits at a new prefix the object of another, with its digest and size, and
+    the copy stays as it is when the source is rewritten or its payload dropped; a missing source
+    is NotFound, an object above max_bytes is not copied, a corrupt source is refused on read."""
+    put_artifact(store, "e/src", b"one" * 100, {"n": 1})
+    man = st.copy_artifact(store, "e/src", "e/dst", {"n": 2, "object": "ignored", "sha256": "x"})
+    assert man["n"] == 2 and man["sha256"] == hashlib.sha256(b"one" * 100).hexdigest() and man["size"] == 300
+    assert get_artifact(store, "e/dst") == (b"one" * 100, man)
+    put_artifact(store, "e/src", b"two", {"n": 1})
+    st.drop_payload(store, "e/src")
+    assert get_artifact(store, "e/dst")[0] == b"one" * 100
+    with pytest.raises(NotFound):
+        st.copy_artifact(store, "e/absent", "e/x", {})
+    with pytest.raises(st.ObjectTooLarge):
+        store.copy("e/dst/adapter.safetensors", "e/y", max_bytes=10)
+    assert not store.exists("e/y") and not store.exists("e/x/manifest.json")
+    put_artifact(store, "e/bad", b"good bytes", {})
+    store.put_bytes("e/bad/adapter.safetensors", b"evil bytes")  # the object changed behind its manifest
+    st.copy_artifact(store, "e/bad", "e/bad2", {})
+    with pytest.raises(ChecksumMismatch):
+        get_artifact(store, "e/bad2")
+
+
+def test_local_copy_is_a_hard_link_with_a_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LocalStore.copy moves no bytes (a hard link to the same inode); where links fail (another
+    filesystem, EXDEV) it reads and writes; a symlink source is read like get_bytes reads it."""
+    import errno
+
+    s = LocalStore(tmp_path / "s")
+    s.put_bytes("e/a", b"payload")
+    s.copy("e/a", "f/b")
+    a, b = (tmp_path / "s/e/a").stat(), (tmp_path / "s/f/b").stat()
+    assert a.st_ino == b.st_ino and a.st_nlink == 2 and s.get_bytes("f/b") == b"payload"
+    s.put_bytes("e/a", b"new")  # a rename over the key: the link keeps the old bytes
+    assert s.get_bytes("f/b") == b"payload"
+
+    def no_link(*a: object, **k: object) -> None:
+        raise OSError(errno.EXDEV, "cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    s.copy("e/a", "f/c")
+    assert s.get_bytes("f/c") == b"new" and (tmp_path / "s/f/c").stat().st_nlink == 1
+    assert sorted(os.listdir(tmp_path / "s/f")) == ["b", "c"]  # no temp file left
+    monkeypatch.undo()
+    (tmp_path / "outside").write_bytes(b"secret")
+    (tmp_path / "s/e/link").symlink_to(tmp_path / "outside")
+    with pytest.raises(ValueError, match="outside"):
+        s.copy("e/link", "f/d")

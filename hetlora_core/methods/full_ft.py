@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as np_load
-from safetensors.numpy import save as np_save
 
-from ..adapter import canonical_safetensors, read_safetensors_metadata
+from ..adapter import encode_canonical, read_safetensors_metadata
 from ..reduce import Scratch, add_scaled
 from ..robust import tensor_norms
 from .base import Aggregated, ClientUpdate, Method, Spec, Stream, UploadError
@@ -73,7 +72,7 @@ class FullFineTuning(Method):
         return tensors
 
     def encode(self, state: Delta) -> bytes:
-        return canonical_safetensors(np_save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata={"format": FORMAT}))
+        return encode_canonical(dict(state), {"format": FORMAT})
 
     def spec_of(self, state: Delta) -> Spec:
         return {k: tuple(int(d) for d in v.shape) for k, v in state.items()}

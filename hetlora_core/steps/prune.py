@@ -29,15 +29,22 @@ class PruneReport:
 
 def prune(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_id: str) -> PruneReport:
     exp, method = cfg.experiment, method_for(cfg)
-    trained_prefix = st.trained_prefix(exp, rnd, client_id)
-    if st.get_manifest(store, trained_prefix) is None:
-        return PruneReport(client_id, "skipped", "no trained update")
+    trained_prefix, upload_prefix = st.trained_prefix(exp, rnd, client_id), st.client_prefix(exp, rnd, client_id)
     try:
-        data, man = st.get_artifact(store, trained_prefix)
-        trained = method.decode(data, None, where=trained_prefix)
+        man = st.get_manifest(store, trained_prefix)
+        if man is None:
+            return PruneReport(client_id, "skipped", "no trained update")
         extra: dict[str, object] = {"rank_after": man["rank_before"], "pruned": False}
-        payload = data
-        if method.prunes:
+        if not method.prunes:
+            # Nothing to decide (full fine-tuning, HomLoRA, ...): the trained object becomes the upload
+            # as it is, copied by the store (a local store: a hard link), never read here; for full
+            # fine-tuning a read, a hash and a write are three passes over 0.5 GB that change nothing.
+            # Security: nothing is trusted for that: this is the client's own (untrusted) side, and the
+            # server checks every upload against its sha256, decodes and validates it (steps/aggregate.py).
+            out = st.copy_artifact(store, trained_prefix, upload_prefix, {**man, **extra, "bytes_up": man["size"]})
+        else:
+            data, man = st.get_artifact(store, trained_prefix)
+            trained = method.decode(data, None, where=trained_prefix)
             received_ranks = {k: int(v) for k, v in man["received_ranks"].items()}
             received = method.receive(load_global(cfg, store, rnd, method.spec_of(trained)), received_ranks)
             final, d = method.prune(received, trained)
@@ -46,10 +53,9 @@ def prune(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_id: str) -> Prun
                 extra = {"rank_after": max(ranks.values()), "module_ranks": ranks if len(set(ranks.values())) > 1 else None,
                          "pruned": d.pruned, "components_pruned": d.components_pruned,
                          "score_before": d.score_before, "score_after": d.score_after}
-            if final is not trained:
-                payload = method.encode(final)
-        out = st.put_artifact(store, st.client_prefix(exp, rnd, client_id), payload, {**man, **extra, "bytes_up": len(payload)})
-    except (AdapterError, UploadError, st.ChecksumMismatch, st.InvalidManifest) as e:  # drops the client, not the round
+            payload = data if final is trained else method.encode(final)
+            out = st.put_artifact(store, upload_prefix, payload, {**man, **extra, "bytes_up": len(payload)})
+    except (AdapterError, UploadError, st.ChecksumMismatch, st.InvalidManifest, st.NotFound) as e:  # drops the client, not the round
         return PruneReport(client_id, "failed", str(e))
     failpoint("prune_done", round=rnd, client=client_id)
     return PruneReport(client_id, "ok", rank_before=out["rank_before"], rank_after=out["rank_after"], sha256=out["sha256"])

@@ -30,6 +30,7 @@ __all__ = [
     "ADAPTER",
     "MANIFEST",
     "MAX_MANIFEST_BYTES",
+    "copy_artifact",
     "drop_payload",
     "get_artifact",
     "get_json",
@@ -68,6 +69,26 @@ def put_artifact(store: Store, prefix: str, payload: bytes, manifest: dict[str, 
     if len(text) > MAX_MANIFEST_BYTES:
         raise ValueError(f"manifest for {prefix} is {len(text)} bytes; the limit is {MAX_MANIFEST_BYTES}")
     store.put_bytes(f"{prefix}/{filename}", payload)
+    failpoint("put_artifact_between", key=prefix)
+    store.put_bytes(f"{prefix}/{MANIFEST}", text)  # LAST: its presence commits the artifact
+    return full
+
+
+def copy_artifact(store: Store, src_prefix: str, prefix: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """``put_artifact`` at ``prefix`` of the object committed under ``src_prefix``, without reading it:
+    the store copies it (``Store.copy``; a local store makes a hard link) and the new manifest holds
+    ``manifest`` plus the source's ``object``, ``sha256`` and ``size``. ``NotFound`` if the source has
+    no manifest. The bytes are not verified here: every reader checks them against that sha256
+    (``get_artifact``), so a corrupt source is rejected where it is read, as it would have been."""
+    prefix, src_prefix = validate_key(prefix.rstrip("/"), what="prefix"), validate_key(src_prefix.rstrip("/"), what="prefix")
+    src = get_manifest(store, src_prefix)
+    if src is None:
+        raise NotFound(f"no {MANIFEST} under {src_prefix} in {store.describe()} (artifact not committed)")
+    full = {**manifest, "object": src["object"], "sha256": src["sha256"], "size": src["size"]}
+    text = json.dumps(full, sort_keys=True, indent=2).encode()
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"manifest for {prefix} is {len(text)} bytes; the limit is {MAX_MANIFEST_BYTES}")
+    store.copy(f"{src_prefix}/{src['object']}", f"{prefix}/{src['object']}", max_bytes=src["size"])
     failpoint("put_artifact_between", key=prefix)
     store.put_bytes(f"{prefix}/{MANIFEST}", text)  # LAST: its presence commits the artifact
     return full

@@ -131,7 +131,8 @@ def dir_prefix(prefix: str) -> str:
 Writer = Callable[[str], object]
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryview | Writer, mode: int = 0o644) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryview | Writer, mode: int = 0o644,
+                 fsync: bool = True) -> None:
     """Write ``path`` so that a reader sees either the old file or the whole new one, never a part.
 
     ``data`` is the content, or a callable that writes the content to the temp path it is given
@@ -140,7 +141,9 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryv
     to disk, given ``mode`` and renamed over the target; on any failure it is removed and the
     error re-raised (``OSError`` as such: callers wrap it in their own error). The parent folder
     is created if missing. The folder itself is not fsync'd: a killed process leaves old or new,
-    a power loss right after the rename may leave the old file.
+    a power loss right after the rename may leave the old file. ``fsync=False`` (a scratch store,
+    ``store.fsync``) skips the flush to disk: a killed process still leaves old or new, a power
+    loss may leave an empty or partial file (which the manifest's sha256 then rejects).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -151,12 +154,14 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryv
         if callable(data):
             os.close(fd)
             data(tmp)
-            _fsync_file(tmp)  # the writer may have replaced the file: sync what is at ``tmp`` now
+            if fsync:
+                _fsync_file(tmp)  # the writer may have replaced the file: sync what is at ``tmp`` now
         else:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if fsync:
+                    os.fsync(f.fileno())
         os.chmod(tmp, mode)  # mkstemp's 0600 would hide the file from the other readers of a shared cache/store
         # os.replace swaps the directory entry: a symlink at ``target`` is replaced, never followed.
         os.replace(tmp, target)
@@ -198,6 +203,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delete_prefix(self, prefix: str) -> None:
         """Delete every key under the directory ``prefix`` (which must be non-empty)."""
+
+    def copy(self, src: str, dst: str, *, max_bytes: int | None = None) -> None:
+        """Write at ``dst`` the object stored at ``src`` (whole, atomic; overwrites), ``NotFound`` if
+        absent, ``ObjectTooLarge`` above ``max_bytes``. This default reads and writes the bytes; a
+        store that can copy without moving them through this process overrides it."""
+        self.put_bytes(dst, self.get_bytes(src, max_bytes=max_bytes))
 
     def delete(self, key: str) -> None:
         """Delete the object at ``key``; a missing key is a no-op (idempotent, like every write).

@@ -23,7 +23,7 @@ def open_store(cfg: StoreConfig, credentials: tuple[str, str] | None = None) -> 
             raise ConfigError("config: store.root: is empty, and this command has no run directory to put the store in: "
                               "set store.root to the local store's directory (e.g. --set store.root=runs/NAME/store, "
                               "the store/ of a `hetlora simulate/run --out runs/NAME`) or use store.kind: s3")
-        return LocalStore(cfg.root)
+        return LocalStore(cfg.root, fsync=cfg.fsync)
     if cfg.kind == "s3":
         from .s3 import S3Store  # lazy: a local run never imports minio/urllib3
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from .base import (
@@ -31,8 +32,9 @@ _DENIED = {errno.EACCES, errno.EPERM}
 class LocalStore(Store):
     """A directory; keys are relative paths below it."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], fsync: bool = True) -> None:
         self.root = Path(root).expanduser().absolute()
+        self.fsync = fsync  # store.fsync: False only for scratch stores (atomic_write says what it risks)
         self.root.mkdir(parents=True, exist_ok=True)
 
     def describe(self) -> str:
@@ -65,7 +67,7 @@ class LocalStore(Store):
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            atomic_write(path, bytes(data))
+            atomic_write(path, bytes(data), fsync=self.fsync)
         except OSError as e:
             raise self._os_error("write", key, e) from e
 
@@ -86,6 +88,31 @@ class LocalStore(Store):
             raise NotFound(f"{key} not found in {self.describe()}") from None
         except OSError as e:
             raise self._os_error("read", key, e) from e
+
+    def copy(self, src: str, dst: str, *, max_bytes: int | None = None) -> None:
+        """A hard link: no byte is read or written. Safe because no object is ever written in place
+        (``atomic_write`` renames a new file over a key), so neither key sees the other's later
+        writes or deletes. Falls back to reading and writing where links cannot be made."""
+        src_path, dst_path = self._path(src), self._path(dst)  # both checked inside the store
+        try:
+            info = os.stat(src_path, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"{src} not found in {self.describe()}") from None
+        if not stat.S_ISREG(info.st_mode):  # a symlink or a folder: read (and refused) as get_bytes does
+            return super().copy(src, dst, max_bytes=max_bytes)
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise ObjectTooLarge(f"{src} in {self.describe()} is larger than {max_bytes:,} bytes ({info.st_size:,} bytes); not copied")
+        tmp = dst_path.parent / f"{TMP_PREFIX}{os.urandom(8).hex()}"
+        try:
+            dst_path.parent.mkdir(parents=True, exist_ok=True)
+            os.link(src_path, tmp, follow_symlinks=False)
+            os.replace(tmp, dst_path)  # atomic, like every write; a symlink at ``dst`` is replaced, never followed
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                return super().copy(src, dst, max_bytes=max_bytes)  # a filesystem without hard links
+            raise self._os_error("write", dst, e) from e
+        return None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
