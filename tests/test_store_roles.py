@@ -149,3 +149,17 @@ def test_cli_writes_0600_files_and_keeps_the_secrets(minio_server: MinioServer, 
     monkeypatch.setenv("MINIO_ROOT_PASSWORD", "wrong-password")
     res = CliRunner().invoke(main, args)
     assert res.exit_code != 0 and "could not create the store roles" in res.output and "Traceback" not in res.output
+
+
+def test_a_client_copies_only_into_its_own_keys(roles: tuple[StoreConfig, Credentials, st.Store, st.Store]) -> None:
+    """The prune step of a method that does not prune commits its trained object by a server-side
+    copy (S3 CopyObject): with the client role it works within the client's keys, and a copy into
+    server state is refused like any write there."""
+    _, _, server, client = roles
+    trained, upload = st.trained_prefix(EXP, 0, "c0"), st.client_prefix(EXP, 0, "c0")
+    st.put_artifact(client, trained, b"trained bytes", {"num_samples": 1})
+    man = st.copy_artifact(client, trained, upload, {"num_samples": 1})
+    assert st.get_artifact(server, upload) == (b"trained bytes", man)
+    with pytest.raises(st.StoreAuthError, match="AccessDenied"):
+        client.copy(f"{trained}/{st.ADAPTER}", f"{st.global_prefix(EXP, 0)}/{st.ADAPTER}")
+    assert not server.exists(f"{st.global_prefix(EXP, 0)}/{st.ADAPTER}")

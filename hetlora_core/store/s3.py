@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import certifi
 import urllib3
 from minio import Minio
+from minio.commonconfig import CopySource
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import MAX_PART_SIZE, MIN_PART_SIZE, check_bucket_name
@@ -256,6 +257,20 @@ class S3Store(Store):
                 resp.release_conn()
 
         return self._retry("get", key, op)
+
+    def copy(self, src: str, dst: str, *, max_bytes: int | None = None) -> None:
+        """A server-side copy (S3 CopyObject): the bytes never pass through this process. It needs
+        read on ``src`` and write on ``dst``, as reading and writing would. One CopyObject takes up
+        to 5 GiB; a larger object goes the read-and-write way (where max_bytes allows it at all)."""
+        validate_key(src), validate_key(dst)
+        size = self._retry("stat", src, lambda: self._client.stat_object(self.bucket, src).size) or 0
+        if max_bytes is not None and size > max_bytes:
+            raise ObjectTooLarge(f"{src} in {self.describe()} is larger than {max_bytes} bytes; not copied")
+        if size > MAX_PART_SIZE:
+            return super().copy(src, dst, max_bytes=max_bytes)
+        self._retry("copy", dst, lambda: self._client.copy_object(self.bucket, dst, CopySource(self.bucket, src)),
+                    payload_bytes=size)
+        return None
 
     def exists(self, key: str) -> bool:
         validate_key(key)
