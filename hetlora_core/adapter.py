@@ -236,7 +236,7 @@ def encode_canonical(tensors: dict[str, np.ndarray], metadata: dict[str, str] | 
     if len(dtypes) != 1 or next(iter(dtypes)) not in _ST_DTYPES:
         return canonical_safetensors(st_save(plain, metadata=metadata))
     name = _ST_DTYPES[next(iter(dtypes))]
-    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata is not None else {}
     views, offset = [], 0
     for k in sorted(plain):
         a = plain[k]

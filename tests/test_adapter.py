@@ -147,7 +147,7 @@ def test_wrong_format_and_scale_rejected():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
-@pytest.mark.parametrize("metadata", [None, {"z": "1", "format": "x"}])
+@pytest.mark.parametrize("metadata", [None, {}, {"z": "1", "format": "x"}])
 def test_encode_canonical_is_canonical_safetensors_byte_for_byte(dtype, metadata):
     """encode_canonical writes what safetensors + canonical_safetensors write, without their copies:
     names in safetensors' order (non-ASCII included), 0-d and empty tensors, strided views and

@@ -123,6 +123,10 @@ def test_a_method_that_does_not_prune_passes_its_trained_bytes_through(tmp_path:
     monkeypatch.setattr(FullFineTuning, "decode", no_decode)
     reports = {cid: prune(c, store, 0, cid) for cid in IDS}
     monkeypatch.undo()
+    st.put_artifact(store, st.trained_prefix("m", 0, "gone"), b"x", {"client_id": "gone", "rank_before": 1})
+    st.drop_payload(store, st.trained_prefix("m", 0, "gone"))  # a manifest whose object is missing
+    gone = prune(c, store, 0, "gone")
+    assert gone.status == "failed" and st.trained_prefix("m", 0, "gone") in gone.reason, gone
     for cid, data in trained.items():
         got, man = st.get_artifact(store, st.client_prefix("m", 0, cid))
         assert got == data and reports[cid].status == "ok" and reports[cid].sha256 == man["sha256"]

@@ -20,7 +20,9 @@ from .common import config_of, load_global
 @dataclass
 class PruneReport:
     client_id: str
-    status: str  # "ok" | "skipped" (no trained update) | "failed" (a corrupt trained update)
+    # "ok" | "skipped" (no trained update) | "failed" (a corrupt trained update or manifest; a method that
+    # does not prune never reads its object, so a corrupt one is "ok" here and dropped by the server)
+    status: str
     reason: str = ""
     rank_before: int | None = None
     rank_after: int | None = None
@@ -41,7 +43,10 @@ def prune(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_id: str) -> Prun
             # fine-tuning a read, a hash and a write are three passes over 0.5 GB that change nothing.
             # Security: nothing is trusted for that: this is the client's own (untrusted) side, and the
             # server checks every upload against its sha256, decodes and validates it (steps/aggregate.py).
-            out = st.copy_artifact(store, trained_prefix, upload_prefix, {**man, **extra, "bytes_up": man["size"]})
+            try:
+                out = st.copy_artifact(store, trained_prefix, upload_prefix, {**man, **extra, "bytes_up": man["size"]})
+            except st.NotFound as e:  # the object went missing behind its manifest
+                return PruneReport(client_id, "failed", str(e))
         else:
             data, man = st.get_artifact(store, trained_prefix)
             trained = method.decode(data, None, where=trained_prefix)
@@ -55,7 +60,7 @@ def prune(cfg: HetLoRAConfig, store: st.Store, rnd: int, client_id: str) -> Prun
                          "score_before": d.score_before, "score_after": d.score_after}
             payload = data if final is trained else method.encode(final)
             out = st.put_artifact(store, upload_prefix, payload, {**man, **extra, "bytes_up": len(payload)})
-    except (AdapterError, UploadError, st.ChecksumMismatch, st.InvalidManifest, st.NotFound) as e:  # drops the client, not the round
+    except (AdapterError, UploadError, st.ChecksumMismatch, st.InvalidManifest, st.ObjectTooLarge) as e:  # drops the client, not the round
         return PruneReport(client_id, "failed", str(e))
     failpoint("prune_done", round=rnd, client=client_id)
     return PruneReport(client_id, "ok", rank_before=out["rank_before"], rank_after=out["rank_after"], sha256=out["sha256"])

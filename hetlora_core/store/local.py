@@ -98,7 +98,7 @@ class LocalStore(Store):
             info = os.stat(src_path, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{src} not found in {self.describe()}") from None
-        if not stat.S_ISREG(info.st_mode):  # a symlink or a folder: read (and refused) as get_bytes does
+        if not stat.S_ISREG(info.st_mode):  # a symlink or a folder: read as get_bytes reads it (or refused)
             return super().copy(src, dst, max_bytes=max_bytes)
         if max_bytes is not None and info.st_size > max_bytes:
             raise ObjectTooLarge(f"{src} in {self.describe()} is larger than {max_bytes:,} bytes ({info.st_size:,} bytes); not copied")
@@ -107,6 +107,9 @@ class LocalStore(Store):
             dst_path.parent.mkdir(parents=True, exist_ok=True)
             os.link(src_path, tmp, follow_symlinks=False)
             os.replace(tmp, dst_path)  # atomic, like every write; a symlink at ``dst`` is replaced, never followed
+            # ``dst`` already a link to the same file (the step run again): rename() then does nothing and
+            # leaves the temp name, a hidden third link that would keep the bytes after both keys are dropped.
+            tmp.unlink(missing_ok=True)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):

@@ -263,13 +263,15 @@ class S3Store(Store):
         read on ``src`` and write on ``dst``, as reading and writing would. One CopyObject takes up
         to 5 GiB; a larger object goes the read-and-write way (where max_bytes allows it at all)."""
         validate_key(src), validate_key(dst)
-        size = self._retry("stat", src, lambda: self._client.stat_object(self.bucket, src).size) or 0
+        info = self._retry("stat", src, lambda: self._client.stat_object(self.bucket, src))
+        size = info.size or 0
         if max_bytes is not None and size > max_bytes:
             raise ObjectTooLarge(f"{src} in {self.describe()} is larger than {max_bytes} bytes; not copied")
         if size > MAX_PART_SIZE:
             return super().copy(src, dst, max_bytes=max_bytes)
-        self._retry("copy", dst, lambda: self._client.copy_object(self.bucket, dst, CopySource(self.bucket, src)),
-                    payload_bytes=size)
+        # match_etag: the object whose size was just checked, not one swapped in since (the copy fails instead).
+        source = CopySource(self.bucket, src, match_etag=info.etag)
+        self._retry("copy", dst, lambda: self._client.copy_object(self.bucket, dst, source), payload_bytes=size)
         return None
 
     def exists(self, key: str) -> bool:
