@@ -17,8 +17,9 @@
 #
 # `run` runs the profile's LoRA methods over its seeds on GPU_WORKERS processes and, with FT_WORKERS > 0,
 # full fine-tuning for FT_SEEDS seed(s) beside them (off by default: each of its uploads is the whole
-# model, 0.5 GB written, hashed and read back through the store like any upload, several times a
-# client per round: on the H200 in 2026-11 its runs did not finish within a call);
+# model, 0.5 GB written, hashed and read back through the store like any upload; on the H200 on
+# 2026-11-27 its 3 seeds did not finish within a call beside 14 LoRA workers, even with the cheaper
+# upload path of benchmarks/bench_upload_path.py; `unfinished.txt` says how far each run got);
 # its runs join the others' folder for the report. With FULL_WORKERS / SPEECH_WORKERS > 0 it also runs
 # the CPU profile `full` (float32) and the next-speech task (ROUGE-L) at the full profile's size for
 # the claims' methods. `stage` also runs the gpu-tiny profile on CUDA with two
@@ -111,6 +112,12 @@ run)
   done
   sleep 3; for p in "${pids[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; wait "$p" || true; done
   if [ -n "${smi:-}" ]; then kill "$smi" 2>/dev/null || true; fi
+  # How far each unfinished run got (a later call on the warm machine resumes it after that round).
+  for d in "$GG"/*/runs/*/seed*; do
+    if [ -d "$d" ] && [ ! -f "$d/bench.json" ]; then
+      echo "unfinished: ${d#"$GG"/}: $(find "$d/store" -path '*/round-*/global/manifest.json' 2>/dev/null | wc -l) round(s) committed"
+    fi
+  done | tee "$OUTDIR/unfinished.txt"
   # Full fine-tuning's runs join the LoRA methods' folder: one report with every method.
   # Only the finished runs' records: a partial run's store (its last 0.5 GB global) stays where a later call resumes it.
   if [ -d "$GG/ft/runs" ]; then (cd "$GG/ft/runs" && find . -name bench.json | while read -r f; do
