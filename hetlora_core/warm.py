@@ -278,7 +278,9 @@ class WarmServer:
         meanwhile wait in the backlog). False (logged) when it could not start."""
         self.dir = _socket_dir(self.run_dir)
         self.socket_path = str(self.dir / "s")
-        argv = self.argv or [sys.executable, "-m", "hetlora_core.warm_server"]
+        # -P: the driver's working directory is not put first on the server's sys.path, so a folder there
+        # named like a module (torch/, hetlora_core/) cannot replace what every task's child then runs.
+        argv = self.argv or [sys.executable, "-P", "-m", "hetlora_core.warm_server"]
         argv = [*argv, "--socket", self.socket_path, "--parent", str(os.getpid())] + ([] if self.preload else ["--no-preload"])
         argv += [arg for name, spec in self.steps.items() for arg in ("--step", f"{name}={spec}")]
         if self.preload and self.config_json:

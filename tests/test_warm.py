@@ -355,3 +355,19 @@ def test_a_failed_fork_fails_only_that_request(tmp_path: Path, monkeypatch: pyte
         assert "could not serve a task" in (tmp_path / "server.log").read_text()
     finally:
         server.stop()
+
+
+def test_server_ignores_a_module_named_like_its_own_in_the_working_directory(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server runs with -P: a folder in the driver's working directory named like a package
+    (here a hetlora_core that fails on import) is not what the server, and so every task's child, imports."""
+    cwd = tmp_path / "work"
+    (cwd / "hetlora_core").mkdir(parents=True)
+    (cwd / "hetlora_core" / "__init__.py").write_text("raise ImportError('the shadow package was imported')\n")
+    monkeypatch.chdir(cwd)
+    server = warm.WarmServer(tmp_path / "run", log_path=tmp_path / "server.log", preload=False)
+    try:
+        assert server.start(), (tmp_path / "server.log").read_text()
+    finally:
+        server.stop()
+    assert "shadow package" not in (tmp_path / "server.log").read_text()
