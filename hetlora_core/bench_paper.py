@@ -29,6 +29,7 @@ import click
 
 from .bench_jobs import Job, run_jobs
 from .config import REMOVED_SETTINGS, HetLoRAConfig, replace
+from .config_load import RANK_AWARE_EVIDENCE
 
 Overrides = dict[str, Any]
 
@@ -57,9 +58,8 @@ METHODS: dict[str, tuple[str, Callable[[HetLoRAConfig, dict[str, Any]], Override
 # Never run again; ``--no-run`` still finds and reports their runs (docs/results*.md are records of them).
 REMOVED_METHODS: dict[str, tuple[str, str, dict[tuple[str, str], Any], str]] = {
     "hetlora_rankaware": ("HetLoRA rank-aware", "full_ft", {("strategy", "normalisation"): "rank_aware"},
-                          "its setting strategy.normalisation: rank_aware (not in the paper) was removed: it ended 8-12% "
-                          "worse in final perplexity than the paper's normalisation on CPU and on an H200 (docs/results.md, "
-                          "docs/results-gpu.md); the paper's p_k^2 damping of a rarely trained rank tail regularises it "
+                          f"its setting strategy.normalisation: rank_aware (not in the paper) was removed: it "
+                          f"{RANK_AWARE_EVIDENCE}; the paper's p_k^2 damping of a rarely trained rank tail regularises it "
                           "(hetlora_core/averaging.py, FactorSums.finish)"),
 }
 

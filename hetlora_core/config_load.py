@@ -20,11 +20,13 @@ from .config import ConfigError, HetLoRAConfig, _check
 # setting went). Every config recorded before the removal spells that value out (``to_dict`` writes
 # every field), so it is dropped without a word: earlier runs resume, export and re-report as before.
 # Any other value asks for behaviour that no longer exists: refused, naming the field, the value and why.
+# Why rank_aware went, said by a config that asks for it and by a report of its recorded runs (bench_paper).
+RANK_AWARE_EVIDENCE = ("ended 8-12% worse in final perplexity than the paper's normalisation on CPU and on an H200 "
+                       "(docs/results.md, docs/results-gpu.md)")
 REMOVED_SETTINGS: dict[tuple[str, str], tuple[Any, str]] = {
     ("strategy", "normalisation"): (
-        "paper", "the option was removed (rank_aware, not in the paper, ended 8-12% worse in perplexity than the "
-                 "paper's normalisation: docs/results.md, docs/results-gpu.md); delete the key, the paper's formula is "
-                 "the only one"),
+        "paper", f"the option was removed (rank_aware, not in the paper, {RANK_AWARE_EVIDENCE}); delete the key, "
+                 "the paper's formula is the only one"),
 }
 
 
