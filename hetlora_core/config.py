@@ -239,9 +239,16 @@ class StrategyConfig:
     # Robust aggregation, a departure from the paper (robust.py): drop a client whose update or factor
     # norm is more than this many times the round's median; null disables.
     norm_ratio: float | None = 10.0
+    # The aggregate step keeps the first pass's decoded uploads, up to this many MiB in all, and
+    # aggregates those very tensors instead of reading, hashing and decoding every upload a second
+    # time. 0 (default): every upload is read twice and one group is held at a time, so the step's
+    # memory stays flat in the number of clients. For full fine-tuning of a few clients (5 x 538 MB
+    # for SmolLM2) a budget above their total halves the step's reads.
+    keep_uploads_mb: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.clip_norm is None or self.clip_norm > 0, "strategy.clip_norm", f"must be > 0 or null, got {self.clip_norm}")
+        _check(self.keep_uploads_mb >= 0, "strategy.keep_uploads_mb", f"must be >= 0 (MiB; 0 reads every upload twice), got {self.keep_uploads_mb:g}")
         _check(self.norm_ratio is None or self.norm_ratio > 1, "strategy.norm_ratio",
                f"must be > 1 (times the round's median norm) or null to disable, got {self.norm_ratio}")
 

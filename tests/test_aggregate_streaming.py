@@ -176,3 +176,70 @@ def test_full_fine_tuning_streams_one_delta_at_a_time_to_the_same_bytes(tmp_path
     want = method.encode(average_tensors([deltas[c] for c in "abcd"], [1, 2, 3, 4]))
     assert man["sha256"] == hashlib.sha256(want).hexdigest()
     assert man["weights"] == pytest.approx({"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4})
+
+
+class CountingReads(st.LocalStore):
+    """Counts the reads of the clients' upload objects."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads: dict[str, int] = {}
+
+    def get_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        if key.endswith("/adapter.safetensors") and "/clients/" in key:
+            self.reads[key] = self.reads.get(key, 0) + 1
+        return super().get_bytes(key, max_bytes=max_bytes)
+
+
+@pytest.mark.parametrize("strategy", [{"name": "hetlora"}, {"name": "hetlora", "weight_granularity": "client", "clip_norm": 0.05},
+                                      {"name": "zero_pad"}, {"name": "recon_svd"}])
+@pytest.mark.parametrize("keep_mb, reads", [(0.0, 2), (1.0, 1), (0.005, 2)])
+def test_kept_first_pass_uploads_give_the_same_bytes_with_one_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     strategy: dict, keep_mb: float, reads: int) -> None:
+    """strategy.keep_uploads_mb: within the budget the step aggregates the tensors it validated in its
+    first pass (one read per upload), past it every upload is read again (a 5 KiB budget is below these
+    12 uploads' total); the committed global is the same bytes either way."""
+    monkeypatch.setattr(strategies, "GROUP_BYTES", 3000)
+    cfg = cfg_of(tmp_path, len(IDS), RANKS, strategy={**strategy, "keep_uploads_mb": keep_mb})
+    store = CountingReads(tmp_path)
+    plan, ups = upload_all(store, cfg, IDS)
+    man = aggregate(cfg, store, plan)
+    sha, info = expected(cfg, ups, IDS)
+    assert man["participants"] == IDS and man["sha256"] == sha and man["weights"] == info.client_weights
+    assert sorted(set(store.reads.values())) == [reads], store.reads
+
+
+def test_a_kept_upload_changed_after_its_first_read_stays_as_validated(tmp_path: Path) -> None:
+    """With the uploads kept, what is aggregated is what the first pass validated: an object swapped
+    afterwards is never read, so nobody is dropped and the global is the honest one."""
+    cfg = cfg_of(tmp_path, len(IDS), RANKS, strategy={"keep_uploads_mb": 1.0})
+    _, ups = upload_all(st.LocalStore(tmp_path), cfg, IDS)
+    evil = ups["c06"].clone()
+    evil.B = {m: b * 1e3 for m, b in evil.B.items()}
+    store = TamperingStore(tmp_path, st.client_prefix("s", 0, "c06") + "/adapter.safetensors", evil.to_bytes())
+    man = aggregate(cfg, store, plan_round(cfg, store, IDS, 0))
+    assert store.reads == 1 and man["participants"] == IDS and man["dropped"] == {}
+    assert man["sha256"] == expected(cfg, ups, IDS)[0]
+
+
+def test_full_fine_tuning_kept_uploads_same_bytes_one_read(tmp_path: Path) -> None:
+    """Full fine-tuning (its uploads are whole models: where keeping them pays) commits the same
+    global with its uploads kept as read twice."""
+    from hetlora_core.methods import method_for
+
+    shas = []
+    for keep_mb in (0.0, 1.0):
+        root = tmp_path / f"k{keep_mb}"
+        cfg = config_from_dict({"experiment": "f", "store": {"root": str(root)}, "data": {"num_clients": 4},
+                                "strategy": {"name": "full_ft", "keep_uploads_mb": keep_mb},
+                                "federation": {"clients_per_round": 4, "quorum": 0.5}})
+        store, method = CountingReads(root), method_for(cfg)
+        plan = plan_round(cfg, store, ["a", "b", "c", "d"], 0)
+        g = np.random.default_rng(0)
+        for i, c in enumerate(plan.clients):
+            delta = {"w": g.standard_normal((30, 20)).astype(np.float32), "b": np.full((20,), float(i), np.float32)}
+            st.put_artifact(store, st.client_prefix("f", 0, c.client_id), method.encode(delta), {"num_samples": 3 + i})
+        man = aggregate(cfg, store, plan)
+        assert len(man["participants"]) == 4 and sorted(set(store.reads.values())) == [1 if keep_mb else 2]
+        shas.append(man["sha256"])
+    assert shas[0] == shas[1]

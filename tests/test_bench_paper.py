@@ -177,12 +177,13 @@ def test_no_run_still_reports_the_recorded_runs_of_a_removed_method(tmp_path, me
     assert not any("hetlora_rankaware seed 0" in m or "hetlora_rankaware seed 1" in m for m in res["meta"]["missing"])
 
 
-def test_store_fsync_is_operational_not_part_of_a_runs_hash():
+def test_store_fsync_and_kept_uploads_are_operational_not_part_of_a_runs_hash():
     """The gpu profile's scratch store skips fsync (full fine-tuning's 0.5 GB writes); that cannot
     change a number, so runs recorded before the setting existed keep their folders, and a run's
     folder does not depend on it; a setting that changes the numbers still changes the hash."""
     cfg = bp.base_config("gpu")
     assert cfg.store.fsync is False and bp.base_config("full").store.fsync is True
-    flipped = bp.replace(cfg, **{"store.fsync": True})
+    assert cfg.strategy.keep_uploads_mb > 0 and bp.base_config("full").strategy.keep_uploads_mb == 0
+    flipped = bp.replace(cfg, **{"store.fsync": True, "strategy.keep_uploads_mb": 0.0})
     assert bp.config_hash(flipped) == bp.config_hash(cfg)
     assert bp.config_hash(bp.replace(cfg, **{"training.lr": 1e-3})) != bp.config_hash(cfg)

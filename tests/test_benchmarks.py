@@ -27,7 +27,7 @@ EXPECTED = {
     "bench_regulariser.py": ("regulariser-quick.json", ["ratio"]),
     "bench_task_startup.py": ("task_startup-quick.json", ["interpreter_s", "model_free_s", "model_s", "warm_s"]),
     "bench_threads.py": ("threads-quick.json", ["ratio"]),
-    "bench_upload_path.py": ("upload_path-quick.json", ["ratio", "before_s", "now_s", "floor_s"]),
+    "bench_upload_path.py": ("upload_path-quick.json", ["ratio", "kept_ratio", "before_s", "now_s", "kept_s", "floor_s"]),
     "bench_vocab.py": ("vocab-quick.json", ["train_ratio", "eval_ratio"]),
 }
 

@@ -103,6 +103,7 @@ class _Upload:
     report: dict[str, Any]
     summary: Any
     norms: dict[str, float]  # Method.update_norms: what robust.norm_outliers compares
+    state: Any = None  # the validated tensors themselves, while strategy.keep_uploads_mb allows (else read again)
 
 
 # What an upload can do wrong: its client is dropped with the message (StoreUnavailable is not here:
@@ -119,7 +120,7 @@ def _why(e: Exception) -> str:
 
 
 def _first_read(method: Method, store: st.Store, prefix: str, client: ClientPlan, spec: Spec | None, prev: State | None,
-                round0_bound: int | None = None) -> _Upload:
+                round0_bound: int | None = None, keep: bool = False) -> _Upload:
     # The size bound comes from the global's spec; round 0 has none yet: its bound comes from the
     # peers' claims and store.max_upload_mb (upload_bounds), and the majority spec drops odd shapes.
     data, man = st.get_artifact(store, prefix, max_bytes=method.max_upload_bytes(spec, client.rank) if spec else round0_bound)
@@ -128,7 +129,8 @@ def _first_read(method: Method, store: st.Store, prefix: str, client: ClientPlan
     update = ClientUpdate(client.client_id, state, n)
     norms = method.update_norms(state)  # before summarise, which may reuse what it computed
     return _Upload(client.client_id, prefix, f"{prefix}/{man['object']}", man["sha256"], client.rank, method.spec_of(state),
-                   method.client_ranks(state), report, method.summarise(update, prev) if method.streams else update, norms)
+                   method.client_ranks(state), report, method.summarise(update, prev) if method.streams else update, norms,
+                   state if keep and method.streams else None)
 
 
 def _mean_rank(ranks: dict[str, int]) -> float:
@@ -202,7 +204,9 @@ def _feed(method: Method, store: st.Store, spec: Spec, stream: Stream, uploads: 
         states = []  # the one group held at a time (rebinding frees the previous one)
         for i in group:
             try:
-                states.append(_second_read(method, store, uploads[i], spec))
+                # A kept first-pass state is the validated tensors themselves (no second read to check).
+                kept = uploads[i].state
+                states.append(kept if kept is not None else _second_read(method, store, uploads[i], spec))
             except st.StoreUnavailable:
                 raise
             except _CLIENT_FAULTS as e:
@@ -243,14 +247,23 @@ def aggregate(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan) -> dict[str,
     uploads: list[_Upload] = []
     dropped: dict[str, str] = {}
     bounds = round0_bounds(cfg, method, store, plan) if spec is None else {}
-    for c in plan.clients:  # first pass: verify, validate, summarise; no tensors are kept
+    # First pass: verify, validate, summarise. The decoded tensors are kept only within
+    # strategy.keep_uploads_mb in all; past it none are (each upload is then read again, group by group).
+    budget, kept = cfg.strategy.keep_uploads_mb * 2**20, 0
+    for c in plan.clients:
         try:
             uploads.append(_first_read(method, store, st.client_prefix(exp, rnd, c.client_id), c, spec, prev,
-                                          bounds.get(c.client_id)))
+                                          bounds.get(c.client_id), keep=kept <= budget and budget > 0))
         except st.StoreUnavailable:
             raise  # the store, not the client: fail the task so it is retried
         except _CLIENT_FAULTS as e:
             dropped[c.client_id] = _why(e)
+            continue
+        if uploads[-1].state is not None:
+            kept += method.nbytes(uploads[-1].state)
+            if kept > budget:  # over: let every kept state go (the second pass reads them all)
+                for u in uploads:
+                    u.state = None
     if spec is None and uploads:
         spec = _majority_spec(uploads, dropped)
     assert spec is not None or not uploads
