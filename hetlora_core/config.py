@@ -243,7 +243,9 @@ class StrategyConfig:
     # aggregates those very tensors instead of reading, hashing and decoding every upload a second
     # time. 0 (default): every upload is read twice and one group is held at a time, so the step's
     # memory stays flat in the number of clients. For full fine-tuning of a few clients (5 x 538 MB
-    # for SmolLM2) a budget above their total halves the step's reads.
+    # for SmolLM2) a budget above their total halves the step's reads. The step's peak is this budget
+    # plus the method's running sums (float64: full fine-tuning 2x a model's float32 bytes) and the
+    # encoded result, which the aggregate task's memory limit must hold (the pipeline's: 2 GiB).
     keep_uploads_mb: float = 0.0
 
     def __post_init__(self) -> None:

@@ -23,7 +23,8 @@ copy into a reused float32 stack and one GEMV of the weights against it (``reduc
 or for Recon+SVD one GEMM of the stacked factors, instead of a Python loop over clients and modules. The weights
 need only a few numbers per client (``ClientFacts``: ranks, sample count, delta norms), so
 ``Aggregation`` can also be fed group by group: the aggregate step keeps the facts of every upload
-and then holds one group of decoded uploads at a time (``steps/aggregate.py``). ``aggregate`` is the
+and then holds one group of decoded uploads at a time (``steps/aggregate.py``; or keeps them all within
+``strategy.keep_uploads_mb``). ``aggregate`` is the
 same object fed from memory, so both give the same bytes.
 """
 

@@ -243,3 +243,50 @@ def test_full_fine_tuning_kept_uploads_same_bytes_one_read(tmp_path: Path) -> No
         assert len(man["participants"]) == 4 and sorted(set(store.reads.values())) == [1 if keep_mb else 2]
         shas.append(man["sha256"])
     assert shas[0] == shas[1]
+
+
+def padded(adapter: LoraAdapter, extra: int) -> bytes:
+    """The adapter's safetensors bytes with ``extra`` spaces of JSON whitespace in the header: valid, the
+    same tensors, and ``extra`` bytes larger than any honest upload of its rank."""
+    import struct
+
+    data = adapter.to_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return struct.pack("<Q", n + extra) + data[8:8 + n] + b" " * extra + data[8 + n:]
+
+
+@pytest.mark.parametrize("keep_mb", [0.0, 1.0])
+def test_a_round0_upload_over_its_exact_bound_is_dropped_kept_or_not(tmp_path: Path, keep_mb: float) -> None:
+    """Round 0 reads uploads within the peers' bound (no spec yet); an upload above the exact bound of
+    its planned rank (here valid tensors behind a padded header) is dropped once the spec is known,
+    whether the step keeps its tensors or would read it again: the same participants and bytes."""
+    cfg = cfg_of(tmp_path, len(IDS), RANKS, strategy={"keep_uploads_mb": keep_mb})
+    store = st.LocalStore(tmp_path)
+    plan, ups = upload_all(store, cfg, IDS)
+    st.put_artifact(store, st.client_prefix("s", 0, "c04"), padded(ups["c04"], 200_000), {"num_samples": 9})
+    man = aggregate(cfg, store, plan)
+    keep = [c for c in IDS if c != "c04"]
+    assert man["participants"] == keep and "more than the" in man["dropped"]["c04"]
+    assert st.client_prefix("s", 0, "c04") in man["dropped"]["c04"]
+    assert man["sha256"] == expected(cfg, ups, keep)[0]
+
+
+def test_kept_uploads_in_a_later_round_give_the_same_bytes(tmp_path: Path) -> None:
+    """Round 1 (its spec from the committed global): kept and read-twice commit the same global."""
+    shas = []
+    for keep_mb in (0.0, 1.0):
+        root = tmp_path / f"k{keep_mb}"
+        cfg = cfg_of(root, len(IDS), RANKS, strategy={"keep_uploads_mb": keep_mb})
+        store = CountingReads(root)
+        plan, _ = upload_all(store, cfg, IDS)
+        aggregate(cfg, store, plan)
+        plan1 = plan_round(cfg, store, IDS, 1)
+        for c in plan1.clients:
+            st.put_artifact(store, st.client_prefix("s", 1, c.client_id), honest(c.rank, 100 + int(c.client_id[1:])).to_bytes(),
+                            {"num_samples": 4})
+        store.reads.clear()
+        man = aggregate(cfg, store, plan1)
+        assert man["round"] == 1 and man["participants"] == IDS
+        assert sorted(set(store.reads.values())) == [1 if keep_mb else 2]
+        shas.append(man["sha256"])
+    assert shas[0] == shas[1]

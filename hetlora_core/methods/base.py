@@ -72,7 +72,8 @@ class Method(abc.ABC):
     name: str
     trains_lora: bool
     # Whether ``summarise`` and ``aggregate_stream`` exist: the aggregate step then keeps only each
-    # upload's summary after validating it and reads the uploads again, group by group.
+    # upload's summary after validating it and reads the uploads again, group by group (or, within
+    # ``strategy.keep_uploads_mb``, adds the tensors it kept).
     streams: bool = False
 
     def __init__(self, cfg: HetLoRAConfig) -> None:

@@ -15,7 +15,9 @@ sample count and the per-module delta norms, r x r Gram form), the manifest fiel
 it validated. The second reads the valid uploads again, group by group (``Stream.groups``: equal
 ranks, at most ``strategies.GROUP_BYTES`` of factors), checks each is still those bytes and adds
 the group to the method's running sums. The step holds one upload plus one group, whatever the
-number of clients, and pays for it by reading and hashing every valid upload twice.
+number of clients, and pays for it by reading and hashing every valid upload twice. Unless
+``strategy.keep_uploads_mb`` keeps the first pass's validated tensors (all of them, within that budget):
+then the second pass adds those and reads nothing, and each group's tensors are let go once added.
 """
 
 from __future__ import annotations
@@ -90,13 +92,15 @@ def _report(man: dict[str, Any], where: str) -> dict[str, Any]:
 
 @dataclass
 class _Upload:
-    """The first pass's record of one valid upload: what the aggregation needs, never its tensors
-    (a method that does not stream keeps its whole ``ClientUpdate`` in ``summary``)."""
+    """The first pass's record of one valid upload: what the aggregation needs, its tensors only in
+    ``state`` while ``strategy.keep_uploads_mb`` allows (a method that does not stream keeps its whole
+    ``ClientUpdate`` in ``summary``)."""
 
     client_id: str
     prefix: str
     key: str  # the object its manifest names
     sha256: str  # of the bytes the first pass validated
+    size: int  # their length (round 0: checked against the exact bound once the majority spec is known)
     max_rank: int  # the client's planned rank
     spec: Spec
     ranks: dict[str, int]
@@ -128,7 +132,7 @@ def _first_read(method: Method, store: st.Store, prefix: str, client: ClientPlan
     n, report = _num_samples(man, prefix), _report(man, prefix)
     update = ClientUpdate(client.client_id, state, n)
     norms = method.update_norms(state)  # before summarise, which may reuse what it computed
-    return _Upload(client.client_id, prefix, f"{prefix}/{man['object']}", man["sha256"], client.rank, method.spec_of(state),
+    return _Upload(client.client_id, prefix, f"{prefix}/{man['object']}", man["sha256"], man["size"], client.rank, method.spec_of(state),
                    method.client_ranks(state), report, method.summarise(update, prev) if method.streams else update, norms,
                    state if keep and method.streams else None)
 
@@ -212,6 +216,8 @@ def _feed(method: Method, store: st.Store, spec: Spec, stream: Stream, uploads: 
             except _CLIENT_FAULTS as e:
                 return i, _why(e)
         stream.add(group, states)
+        for i in group:  # added: kept tensors are let go (a restart would read them again, checked by sha256)
+            uploads[i].state = None
     return None
 
 
@@ -266,6 +272,13 @@ def aggregate(cfg: HetLoRAConfig, store: st.Store, plan: RoundPlan) -> dict[str,
                     u.state = None
     if spec is None and uploads:
         spec = _majority_spec(uploads, dropped)
+        # Round 0 read each upload within the peers' bound only (no spec yet); the exact bound of the
+        # client's planned rank now applies, before anything is aggregated, whether its tensors were kept
+        # or are read again (the second read would refuse it too: both ways drop the same clients).
+        for u in [u for u in uploads if u.size > method.max_upload_bytes(spec, u.max_rank)]:
+            uploads.remove(u)
+            dropped[u.client_id] = (f"{u.key}: {u.size:,} bytes, more than the {method.max_upload_bytes(spec, u.max_rank):,} "
+                                    "an upload of this shape and rank can have")
     assert spec is not None or not uploads
     base = prev if prev is not None else method.initial_global(spec) if spec is not None else None
     if base is not None:
