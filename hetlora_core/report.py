@@ -252,10 +252,13 @@ def plots(S: dict[str, dict[str, Any]], fig_dir: Path) -> list[str]:
                     marker="o", ms=3, label=f"initial rank {r0} ({len(traces)} client-seeds)")
         ax.legend(fontsize=8)
     ax.set(xlabel="rounds completed", ylabel="client rank", title="HetLoRA: rank per tier (self-pruning)")
-    for m, s in S.items():
-        if m.startswith("hetlora") or m == "zero_pad":
-            n = len(s["ranks"][0])
-            ax2.plot(range(n), [statistics.fmean(r[i] for r in s["ranks"]) for i in range(n)], marker="o", ms=3, label=s["label"])
+    means = {s["label"]: [statistics.fmean(r[i] for r in s["ranks"]) for i in range(len(s["ranks"][0]))]
+             for m, s in S.items() if m.startswith("hetlora") or m == "zero_pad"}
+    # Methods whose ranks never move (or move alike) draw the same line: each later one is drawn
+    # thinner, in another dash, and its legend entry names the one it covers.
+    for k, (label, name) in enumerate(same_line_labels(means).items()):
+        ax2.plot(range(len(means[label])), means[label], marker="o", ms=3, lw=max(1.0, 2.8 - 0.4 * k),
+                 ls=("-", "--", "-.", ":")[k % 4], label=name)
     ax2.set(xlabel="rounds completed", ylabel="mean client rank (all clients)", title="Mean client rank per method")
     if ax2.get_legend_handles_labels()[0]:
         ax2.legend(fontsize=8)
@@ -277,6 +280,16 @@ def plots(S: dict[str, dict[str, Any]], fig_dir: Path) -> list[str]:
         ax.grid(alpha=0.3, axis="y")
         names.append(_save(fig, fig_dir / fname))
     return names
+
+
+def same_line_labels(series: dict[str, list[float]]) -> dict[str, str]:
+    """Legend labels for curves drawn on one axis: a curve equal to an earlier one (within 1e-9 at
+    every point) is labelled ``"<label> (same as <earlier>)"``, so a line hidden under another is named."""
+    out: dict[str, str] = {}
+    for label, ys in series.items():
+        same = next((o for o in out if len(series[o]) == len(ys) and all(abs(a - b) <= 1e-9 for a, b in zip(series[o], ys, strict=True))), None)
+        out[label] = f"{label} (same as {same})" if same else label
+    return out
 
 
 def _save(fig: Any, path: Path) -> str:

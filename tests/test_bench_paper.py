@@ -187,3 +187,12 @@ def test_store_fsync_and_kept_uploads_are_operational_not_part_of_a_runs_hash():
     flipped = bp.replace(cfg, **{"store.fsync": True, "strategy.keep_uploads_mb": 0.0})
     assert bp.config_hash(flipped) == bp.config_hash(cfg)
     assert bp.config_hash(bp.replace(cfg, **{"training.lr": 1e-3})) != bp.config_hash(cfg)
+
+
+def test_a_rank_curve_hidden_under_another_is_named_in_the_legend():
+    from hetlora_core.report import same_line_labels
+
+    got = same_line_labels({"HetLoRA": [22.5, 21.0], "w/o pruning": [22.5, 22.5], "zero-padding": [22.5, 22.5],
+                            "w/o sparsity": [22.5, 21.0 + 1e-12], "lossform": [22.5, 21.5]})
+    assert got == {"HetLoRA": "HetLoRA", "w/o pruning": "w/o pruning", "zero-padding": "zero-padding (same as w/o pruning)",
+                   "w/o sparsity": "w/o sparsity (same as HetLoRA)", "lossform": "lossform"}
