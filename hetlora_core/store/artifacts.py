@@ -65,10 +65,16 @@ def put_artifact(store: Store, prefix: str, payload: bytes, manifest: dict[str, 
     full = {**manifest, "object": filename, "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}
     if seal is not None:
         full = seal(full)
+    return _commit(store, prefix, full, lambda: store.put_bytes(f"{prefix}/{filename}", payload))
+
+
+def _commit(store: Store, prefix: str, full: dict[str, Any], write_object: Callable[[], None]) -> dict[str, Any]:
+    """The commit protocol of ``put_artifact`` and ``copy_artifact``: the manifest checked (JSON,
+    size limit) before anything is written, then the object, then the manifest (the commit)."""
     text = json.dumps(full, sort_keys=True, indent=2).encode()  # raises TypeError if not JSON-able
     if len(text) > MAX_MANIFEST_BYTES:
         raise ValueError(f"manifest for {prefix} is {len(text)} bytes; the limit is {MAX_MANIFEST_BYTES}")
-    store.put_bytes(f"{prefix}/{filename}", payload)
+    write_object()
     failpoint("put_artifact_between", key=prefix)
     store.put_bytes(f"{prefix}/{MANIFEST}", text)  # LAST: its presence commits the artifact
     return full
@@ -85,13 +91,8 @@ def copy_artifact(store: Store, src_prefix: str, prefix: str, manifest: dict[str
     if src is None:
         raise NotFound(f"no {MANIFEST} under {src_prefix} in {store.describe()} (artifact not committed)")
     full = {**manifest, "object": src["object"], "sha256": src["sha256"], "size": src["size"]}
-    text = json.dumps(full, sort_keys=True, indent=2).encode()
-    if len(text) > MAX_MANIFEST_BYTES:
-        raise ValueError(f"manifest for {prefix} is {len(text)} bytes; the limit is {MAX_MANIFEST_BYTES}")
-    store.copy(f"{src_prefix}/{src['object']}", f"{prefix}/{src['object']}", max_bytes=src["size"])
-    failpoint("put_artifact_between", key=prefix)
-    store.put_bytes(f"{prefix}/{MANIFEST}", text)  # LAST: its presence commits the artifact
-    return full
+    return _commit(store, prefix, full, lambda: store.copy(f"{src_prefix}/{src['object']}", f"{prefix}/{src['object']}",
+                                                           max_bytes=src["size"]))
 
 
 def _load_object(key: str, raw: bytes, error: type[InvalidJSON]) -> dict[str, Any]:
