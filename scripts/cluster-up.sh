@@ -43,6 +43,12 @@ PYTHON="${PYTHON:-$( [[ -x "$ROOT/.venv/bin/python" ]] && echo "$ROOT/.venv/bin/
 PAUSE_IMAGE=hetlora.local/pause:1
 COREDNS_IMAGE="hetlora.local/coredns:$COREDNS_VERSION"
 TOOLBOX_IMAGE=hetlora.local/toolbox:1
+# Images for every node beyond the small ones built here, e.g. the component image of
+# scripts/build-image.sh (space-separated OCI layouts or archives). Each is unpacked once, into a
+# seed containerd root kept under $SEED, and every node's containerd root starts as a hard-linked
+# copy of it: no second unpack and no second copy on disk for a ~7 GB image (seed_images).
+EXTRA_IMAGES="${HETLORA_CLUSTER_IMAGES:-}"
+SEED="${HETLORA_CLUSTER_SEED:-$CACHE/containerd-seed}"
 # Host paths each node sees a private copy of (start.sh); their mount points are made if missing.
 HOST_DIRS="run/containerd run/netns var/lib/cni etc/cni/net.d var/lib/kubelet var/log/containers"
 
@@ -280,6 +286,7 @@ node_config() {  # node_config NAME INDEX: containerd, CNI and kubelet files for
   local n="$1" i="$2" nd="$D/nodes/$1" ip
   ip="$(node_ip "$i")"
   mkdir -p "$nd"/{cni,containerd,kubelet,pod-logs,sysctl}
+  node_root "$nd/containerd/root"
   cat >"$nd/containerd.toml" <<EOF
 version = 2
 root = "$nd/containerd/root"
@@ -379,6 +386,61 @@ EOF
   chmod +x "$nd/start.sh"
 }
 
+seed_images() {  # EXTRA_IMAGES unpacked into the seed root, once per set of images
+  [[ -n "$EXTRA_IMAGES" ]] || return 0
+  local key i
+  key="$(for i in $EXTRA_IMAGES; do if [[ -d "$i" ]]; then cat "$i/index.json"; else sha256sum <"$i"; fi; done | sha256sum | cut -c1-16)"
+  [[ "$(cat "$SEED/key" 2>/dev/null)" == "$key" ]] && return 0
+  local t0=$SECONDS
+  log "unpacking $EXTRA_IMAGES into the nodes' seed root $SEED (once per image)"
+  rm -f "$SEED/key"
+  mkdir -p "$SEED/root" "$D/seed"
+  cat >"$D/seed/containerd.toml" <<EOF
+version = 2
+root = "$SEED/root"
+state = "$D/seed/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+                    "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+[grpc]
+  address = "$D/seed/containerd.sock"
+[ttrpc]
+  address = "$D/seed/containerd.sock.ttrpc"
+EOF
+  cat >"$D/seed/seed.sh" <<EOF
+#!/usr/bin/env bash
+# The seed containerd: in a private mount namespace, like a node, so nothing lands in the host's paths.
+set -euo pipefail
+mount --make-rprivate /
+for d in $HOST_DIRS; do mkdir -p "$D/seed/host/\$d" && mount --bind "$D/seed/host/\$d" "/\$d"; done
+containerd --config "$D/seed/containerd.toml" >"$D/logs/containerd-seed.log" 2>&1 &
+pid=\$!
+for _ in \$(seq 120); do [[ -S "$D/seed/containerd.sock" ]] && break; sleep 0.25; done
+c() { ctr -a "$D/seed/containerd.sock" -n k8s.io "\$@"; }
+for i in $EXTRA_IMAGES; do
+  if [[ -d "\$i" ]]; then c images import <(tar -C "\$i" -cf - .) >/dev/null; else c images import "\$i" >/dev/null; fi
+done
+# A previous build imported under the same tag is unreferenced now: a synchronous delete runs
+# containerd's garbage collector, which removes its layers and snapshots (the shared ones stay).
+first="\$(c images ls -q | head -1)"
+c images tag "\$first" hetlora.local/seed-gc:1 >/dev/null && c images rm --sync hetlora.local/seed-gc:1 >/dev/null
+kill "\$pid"; wait "\$pid" || true
+EOF
+  chmod +x "$D/seed/seed.sh"
+  unshare --mount --propagation unchanged "$D/seed/seed.sh" || die "seeding $EXTRA_IMAGES failed: $D/logs/containerd-seed.log"
+  echo "$key" >"$SEED/key"
+  log "seed root ready in $((SECONDS - t0)) s ($(du -sh "$SEED/root" | cut -f1))"
+}
+
+node_root() {  # node_root DIR: a node's containerd root as a hard-linked copy of the seed
+  [[ -n "$EXTRA_IMAGES" ]] || return 0
+  rm -rf "$1"
+  cp -al "$SEED/root" "$1"
+  # Content blobs and unpacked layers are never written once committed, so links are safe; the bolt
+  # databases are written in place, so each node gets its own copy of those.
+  local db
+  while IFS= read -r -d '' db; do cp "$db" "$db.own" && mv -f "$db.own" "$db"; done < <(find "$1" -name '*.db' -type f -print0)
+}
+
 cgroups_up() {  # each node's cgroup root (kubelet cgroupRoot), in every hierarchy the kubelet uses
   local n c
   for n in "${NODES[@]}"; do
@@ -407,6 +469,7 @@ nodes_up() {
   for d in $HOST_DIRS; do
     [[ -d "/$d" ]] || { mkdir -p "/$d"; echo "/$d" >>"$D/host-dirs-made"; }
   done
+  seed_images
   local i
   for i in "${!NODES[@]}"; do
     node_config "${NODES[$i]}" "$i"

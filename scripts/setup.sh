@@ -91,6 +91,9 @@ setup_tools() {
     # Go module, CoreDNS from its own, containerd/runc/CNI/etcd from Debian; cached like the others
     # (first build ~20-25 min on 2 cores).
     bash "$ROOT/scripts/cluster-up.sh" tools
+    # The component image those nodes run (tests/test_cluster_round.py), from images/Dockerfile
+    # without a Docker engine: ~10 min and ~7 GB the first time, then only the project's layers.
+    bash "$ROOT/scripts/build-image.sh" >/dev/null
   else
     # etcd (Debian) + kube-apiserver for preflight and server-side dry-run tests (10-20 min first).
     bash "$ROOT/scripts/build-apiserver.sh"

@@ -46,25 +46,55 @@ def _value(spec: dict[str, Any], scope: dict[str, Any]) -> Any:
     raise ValueError(f"unsupported parameter source: {spec}")
 
 
-def tasks(ir: dict[str, Any], inputs: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(task name, executor label, parameter values) for every container task, loops unrolled."""
-    defaults = {k: v.get("defaultValue") for k, v in ir["root"].get("inputDefinitions", {}).get("parameters", {}).items()}
-    out: list[tuple[str, str, dict[str, Any]]] = []
+@dataclass
+class Node:
+    """One container task of the DAG, loops unrolled: ``key`` is unique (a loop body's task carries
+    its iteration), ``after`` the keys it waits for (a loop it depends on: every task in it)."""
 
-    def walk(dag: dict[str, Any], scope: dict[str, Any]) -> None:
-        for name, t in dag["tasks"].items():
+    key: str
+    task: str
+    executor: str
+    params: dict[str, Any]
+    after: set[str]
+    # triggerPolicy ALL_UPSTREAM_TASKS_COMPLETED (ignore_upstream_failure): runs whatever they ended as.
+    after_any_outcome: bool
+
+
+def dag(ir: dict[str, Any], inputs: dict[str, Any]) -> list[Node]:
+    """Every container task of the pipeline with what it waits for, in the IR's order."""
+    defaults = {k: v.get("defaultValue") for k, v in ir["root"].get("inputDefinitions", {}).get("parameters", {}).items()}
+    out: list[Node] = []
+    leaves: dict[str, list[str]] = {}  # a task's key -> the container tasks it stands for
+
+    def walk(d: dict[str, Any], scope: dict[str, Any], prefix: str) -> None:
+        for name, t in d["tasks"].items():
             comp = ir["components"][t["componentRef"]["name"]]
             params = {k: _value(v, scope) for k, v in t.get("inputs", {}).get("parameters", {}).items()}
+            key = prefix + name
+            after = {prefix + a for a in t.get("dependentTasks", [])}
             if "executorLabel" in comp:
-                out.append((name, comp["executorLabel"], params))
+                policy = t.get("triggerPolicy", {}).get("strategy", "")
+                out.append(Node(key, name, comp["executorLabel"], params, after, policy == "ALL_UPSTREAM_TASKS_COMPLETED"))
+                leaves[key] = [key]
                 continue
             it = t.get("parameterIterator")
             items = json.loads(it["items"]["raw"]) if it else [None]
-            for item in items:
-                walk(comp["dag"], {**params, **({it["itemInput"]: item} if it else {})})
+            first = len(out)
+            for i, item in enumerate(items):
+                walk(comp["dag"], {**params, **({it["itemInput"]: item} if it else {})}, f"{key}[{i}]/")
+            for n in out[first:]:
+                n.after |= after  # what the loop (or sub-DAG) waits for, its body waits for too
+            leaves[key] = [n.key for n in out[first:]]
 
-    walk(ir["root"]["dag"], {**defaults, **inputs})
+    walk(ir["root"]["dag"], {**defaults, **inputs}, "")
+    for n in out:
+        n.after = {leaf for a in n.after for leaf in leaves[a]}
     return out
+
+
+def tasks(ir: dict[str, Any], inputs: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(task name, executor label, parameter values) for every container task, loops unrolled."""
+    return [(n.task, n.executor, n.params) for n in dag(ir, inputs)]
 
 
 def executor_input(params: dict[str, Any]) -> dict[str, Any]:

@@ -13,9 +13,11 @@ network namespace has a name of its own, so a developer's cluster from cluster-u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -33,10 +35,12 @@ NODES = ("platform", "small", "medium", "large")
 
 
 class RealCluster:
-    def __init__(self) -> None:
+    """``images``: OCI layouts put on every node besides the small ones (HETLORA_CLUSTER_IMAGES)."""
+
+    def __init__(self, images: tuple[str, ...] = ()) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="hetlora-cluster-"))
         self.env = {**os.environ, "HETLORA_CLUSTER_DIR": str(self.dir / "state"),
-                    "HETLORA_CLUSTER_NETNS": f"hetlora-test-{os.getpid()}"}
+                    "HETLORA_CLUSTER_NETNS": f"hetlora-test-{os.getpid()}", "HETLORA_CLUSTER_IMAGES": " ".join(images)}
         self.kubeconfig = str(self.dir / "state" / "admin.kubeconfig")
         self.up_s = 0.0
         self.log = ""
@@ -76,6 +80,28 @@ class RealCluster:
         return res.stderr
 
 
+    @contextlib.contextmanager
+    def port_forward(self, namespace: str, target: str, remote: int) -> Iterator[int]:
+        """A ``kubectl port-forward`` to ``target``'s port ``remote``, open; yields the local port."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        fwd = subprocess.Popen([str(cache_bin() / "kubectl"), "--kubeconfig", self.kubeconfig, "-n", namespace,
+                                "port-forward", target, f"{port}:{remote}"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(60):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.5)
+            yield port
+        finally:
+            fwd.terminate()
+            fwd.wait(10)
+
+
 # Host paths the runtime writes by default (scripts/cluster-up.sh gives each node private copies).
 HOST_PATHS = ("/run/containerd", "/run/netns", "/var/lib/cni", "/etc/cni/net.d", "/var/lib/kubelet", "/var/log/containers")
 
@@ -96,9 +122,9 @@ def missing_prerequisites() -> str:
     return f"missing {', '.join(absent)}: run scripts/setup.sh (it builds and installs them)" if absent else ""
 
 
-# Module scope: tests/test_cluster.py ends by tearing it down and checking that nothing is left.
-@pytest.fixture(scope="module", name="real_cluster")
-def real_cluster_fixture() -> Iterator[RealCluster]:
+def started(image: bool = False) -> Iterator[RealCluster]:
+    """The body of a cluster fixture: skip (fail under CI) where a cluster cannot start here, else one
+    cluster, torn down at the end; ``image``: with the component image on every node."""
     from conftest import skip_or_fail
 
     why = missing_prerequisites()
@@ -106,9 +132,39 @@ def real_cluster_fixture() -> Iterator[RealCluster]:
         why = "a cluster from scripts/cluster-up.sh is running (its veth hlc-host exists): stop it with scripts/cluster-down.sh"
     if why:
         skip_or_fail(f"real cluster unavailable: {why}")
-    cluster = RealCluster()
+    cluster = RealCluster(images=(component_image(),) if image else ())
     try:
-        cluster.up()
+        cluster.up(timeout_s=1800 if image else 900)  # a new image is unpacked once into the nodes' seed
         yield cluster
     finally:
         cluster.down()
+
+
+# Module scope: tests/test_cluster.py ends by tearing it down and checking that nothing is left.
+@pytest.fixture(scope="module", name="real_cluster")
+def real_cluster_fixture() -> Iterator[RealCluster]:
+    yield from started()
+
+
+@pytest.fixture(scope="module", name="image_cluster")
+def image_cluster_fixture() -> Iterator[RealCluster]:
+    """A real cluster whose every node has the component image (tests/test_cluster_round.py)."""
+    yield from started(image=True)
+
+
+IMAGE_OCI = Path(os.environ.get("HETLORA_IMAGE_DIR", str(cache_bin().parent / "image"))) / "oci"
+
+
+def component_image() -> str:
+    """The component image of ``images/Dockerfile`` as an OCI layout, brought up to date with this
+    checkout by ``scripts/build-image.sh`` (cached by its inputs: after a code change only the
+    project's layers are rebuilt, ~1.5 minutes). Outside CI a machine that never built it skips
+    instead of starting a first ~5-minute build (scripts/setup.sh builds it where it runs as root)."""
+    from conftest import in_ci, skip_or_fail
+
+    if not in_ci() and not (IMAGE_OCI / "index.json").is_file():
+        skip_or_fail(f"the component image was never built here ({IMAGE_OCI}): run scripts/build-image.sh (as root)")
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "build-image.sh")], capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        raise RuntimeError(f"scripts/build-image.sh failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return res.stdout.strip().splitlines()[-1]

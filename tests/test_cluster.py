@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,6 @@ from typing import Any
 import kfp_pods
 import pytest
 import yaml
-from kube_apiserver import cache_bin
 from real_cluster import NODES, RealCluster, host_paths, real_cluster_fixture  # noqa: F401  (registers the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,12 +197,6 @@ def test_tier_limits_are_enforced_by_the_real_cgroup(real_cluster: RealCluster) 
     assert p["spec"]["nodeName"] == "hetlora-medium" and limits_seen
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def preflight(cluster: RealCluster, tmp_path: Path, *sets: str) -> subprocess.CompletedProcess[str]:
     args = [str(Path(sys.executable).parent / "hetlora"), "preflight", "-c", str(ROOT / "configs" / "cluster.yaml"),
             "--kubeconfig", cluster.kubeconfig]
@@ -215,17 +207,7 @@ def preflight(cluster: RealCluster, tmp_path: Path, *sets: str) -> subprocess.Co
 
 def test_preflight_passes_on_the_cluster_and_names_the_fix_when_a_tier_cannot_fit(real_cluster: RealCluster,
                                                                                    tmp_path: Path) -> None:
-    port = free_port()
-    fwd = subprocess.Popen([str(cache_bin() / "kubectl"),
-                            "--kubeconfig", real_cluster.kubeconfig, "-n", "hetlora", "port-forward", "svc/minio",
-                            f"{port}:9000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(60):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+    with real_cluster.port_forward("hetlora", "svc/minio", 9000) as port:
         ok = preflight(real_cluster, tmp_path, f"store.endpoint=127.0.0.1:{port}")
         assert ok.returncode == 0, ok.stdout + ok.stderr
         for t in ("small", "medium", "large"):
@@ -249,9 +231,6 @@ def test_preflight_passes_on_the_cluster_and_names_the_fix_when_a_tier_cannot_fi
         tiers[0]["node_selector"] = {"hetlora.io/tier": "xlarge"}
         none = preflight(real_cluster, tmp_path, "ranks.tiers=" + json.dumps(tiers), f"store.endpoint=127.0.0.1:{port}")
         assert none.returncode == 1 and re.search(r"^small\s.*FAIL", none.stdout, re.M), none.stdout
-    finally:
-        fwd.terminate()
-        fwd.wait(10)
 
 
 def wait_sandboxes(cluster: RealCluster, names: list[str], timeout_s: float = 90) -> dict[str, Any]:
@@ -274,9 +253,9 @@ def wait_sandboxes(cluster: RealCluster, names: list[str], timeout_s: float = 90
 def test_compiled_round_tasks_land_on_their_tier_nodes_under_their_limits(real_cluster: RealCluster, tmp_path: Path) -> None:
     """Every task of a compiled round as a real pod, made from the IR and the platform spec as
     Kubeflow's driver makes it: train on its tier's node with the tier's limits in its pod cgroup,
-    the server steps (prune, aggregate, evaluate) on the untainted platform node. The component image
-    is not built on this machine yet, so the containers stop at their image (ErrImageNeverPull):
-    placement, Secret env, cgroups and sandboxes are real, the task's own run is not (issue 14)."""
+    the server steps (prune, aggregate, evaluate) on the untainted platform node. This cluster has no
+    component image (tests/test_cluster_round.py runs the tasks in it), so the containers stop at their
+    image (ErrImageNeverPull): placement, Secret env, cgroups and sandboxes are what is checked here."""
     ir = tmp_path / "round.yaml"
     res = subprocess.run([str(Path(sys.executable).parent / "hetlora"), "compile", "-c", str(ROOT / "configs" / "cluster.yaml"),
                           "-o", str(ir)], capture_output=True, text=True, timeout=120)
