@@ -44,9 +44,10 @@ PAUSE_IMAGE=hetlora.local/pause:1
 COREDNS_IMAGE="hetlora.local/coredns:$COREDNS_VERSION"
 TOOLBOX_IMAGE=hetlora.local/toolbox:1
 # Images for every node beyond the small ones built here, e.g. the component image of
-# scripts/build-image.sh (space-separated OCI layouts or archives). Each is unpacked once, into a
-# seed containerd root kept under $SEED, and every node's containerd root starts as a hard-linked
-# copy of it: no second unpack and no second copy on disk for a ~7 GB image (seed_images).
+# scripts/build-image.sh (space-separated OCI layout folders, paths without spaces). Each is unpacked
+# once, into a seed containerd root kept under $SEED, and every node's containerd root starts as a
+# hard-linked copy of it: no second unpack and no second copy on disk for a ~7 GB image (seed_images;
+# a plain copy where $SEED and the cluster's state are on different filesystems).
 EXTRA_IMAGES="${HETLORA_CLUSTER_IMAGES:-}"
 SEED="${HETLORA_CLUSTER_SEED:-$CACHE/containerd-seed}"
 # Host paths each node sees a private copy of (start.sh); their mount points are made if missing.
@@ -388,8 +389,12 @@ EOF
 
 seed_images() {  # EXTRA_IMAGES unpacked into the seed root, once per set of images
   [[ -n "$EXTRA_IMAGES" ]] || return 0
-  local key i
-  key="$(for i in $EXTRA_IMAGES; do if [[ -d "$i" ]]; then cat "$i/index.json"; else sha256sum <"$i"; fi; done | sha256sum | cut -c1-16)"
+  local key i names=""
+  for i in $EXTRA_IMAGES; do
+    [[ -f "$i/index.json" ]] || die "HETLORA_CLUSTER_IMAGES: $i is not an OCI layout folder (no index.json)"
+    names+=" $("$PYTHON" -c 'import json, sys; print(" ".join(m["annotations"]["org.opencontainers.image.ref.name"] for m in json.load(open(sys.argv[1]))["manifests"]))' "$i/index.json")"
+  done
+  key="$(for i in $EXTRA_IMAGES; do cat "$i/index.json"; done | sha256sum | cut -c1-16)"
   [[ "$(cat "$SEED/key" 2>/dev/null)" == "$key" ]] && return 0
   local t0=$SECONDS
   log "unpacking $EXTRA_IMAGES into the nodes' seed root $SEED (once per image)"
@@ -408,22 +413,26 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 EOF
   cat >"$D/seed/seed.sh" <<EOF
 #!/usr/bin/env bash
-# The seed containerd: in a private mount namespace, like a node, so nothing lands in the host's paths.
+# The seed containerd: in a private mount namespace, like a node, so nothing lands in the host's
+# paths; stopped however this script ends (a live one would hold the seed's database lock).
 set -euo pipefail
 mount --make-rprivate /
 for d in $HOST_DIRS; do mkdir -p "$D/seed/host/\$d" && mount --bind "$D/seed/host/\$d" "/\$d"; done
 containerd --config "$D/seed/containerd.toml" >"$D/logs/containerd-seed.log" 2>&1 &
 pid=\$!
+trap 'kill "\$pid" 2>/dev/null; wait "\$pid" 2>/dev/null || true' EXIT
 for _ in \$(seq 120); do [[ -S "$D/seed/containerd.sock" ]] && break; sleep 0.25; done
+[[ -S "$D/seed/containerd.sock" ]] || { echo "the seed containerd did not start" >&2; exit 1; }
 c() { ctr -a "$D/seed/containerd.sock" -n k8s.io "\$@"; }
-for i in $EXTRA_IMAGES; do
-  if [[ -d "\$i" ]]; then c images import <(tar -C "\$i" -cf - .) >/dev/null; else c images import "\$i" >/dev/null; fi
+for i in $EXTRA_IMAGES; do c images import <(tar -C "\$i" -cf - .) >/dev/null; done
+# Images of an earlier set, and a previous build imported under the same tag, are unreferenced
+# now: a synchronous delete runs containerd's garbage collector, which removes their layers and
+# snapshots (those the current images share stay).
+for old in \$(c images ls -q); do
+  case " $names " in *" \$old "*) ;; *) c images rm "\$old" >/dev/null ;; esac
 done
-# A previous build imported under the same tag is unreferenced now: a synchronous delete runs
-# containerd's garbage collector, which removes its layers and snapshots (the shared ones stay).
 first="\$(c images ls -q | head -1)"
 c images tag "\$first" hetlora.local/seed-gc:1 >/dev/null && c images rm --sync hetlora.local/seed-gc:1 >/dev/null
-kill "\$pid"; wait "\$pid" || true
 EOF
   chmod +x "$D/seed/seed.sh"
   unshare --mount --propagation unchanged "$D/seed/seed.sh" || die "seeding $EXTRA_IMAGES failed: $D/logs/containerd-seed.log"
@@ -431,14 +440,22 @@ EOF
   log "seed root ready in $((SECONDS - t0)) s ($(du -sh "$SEED/root" | cut -f1))"
 }
 
-node_root() {  # node_root DIR: a node's containerd root as a hard-linked copy of the seed
-  [[ -n "$EXTRA_IMAGES" ]] || return 0
-  rm -rf "$1"
-  cp -al "$SEED/root" "$1"
-  # Content blobs and unpacked layers are never written once committed, so links are safe; the bolt
-  # databases are written in place, so each node gets its own copy of those.
+node_root() {  # node_root DIR: a node's containerd root made from the seed, if it has none yet
+  [[ -n "$EXTRA_IMAGES" && ! -e "$1" ]] || return 0  # a re-run keeps a running node's root as it is
+  if [[ "$(stat -c %d "$SEED/root")" == "$(stat -c %d "$(dirname "$1")")" ]]; then
+    cp -al "$SEED/root" "$1"
+  else
+    log "$SEED and $D are on different filesystems: copying the seed root (~11 GB) instead of linking it"
+    cp -a "$SEED/root" "$1"
+  fi
+  # Content blobs and committed layers are never written once there, so links are safe. What
+  # containerd writes in place is each node's own: the bolt databases (copied, not linked), its
+  # instance id (made anew at start) and partial downloads (none should be left; dropped).
   local db
-  while IFS= read -r -d '' db; do cp "$db" "$db.own" && mv -f "$db.own" "$db"; done < <(find "$1" -name '*.db' -type f -print0)
+  for db in "$1"/io.containerd.metadata.v1.bolt/meta.db "$1"/io.containerd.snapshotter.v1.*/metadata.db; do
+    [[ -f "$db" ]] && cp "$db" "$db.own" && mv -f "$db.own" "$db"
+  done
+  rm -rf "$1/io.containerd.grpc.v1.introspection/uuid" "$1"/io.containerd.content.v1.content/ingest/*
 }
 
 cgroups_up() {  # each node's cgroup root (kubelet cgroupRoot), in every hierarchy the kubelet uses

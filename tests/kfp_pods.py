@@ -58,6 +58,17 @@ class Node:
     after: set[str]
     # triggerPolicy ALL_UPSTREAM_TASKS_COMPLETED (ignore_upstream_failure): runs whatever they ended as.
     after_any_outcome: bool
+    retries: int = 0  # retryPolicy: attempts after the first, the first backoff and its growth factor
+    backoff_s: float = 0.0
+    backoff_factor: float = 1.0
+
+
+def _seconds(duration: str) -> float:
+    """A KFP duration such as ``30s`` in seconds."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)s", duration)
+    if not m:
+        raise ValueError(f"unsupported duration {duration!r}")
+    return float(m.group(1))
 
 
 def dag(ir: dict[str, Any], inputs: dict[str, Any]) -> list[Node]:
@@ -74,7 +85,10 @@ def dag(ir: dict[str, Any], inputs: dict[str, Any]) -> list[Node]:
             after = {prefix + a for a in t.get("dependentTasks", [])}
             if "executorLabel" in comp:
                 policy = t.get("triggerPolicy", {}).get("strategy", "")
-                out.append(Node(key, name, comp["executorLabel"], params, after, policy == "ALL_UPSTREAM_TASKS_COMPLETED"))
+                retry = t.get("retryPolicy", {})
+                out.append(Node(key, name, comp["executorLabel"], params, after, policy == "ALL_UPSTREAM_TASKS_COMPLETED",
+                                int(retry.get("maxRetryCount", 0)), _seconds(retry.get("backoffDuration", "0s")),
+                                float(retry.get("backoffFactor", 1.0))))
                 leaves[key] = [key]
                 continue
             it = t.get("parameterIterator")

@@ -82,20 +82,28 @@ class RealCluster:
 
     @contextlib.contextmanager
     def port_forward(self, namespace: str, target: str, remote: int) -> Iterator[int]:
-        """A ``kubectl port-forward`` to ``target``'s port ``remote``, open; yields the local port."""
+        """A ``kubectl port-forward`` to ``target``'s port ``remote``, open; yields the local port.
+        Its output goes to a file (a pipe nobody reads would fill up and stall the forward)."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        fwd = subprocess.Popen([str(cache_bin() / "kubectl"), "--kubeconfig", self.kubeconfig, "-n", namespace,
-                                "port-forward", target, f"{port}:{remote}"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+        log = self.dir / f"port-forward-{port}.log"
+        with open(log, "w") as out:
+            fwd = subprocess.Popen([str(cache_bin() / "kubectl"), "--kubeconfig", self.kubeconfig, "-n", namespace,
+                                    "port-forward", target, f"{port}:{remote}"], stdout=out, stderr=subprocess.STDOUT)
         try:
             for _ in range(60):
+                if fwd.poll() is not None:
+                    break
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=1).close()
                     break
                 except OSError:
                     time.sleep(0.5)
+            else:
+                raise RuntimeError(f"port-forward to {namespace}/{target}:{remote} never answered: {log.read_text()[-500:]}")
+            if fwd.poll() is not None:
+                raise RuntimeError(f"port-forward to {namespace}/{target}:{remote} exited: {log.read_text()[-500:]}")
             yield port
         finally:
             fwd.terminate()

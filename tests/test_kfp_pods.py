@@ -3,11 +3,16 @@ loops unrolled per client, and which task runs after failed upstream tasks (aggr
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import kfp_pods
+import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,3 +42,60 @@ def test_round_dag_order_and_trigger_policy(tmp_path: Path) -> None:
     pod = kfp_pods.pod(ir, platform, trains[0].task, trains[0].executor, trains[0].params, name="x", namespace="ns")
     assert "hetlora.io/tier" in pod["spec"]["nodeSelector"]
     assert trains[0].params["client_id"] in " ".join(pod["spec"]["containers"][0]["args"])
+
+
+class ScriptedCluster:
+    """Beside the real cluster (tests/test_cluster_round.py): a stand-in whose pods end as a rule says,
+    to check the launcher's order, retries and trigger policy in seconds."""
+
+    def __init__(self, outcome: Callable[[dict[str, Any], int], str]) -> None:
+        self.outcome, self.created, self.deleted = outcome, [], []  # type: ignore[var-annotated]
+        self.attempts: dict[str, int] = {}
+
+    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None, **_: Any) -> str:
+        if args[0] == "apply":
+            pod = json.loads(stdin or "{}")
+            stem = pod["metadata"]["name"].rsplit("-a", 1)[0]
+            self.attempts[stem] = self.attempts.get(stem, -1) + 1
+            self.created.append((pod, self.outcome(pod, self.attempts[stem])))
+        elif args[0] == "delete":
+            self.deleted += [a for a in args if a.startswith("t")]
+        return ""
+
+    def get(self, kind: str, name: str, *_: str) -> dict[str, Any]:
+        (phase,) = [ph for p, ph in self.created if p["metadata"]["name"] == name]
+        return {"status": {"phase": phase, "containerStatuses": []}}
+
+
+def test_launcher_retries_then_drops_and_still_aggregates(tmp_path: Path) -> None:
+    from cluster_executor import PodExecutor
+    from hetlora_kfp.pipelines.round import CLIENT_RETRIES, compile_round
+
+    from hetlora_core.config import config_from_dict
+    from hetlora_core.run import PipelineFailed
+    from hetlora_core.steps.plan import ClientPlan, RoundPlan
+
+    raw = yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())
+    cfg = config_from_dict(raw)
+    plan = RoundPlan(cfg.experiment, 0, [ClientPlan("a", "small", 2), ClientPlan("b", "medium", 8), ClientPlan("c", "large", 16)], {})
+
+    def outcome(pod: dict[str, Any], attempt: int) -> str:
+        args = " ".join(pod["spec"]["containers"][0]["args"])
+        if '"client_id": "b"' in args and "train" in pod["metadata"]["name"]:
+            return "Failed"  # b's train task fails at every attempt
+        if '"client_id": "a"' in args and "train" in pod["metadata"]["name"] and attempt == 0:
+            return "Failed"  # a's fails once, then its retry succeeds
+        return "Succeeded"
+
+    cluster = ScriptedCluster(outcome)
+    ex = PodExecutor(cluster, "ns", "minio:9000", max_backoff_s=0)  # type: ignore[arg-type]
+    with pytest.raises(PipelineFailed, match="train-client-2"):
+        ex._run(0, lambda p: compile_round(cfg, plan, p), {"config_json": cfg.to_json(), "round_index": 0})
+    order = [p["metadata"]["name"].split("-", 2)[2] for p, _ in cluster.created]
+    n = CLIENT_RETRIES[0]  # b: the first attempt and every retry, no more
+    assert [o for o in order if o.startswith("train-client-2")] == [f"train-client-2-a{i}" for i in range(n + 1)], order
+    assert [o for o in order if o.startswith("train-client-a")] == ["train-client-a0", "train-client-a1"], order
+    assert "prune-client-2-a0" not in order, "a task whose upstream failed is not started"
+    assert order.index("aggregate-round-a0") > max(order.index(o) for o in order if o.startswith(("train", "prune")))
+    assert order[-1] == "evaluate-round-a0", "evaluation runs after a successful aggregation"
+    assert sorted(cluster.deleted) == sorted(p["metadata"]["name"] for p, _ in cluster.created), "every pod is cleaned up"
