@@ -58,9 +58,10 @@ class Executor(Protocol):
     def run_round(self, cfg: HetLoRAConfig, plan: RoundPlan, started_at: float) -> None:
         """Run every task of ``plan.round``."""
 
-    def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
+    def evaluate(self, cfg: HetLoRAConfig, rnd: int, started_at: float = 0.0) -> None:
         """Run only the evaluation of a committed round (and the baseline if missing): folder data,
-        every client's evaluate-client task, then the evaluate step that combines their sums."""
+        every client's evaluate-client task, then the evaluate step that combines their sums.
+        ``started_at``: when the round started (its recorded duration; 0: unknown)."""
 
 
 # Settings added with a default that differs from how runs behaved before they existed: a recorded
@@ -166,21 +167,23 @@ class RoundRunner:
         return RoundFailed(f"round {rnd} {what} ({self.executor.name}). {where}; rerun `{cmd}` to resume at round {done}")
 
     def _done_without_a_client(self, rnd: int, e: RoundFailed) -> bool:
-        """Whether a round whose pipeline failed committed and was evaluated all the same: then only
-        client tasks failed (aggregation ran after them and checked the quorum; evaluation runs after
-        aggregation), the global's manifest names those clients in ``dropped`` and the run goes on.
-        A client that dies hard (killed, OOM, preempted after its retries) is a dropped client."""
+        """Whether a round whose pipeline failed committed all the same: then only client tasks
+        failed (aggregation, the exit task of the client loops, ran after them and checked the
+        quorum), the global's manifest names those clients in ``dropped`` and the run goes on (to the
+        round's evaluation). A client that dies hard (killed, OOM, preempted after its retries) is a
+        dropped client."""
         try:
-            done = self._committed() > rnd and self._evaluated(rnd)
+            done = self._committed() > rnd
         except st.StoreError:
             return False
         if done:
-            self.log(f"round {rnd + 1}: {e}; the round committed and was evaluated without the failed client task(s)")
+            self.log(f"round {rnd + 1}: {e}; its global is committed all the same (without the failed client task(s)), "
+                     "so the run goes on")
         return done
 
-    def _evaluate(self, rnd: int) -> None:
+    def _evaluate(self, rnd: int, started_at: float = 0.0) -> None:
         try:
-            self.executor.evaluate(self.cfg, rnd)
+            self.executor.evaluate(self.cfg, rnd, started_at)
         except RoundFailed as e:
             raise self._failure(rnd, f"evaluation {e}") from e
         if not self._evaluated(rnd):
@@ -283,8 +286,8 @@ class RoundRunner:
                     self.progress.round_finished()
             if self._committed() <= rnd:
                 raise self._failure(rnd, "finished without committing its global")
-            if not self._evaluated(rnd):
-                self._evaluate(rnd)
+            if not self._evaluated(rnd):  # pipelines: always (evaluation is a run of its own); in-process: done
+                self._evaluate(rnd, started)
             self.log(self._round_line(rnd, time.perf_counter() - t))
             if rnd == done:  # once per run: what the train tasks chose (model.device/dtype "auto")
                 self._log_precision(rnd)

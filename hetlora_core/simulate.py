@@ -25,10 +25,10 @@ from .steps.train import train_task
 
 
 def execute_round(cfg: HetLoRAConfig, plan: RoundPlan, started_at: float = 0.0,
-                  on_task: Callable[[str, str], None] | None = None) -> None:
+                  on_task: Callable[[str, str], None] | None = None, evaluate: bool = True) -> None:
     """Run every task of an already planned round: train + prune each client, aggregate
-    (quorum, commit), evaluate (folder data: each client, then the server; metrics pushed), in the
-    order the pipeline's DAG runs them.
+    (quorum, commit), then (``evaluate``) evaluate (folder data: each client, then the server;
+    metrics pushed), in the order the pipelines run them (the round's, then the evaluation's).
     ``on_task(kind, status)`` hears each task start and end (the progress display)."""
     cfg_json, rnd = cfg.to_json(), plan.round
     note = on_task or (lambda _kind, _status: None)
@@ -43,7 +43,8 @@ def execute_round(cfg: HetLoRAConfig, plan: RoundPlan, started_at: float = 0.0,
     note("aggregate", "started")
     aggregate_task(cfg_json, rnd, reports)
     note("aggregate", "SUCCESS")
-    execute_evaluation(cfg, rnd, started_at, note, plan.state)
+    if evaluate:
+        execute_evaluation(cfg, rnd, started_at, note, plan.state)
 
 
 def execute_evaluation(cfg: HetLoRAConfig, rnd: int, started_at: float = 0.0,
@@ -66,10 +67,10 @@ def execute_evaluation(cfg: HetLoRAConfig, rnd: int, started_at: float = 0.0,
     tell("evaluate", "SUCCESS")
 
 
-def execute_planned_round(cfg: HetLoRAConfig, rnd: int, started_at: float = 0.0) -> None:
-    """``execute_round`` for the plan the driver already wrote to the store (what a stand-in
-    pipeline backend does with a submitted round)."""
-    execute_round(cfg, load_plan(cfg, st.open_store(cfg.store), rnd), started_at)
+def execute_planned_round(cfg: HetLoRAConfig, rnd: int) -> None:
+    """What the round pipeline runs (clients and aggregation, no evaluation: a pipeline of its
+    own) for the plan the driver already wrote to the store: a stand-in pipeline backend's round."""
+    execute_round(cfg, load_plan(cfg, st.open_store(cfg.store), rnd), evaluate=False)
 
 
 class InProcessExecutor:
@@ -85,9 +86,9 @@ class InProcessExecutor:
         except Exception as e:  # noqa: BLE001 - any step error fails this round; the store keeps what committed
             raise RoundFailed(f"failed: {type(e).__name__}: {e}") from e
 
-    def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
+    def evaluate(self, cfg: HetLoRAConfig, rnd: int, started_at: float = 0.0) -> None:
         try:
-            execute_evaluation(cfg, rnd)
+            execute_evaluation(cfg, rnd, started_at)
         except Exception as e:  # noqa: BLE001
             raise RoundFailed(f"failed: {type(e).__name__}: {e}") from e
 

@@ -1,6 +1,7 @@
 """The round DAG: per non-empty rank tier a ParallelFor of (train -> self-prune) on that tier's
-node pool, fan-in into aggregation (which runs once every client task has finished, failed or
-not: a hard client failure is a dropped client, the quorum decides), then evaluation. Folder data is evaluated
+node pool, all inside one exit handler whose exit task is aggregation (it runs once every client
+task has finished, failed or not: a hard client failure is a dropped client, the quorum decides).
+Evaluation is a second pipeline the driver runs after each committed round. Folder data is evaluated
 federated: per tier a ParallelFor of evaluate-client over ALL the run's clients of that tier (each
 on its own data, on its tier's node pool), fanned in to the evaluate task that combines their sums.
 
@@ -79,7 +80,7 @@ def eval_groups(cfg: HetLoRAConfig, state: dict[str, dict[str, Any]]) -> list[tu
 
 
 def add_client_evals(cfg: HetLoRAConfig, comps_for: Callable[[TierConfig | None], Components], state: dict[str, dict[str, Any]],
-                     config_json: Any, round_index: Any, after: Any = None, concurrent_tasks: int | None = None) -> dict[str, Any]:
+                     config_json: Any, round_index: Any, concurrent_tasks: int | None = None) -> dict[str, Any]:
     """Folder data: per tier a ParallelFor of evaluate-client over all of that tier's clients (each
     reads only its own data), placed like the tier's train tasks; returns the evaluate task's
     ``evals_<i>`` inputs (``dsl.Collected`` statuses: they order evaluate after every client).
@@ -90,8 +91,6 @@ def add_client_evals(cfg: HetLoRAConfig, comps_for: Callable[[TierConfig | None]
     for i, (tier, ids) in enumerate(eval_groups(cfg, state)):
         with dsl.ParallelFor(ids, parallelism=max(1, len(ids))) as client_id:
             evc = comps_for(tier).evaluate_client(config_json=config_json, round_index=round_index, client_id=client_id)
-            if after is not None:
-                evc.after(after)
             on_client_pool(evc, f"evaluate-{tier.name}", tier, cfg, loop_share(concurrent_tasks, len(ids)))  # a re-run overwrites the same report key
         collected[f"evals_{i}"] = dsl.Collected(evc.output)
     return collected
@@ -149,40 +148,39 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
 
     @dsl.pipeline(name=PIPELINE_NAME, description=f"HetLoRA round {plan.round} of {cfg.experiment}",
                   pipeline_root=cfg.kubeflow.pipeline_root)
-    def round_pipeline(config_json: str = cfg.to_json(), round_index: int = plan.round, round_started_at: float = 0.0):
-        prunes = []
-        for tier, ids in groups:
-            with dsl.ParallelFor(ids, parallelism=max(1, len(ids))) as client_id:
-                train = comps_for(tier).train(config_json=config_json, round_index=round_index, client_id=client_id)
-                on_client_pool(train, f"train-{tier.name}", tier, cfg, loop_share(concurrent_tasks, len(ids)))  # a re-run overwrites the same keys
-                prune = default.prune(config_json=config_json, round_index=round_index, client_id=client_id).after(train)
-                prune.set_display_name(f"prune-{tier.name}")
-                platform.set_small_resources(prune)
-                platform.use_store_secret(prune, cfg, "client")
-                platform.withhold_server_key(prune, cfg)
-                platform.harden(prune)
-            prunes.append(prune)
+    def round_pipeline(config_json: str = cfg.to_json(), round_index: int = plan.round):
         # A client is untrusted and may die hard (OOM, preemption) after its retries: that must drop
-        # the client, not fail the round. So aggregation runs once every client task has finished,
-        # whatever its outcome (ignore_upstream_failure: triggerPolicy ALL_UPSTREAM_TASKS_COMPLETED),
-        # and takes no data from the loops (a failed loop has no Collected output, and the task reports
-        # were never trusted anyway): it reads the uploads from the store, verifies them and checks
+        # the client, not fail the round. So aggregation is the exit task of the group of client
+        # loops: it runs once every client task has finished, whatever its outcome, and takes no data
+        # from the loops (a failed loop has no Collected output, and the task reports were never
+        # trusted anyway): it reads the uploads from the store, verifies them and checks
         # federation.quorum itself, so too many failed clients still fail the round, with the reason.
+        # Why an exit handler and not ignore_upstream_failure after the loops: Kubeflow's Argo
+        # compiler (backend/src/v2/compiler/argocompiler/dag.go, KFP 2.15-2.17) turns a task with
+        # triggerPolicy ALL_UPSTREAM_TASKS_COMPLETED into an exit hook on each task it depends on,
+        # and iteratorTask() never attaches it to a ParallelFor: aggregation would never run, and a
+        # task after it would depend on a task absent from the workflow. An ExitHandler's group is a
+        # plain sub-DAG, the case that compiler supports. Nothing may follow an exit task, so the
+        # round's evaluation is a pipeline of its own (build_evaluate_pipeline), run by the driver.
         agg = default.aggregate(config_json=config_json, round_index=round_index)
-        for prune in prunes:
-            agg.after(prune)
-        agg.ignore_upstream_failure()
         agg.set_display_name("aggregate")
         platform.set_small_resources(agg)
         platform.use_store_secret(agg, cfg)
         platform.use_server_key(agg, cfg)  # verifies the plan and the previous global, signs the commit
         platform.harden(agg)
         agg.set_retry(num_retries=AGGREGATE_RETRIES[0], backoff_duration=AGGREGATE_RETRIES[1])
-        evals = add_client_evals(cfg, comps_for, plan.state, config_json, round_index, agg, concurrent_tasks)
-        ev = add_evaluate(cfg, comps_for, evals, concurrent_tasks, config_json=config_json, round_index=round_index,
-                          round_started_at=round_started_at)
-        if not evals:
-            ev.after(agg)
+        with dsl.ExitHandler(agg, name="clients"):
+            for tier, ids in groups:
+                with dsl.ParallelFor(ids, parallelism=max(1, len(ids))) as client_id:
+                    train = comps_for(tier).train(config_json=config_json, round_index=round_index, client_id=client_id)
+                    # a re-run (retry) overwrites the same keys
+                    on_client_pool(train, f"train-{tier.name}", tier, cfg, loop_share(concurrent_tasks, len(ids)))
+                    prune = default.prune(config_json=config_json, round_index=round_index, client_id=client_id).after(train)
+                    prune.set_display_name(f"prune-{tier.name}")
+                    platform.set_small_resources(prune)
+                    platform.use_store_secret(prune, cfg, "client")
+                    platform.withhold_server_key(prune, cfg)
+                    platform.harden(prune)
 
     return round_pipeline
 
@@ -190,7 +188,9 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
 def build_evaluate_pipeline(cfg: HetLoRAConfig, rnd: int, comps: Components | None = None,
                             state: dict[str, dict[str, Any]] | None = None, concurrent_tasks: int | None = None) -> Callable[..., Any]:
     """A pipeline that evaluates committed round ``rnd`` (and records the baseline if it is
-    missing): what the round runner submits when a round committed but was never evaluated. Folder
+    missing): what the round runner submits after every committed round (the round pipeline ends
+    with its aggregation, an exit task nothing may follow), and to catch up a round committed but
+    never evaluated. ``round_started_at`` (0: unknown) makes the round's recorded duration. Folder
     data: every client's evaluate-client task first (``state``: each client's tier and rank at the
     round's start; read from the round's stored plan when not given). ``concurrent_tasks``: as in
     ``build_round_pipeline`` (kfp.local)."""
@@ -199,10 +199,11 @@ def build_evaluate_pipeline(cfg: HetLoRAConfig, rnd: int, comps: Components | No
 
     @dsl.pipeline(name=EVALUATE_PIPELINE_NAME, description=f"HetLoRA: evaluate round {rnd} of {cfg.experiment}",
                   pipeline_root=cfg.kubeflow.pipeline_root)
-    def evaluate_pipeline(config_json: str = cfg.to_json(), round_index: int = rnd):
+    def evaluate_pipeline(config_json: str = cfg.to_json(), round_index: int = rnd, round_started_at: float = 0.0):
         comps_for = components_by_image(cfg, comps)
         evals = add_client_evals(cfg, comps_for, state or {}, config_json, round_index, concurrent_tasks=concurrent_tasks)
-        add_evaluate(cfg, comps_for, evals, concurrent_tasks, config_json=config_json, round_index=round_index)
+        add_evaluate(cfg, comps_for, evals, concurrent_tasks, config_json=config_json, round_index=round_index,
+                     round_started_at=round_started_at)
 
     return evaluate_pipeline
 

@@ -81,13 +81,12 @@ class KfpLocalExecutor:
     def run_round(self, cfg: HetLoRAConfig, plan: RoundPlan, started_at: float) -> None:
         # kfp names a component used once per tier loop "train-client", "train-client-2", ... in the
         # order the DAG creates them (tier_groups' order): map those names back to the tiers.
-        kinds = {"aggregate-round": "aggregate", "evaluate-round": "evaluate"}
+        kinds = {"aggregate-round": "aggregate"}
         for i, (tier, _ids) in enumerate(tier_groups(cfg, plan)):
             suffix = "" if i == 0 else f"-{i + 1}"
             kinds.update({f"train-client{suffix}": f"train {tier.name}", f"prune-client{suffix}": f"prune {tier.name}"})
-        kinds.update(self._eval_kinds(cfg, plan.state))
         self._run(lambda: build_round_pipeline(cfg, plan, concurrent_tasks=self.concurrent_tasks)(
-                      config_json=cfg.to_json(), round_index=plan.round, round_started_at=started_at),
+                      config_json=cfg.to_json(), round_index=plan.round),
                   st.round_name(plan.round), kinds)
 
     @staticmethod
@@ -99,12 +98,12 @@ class KfpLocalExecutor:
         return {f"evaluate-client{'' if i == 0 else f'-{i + 1}'}": f"evaluate {tier.name}"
                 for i, (tier, _ids) in enumerate(eval_groups(cfg, state))}
 
-    def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
+    def evaluate(self, cfg: HetLoRAConfig, rnd: int, started_at: float = 0.0) -> None:
         state = load_plan(cfg, st.open_store(cfg.store), rnd).state if cfg.data.source == "folder" else None
 
         def call() -> Any:
             pipeline = build_evaluate_pipeline(cfg, rnd, state=state, concurrent_tasks=self.concurrent_tasks)
-            return pipeline(config_json=cfg.to_json(), round_index=rnd)
+            return pipeline(config_json=cfg.to_json(), round_index=rnd, round_started_at=started_at)
 
         self._run(call,
                   f"{st.round_name(rnd)}-evaluate", {"evaluate-round": "evaluate", **self._eval_kinds(cfg, state or {})})
@@ -192,11 +191,11 @@ class KubeflowExecutor:
     def run_round(self, cfg: HetLoRAConfig, plan: RoundPlan, started_at: float) -> None:
         rnd = plan.round
         self._submit(cfg, lambda p: compile_round(cfg, plan, p), st.round_name(rnd),
-                     {"round_index": rnd, "round_started_at": started_at}, f"round {rnd + 1}/{cfg.federation.rounds}")
+                     {"round_index": rnd}, f"round {rnd + 1}/{cfg.federation.rounds}")
 
-    def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
-        self._submit(cfg, lambda p: compile_evaluate(cfg, rnd, p), f"evaluate-{rnd:04d}", {"round_index": rnd},
-                     f"evaluation of round {rnd + 1}")
+    def evaluate(self, cfg: HetLoRAConfig, rnd: int, started_at: float = 0.0) -> None:
+        self._submit(cfg, lambda p: compile_evaluate(cfg, rnd, p), f"evaluate-{rnd:04d}",
+                     {"round_index": rnd, "round_started_at": started_at}, f"evaluation of round {rnd + 1}")
 
 
 def run_local(cfg: HetLoRAConfig, out_dir: str | Path, verbose: bool = False, progress: bool = True,
@@ -227,14 +226,20 @@ def submit_run(cfg: HetLoRAConfig, host: str, out_dir: str | Path, client: Any =
 
 
 def submit_next_round(cfg: HetLoRAConfig, host: str, client: Any = None) -> str:
-    """``submit --no-wait``: plan the next round and submit it without waiting; returns its run id."""
+    """``submit --no-wait``: plan the next round and submit it without waiting; returns its run id.
+    The newest committed round's evaluation (a run of its own) is submitted first if it has none
+    yet; when every round is committed, that is all there is to submit (its run id is returned)."""
     store = st.open_store(cfg.store)
     progress = Progress(cfg.federation.rounds)
     executor = KubeflowExecutor(cfg, host, client, wait=False, log=progress.line)
     # The same target-module check (and resolved names for the config record) as a waiting submit.
     check_or_record_config(cfg, store, RoundRunner(cfg, executor, ".", progress).check_model())
     rnd = st.last_committed_round(store, cfg.experiment) + 1
+    if rnd > 0 and not store.exists(st.eval_key(cfg.experiment, rnd - 1)):
+        executor.evaluate(cfg, rnd - 1)
     if rnd >= cfg.federation.rounds:
-        raise RoundFailed(f"all {cfg.federation.rounds} rounds of {cfg.experiment} are committed; nothing to submit")
+        if executor.run_ids:
+            return executor.run_ids[-1]
+        raise RoundFailed(f"all {cfg.federation.rounds} rounds of {cfg.experiment} are committed and evaluated; nothing to submit")
     executor.run_round(cfg, plan_round(cfg, store, client_ids(cfg), rnd), time.time())
-    return executor.run_ids[0]
+    return executor.run_ids[-1]

@@ -58,12 +58,12 @@ class PodExecutor:
 
     def run_round(self, cfg: HetLoRAConfig, plan: RoundPlan, started_at: float) -> None:
         cfg = self._in_cluster(cfg)
-        self._run(plan.round, lambda p: compile_round(cfg, plan, p),
-                  {"config_json": cfg.to_json(), "round_index": plan.round, "round_started_at": started_at})
+        self._run(plan.round, lambda p: compile_round(cfg, plan, p), {"config_json": cfg.to_json(), "round_index": plan.round})
 
-    def evaluate(self, cfg: HetLoRAConfig, rnd: int) -> None:
+    def evaluate(self, cfg: HetLoRAConfig, rnd: int, started_at: float = 0.0) -> None:
         cfg = self._in_cluster(cfg)
-        self._run(rnd, lambda p: compile_evaluate(cfg, rnd, p), {"config_json": cfg.to_json(), "round_index": rnd})
+        self._run(rnd, lambda p: compile_evaluate(cfg, rnd, p),
+                  {"config_json": cfg.to_json(), "round_index": rnd, "round_started_at": started_at})
 
     def _run(self, rnd: int, compile_to: Callable[[str], Any], inputs: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:

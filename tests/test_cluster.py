@@ -265,7 +265,7 @@ def test_compiled_round_tasks_land_on_their_tier_nodes_under_their_limits(real_c
     secret["metadata"] = {"name": "hetlora-store", "namespace": "kubeflow"}
     real_cluster.kubectl("apply", "-f", "-", stdin=json.dumps(secret))
     pods = kfp_pods.round_pods(ir, "kubeflow")
-    assert sorted(p.task for p in pods) == sorted(["aggregate-round", "evaluate-round"] + [
+    assert sorted(p.task for p in pods) == sorted(["aggregate-round"] + [
         f"{k}-client{s}" for k in ("train", "prune") for s in ("", "-2", "-3")])
     tiers = {t["name"]: t for t in yaml.safe_load((ROOT / "configs" / "cluster.yaml").read_text())["ranks"]["tiers"]}
     by_exec = {"exec-train-client": "small", "exec-train-client-2": "medium", "exec-train-client-3": "large"}

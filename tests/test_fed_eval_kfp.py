@@ -33,8 +33,11 @@ def test_kfp_local_folder_round_reports_perplexity_from_client_tasks(tmp_path: P
     store = st.open_store(local_config(cfg, tmp_path / "kfp").store)
     reports = {c: st.get_json(store, st.client_eval_key("fedkfp", 0, c)) for c in CLIENTS}
     assert all(r is not None and r["global"]["tokens"] > 0 for r in reports.values())  # written by the client tasks
+    # The round's pipeline trains and aggregates; its evaluation pipeline runs one task per client.
     logs = sorted(p.name for p in (tmp_path / "kfp" / "logs" / st.round_name(0)).iterdir())
-    assert sum("evaluate-client" in n for n in logs) == len(CLIENTS), logs  # one task per client
+    assert not [n for n in logs if "evaluate" in n], logs
+    logs = sorted(p.name for p in (tmp_path / "kfp" / "logs" / f"{st.round_name(0)}-evaluate").iterdir())
+    assert sum("evaluate-client" in n for n in logs) == len(CLIENTS), logs
     ev = st.get_json(store, st.eval_key("fedkfp", 0))
     assert ev is not None and ev["federated"] and ev["eval_dropped"] == {}
     central = evaluate(runtime.model(cfg), runtime.global_adapter(cfg, store, 0), runtime.all_client_data(cfg), cfg)
@@ -42,8 +45,10 @@ def test_kfp_local_folder_round_reports_perplexity_from_client_tasks(tmp_path: P
     assert res["rounds"][0]["global_ppl"] == pytest.approx(ev["global"]["ppl"], rel=1e-12) and math.isfinite(res["baseline_ppl"])
     assert ev["rouge_l"]["prompts"] == len(CLIENTS)
 
-    # the evaluate-only pipeline (a round committed but never evaluated) runs every client's task too
+    # the evaluation pipeline on a resume (a round committed but never evaluated) runs every client's task too
     forget_evaluation(store, "fedkfp", CLIENTS)
+    for old in (tmp_path / "kfp" / "logs" / f"{st.round_name(0)}-evaluate").iterdir():
+        old.unlink()
     again = run_local(cfg, tmp_path / "kfp", progress=False)
     assert all(store.exists(st.client_eval_key("fedkfp", 0, c)) for c in CLIENTS)
     redone = st.get_json(store, st.eval_key("fedkfp", 0))

@@ -8,8 +8,10 @@ import json
 
 import pytest
 import yaml
-from hetlora_kfp.pipelines.round import compile_round, tier_groups
+from hetlora_kfp.pipelines.round import build_evaluate_pipeline, compile_evaluate, compile_round, tier_groups
+from kfp import compiler
 
+from hetlora_core import store as st
 from hetlora_core.config import config_from_dict
 from hetlora_core.steps.plan import ClientPlan, RoundPlan
 
@@ -92,6 +94,14 @@ def test_each_tier_has_its_placement_and_resources(compiled, tier):
     assert spec["deploymentSpec"]["executors"][exe]["container"]["image"] == want
 
 
+def _evaluate_spec(cfg, tmp_path, rnd: int = 3) -> tuple[dict, dict]:
+    """(IR, kubernetes executors) of the evaluate pipeline the driver runs after round ``rnd``."""
+    path = tmp_path / f"evaluate-{rnd}.yaml"
+    compile_evaluate(cfg, rnd, str(path))
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
 def _task_executor(spec: dict, display: str) -> str:
     """The executor of the (top-level) task named ``display``."""
     (task,) = [t for t in spec["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == display]
@@ -107,16 +117,16 @@ def test_tier_image_override_and_gpu_evaluate_on_the_cuda_image(tmp_path):
     compile_round(cfg, make_plan(), str(path))
     spec, platform = yaml.safe_load_all(path.read_text())
     exe = spec["deploymentSpec"]["executors"]
-    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     image = {t["name"]: exe[executors_for(spec, t["name"])[0]]["container"]["image"] for t in TIERS}
     assert image == {"small": "registry.example/custom-small:1", "medium": "registry.example/hetlora:9.9",
                      "large": "registry.example/hetlora-cuda:9.9"}
-    ev = _task_executor(spec, "evaluate")
-    assert exe[ev]["container"]["image"] == "registry.example/hetlora-cuda:9.9"
-    acc = exe[ev]["container"]["resources"]["accelerator"]
-    assert (acc["resourceCount"], acc["resourceType"]) == ("1", "nvidia.com/gpu")
-    assert k8s[ev]["nodeSelector"]["labels"] == TIERS[2]["node_selector"]
     assert exe[_task_executor(spec, "aggregate")]["container"]["image"] == "registry.example/hetlora:9.9"
+    espec, ek8s = _evaluate_spec(cfg, tmp_path)
+    ev, eexe = _task_executor(espec, "evaluate"), espec["deploymentSpec"]["executors"]
+    assert eexe[ev]["container"]["image"] == "registry.example/hetlora-cuda:9.9"
+    acc = eexe[ev]["container"]["resources"]["accelerator"]
+    assert (acc["resourceCount"], acc["resourceType"]) == ("1", "nvidia.com/gpu")
+    assert ek8s[ev]["nodeSelector"]["labels"] == TIERS[2]["node_selector"]
     # three distinct images -> three train component definitions
     assert len({executors_for(spec, t["name"])[0] for t in TIERS}) == 3
 
@@ -129,9 +139,11 @@ def test_cpu_only_tiers_use_one_image_and_leave_evaluate_unplaced(tmp_path):
     spec, platform = yaml.safe_load_all(path.read_text())
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"registry.example/hetlora:9.9"}
-    ev = _task_executor(spec, "evaluate")
-    assert "nodeSelector" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][ev]
-    assert "accelerator" not in spec["deploymentSpec"]["executors"][ev]["container"]["resources"]
+    espec, ek8s = _evaluate_spec(cfg, tmp_path)
+    ev = _task_executor(espec, "evaluate")
+    assert espec["deploymentSpec"]["executors"][ev]["container"]["image"] == "registry.example/hetlora:9.9"
+    assert "nodeSelector" not in ek8s[ev]
+    assert "accelerator" not in espec["deploymentSpec"]["executors"][ev]["container"]["resources"]
 
 
 def test_secret_as_env_on_every_task_and_no_credentials_in_yaml(compiled):
@@ -151,7 +163,37 @@ def test_empty_tiers_are_left_out_and_aggregate_follows_the_client_loop(tmp_path
     spec, _ = yaml.safe_load_all(path.read_text())
     assert executors_for(spec, "large") and not executors_for(spec, "small") and not executors_for(spec, "medium")
     agg = spec["root"]["dag"]["tasks"]["aggregate-round"]
-    assert [t for t in agg["dependentTasks"] if t.startswith("for-loop")] == agg["dependentTasks"] and len(agg["dependentTasks"]) == 1
+    (group,) = agg["dependentTasks"]
+    loops = spec["components"][spec["root"]["dag"]["tasks"][group]["componentRef"]["name"]]["dag"]["tasks"]
+    assert len(loops) == 1 and all("parameterIterator" in t for t in loops.values())
+
+
+def _all_tasks(spec: dict) -> list[tuple[dict, dict]]:
+    """(task, the DAG's tasks it sits in) for every task of every DAG of the pipeline."""
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    return [(t, d["tasks"]) for d in dags for t in d["tasks"].values()]
+
+
+@pytest.mark.parametrize("build", ["round", "evaluate"])
+def test_dag_uses_only_what_kubeflows_argo_compiler_runs(build, tmp_path):
+    """Aggregation must run after failed client tasks. Kubeflow's Argo compiler (KFP 2.15-2.17,
+    backend/src/v2/compiler/argocompiler/dag.go) makes a task with triggerPolicy
+    ALL_UPSTREAM_TASKS_COMPLETED an exit hook of each task it depends on and never attaches one to a
+    ParallelFor (iteratorTask), so such a task may depend only on one plain sub-DAG (an ExitHandler's
+    group), and nothing may depend on it (it is not a task of the workflow's DAG)."""
+    cfg, plan = make_cfg(), make_plan()
+    path = tmp_path / "p.yaml"
+    compile_round(cfg, plan, str(path)) if build == "round" else compile_evaluate(cfg, 3, str(path))
+    spec, _ = yaml.safe_load_all(path.read_text())
+    tasks = _all_tasks(spec)
+    hooks = {name for t, dag in tasks for name, tt in dag.items()
+             if tt is t and t.get("triggerPolicy", {}).get("strategy") == "ALL_UPSTREAM_TASKS_COMPLETED"}
+    for t, dag in tasks:
+        assert not set(t.get("dependentTasks", [])) & hooks, "a task depends on an exit task"
+        if t.get("triggerPolicy", {}).get("strategy") == "ALL_UPSTREAM_TASKS_COMPLETED":
+            (dep,) = t["dependentTasks"]
+            assert "parameterIterator" not in dag[dep] and "dag" in spec["components"][dag[dep]["componentRef"]["name"]]
+    assert bool(hooks) == (build == "round"), "the round's aggregation is its one exit task"
 
 
 def test_pipeline_defaults_embed_the_config_and_round():
@@ -229,17 +271,20 @@ def test_folder_data_evaluates_every_client_in_its_own_tier_task(tmp_path):
     """Federated evaluation: one evaluate-client loop per tier over ALL the run's clients (here only
     large clients train this round, yet every tier evaluates), each on its tier's pool and image;
     the evaluate task is model-free and fans the loops in. Shakespeare keeps one central task."""
-    from hetlora_kfp.pipelines.round import build_evaluate_pipeline
-    from kfp import compiler
-
     state = {f"c{i}": {"rank": r, "tier": t} for i, (t, r) in enumerate([("small", 2), ("small", 2), ("medium", 4), ("large", 8)])}
     plan = RoundPlan("compile-test", 3, [ClientPlan("c3", "large", 8)], state)
     cfg = _folder_cfg(tmp_path)
-    for build in ("round", "evaluate"):
+    # The round pipeline trains and aggregates only: evaluation is the pipeline the driver runs next.
+    compile_round(cfg, plan, str(tmp_path / "round.yaml"))
+    round_spec, _ = yaml.safe_load_all((tmp_path / "round.yaml").read_text())
+    assert not [t for t, _ in _all_tasks(round_spec) if "evaluate" in t["taskInfo"]["name"]]
+    for build in ("stored plan", "given state"):
         path = tmp_path / f"{build}.yaml"
-        if build == "round":
-            compile_round(cfg, plan, str(path))
-        else:  # the evaluate-only pipeline (the runner passes the stored plan's state)
+        if build == "stored plan":  # as the runner compiles it for Kubeflow: the state from the round's stored plan
+            local = config_from_dict({**cfg.to_dict(), "store": {"kind": "local", "root": str(tmp_path / "store")}})
+            st.open_store(local.store).put_bytes(st.plan_key(cfg.experiment, 3), json.dumps(plan.to_dict()).encode())
+            compile_evaluate(local, 3, str(path))
+        else:  # as kfp.local's runner builds it
             compiler.Compiler().compile(build_evaluate_pipeline(cfg, 3, state=state), package_path=str(path))
         spec, platform = yaml.safe_load_all(path.read_text())
         exe = spec["deploymentSpec"]["executors"]
@@ -256,11 +301,12 @@ def test_folder_data_evaluates_every_client_in_its_own_tier_task(tmp_path):
         assert "accelerator" not in exe[_task_executor(spec, "evaluate")]["container"]["resources"]  # it combines sums only
         assert exe[_task_executor(spec, "evaluate")]["container"]["image"] == "registry.example/hetlora:9.9"  # never CUDA's
     # Shakespeare: no evaluate-client task at all
-    path = tmp_path / "shakespeare.yaml"
-    compile_round(make_cfg(), plan, str(path))
-    spec, _ = yaml.safe_load_all(path.read_text())
-    assert "evaluate-client" not in path.read_text() and len(_tasks_named(spec, "evaluate")) == 1
+    spec, _ = _evaluate_spec(make_cfg(), tmp_path)
+    assert "evaluate-client" not in json.dumps(spec) and len(_tasks_named(spec, "evaluate")) == 1
 
+
+def _secrets_of(k8s: dict, ex: str) -> dict[str, set[str]]:
+    return {s["secretName"]: {e["envVar"] for e in s["keyToEnv"]} for s in k8s[ex].get("secretAsEnv", [])}
 
 
 def test_client_tasks_get_the_client_role_and_never_the_server_key(tmp_path):
@@ -276,22 +322,22 @@ def test_client_tasks_get_the_client_role_and_never_the_server_key(tmp_path):
     path = tmp_path / "roles.yaml"
     compile_round(cfg, plan, str(path))
     spec, platform = yaml.safe_load_all(path.read_text())
-    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    exe = spec["deploymentSpec"]["executors"]
-
-    def secrets_of(ex: str) -> dict[str, set[str]]:
-        return {s["secretName"]: {e["envVar"] for e in s["keyToEnv"]} for s in k8s[ex].get("secretAsEnv", [])}
-
-    client = {ex for name in ("train", "prune", "evaluate") for t in TIERS for _, ex in _tasks_named(spec, f"{name}-{t['name']}")}
-    server = {_task_executor(spec, "aggregate"), _task_executor(spec, "evaluate")}
-    assert len(client) >= 6 and client | server == set(k8s) and not client & server
-    for ex in client:
-        assert secrets_of(ex) == {"my-client-secret": {"HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY"}}, ex
-        env = {e["name"]: e.get("value", "") for e in exe[ex]["container"].get("env", [])}
-        assert env["HETLORA_SERVER_KEY"] == "", ex  # withheld, also under kfp.local
-    for ex in server:
-        assert secrets_of(ex) == {"my-store-secret": {"HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY"},
-                                  "my-server-key": {"HETLORA_SERVER_KEY"}}, ex
+    compiler.Compiler().compile(build_evaluate_pipeline(cfg, 3, state=state), package_path=str(tmp_path / "eroles.yaml"))
+    espec, eplatform = yaml.safe_load_all((tmp_path / "eroles.yaml").read_text())
+    for sp, pl, client_names, server_names in ((spec, platform, ("train", "prune"), ("aggregate",)),
+                                               (espec, eplatform, ("evaluate",), ("evaluate",))):
+        k8s = pl["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        exe = sp["deploymentSpec"]["executors"]
+        client = {ex for name in client_names for t in TIERS for _, ex in _tasks_named(sp, f"{name}-{t['name']}")}
+        server = {_task_executor(sp, name) for name in server_names}
+        assert len(client) >= 3 and client | server == set(k8s) and not client & server
+        for ex in client:
+            assert _secrets_of(k8s, ex) == {"my-client-secret": {"HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY"}}, ex
+            env = {e["name"]: e.get("value", "") for e in exe[ex]["container"].get("env", [])}
+            assert env["HETLORA_SERVER_KEY"] == "", ex  # withheld, also under kfp.local
+        for ex in server:
+            assert _secrets_of(k8s, ex) == {"my-store-secret": {"HETLORA_S3_ACCESS_KEY", "HETLORA_S3_SECRET_KEY"},
+                                      "my-server-key": {"HETLORA_SERVER_KEY"}}, ex
     # Old configs (no client secret, no server key secret): one Secret everywhere, as before.
     compile_round(_folder_cfg(tmp_path), plan, str(path))
     spec, platform = yaml.safe_load_all(path.read_text())

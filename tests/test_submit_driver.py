@@ -13,17 +13,23 @@ from hetlora_kfp.pipelines.runners import RoundFailed, submit_run
 from hetlora_core import store as st
 from hetlora_core.config import load_config, replace
 from hetlora_core.simulate import execute_planned_round
+from hetlora_core.steps.evaluate import evaluate_task
 
 
 class StandInKFP:
     def __init__(self, cfg, fail_round: int | None = None):
-        self.cfg, self.fail_round, self.runs = cfg, fail_round, []
+        self.cfg, self.fail_round, self.runs, self.evals = cfg, fail_round, [], []
 
     def create_run_from_pipeline_package(self, path, arguments, run_name, experiment_name, namespace, enable_caching):
         spec, platform = yaml.safe_load_all(open(path).read())
-        assert spec["pipelineInfo"]["name"] == "hetlora-round" and "kubernetes" in platform["platforms"]
+        kind = spec["pipelineInfo"]["name"]
+        assert kind in ("hetlora-round", "hetlora-evaluate") and "kubernetes" in platform["platforms"]
         assert enable_caching is False and run_name.startswith(self.cfg.experiment)
         rnd = arguments["round_index"]
+        if kind == "hetlora-evaluate":  # what the evaluate pipeline runs
+            self.evals.append(rnd)
+            evaluate_task(self.cfg.to_json(), rnd, arguments["round_started_at"])
+            return types.SimpleNamespace(run_id=f"eval-{rnd}")
         self.runs.append(rnd)
         if rnd != self.fail_round:
             execute_planned_round(self.cfg, rnd)
@@ -31,7 +37,8 @@ class StandInKFP:
 
     def get_run(self, run_id):
         rnd = int(run_id.split("-")[1])
-        return types.SimpleNamespace(state="FAILED" if rnd == self.fail_round else "SUCCEEDED")
+        failed = run_id.startswith("run-") and rnd == self.fail_round
+        return types.SimpleNamespace(state="FAILED" if failed else "SUCCEEDED")
 
 
 @pytest.fixture
@@ -44,11 +51,11 @@ def cfg(tmp_path):
 def test_submit_drives_every_round_and_resumes(cfg, tmp_path):
     client = StandInKFP(cfg)
     _, ids = submit_run(cfg, "http://kfp.example", tmp_path / "out", client=client)
-    assert ids == ["run-0", "run-1"] and client.runs == [0, 1]
+    assert ids == ["run-0", "eval-0", "run-1", "eval-1"] and client.runs == [0, 1] and client.evals == [0, 1]
     assert st.last_committed_round(st.open_store(cfg.store), "submit") == 1
     more = replace(cfg, **{"federation.rounds": 3})
     client2 = StandInKFP(more)
-    assert submit_run(more, "http://kfp.example", tmp_path / "out", client=client2)[1] == ["run-2"]  # resumes at round 2
+    assert submit_run(more, "http://kfp.example", tmp_path / "out", client=client2)[1] == ["run-2", "eval-2"]  # resumes at round 2
 
 
 def test_submit_stops_on_failure_with_the_run_link(cfg, tmp_path):
@@ -63,9 +70,11 @@ def test_no_wait_submits_only_the_next_round(cfg):
 
     client = StandInKFP(cfg)
     assert submit_next_round(cfg, "http://kfp.example", client=client) == "run-0"
-    assert client.runs == [0]  # submitted (the stand-in ran it) and not waited for
+    assert client.runs == [0] and client.evals == []  # submitted (the stand-in ran it) and not waited for
     assert submit_next_round(cfg, "http://kfp.example", client=client) == "run-1"  # the next one
-    with pytest.raises(RoundFailed, match="all 2 rounds of submit are committed"):
+    assert client.evals == [0], "round 0's evaluation went with it"
+    assert submit_next_round(cfg, "http://kfp.example", client=client) == "eval-1"  # the last round's evaluation
+    with pytest.raises(RoundFailed, match="all 2 rounds of submit are committed and evaluated"):
         submit_next_round(cfg, "http://kfp.example", client=client)
 
 

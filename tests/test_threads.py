@@ -44,7 +44,7 @@ def test_kfp_local_round_tells_model_tasks_how_many_share_the_machine(tmp_path: 
     tier's loop runs up to two clients at once there, so a tier with several clients in the round
     shares the CPUs (2) and a tier with one client runs alone (1), as does evaluate."""
     import yaml
-    from hetlora_kfp.pipelines.round import build_round_pipeline
+    from hetlora_kfp.pipelines.round import build_evaluate_pipeline, build_round_pipeline
     from kfp import compiler
 
     from hetlora_core.config import load_config
@@ -53,11 +53,14 @@ def test_kfp_local_round_tells_model_tasks_how_many_share_the_machine(tmp_path: 
     cfg = load_config("configs/smoke.yaml")
     chosen = [ClientPlan("a", "small", 2), ClientPlan("b", "large", 8), ClientPlan("c", "large", 8), ClientPlan("d", "large", 8)]
     plan = RoundPlan("smoke", 0, chosen, {p.client_id: {"rank": p.rank, "tier": p.tier} for p in chosen})
-    envs = {}
+    envs: dict[int | None, dict[str, list[dict[str, str]]]] = {}
     for n in (2, None):
-        compiler.Compiler().compile(build_round_pipeline(cfg, plan, concurrent_tasks=n), str(tmp_path / "p.yaml"))
-        spec = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
-        envs[n] = {name: ex["container"].get("env", []) for name, ex in spec["deploymentSpec"]["executors"].items()}
+        envs[n] = {}
+        for build in (build_round_pipeline(cfg, plan, concurrent_tasks=n),
+                      build_evaluate_pipeline(cfg, 0, state=plan.state, concurrent_tasks=n)):
+            compiler.Compiler().compile(build, str(tmp_path / "p.yaml"))
+            spec = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+            envs[n].update({name: ex["container"].get("env", []) for name, ex in spec["deploymentSpec"]["executors"].items()})
     shared = {"name": threads.CONCURRENT_TASKS_ENV, "value": "2"}
     alone = {"name": threads.CONCURRENT_TASKS_ENV, "value": "1"}
     train_tasks = sorted(e for e in envs[2] if "train" in e)
