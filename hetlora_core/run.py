@@ -37,7 +37,8 @@ class RoundFailed(RuntimeError):
 
 class PipelineFailed(RoundFailed):
     """The round's pipeline run ended (not timed out, not canceled) with a failed task. The round may
-    have committed all the same: aggregation runs after client tasks that failed (a dropped client)."""
+    have committed all the same: aggregation, the exit task of the client loops, runs after client
+    tasks that failed (a dropped client)."""
 
 
 class RunConfigMismatch(RuntimeError):
@@ -45,7 +46,9 @@ class RunConfigMismatch(RuntimeError):
 
 
 class Executor(Protocol):
-    """Runs one planned round (train -> prune per client, aggregate, evaluate) somewhere.
+    """Runs one planned round (train -> prune per client, aggregate) and a committed round's
+    evaluation somewhere: the pipelines run them as two runs (the in-process executor evaluates
+    inside ``run_round``, so the runner finds the round evaluated).
 
     A round that fails raises ``RoundFailed`` whose message completes "round N ..." (e.g. "run
     ended FAILED: <link>"); the runner adds how far the run got and how to resume. Anything else
@@ -276,18 +279,19 @@ class RoundRunner:
             self.log(f"round {rnd + 1}/{cfg.federation.rounds}: {len(plan.clients)} clients ({tiers}) [{self.executor.name}]")
             if self.progress:
                 self.progress.round_started(rnd, {t: len(c) for t, c in plan.by_tier().items()})
-            try:
-                self.executor.run_round(cfg, plan, started)
-            except RoundFailed as e:
-                if not (isinstance(e, PipelineFailed) and self._done_without_a_client(rnd, e)):
-                    raise self._failure(rnd, str(e)) from e
+            try:  # the round's tasks, then its evaluation's: one round on the progress display
+                try:
+                    self.executor.run_round(cfg, plan, started)
+                except RoundFailed as e:
+                    if not (isinstance(e, PipelineFailed) and self._done_without_a_client(rnd, e)):
+                        raise self._failure(rnd, str(e)) from e
+                if self._committed() <= rnd:
+                    raise self._failure(rnd, "finished without committing its global")
+                if not self._evaluated(rnd):  # pipelines: always (evaluation is a run of its own); in-process: done
+                    self._evaluate(rnd, started)
             finally:
                 if self.progress:
                     self.progress.round_finished()
-            if self._committed() <= rnd:
-                raise self._failure(rnd, "finished without committing its global")
-            if not self._evaluated(rnd):  # pipelines: always (evaluation is a run of its own); in-process: done
-                self._evaluate(rnd, started)
             self.log(self._round_line(rnd, time.perf_counter() - t))
             if rnd == done:  # once per run: what the train tasks chose (model.device/dtype "auto")
                 self._log_precision(rnd)

@@ -92,11 +92,13 @@ def compile_cmd(config: str | None, sets: tuple[str, ...], out: str, rnd: int) -
 @click.option("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080 (port-forwarded ml-pipeline-ui).")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="runs/kubeflow", show_default=True,
               help="Where results.json and the plot go (the store itself is the configured S3 bucket).")
-@click.option("--no-wait", is_flag=True, help="Submit the next round and return instead of driving every round.")
-@click.option("--timeout", type=int, default=6 * 3600, show_default=True, help="Seconds to wait for each round's run.")
+@click.option("--no-wait", is_flag=True, help="Submit the next round (and the evaluation of every committed round that has "
+              "none) and return instead of driving every round; after the last round, one more call submits its evaluation.")
+@click.option("--timeout", type=int, default=6 * 3600, show_default=True,
+              help="Seconds to wait for each run (a round's, an evaluation's).")
 def submit(config: str | None, sets: tuple[str, ...], host: str, out: str, no_wait: bool, timeout: int) -> None:
-    """Drive a whole run on Kubeflow: one KFP run per round, each waited for; stops on the first
-    failure with the run's link. Resumes from the last committed round in the store (a committed
+    """Drive a whole run on Kubeflow: two KFP runs per round (its clients and aggregation, then its
+    evaluation), each waited for; stops on the first failure with the run's link. Resumes from the last committed round in the store (a committed
     round that was never evaluated is evaluated first), then writes OUT/results.json and the plot.
 
     Needs store.kind: s3 reachable from here (credentials in HETLORA_S3_ACCESS_KEY /

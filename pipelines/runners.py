@@ -227,16 +227,19 @@ def submit_run(cfg: HetLoRAConfig, host: str, out_dir: str | Path, client: Any =
 
 def submit_next_round(cfg: HetLoRAConfig, host: str, client: Any = None) -> str:
     """``submit --no-wait``: plan the next round and submit it without waiting; returns its run id.
-    The newest committed round's evaluation (a run of its own) is submitted first if it has none
-    yet; when every round is committed, that is all there is to submit (its run id is returned)."""
+    Every committed round without an evaluation gets its evaluation run (not waited for either)
+    first; when every round is committed, those are all there is to submit (the last run id is
+    returned). A call while an evaluation is still running submits it again: evaluating a committed
+    round twice rewrites the same metrics. Round N's evaluation runs beside round N+1's tasks."""
     store = st.open_store(cfg.store)
     progress = Progress(cfg.federation.rounds)
     executor = KubeflowExecutor(cfg, host, client, wait=False, log=progress.line)
     # The same target-module check (and resolved names for the config record) as a waiting submit.
     check_or_record_config(cfg, store, RoundRunner(cfg, executor, ".", progress).check_model())
     rnd = st.last_committed_round(store, cfg.experiment) + 1
-    if rnd > 0 and not store.exists(st.eval_key(cfg.experiment, rnd - 1)):
-        executor.evaluate(cfg, rnd - 1)
+    for done in range(rnd):
+        if not store.exists(st.eval_key(cfg.experiment, done)):
+            executor.evaluate(cfg, done)
     if rnd >= cfg.federation.rounds:
         if executor.run_ids:
             return executor.run_ids[-1]

@@ -19,7 +19,7 @@ CFG = tiny_round("hard", local_steps=1, quorum=0.6)
 
 
 def test_compiled_aggregate_runs_after_every_client_task_whatever_their_outcome(tmp_path: Path) -> None:
-    from hetlora_kfp.pipelines.round import compile_round
+    from hetlora_kfp.pipelines.round import AGGREGATE_RETRIES, compile_round
 
     from hetlora_core.steps.plan import ClientPlan, RoundPlan
 
@@ -38,6 +38,7 @@ def test_compiled_aggregate_runs_after_every_client_task_whatever_their_outcome(
     assert len(group) == 2 and all("parameterIterator" in t for t in group.values())  # both tiers' client loops
     # no data from the loops (a failed loop has none to give), so nothing can make it skip
     assert not {"tier_0", "tier_1"} & set(agg.get("inputs", {}).get("parameters", {}))
+    assert agg["retryPolicy"]["maxRetryCount"] == AGGREGATE_RETRIES[0]  # an exit task keeps its retries
 
 
 @pytest.mark.slow

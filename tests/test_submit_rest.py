@@ -73,8 +73,8 @@ class Backend:
     """The stand-in's ``on_run``: runs the round described by the posted config, unless told the
     round fails (then it returns False, or a state name, without running it)."""
 
-    def __init__(self, fail: dict[int, bool | str] | None = None) -> None:
-        self.fail = fail or {}
+    def __init__(self, fail: dict[Any, bool | str] | None = None) -> None:
+        self.fail = fail or {}  # round index (any of its runs) or (pipeline name, round index) -> outcome
         self.rounds: list[int] = []
         self.specs: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
 
@@ -82,8 +82,9 @@ class Backend:
         rnd = params["round_index"]
         self.rounds.append(rnd)
         self.specs.append((spec, platform))
-        if rnd in self.fail:
-            return self.fail[rnd]
+        for key in (rnd, (spec["pipelineInfo"]["name"], rnd)):
+            if key in self.fail:
+                return self.fail[key]
         if spec["pipelineInfo"]["name"] == "hetlora-evaluate":
             evaluate_task(params["config_json"], rnd)
         else:
@@ -194,6 +195,24 @@ def test_two_rounds_over_rest(tmp_path, server_for, secrets_in_env, capsys) -> N
     for rnd in range(2):
         assert f"round {rnd + 1}/2 submitted: {server.url}/#/runs/details/{ids[2 * rnd]}" in err
         assert f"evaluation of round {rnd + 1} submitted: {server.url}/#/runs/details/{ids[2 * rnd + 1]}" in err
+
+
+def test_failed_evaluation_run_says_the_round_is_committed_and_rerun_evaluates_it(tmp_path, server_for) -> None:
+    cfg = make_cfg(tmp_path, namespace="team-a")
+    backend = Backend(fail={("hetlora-evaluate", 0): False})
+    server = server_for(backend)
+    with pytest.raises(RoundFailed) as failed:
+        submit_run(cfg, server.url, timeout_s=60)
+    msg = str(failed.value)
+    assert "round 0 evaluation run ended FAILED" in msg and "Round 0 is committed but not evaluated" in msg, msg
+    assert "rerun `hetlora submit` to evaluate it and resume at round 1" in msg, msg
+    assert backend.rounds == [0, 0]
+    backend.fail.clear()
+    with backend_errors_shown(server):
+        submit_run(cfg, server.url, timeout_s=60)
+    assert backend.rounds == [0, 0, 0, 1, 1]  # round 0's evaluation again, then round 1 and its evaluation
+    assert [s["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] for s in server.posted_runs][2] == "hetlora-evaluate"
+    assert st.get_json(st.open_store(cfg.store), st.eval_key(cfg.experiment, 0)) is not None
 
 
 def test_failed_run_names_its_link_and_rerun_resumes(tmp_path, server_for) -> None:
