@@ -424,6 +424,13 @@ trap 'kill "\$pid" 2>/dev/null; wait "\$pid" 2>/dev/null || true' EXIT
 for _ in \$(seq 120); do [[ -S "$D/seed/containerd.sock" ]] && break; sleep 0.25; done
 [[ -S "$D/seed/containerd.sock" ]] || { echo "the seed containerd did not start" >&2; exit 1; }
 c() { ctr -a "$D/seed/containerd.sock" -n k8s.io "\$@"; }
+gc() {  # containerd's garbage collector, run to its end (a synchronous delete of a throw-away tag)
+  local first
+  first="\$(c images ls -q | head -1)"
+  [[ -z "\$first" ]] || { c images tag "\$first" hetlora.local/seed-gc:1 >/dev/null && c images rm --sync hetlora.local/seed-gc:1 >/dev/null; }
+}
+# First collect what an earlier seeding left unreferenced, so no collection runs during the imports.
+gc
 for i in $EXTRA_IMAGES; do c images import <(tar -C "\$i" -cf - .) >/dev/null; done
 # Images of an earlier set, and a previous build imported under the same tag, are unreferenced
 # now: a synchronous delete runs containerd's garbage collector, which removes their layers and
@@ -431,11 +438,17 @@ for i in $EXTRA_IMAGES; do c images import <(tar -C "\$i" -cf - .) >/dev/null; d
 for old in \$(c images ls -q); do
   case " $names " in *" \$old "*) ;; *) c images rm "\$old" >/dev/null ;; esac
 done
-first="\$(c images ls -q | head -1)"
-c images tag "\$first" hetlora.local/seed-gc:1 >/dev/null && c images rm --sync hetlora.local/seed-gc:1 >/dev/null
+gc
 EOF
   chmod +x "$D/seed/seed.sh"
-  unshare --mount --propagation unchanged "$D/seed/seed.sh" || die "seeding $EXTRA_IMAGES failed: $D/logs/containerd-seed.log"
+  if ! unshare --mount --propagation unchanged "$D/seed/seed.sh"; then
+    # Seen once after several re-seeds: an import failing on "parent snapshot ... does not exist"
+    # (containerd's metadata and its snapshotter's disagreeing). The seed is only a cache: rebuild it.
+    log "seeding into the existing seed root failed: unpacking into a new one"
+    rm -rf "$SEED/root"
+    mkdir -p "$SEED/root"
+    unshare --mount --propagation unchanged "$D/seed/seed.sh" || die "seeding $EXTRA_IMAGES failed: $D/logs/containerd-seed.log"
+  fi
   echo "$key" >"$SEED/key"
   log "seed root ready in $((SECONDS - t0)) s ($(du -sh "$SEED/root" | cut -f1))"
 }
