@@ -15,6 +15,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,9 @@ def main() -> None:
     if why:
         sys.exit(f"bench_cluster: {why}")
     cluster = RealCluster()
+    if why := cluster.claim():
+        shutil.rmtree(cluster.dir, ignore_errors=True)
+        sys.exit(f"bench_cluster: {why}")
     facts = machine()
     try:
         cluster.up()

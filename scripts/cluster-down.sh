@@ -51,6 +51,13 @@ stop_processes() {
   done
   # containerd's shims run in sessions of their own: find them by the node socket they serve.
   pkill -KILL -f "containerd-shim-runc-v2 .*-address $D/nodes/" 2>/dev/null || true
+  # Whatever still runs in the cluster's network namespace is the cluster's, even when its pid files
+  # are gone (a test run killed before it could stop its cluster); never this script or its caller.
+  if [[ -e "/run/netns/$NETNS" ]]; then
+    for pid in $(ip netns pids "$NETNS" 2>/dev/null); do
+      [[ "$pid" == "$$" || "$pid" == "$PPID" ]] || kill -KILL "$pid" 2>/dev/null || true
+    done
+  fi
   kill_cgroups
 }
 

@@ -9,11 +9,15 @@ Needs root (namespaces, cgroups, containerd) and the binaries that ``scripts/set
 (``scripts/build-apiserver.sh --cluster``, CoreDNS); ``real_cluster`` is the session fixture, skipped
 (failed under CI=true) where those are missing. Its state lives in a directory of its own and its
 network namespace has a name of its own, so a developer's cluster from cluster-up.sh is untouched.
+
+One test cluster at a time per network namespace (cluster-up.sh's veth has a fixed name): ``claim()``
+waits for another test run's cluster to go, and removes one left by a run that died.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -32,19 +36,70 @@ from kubernetes import config as k8s_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = ("platform", "small", "medium", "large")
+VETH_HOST = "hlc-host"  # scripts/cluster-up.sh's host-side veth: one cluster per network namespace
+# The test clusters' lock: an abstract Unix socket. Its names are per network namespace, the scope of
+# the conflict (a CI job in another mount or PID namespace on the same host still sees it), and the
+# kernel releases it when its holder dies, however it dies: a free lock beside a test cluster's veth
+# means the run that made that cluster is gone.
+LOCK_NAME = "\0hetlora-test-cluster"
+TEST_NETNS_PREFIX = "hetlora-test-"
+
+
+def _try_lock() -> socket.socket | None:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(LOCK_NAME)
+    except OSError as e:
+        s.close()
+        if e.errno != errno.EADDRINUSE:
+            raise
+        return None
+    return s
+
+
+def veth_peer_netns() -> str | None:
+    """The network namespace of the cluster whose host veth exists here ('' if unnamed), None if none."""
+    if not Path(f"/sys/class/net/{VETH_HOST}").exists():
+        return None
+    out = subprocess.run(["ip", "-o", "link", "show", VETH_HOST], capture_output=True, text=True).stdout
+    words = out.split()
+    return words[words.index("link-netns") + 1] if "link-netns" in words else ""
 
 
 class RealCluster:
     """``images``: OCI layouts put on every node besides the small ones (HETLORA_CLUSTER_IMAGES)."""
 
     def __init__(self, images: tuple[str, ...] = ()) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="hetlora-cluster-"))
+        netns = f"{TEST_NETNS_PREFIX}{os.getpid()}"
+        # The netns in the directory's name lets a later run find and remove both if this run dies.
+        self.dir = Path(tempfile.mkdtemp(prefix=f"hetlora-cluster-{netns}-"))
         self.env = {**os.environ, "HETLORA_CLUSTER_DIR": str(self.dir / "state"),
-                    "HETLORA_CLUSTER_NETNS": f"hetlora-test-{os.getpid()}", "HETLORA_CLUSTER_IMAGES": " ".join(images)}
+                    "HETLORA_CLUSTER_NETNS": netns, "HETLORA_CLUSTER_IMAGES": " ".join(images)}
         self.kubeconfig = str(self.dir / "state" / "admin.kubeconfig")
         self.up_s = 0.0
         self.log = ""
         self.host_before = host_paths()
+        self.lock: socket.socket | None = None
+
+    def claim(self, wait_s: float = 2400) -> str:
+        """Take the test-cluster lock of this network namespace before ``up()``: '' when taken, else why
+        not. Waits up to ``wait_s`` for another test run's cluster (a CI job beside this one); removes a
+        test cluster whose run died (lock free, veth left); never touches a cluster that is not a test's
+        (a developer's, from cluster-up.sh: the caller is told to stop it)."""
+        deadline = time.monotonic() + wait_s
+        while (lock := _try_lock()) is None:
+            if time.monotonic() > deadline:
+                return f"another test run has held its cluster for over {wait_s:.0f} s (the lock {LOCK_NAME[1:]!r})"
+            time.sleep(5)
+        peer = veth_peer_netns()
+        if peer is not None and not peer.startswith(TEST_NETNS_PREFIX):
+            lock.close()
+            return (f"a cluster from scripts/cluster-up.sh is running (its veth {VETH_HOST} exists, network namespace "
+                    f"{peer or '(unnamed)'}): stop it with scripts/cluster-down.sh")
+        if peer is not None:
+            remove_dead_test_cluster(peer)
+        self.lock = lock
+        return ""
 
     def up(self, timeout_s: int = 900) -> None:
         t0 = time.monotonic()
@@ -77,6 +132,9 @@ class RealCluster:
         res = subprocess.run(["bash", str(ROOT / "scripts" / "cluster-down.sh")], env=self.env, capture_output=True,
                              text=True, timeout=300)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.lock is not None and not Path(f"/sys/class/net/{VETH_HOST}").exists():
+            self.lock.close()  # kept if the cluster could not be removed: the next run then finds it dead
+            self.lock = None
         return res.stderr
 
 
@@ -119,6 +177,22 @@ def host_paths() -> dict[str, list[str] | None]:
     return {p: sorted(os.listdir(p)) if os.path.isdir(p) else None for p in HOST_PATHS}
 
 
+def remove_dead_test_cluster(netns: str) -> None:
+    """Remove the test cluster of network namespace ``netns`` whose run died (the caller holds the lock):
+    cluster-down.sh with its state directory (named after the netns) kills what still runs there."""
+    states = sorted(Path(tempfile.gettempdir()).glob(f"hetlora-cluster-{netns}-*/state")) or [
+        Path(tempfile.gettempdir()) / f"hetlora-cluster-{netns}-gone" / "state"]
+    for state in states:
+        env = {**os.environ, "HETLORA_CLUSTER_DIR": str(state), "HETLORA_CLUSTER_NETNS": netns}
+        res = subprocess.run(["bash", str(ROOT / "scripts" / "cluster-down.sh")], env=env, capture_output=True,
+                             text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"removing the dead test cluster {netns} ({state}) failed: {res.stderr[-2000:]}")
+        shutil.rmtree(state.parent, ignore_errors=True)
+    if Path(f"/sys/class/net/{VETH_HOST}").exists():
+        raise RuntimeError(f"the dead test cluster {netns} left its veth {VETH_HOST} after cluster-down.sh")
+
+
 def missing_prerequisites() -> str:
     """Why a real cluster cannot start here, or ''."""
     if os.geteuid() != 0:
@@ -135,12 +209,12 @@ def started(image: bool = False) -> Iterator[RealCluster]:
     cluster, torn down at the end; ``image``: with the component image on every node."""
     from conftest import skip_or_fail
 
-    why = missing_prerequisites()
-    if not why and Path("/sys/class/net/hlc-host").exists():
-        why = "a cluster from scripts/cluster-up.sh is running (its veth hlc-host exists): stop it with scripts/cluster-down.sh"
-    if why:
+    if why := missing_prerequisites():
         skip_or_fail(f"real cluster unavailable: {why}")
     cluster = RealCluster(images=(component_image(),) if image else ())
+    if why := cluster.claim():
+        shutil.rmtree(cluster.dir, ignore_errors=True)
+        skip_or_fail(f"real cluster unavailable: {why}")
     try:
         cluster.up(timeout_s=1800 if image else 900)  # a new image is unpacked once into the nodes' seed
         yield cluster

@@ -45,7 +45,7 @@ def test_benchmark_quick_variant_runs(script: str, tmp_path: Path) -> None:
     if script == "bench_cluster.py":
         from real_cluster import missing_prerequisites
 
-        if why := missing_prerequisites() or (Path("/sys/class/net/hlc-host").exists() and "a cluster is running"):
+        if why := missing_prerequisites():  # a running cluster: the benchmark waits or says why (RealCluster.claim)
             skip_or_fail(f"real cluster unavailable: {why}")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
