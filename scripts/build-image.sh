@@ -65,6 +65,10 @@ inputs_hash() {  # what the image is made of: the Dockerfile, the locks, the pro
 
 build() {
   local key out="$W/oci" mounts=()
+  # One build at a time writes the layout, and never while a cluster-up.sh reads it (a shared lock there).
+  mkdir -p "$out"
+  exec 8<"$out"
+  flock -w 3600 8 || die "$out stayed locked for an hour (another build, or a cluster-up.sh reading it)"
   key="$(inputs_hash)"
   if [[ -f "$out/hetlora.key" && "$(cat "$out/hetlora.key")" == "$key" ]]; then log "cached: $out"; echo "$out"; return; fi
   [[ -f /etc/ssl/certs/ca-certificates.crt ]] && mounts+=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)

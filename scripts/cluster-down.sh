@@ -51,6 +51,12 @@ stop_processes() {
   done
   # containerd's shims run in sessions of their own: find them by the node socket they serve.
   pkill -KILL -f "containerd-shim-runc-v2 .*-address $D/nodes/" 2>/dev/null || true
+  # Any other process of this cluster, found by its command line: the seed containerd and its script
+  # run in the host's namespaces with no pid file (a run killed while seeding leaves them).
+  for f in /proc/[0-9]*; do
+    pid="${f#/proc/}"
+    [[ "$pid" == "$$" || "$pid" == "$PPID" ]] || { ours "$pid" && kill -KILL "$pid" 2>/dev/null; } || true
+  done
   # Whatever still runs in the cluster's network namespace is the cluster's, even when its pid files
   # are gone (a test run killed before it could stop its cluster); never this script or its caller.
   if [[ -e "/run/netns/$NETNS" ]]; then

@@ -261,7 +261,13 @@ control_plane() {
     --kubelet-client-certificate="$p/apiserver-kubelet-client.crt" --kubelet-client-key="$p/apiserver-kubelet-client.key" \
     --service-account-key-file="$p/sa.key" --service-account-signing-key-file="$p/sa.key" \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local --service-cluster-ip-range="$SERVICE_CIDR" \
-    --kubelet-preferred-address-types=InternalIP --profiling=false --v=1
+    --kubelet-preferred-address-types=InternalIP --profiling=false --v=1 \
+    --feature-gates=WatchList=false
+  # WatchList off: Debian's etcd (3.4.23) lacks RequestWatchProgress, so the API server answers a
+  # streaming list (sendInitialEvents) with a watch that fails at once, and a client that asked for
+  # one (Argo Workflows 4.0's controller) retries it forever instead of falling back to LIST+WATCH:
+  # its pods ran to completion while the workflow never saw them. With the gate off the request is
+  # refused up front and clients fall back.
   kubeconfig "$D/admin.kubeconfig" admin
   wait_for kube-apiserver 90 kc get --raw /readyz
   kubeconfig "$D/controller-manager.kubeconfig" system:kube-controller-manager
@@ -287,7 +293,7 @@ node_config() {  # node_config NAME INDEX: containerd, CNI and kubelet files for
   local n="$1" i="$2" nd="$D/nodes/$1" ip
   ip="$(node_ip "$i")"
   mkdir -p "$nd"/{cni,containerd,kubelet,pod-logs,sysctl}
-  node_root "$nd/containerd/root"
+  node_root "$nd/containerd/root" "$n"
   cat >"$nd/containerd.toml" <<EOF
 version = 2
 root = "$nd/containerd/root"
@@ -387,15 +393,27 @@ EOF
   chmod +x "$nd/start.sh"
 }
 
+IMAGE_LOCKS=()
+unlock_images() {
+  local fd
+  for fd in "${IMAGE_LOCKS[@]}"; do exec {fd}<&-; done
+  IMAGE_LOCKS=()
+}
+
 seed_images() {  # EXTRA_IMAGES unpacked into the seed root, once per set of images
   [[ -n "$EXTRA_IMAGES" ]] || return 0
   local key i names=""
   for i in $EXTRA_IMAGES; do
     [[ -f "$i/index.json" ]] || die "HETLORA_CLUSTER_IMAGES: $i is not an OCI layout folder (no index.json)"
+    # A shared lock on each layout while it is read: scripts/build-image.sh rewrites its own under an
+    # exclusive one. Released when seeding ends (the nodes started later never hold it).
+    exec {fd}<"$i"
+    IMAGE_LOCKS+=("$fd")
+    flock -s -w 1800 "$fd" || die "HETLORA_CLUSTER_IMAGES: $i stayed locked by a build for 30 min"
     names+=" $("$PYTHON" -c 'import json, sys; print(" ".join(m["annotations"]["org.opencontainers.image.ref.name"] for m in json.load(open(sys.argv[1]))["manifests"]))' "$i/index.json")"
   done
   key="$(for i in $EXTRA_IMAGES; do cat "$i/index.json"; done | sha256sum | cut -c1-16)"
-  [[ "$(cat "$SEED/key" 2>/dev/null)" == "$key" ]] && return 0
+  if [[ "$(cat "$SEED/key" 2>/dev/null)" == "$key" ]]; then unlock_images; return 0; fi
   local t0=$SECONDS
   log "unpacking $EXTRA_IMAGES into the nodes' seed root $SEED (once per image)"
   rm -f "$SEED/key"
@@ -450,25 +468,40 @@ EOF
     unshare --mount --propagation unchanged "$D/seed/seed.sh" || die "seeding $EXTRA_IMAGES failed: $D/logs/containerd-seed.log"
   fi
   echo "$key" >"$SEED/key"
+  unlock_images
   log "seed root ready in $((SECONDS - t0)) s ($(du -sh "$SEED/root" | cut -f1))"
 }
 
-node_root() {  # node_root DIR: a node's containerd root made from the seed, if it has none yet
-  [[ -n "$EXTRA_IMAGES" && ! -e "$1" ]] || return 0  # a re-run keeps a running node's root as it is
+node_root() {  # node_root DIR NODE: a node's containerd root made from the seed, unless it has this seed's
+  [[ -n "$EXTRA_IMAGES" ]] || return 0
+  local key
+  key="$(cat "$SEED/key")"
+  [[ "$(cat "$1.seed-key" 2>/dev/null)" == "$key" ]] && return 0
+  if [[ -e "$1" ]]; then
+    if [[ -f "$D/pids/node-$2" ]] && ours "$(cat "$D/pids/node-$2")"; then
+      log "node $2 runs with images of an earlier seed: restart the cluster (cluster-down.sh --keep; cluster-up.sh) to get the new ones"
+      return 0
+    fi
+    rm -rf "$1"  # an earlier seed's, or a copy interrupted halfway
+  fi
+  rm -rf "$1.part"
   if [[ "$(stat -c %d "$SEED/root")" == "$(stat -c %d "$(dirname "$1")")" ]]; then
-    cp -al "$SEED/root" "$1"
+    cp -al "$SEED/root" "$1.part"
   else
-    log "$SEED and $D are on different filesystems: copying the seed root (~11 GB) instead of linking it"
-    cp -a "$SEED/root" "$1"
+    log "$SEED and $D are on different filesystems: copying the seed root ($(du -sh "$SEED/root" | cut -f1) per node) instead of linking it"
+    cp -a "$SEED/root" "$1.part"
   fi
   # Content blobs and committed layers are never written once there, so links are safe. What
   # containerd writes in place is each node's own: the bolt databases (copied, not linked), its
-  # instance id (made anew at start) and partial downloads (none should be left; dropped).
+  # instance id (made anew at start) and partial downloads (none should be left; dropped). Done
+  # before the root gets its name, so an interrupted copy is never used.
   local db
-  for db in "$1"/io.containerd.metadata.v1.bolt/meta.db "$1"/io.containerd.snapshotter.v1.*/metadata.db; do
+  for db in "$1.part"/io.containerd.metadata.v1.bolt/meta.db "$1.part"/io.containerd.snapshotter.v1.*/metadata.db; do
     [[ -f "$db" ]] && cp "$db" "$db.own" && mv -f "$db.own" "$db"
   done
-  rm -rf "$1/io.containerd.grpc.v1.introspection/uuid" "$1"/io.containerd.content.v1.content/ingest/*
+  rm -rf "$1.part/io.containerd.grpc.v1.introspection/uuid" "$1.part"/io.containerd.content.v1.content/ingest/*
+  mv "$1.part" "$1"
+  echo "$key" >"$1.seed-key"
 }
 
 cgroups_up() {  # each node's cgroup root (kubelet cgroupRoot), in every hierarchy the kubelet uses
@@ -499,10 +532,15 @@ nodes_up() {
   for d in $HOST_DIRS; do
     [[ -d "/$d" ]] || { mkdir -p "/$d"; echo "/$d" >>"$D/host-dirs-made"; }
   done
+  # The seed is shared by every cluster on this host (a CI job beside another, a developer's beside a
+  # test's): one re-seeds or copies it at a time. A process a killed run left holding the lock (its
+  # seed containerd) keeps it until cluster-down.sh of that run stops it.
+  [[ -z "$EXTRA_IMAGES" ]] || { mkdir -p "$SEED"; exec 7<"$SEED"; flock -w 1800 7 || die "the seed $SEED stayed locked for 30 min: $(fuser -v "$SEED" 2>&1 | tail -n +2 | head -3)"; }
   seed_images
   local i
+  for i in "${!NODES[@]}"; do node_config "${NODES[$i]}" "$i"; done
+  [[ -z "$EXTRA_IMAGES" ]] || exec 7<&-  # released before the nodes start, so they never hold it
   for i in "${!NODES[@]}"; do
-    node_config "${NODES[$i]}" "$i"
     spawn "node-${NODES[$i]}" unshare --mount --propagation unchanged "$D/nodes/${NODES[$i]}/start.sh"
   done
   cat >"$D/kube-proxy.yaml" <<EOF

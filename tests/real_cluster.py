@@ -43,6 +43,9 @@ VETH_HOST = "hlc-host"  # scripts/cluster-up.sh's host-side veth: one cluster pe
 # means the run that made that cluster is gone.
 LOCK_NAME = "\0hetlora-test-cluster"
 TEST_NETNS_PREFIX = "hetlora-test-"
+# Test clusters' state: on disk, not a tmpfs /tmp (node roots are hard links into the image seed under
+# ~/.cache/hetlora where the filesystem is the same, full copies where not).
+STATE_ROOT = Path(os.environ.get("HETLORA_TEST_CLUSTER_ROOT", "/var/tmp"))
 
 
 def _try_lock() -> socket.socket | None:
@@ -72,7 +75,7 @@ class RealCluster:
     def __init__(self, images: tuple[str, ...] = ()) -> None:
         netns = f"{TEST_NETNS_PREFIX}{os.getpid()}"
         # The netns in the directory's name lets a later run find and remove both if this run dies.
-        self.dir = Path(tempfile.mkdtemp(prefix=f"hetlora-cluster-{netns}-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"hetlora-cluster-{netns}-", dir=STATE_ROOT))
         self.env = {**os.environ, "HETLORA_CLUSTER_DIR": str(self.dir / "state"),
                     "HETLORA_CLUSTER_NETNS": netns, "HETLORA_CLUSTER_IMAGES": " ".join(images)}
         self.kubeconfig = str(self.dir / "state" / "admin.kubeconfig")
@@ -92,10 +95,15 @@ class RealCluster:
                 return f"another test run has held its cluster for over {wait_s:.0f} s (the lock {LOCK_NAME[1:]!r})"
             time.sleep(5)
         peer = veth_peer_netns()
+        if peer == "":
+            lock.close()
+            return (f"the veth {VETH_HOST} of scripts/cluster-up.sh exists but its network namespace has no name here "
+                    f"(made in another mount namespace, or its /run/netns entry removed): if no cluster runs, remove it "
+                    f"with 'ip link del {VETH_HOST}'")
         if peer is not None and not peer.startswith(TEST_NETNS_PREFIX):
             lock.close()
             return (f"a cluster from scripts/cluster-up.sh is running (its veth {VETH_HOST} exists, network namespace "
-                    f"{peer or '(unnamed)'}): stop it with scripts/cluster-down.sh")
+                    f"{peer}): stop it with scripts/cluster-down.sh")
         if peer is not None:
             remove_dead_test_cluster(peer)
         self.lock = lock
@@ -165,7 +173,11 @@ class RealCluster:
             yield port
         finally:
             fwd.terminate()
-            fwd.wait(10)
+            try:
+                fwd.wait(10)
+            except subprocess.TimeoutExpired:
+                fwd.kill()
+                fwd.wait(10)
 
 
 # Host paths the runtime writes by default (scripts/cluster-up.sh gives each node private copies).
@@ -180,8 +192,8 @@ def host_paths() -> dict[str, list[str] | None]:
 def remove_dead_test_cluster(netns: str) -> None:
     """Remove the test cluster of network namespace ``netns`` whose run died (the caller holds the lock):
     cluster-down.sh with its state directory (named after the netns) kills what still runs there."""
-    states = sorted(Path(tempfile.gettempdir()).glob(f"hetlora-cluster-{netns}-*/state")) or [
-        Path(tempfile.gettempdir()) / f"hetlora-cluster-{netns}-gone" / "state"]
+    states = sorted(STATE_ROOT.glob(f"hetlora-cluster-{netns}-*/state")) or [
+        STATE_ROOT / f"hetlora-cluster-{netns}-gone" / "state"]
     for state in states:
         env = {**os.environ, "HETLORA_CLUSTER_DIR": str(state), "HETLORA_CLUSTER_NETNS": netns}
         res = subprocess.run(["bash", str(ROOT / "scripts" / "cluster-down.sh")], env=env, capture_output=True,
@@ -211,11 +223,18 @@ def started(image: bool = False) -> Iterator[RealCluster]:
 
     if why := missing_prerequisites():
         skip_or_fail(f"real cluster unavailable: {why}")
-    cluster = RealCluster(images=(component_image(),) if image else ())
-    if why := cluster.claim():
+    cluster = RealCluster()
+    try:
+        why = cluster.claim()
+    except BaseException:
+        shutil.rmtree(cluster.dir, ignore_errors=True)
+        raise
+    if why:
         shutil.rmtree(cluster.dir, ignore_errors=True)
         skip_or_fail(f"real cluster unavailable: {why}")
     try:
+        if image:  # built under the lock: the build rewrites the layout another run's cluster may be reading
+            cluster.env["HETLORA_CLUSTER_IMAGES"] = component_image()
         cluster.up(timeout_s=1800 if image else 900)  # a new image is unpacked once into the nodes' seed
         yield cluster
     finally:

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -324,15 +325,24 @@ def test_a_cluster_left_by_a_killed_run_is_removed_by_the_next_and_a_live_one_is
     try:
         assert holder.stdout is not None
         netns, held_dir = holder.stdout.readline().split()
-        assert "another test run" in other.claim(wait_s=1)  # a live run's cluster is waited for, not removed
+        assert "another test run" in other.claim(wait_s=1)  # a live run's cluster is not removed...
         assert Path(f"/run/netns/{netns}").exists()
-        holder.kill()
-        holder.wait(30)
-        assert Path(f"/sys/class/net/{VETH_HOST}").exists()  # the killed run left its cluster behind
-        assert other.claim(wait_s=30) == ""
+        left: list[bool] = []
+
+        def kill() -> None:
+            holder.kill()
+            holder.wait(30)
+            left.append(Path(f"/sys/class/net/{VETH_HOST}").exists())  # before claim()'s next poll (5 s)
+
+        killer = threading.Timer(8, kill)  # ...but waited for: the holder dies during the wait
+        killer.start()
+        t0 = time.monotonic()
+        assert other.claim(wait_s=120) == ""
+        assert time.monotonic() - t0 >= 7
+        assert left == [True]  # the killed run left its cluster behind; claim() removed it
         assert not Path(f"/run/netns/{netns}").exists() and not Path(f"/sys/class/net/{VETH_HOST}").exists()
         assert not Path(held_dir).exists()
-        assert not list(Path("/sys/fs/cgroup").glob("*/hetlora-small"))
+        assert not list(Path("/sys/fs/cgroup").glob("*/hetlora-small")) and not Path("/sys/fs/cgroup/hetlora-small").exists()
         left = subprocess.run(["pgrep", "-f", held_dir], capture_output=True, text=True).stdout.split()
         assert left == [], left
     finally:
