@@ -388,7 +388,12 @@ class KubeflowConfig:
     client_store_secret: str = ""
     # Secret whose key 'key' holds the server key (store.server_key_env), mounted on server tasks only. "": none.
     server_key_secret: str = ""
-    pipeline_root: str = "minio://hetlora/pipeline-root"
+    # Where KFP itself keeps a run's artifacts and executor logs (this project's data goes to `store`).
+    # "": KFP's own default (its kfp-launcher ConfigMap, minio://mlpipeline/v2/artifacts on a stock
+    # install), which exists wherever KFP does. Set, it is sent with every run (KFP 2.17's backend reads
+    # a run's root from the run, not from the compiled pipeline) and must be a bucket KFP's launcher can
+    # write with its credentials (a root in a bucket KFP's store lacks fails every task).
+    pipeline_root: str = ""
     experiment: str = "hetlora"
     # A PersistentVolumeClaim holding a Hugging Face hub cache (e.g. filled by a Job running
     # `hf download ORG/NAME` with HF_TOKEN from a Secret): mounted as the train and evaluate tasks'

@@ -156,18 +156,20 @@ class RoundRunner:
 
     def _failure(self, rnd: int, what: str) -> RoundFailed:
         """The one wording of a failed round, whatever the executor: what happened, how far the
-        run got (read back from the store), and the command that resumes it."""
-        cmd = self.executor.command
+        run got (read back from the store), and the command that resumes it. Rounds are counted from
+        1, as the progress display counts them ("round 1/2"); the store's keys count from 0."""
+        cmd, n = self.executor.command, self.cfg.federation.rounds
         try:
             done, evaluated = self._committed(), self._evaluated(rnd)
         except st.StoreError as e:  # the store itself is down: say so, without masking the round's failure
-            return RoundFailed(f"round {rnd} {what} ({self.executor.name}). How far the run got cannot be read now "
+            return RoundFailed(f"round {rnd + 1}/{n} {what} ({self.executor.name}). How far the run got cannot be read now "
                                f"({type(e).__name__}); rerun `{cmd}` once {self.store.describe()} answers to resume")
         where = f"{done} round(s) committed in {self.store.describe()}"
+        resume = f"resume at round {done + 1}/{n}" if done < n else "finish"
         if done > rnd and not evaluated:
-            return RoundFailed(f"round {rnd} {what} ({self.executor.name}). Round {rnd} is committed but not evaluated; {where}; "
-                               f"rerun `{cmd}` to evaluate it and resume at round {done}")
-        return RoundFailed(f"round {rnd} {what} ({self.executor.name}). {where}; rerun `{cmd}` to resume at round {done}")
+            return RoundFailed(f"round {rnd + 1}/{n} {what} ({self.executor.name}). Round {rnd + 1}/{n} is committed but not "
+                               f"evaluated; {where}; rerun `{cmd}` to evaluate it and {resume}")
+        return RoundFailed(f"round {rnd + 1}/{n} {what} ({self.executor.name}). {where}; rerun `{cmd}` to {resume}")
 
     def _done_without_a_client(self, rnd: int, e: RoundFailed) -> bool:
         """Whether a round whose pipeline failed committed all the same: then only client tasks

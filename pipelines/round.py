@@ -147,7 +147,7 @@ def build_round_pipeline(cfg: HetLoRAConfig, plan: RoundPlan, comps: Components 
     groups = tier_groups(cfg, plan)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=f"HetLoRA round {plan.round} of {cfg.experiment}",
-                  pipeline_root=cfg.kubeflow.pipeline_root)
+                  pipeline_root=cfg.kubeflow.pipeline_root or None)
     def round_pipeline(config_json: str = cfg.to_json(), round_index: int = plan.round):
         # A client is untrusted and may die hard (OOM, preemption) after its retries: that must drop
         # the client, not fail the round. So aggregation is the exit task of the group of client
@@ -198,7 +198,7 @@ def build_evaluate_pipeline(cfg: HetLoRAConfig, rnd: int, comps: Components | No
         state = load_plan(cfg, st.open_store(cfg.store), rnd).state
 
     @dsl.pipeline(name=EVALUATE_PIPELINE_NAME, description=f"HetLoRA: evaluate round {rnd} of {cfg.experiment}",
-                  pipeline_root=cfg.kubeflow.pipeline_root)
+                  pipeline_root=cfg.kubeflow.pipeline_root or None)
     def evaluate_pipeline(config_json: str = cfg.to_json(), round_index: int = rnd, round_started_at: float = 0.0):
         comps_for = components_by_image(cfg, comps)
         evals = add_client_evals(cfg, comps_for, state or {}, config_json, round_index, concurrent_tasks=concurrent_tasks)

@@ -8,11 +8,14 @@ from the round's plan (tiers with no selected client are simply absent).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -166,7 +169,9 @@ class KubeflowExecutor:
         if client is None:
             import kfp
 
-            client = kfp.Client(host=host, namespace=cfg.kubeflow.namespace)
+            with warnings.catch_warnings():  # "This client only works with ... v2.0.0-beta.2 and later": console noise
+                warnings.simplefilter("ignore", FutureWarning)
+                client = kfp.Client(host=host, namespace=cfg.kubeflow.namespace)
         self.client, self.host, self.timeout_s, self.poll_s, self.wait = client, host.rstrip("/"), timeout_s, poll_s, wait
         self.log = log or (lambda _msg: None)
         self.on_task: Callable[[str, str], None] | None = None  # a Kubeflow run is watched as a whole
@@ -175,9 +180,13 @@ class KubeflowExecutor:
     def _submit(self, cfg: HetLoRAConfig, compile_to: Any, name: str, arguments: dict[str, Any], what: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = compile_to(os.path.join(tmp, f"{name}.yaml"))
-            run = self.client.create_run_from_pipeline_package(
-                path, arguments={"config_json": cfg.to_json(), **arguments}, run_name=f"{cfg.experiment}-{name}",
-                experiment_name=cfg.kubeflow.experiment, namespace=cfg.kubeflow.namespace, enable_caching=False)
+            # kfp prints "Experiment details: <link>" and "Run details: <link>" to stdout; the progress
+            # line below links the run, so its prints are kept off the console.
+            with contextlib.redirect_stdout(io.StringIO()):
+                run = self.client.create_run_from_pipeline_package(
+                    path, arguments={"config_json": cfg.to_json(), **arguments}, run_name=f"{cfg.experiment}-{name}",
+                    experiment_name=cfg.kubeflow.experiment, namespace=cfg.kubeflow.namespace, enable_caching=False,
+                    pipeline_root=cfg.kubeflow.pipeline_root or None)
         self.run_ids.append(run.run_id)
         link = f"{self.host}/#/runs/details/{run.run_id}"
         self.log(f"{what} submitted: {link}")

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -274,9 +275,11 @@ def check_resume(worker: Worker, reference: dict[str, Any], out: Path, spec: str
         assert rc == 137, f"the failpoint {spec} did not kill the run (rc={rc}): {res} {log[-2000:]}"
     else:  # the task subprocess died; the driver reports the failed round and how to resume
         assert rc == 3 and res["type"] == "RoundFailed", f"{spec}: rc={rc} {res} {log[-2000:]}"
-        assert "rerun `hetlora run` to" in res["message"] and f"resume at round {committed_after_kill}" in res["message"], res
+        # Rounds counted from 1 as the progress display counts them: the next round is committed + 1.
+        assert "rerun `hetlora run` to" in res["message"], res
+        assert re.search(rf"(resume at round {committed_after_kill + 1}/\d+|to finish)\b", res["message"]), res
         if committed_after_kill and spec.startswith("round_committed"):
-            assert f"Round {committed_after_kill - 1} is committed but not evaluated" in res["message"], res
+            assert f"Round {committed_after_kill}/" in res["message"] and "is committed but not evaluated" in res["message"], res
     store = local(out)
     assert st.last_committed_round(store, EXP) == committed_after_kill - 1, spec
     before = global_shas(store)

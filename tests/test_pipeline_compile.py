@@ -13,6 +13,7 @@ from kfp import compiler
 
 from hetlora_core import store as st
 from hetlora_core.config import config_from_dict
+from hetlora_core.config_load import replace
 from hetlora_core.steps.plan import ClientPlan, RoundPlan
 
 TIERS = [
@@ -205,7 +206,11 @@ def test_pipeline_defaults_embed_the_config_and_round():
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["round_index"]["defaultValue"] == 3
     assert json.loads(params["config_json"]["defaultValue"])["experiment"] == "compile-test"
-    assert spec["defaultPipelineRoot"] == "minio://hetlora/pipeline-root"
+    assert "defaultPipelineRoot" not in spec  # KFP's own default root, which exists wherever KFP does
+    with tempfile.NamedTemporaryFile(suffix=".yaml") as f:
+        compile_round(replace(make_cfg(), **{"kubeflow.pipeline_root": "minio://mlpipeline/hetlora"}), make_plan(), f.name)
+        spec, _ = yaml.safe_load_all(open(f.name).read())
+    assert spec["defaultPipelineRoot"] == "minio://mlpipeline/hetlora"
 
 
 def test_tier_groups_place_explicit_ranks_on_covering_tier():

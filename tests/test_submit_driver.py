@@ -19,9 +19,15 @@ from hetlora_core.steps.evaluate import evaluate_task
 class StandInKFP:
     def __init__(self, cfg, fail_round: int | None = None):
         self.cfg, self.fail_round, self.runs, self.evals = cfg, fail_round, [], []
+        self.roots: list[str | None] = []
 
-    def create_run_from_pipeline_package(self, path, arguments, run_name, experiment_name, namespace, enable_caching):
+    def create_run_from_pipeline_package(self, path, arguments, run_name, experiment_name, namespace, enable_caching,
+                                         pipeline_root):
         spec, platform = yaml.safe_load_all(open(path).read())
+        # KFP 2.17's backend takes a run's root from the run only: a configured root goes with every run.
+        assert pipeline_root == (self.cfg.kubeflow.pipeline_root or None)
+        assert spec.get("defaultPipelineRoot") == pipeline_root
+        self.roots.append(pipeline_root)
         kind = spec["pipelineInfo"]["name"]
         assert kind in ("hetlora-round", "hetlora-evaluate") and "kubernetes" in platform["platforms"]
         assert enable_caching is False and run_name.startswith(self.cfg.experiment)
@@ -58,9 +64,19 @@ def test_submit_drives_every_round_and_resumes(cfg, tmp_path):
     assert submit_run(more, "http://kfp.example", tmp_path / "out", client=client2)[1] == ["run-2", "eval-2"]  # resumes at round 2
 
 
+def test_a_configured_pipeline_root_goes_with_every_run(cfg, tmp_path):
+    one = replace(cfg, **{"federation.rounds": 1, "kubeflow.pipeline_root": "minio://mlpipeline/hetlora"})
+    client = StandInKFP(one)
+    submit_run(one, "http://kfp.example", tmp_path / "out", client=client)
+    assert client.roots == ["minio://mlpipeline/hetlora"] * 2  # the round's run and its evaluation's
+    client = StandInKFP(cfg)
+    submit_run(cfg, "http://kfp.example", tmp_path / "out2", client=client)
+    assert client.roots == [None] * 2  # KFP's own default root (round 2 and its evaluation: round 1 is committed)
+
+
 def test_submit_stops_on_failure_with_the_run_link(cfg, tmp_path):
     client = StandInKFP(cfg, fail_round=0)
-    with pytest.raises(RoundFailed, match=r"round 0 run ended FAILED: http://kfp.example/#/runs/details/run-0"):
+    with pytest.raises(RoundFailed, match=r"round 1/\d+ run ended FAILED: http://kfp.example/#/runs/details/run-0"):
         submit_run(cfg, "http://kfp.example", tmp_path / "out", client=client)
     assert client.runs == [0]
 

@@ -177,6 +177,8 @@ def test_two_rounds_over_rest(tmp_path, server_for, secrets_in_env, capsys) -> N
         assert spec["pipelineInfo"]["name"] == f"hetlora-{kind}"
         assert "kubernetes" in platform["platforms"]
         params = body["runtime_config"]["parameters"]
+        # KFP's own default root (kubeflow.pipeline_root ""): none in the run, none in the spec.
+        assert "pipeline_root" not in body["runtime_config"] and "defaultPipelineRoot" not in spec
         assert set(params) == {"config_json", "round_index"} | ({"round_started_at"} if kind == "evaluate" else set())
         assert params["round_index"] == rnd and type(params["round_index"]) is int
         if kind == "evaluate":  # the round's start: its recorded duration covers clients, aggregation and evaluation
@@ -191,7 +193,11 @@ def test_two_rounds_over_rest(tmp_path, server_for, secrets_in_env, capsys) -> N
         assert all("cachingOptions" in t for k, t in tasks.items() if k.startswith("root/"))
         assert server.calls("GET", f"{PREFIX}/runs/{run_id}"), "run state never read"
 
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
+    # kfp's own prints ("Experiment details: ...", "Run details: ...") and its FutureWarning stay off
+    # the console: the progress lines below already link every run.
+    assert "Run details" not in captured.out + err and "FutureWarning" not in err, captured
     for rnd in range(2):
         assert f"round {rnd + 1}/2 submitted: {server.url}/#/runs/details/{ids[2 * rnd]}" in err
         assert f"evaluation of round {rnd + 1} submitted: {server.url}/#/runs/details/{ids[2 * rnd + 1]}" in err
@@ -204,8 +210,9 @@ def test_failed_evaluation_run_says_the_round_is_committed_and_rerun_evaluates_i
     with pytest.raises(RoundFailed) as failed:
         submit_run(cfg, server.url, timeout_s=60)
     msg = str(failed.value)
-    assert "round 0 evaluation run ended FAILED" in msg and "Round 0 is committed but not evaluated" in msg, msg
-    assert "rerun `hetlora submit` to evaluate it and resume at round 1" in msg, msg
+    n = cfg.federation.rounds
+    assert f"round 1/{n} evaluation run ended FAILED" in msg and f"Round 1/{n} is committed but not evaluated" in msg, msg
+    assert f"rerun `hetlora submit` to evaluate it and resume at round 2/{n}" in msg, msg
     assert backend.rounds == [0, 0]
     backend.fail.clear()
     with backend_errors_shown(server):
@@ -224,7 +231,7 @@ def test_failed_run_names_its_link_and_rerun_resumes(tmp_path, server_for) -> No
         submit_run(cfg, server.url, timeout_s=60)
     failed_id = list(server.runs)[2]  # round 0, its evaluation, round 1
     assert server.runs[failed_id]["state"] == "FAILED"
-    assert re.search(rf"round 1 run ended FAILED: {re.escape(server.url)}/#/runs/details/{failed_id}\b",
+    assert re.search(rf"round 2/\d+ run ended FAILED: {re.escape(server.url)}/#/runs/details/{failed_id}\b",
                      str(failed.value)), str(failed.value)
     assert backend.rounds == [0, 0, 1]
     assert st.last_committed_round(st.open_store(cfg.store), cfg.experiment) == 0
@@ -267,7 +274,7 @@ def test_canceled_run_is_reported_as_a_failed_round(tmp_path, server_for) -> Non
     bare TimeoutError. The driver now polls get_run itself and knows CANCELED."""
     cfg = make_cfg(tmp_path, namespace="team-a")
     server = server_for(Backend(fail={0: "CANCELED"}))
-    with pytest.raises(RoundFailed, match=r"round 0 run ended CANCELED: .*/#/runs/details/"):
+    with pytest.raises(RoundFailed, match=r"round 1/\d+ run ended CANCELED: .*/#/runs/details/"):
         submit_run(cfg, server.url, timeout_s=600, poll_s=0.05)
 
 
