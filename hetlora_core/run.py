@@ -166,10 +166,25 @@ class RoundRunner:
                                f"({type(e).__name__}); rerun `{cmd}` once {self.store.describe()} answers to resume")
         where = f"{done} round(s) committed in {self.store.describe()}"
         resume = f"resume at round {done + 1}/{n}" if done < n else "finish"
+        if done <= rnd:
+            what += self._refusal(rnd, what)
         if done > rnd and not evaluated:
             return RoundFailed(f"round {rnd + 1}/{n} {what} ({self.executor.name}). Round {rnd + 1}/{n} is committed but not "
                                f"evaluated; {where}; rerun `{cmd}` to evaluate it and {resume}")
         return RoundFailed(f"round {rnd + 1}/{n} {what} ({self.executor.name}). {where}; rerun `{cmd}` to {resume}")
+
+    def _refusal(self, rnd: int, what: str) -> str:
+        """The aggregate step's reason for refusing round ``rnd`` (its quorum), where the failure
+        itself does not say it (a Kubeflow run says only FAILED); '' if none or unreadable. The key
+        is writable by any holder of the server's store role: its text is shown, capped, never parsed."""
+        try:
+            note = st.get_json(self.store, st.refusal_key(self.cfg.experiment, rnd), max_bytes=8192)
+        except (st.StoreError, ValueError):
+            return ""
+        reason = note.get("reason") if isinstance(note, dict) else None
+        if not isinstance(reason, str) or not reason or reason[:200] in what:
+            return ""
+        return f"; the aggregate step refused it: {reason[:1000]}"
 
     def _done_without_a_client(self, rnd: int, e: RoundFailed) -> bool:
         """Whether a round whose pipeline failed committed all the same: then only client tasks

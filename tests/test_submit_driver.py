@@ -4,6 +4,7 @@ is given and executes the round with the same task functions the components call
 
 from __future__ import annotations
 
+import re
 import types
 
 import pytest
@@ -20,6 +21,7 @@ class StandInKFP:
     def __init__(self, cfg, fail_round: int | None = None):
         self.cfg, self.fail_round, self.runs, self.evals = cfg, fail_round, [], []
         self.roots: list[str | None] = []
+        self.failed: set[int] = set()
 
     def create_run_from_pipeline_package(self, path, arguments, run_name, experiment_name, namespace, enable_caching,
                                          pipeline_root):
@@ -38,12 +40,15 @@ class StandInKFP:
             return types.SimpleNamespace(run_id=f"eval-{rnd}")
         self.runs.append(rnd)
         if rnd != self.fail_round:
-            execute_planned_round(self.cfg, rnd)
+            try:
+                execute_planned_round(self.cfg, rnd)
+            except Exception:  # noqa: BLE001 - a step failed: the run ends FAILED, as on Kubeflow (only its state is seen)
+                self.failed.add(rnd)
         return types.SimpleNamespace(run_id=f"run-{rnd}")
 
     def get_run(self, run_id):
         rnd = int(run_id.split("-")[1])
-        failed = run_id.startswith("run-") and rnd == self.fail_round
+        failed = run_id.startswith("run-") and (rnd == self.fail_round or rnd in self.failed)
         return types.SimpleNamespace(state="FAILED" if failed else "SUCCEEDED")
 
 
@@ -72,6 +77,22 @@ def test_a_configured_pipeline_root_goes_with_every_run(cfg, tmp_path):
     client = StandInKFP(cfg)
     submit_run(cfg, "http://kfp.example", tmp_path / "out2", client=client)
     assert client.roots == [None] * 2  # KFP's own default root (round 2 and its evaluation: round 1 is committed)
+
+
+def test_a_refused_round_says_why_though_kubeflow_says_only_failed(cfg, tmp_path, monkeypatch):
+    """On Kubeflow the driver sees a run's state, not its tasks' errors: the aggregate step leaves its
+    refusal in the store and the failure message carries it."""
+    strict = replace(cfg, **{"federation.quorum": 1.0})
+    monkeypatch.setenv("HETLORA_FAILPOINTS", "train_start@round=0:raise")  # every client of round 1 fails
+    with pytest.raises(RoundFailed) as failed:
+        submit_run(strict, "http://kfp.example", tmp_path / "out", client=StandInKFP(strict))
+    msg = str(failed.value)
+    assert re.search(r"round 1/\d+ run ended FAILED: \S+; the aggregate step refused it: round 0: 0 valid client uploads, "
+                     r"quorum needs (\d+) of \1 \(federation.quorum=1.0\)", msg), msg
+    assert "(artifact not committed)" in msg and "0 round(s) committed" in msg, msg
+    monkeypatch.delenv("HETLORA_FAILPOINTS")
+    submit_run(strict, "http://kfp.example", tmp_path / "out", client=StandInKFP(strict))  # the rerun commits...
+    assert st.get_json(st.open_store(strict.store), st.refusal_key(strict.experiment, 0)) is None  # ...and clears it
 
 
 def test_submit_stops_on_failure_with_the_run_link(cfg, tmp_path):

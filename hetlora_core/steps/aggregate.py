@@ -22,6 +22,7 @@ then the second pass adds those and reads nothing, and each group's tensors are 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -320,7 +321,17 @@ def aggregate_task(config_json: str, round_index: int, reports: list[str]) -> st
     plan = load_plan(cfg, store, rnd)
     reported = {json.loads(r)["client_id"] for r in reports if r}
     failpoint("aggregate_start", round=rnd)
-    man = aggregate(cfg, store, plan)
+    refused = st.refusal_key(cfg.experiment, rnd)
+    with contextlib.suppress(st.StoreError):
+        store.delete(refused)  # an earlier attempt's reason is not this one's
+    try:
+        man = aggregate(cfg, store, plan)
+    except QuorumError as e:
+        # A driver on Kubeflow sees only "run FAILED": leave it the reason. Best effort (the error
+        # itself is what fails the task), and only text: nothing reads state from this key.
+        with contextlib.suppress(st.StoreError):
+            st.put_json(store, refused, {"round": rnd, "reason": str(e)[:2000]})
+        raise
     failpoint("round_committed", round=rnd)
     return json.dumps(asdict(AggregateReport(rnd, man["participants"], man["dropped"],
                                              sorted({c.client_id for c in plan.clients} - reported) if reports else [])))

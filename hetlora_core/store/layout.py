@@ -35,6 +35,7 @@ __all__ = [
     "list_client_ids",
     "list_client_prefixes",
     "plan_key",
+    "refusal_key",
     "round_name",
     "round_prefix",
     "trained_prefix",
@@ -102,6 +103,12 @@ def trained_prefix(experiment: str, rnd: int, client_id: str) -> str:
     return f"{client_prefix(experiment, rnd, client_id)}/trained"
 
 
+def refusal_key(experiment: str, rnd: int) -> str:
+    """``<exp>/round-0007/refused.json``: why the aggregate step refused the round (its quorum), for a
+    driver that sees only "run failed" (Kubeflow). Text for a message; no state is read from it."""
+    return f"{round_prefix(experiment, rnd)}/refused.json"
+
+
 def eval_key(experiment: str, rnd: int) -> str:
     """``<exp>/round-0007/eval/metrics.json``: the round's held-out perplexity."""
     return f"{round_prefix(experiment, rnd)}/eval/metrics.json"
@@ -165,6 +172,7 @@ def layout_table() -> str:
         (f"{trained_prefix(exp, rnd, cid)}/{files}", "the client's trained adapter, before pruning"),
         (f"{client_prefix(exp, rnd, cid)}/{files}", "the client's upload (after self-pruning)"),
         (f"{global_prefix(exp, rnd)}/{files}", "global adapter; manifest written last = commit"),
+        (refusal_key(exp, rnd), "aggregation's refusal (quorum), for messages"),
         (client_eval_key(exp, rnd, cid), "folder data: the client's own evaluation sums"),
         (eval_key(exp, rnd), "held-out perplexity: global and per client"),
     ]
