@@ -184,7 +184,9 @@ class RoundRunner:
         reason = note.get("reason") if isinstance(note, dict) else None
         if not isinstance(reason, str) or not reason or reason[:200] in what:
             return ""
-        return f"; the aggregate step refused it: {reason[:1000]}"
+        # Printable characters only: where clients share the server's role the text is theirs to write,
+        # and terminal escapes in an error message would be theirs to play.
+        return "; the aggregate step refused it: " + "".join(c if c.isprintable() else "?" for c in reason[:1000])
 
     def _done_without_a_client(self, rnd: int, e: RoundFailed) -> bool:
         """Whether a round whose pipeline failed committed all the same: then only client tasks

@@ -90,6 +90,11 @@ def test_a_refused_round_says_why_though_kubeflow_says_only_failed(cfg, tmp_path
     assert re.search(r"round 1/\d+ run ended FAILED: \S+; the aggregate step refused it: round 0: 0 valid client uploads, "
                      r"quorum needs (\d+) of \1 \(federation.quorum=1.0\)", msg), msg
     assert "(artifact not committed)" in msg and "0 round(s) committed" in msg, msg
+    store = st.open_store(strict.store)
+    st.put_json(store, st.refusal_key(strict.experiment, 0), {"round": 0, "reason": "x\x1b[2Jy" + "z" * 5000})
+    with pytest.raises(RoundFailed) as failed:  # a note written by someone else: shown capped, escapes neutralised
+        submit_run(strict, "http://kfp.example", tmp_path / "out", client=StandInKFP(strict, fail_round=0))
+    assert "refused it: x?[2Jy" + "z" * 994 + " (Kubeflow)" in str(failed.value) and "\x1b" not in str(failed.value)
     monkeypatch.delenv("HETLORA_FAILPOINTS")
     submit_run(strict, "http://kfp.example", tmp_path / "out", client=StandInKFP(strict))  # the rerun commits...
     assert st.get_json(st.open_store(strict.store), st.refusal_key(strict.experiment, 0)) is None  # ...and clears it
