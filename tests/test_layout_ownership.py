@@ -108,8 +108,8 @@ def test_layout_table_lists_every_key_pattern() -> None:
     exp, rnd, cid = "<experiment>", 7, "<id>"
     files = f"/{{{st.ADAPTER},{st.MANIFEST}}}"
     expected = [st.config_key(exp), st.baseline_key(exp), st.plan_key(exp, rnd), st.trained_prefix(exp, rnd, cid) + files,
-                st.client_prefix(exp, rnd, cid) + files, st.global_prefix(exp, rnd) + files, st.refusal_key(exp, rnd), st.client_eval_key(exp, rnd, cid),
-                st.eval_key(exp, rnd)]
+                st.client_prefix(exp, rnd, cid) + files, st.global_prefix(exp, rnd) + files, st.refusal_key(exp, rnd),
+                st.client_eval_key(exp, rnd, cid), st.eval_key(exp, rnd)]
     assert [line.split()[0] for line in lines] == expected
     for line in lines:
         assert line.partition("  ")[2].strip() and len(line) <= 130, line  # each pattern has a one-line description that fits
