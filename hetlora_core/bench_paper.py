@@ -160,6 +160,10 @@ LATE_DEFAULTS: dict[tuple[str, str], Any] = {("model", "vocab"): "full"}
 # aggregate step reads an upload: never in the hash. (Only a store that changes an object between the
 # step's reads tells them apart: dropped when read again, the validated tensors when kept.)
 OPERATIONAL: tuple[tuple[str, str], ...] = (("store", "fsync"), ("strategy", "keep_uploads_mb"))
+# Operational too, but hashed ever since runs were first recorded: hashed as the value they were
+# recorded with, whatever it is now, so their folders keep their names (kubeflow.pipeline_root's
+# default became "" when KFP 2.17 was seen to ignore it in the compiled pipeline).
+HASHED_AS_RECORDED: dict[tuple[str, str], Any] = {("kubeflow", "pipeline_root"): "minio://hetlora/pipeline-root"}
 
 
 def config_hash(cfg: HetLoRAConfig) -> str:
@@ -180,6 +184,8 @@ def _hash(d: dict[str, Any]) -> str:
             d[section].pop(key)
     for section, key in OPERATIONAL:
         d[section].pop(key, None)
+    for (section, key), recorded in HASHED_AS_RECORDED.items():
+        d[section][key] = recorded
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
