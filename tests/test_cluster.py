@@ -21,6 +21,7 @@ from typing import Any
 import kfp_pods
 import pytest
 import yaml
+from kube_apiserver import cache_bin
 from real_cluster import NODES, RealCluster, host_paths, real_cluster_fixture  # noqa: F401  (registers the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +107,20 @@ def test_platform_pods_run_ready_under_their_security_settings(real_cluster: Rea
     assert cap_eff(pid) == 0  # capabilities: drop ALL
     cg = Path(f"/proc/{pid}/cgroup").read_text()
     assert "/hetlora-platform/" in cg, cg
+
+
+def test_a_streaming_list_is_refused_up_front_so_clients_fall_back(real_cluster: RealCluster) -> None:
+    """The etcd here (Debian 3.4) lacks RequestWatchProgress. With WatchList on, the API server answered
+    a streaming list with a watch that failed at once, and Argo Workflows' controller retried it
+    forever instead of listing: its pods finished while the workflow never saw them. cluster-up.sh
+    turns WatchList off, so the request is refused before any watch starts and clients fall back."""
+    res = subprocess.run([str(cache_bin() / "kubectl"), "--kubeconfig", real_cluster.kubeconfig, "get", "--raw",
+                          "/api/v1/namespaces/default/pods?watch=1&sendInitialEvents=true&allowWatchBookmarks=true"
+                          "&resourceVersionMatch=NotOlderThan&timeoutSeconds=5"], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "sendInitialEvents" in res.stderr, (res.returncode, res.stdout[-500:], res.stderr[-500:])
+    assert "RequestWatchProgress" not in res.stdout + res.stderr
+    plain = real_cluster.kubectl("get", "--raw", "/api/v1/namespaces/default/pods?watch=1&timeoutSeconds=1")
+    assert "RequestWatchProgress" not in plain  # an ordinary watch works
 
 
 def test_priority_classes_and_rbac_are_present(real_cluster: RealCluster) -> None:
@@ -343,8 +358,8 @@ def test_a_cluster_left_by_a_killed_run_is_removed_by_the_next_and_a_live_one_is
         assert not Path(f"/run/netns/{netns}").exists() and not Path(f"/sys/class/net/{VETH_HOST}").exists()
         assert not Path(held_dir).exists()
         assert not list(Path("/sys/fs/cgroup").glob("*/hetlora-small")) and not Path("/sys/fs/cgroup/hetlora-small").exists()
-        left = subprocess.run(["pgrep", "-f", held_dir], capture_output=True, text=True).stdout.split()
-        assert left == [], left
+        running = subprocess.run(["pgrep", "-f", held_dir], capture_output=True, text=True).stdout.split()
+        assert running == [], running
     finally:
         holder.kill()
         other.down()
