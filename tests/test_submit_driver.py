@@ -87,7 +87,7 @@ def test_a_refused_round_says_why_though_kubeflow_says_only_failed(cfg, tmp_path
     with pytest.raises(RoundFailed) as failed:
         submit_run(strict, "http://kfp.example", tmp_path / "out", client=StandInKFP(strict))
     msg = str(failed.value)
-    assert re.search(r"round 1/\d+ run ended FAILED: \S+; the aggregate step refused it: round 0: 0 valid client uploads, "
+    assert re.search(r"round 1/\d+ run ended FAILED: \S+; the aggregate step refused it: round 1/\d+ \(round-0000\): 0 valid client uploads, "
                      r"quorum needs (\d+) of \1 \(federation.quorum=1.0\)", msg), msg
     assert "(artifact not committed)" in msg and "0 round(s) committed" in msg, msg
     store = st.open_store(strict.store)

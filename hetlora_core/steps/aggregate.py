@@ -198,7 +198,9 @@ def _majority_spec(uploads: list[_Upload], dropped: dict[str, str]) -> Spec:
 def _check_quorum(cfg: HetLoRAConfig, plan: RoundPlan, uploads: list[_Upload], dropped: dict[str, str]) -> None:
     need = max(1, math.ceil(cfg.federation.quorum * len(plan.clients) - 1e-9))
     if len(uploads) < need:
-        raise QuorumError(f"round {plan.round}: {len(uploads)} valid client uploads, quorum needs {need} of {len(plan.clients)} "
+        # Counted from 1 as every message a user sees (the store's key name beside it).
+        raise QuorumError(f"round {plan.round + 1}/{cfg.federation.rounds} ({st.round_name(plan.round)}): {len(uploads)} valid "
+                          f"client uploads, quorum needs {need} of {len(plan.clients)} "
                           f"(federation.quorum={cfg.federation.quorum}); dropped: {dropped}. The global adapter is unchanged; "
                           "rerun the round or lower federation.quorum")
 
