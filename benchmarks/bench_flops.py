@@ -7,7 +7,11 @@
   backward of the peft-wrapped model (what the client really executes: the frozen base needs
   input gradients but no weight gradients, so LoRA training is ~4 N FLOPs per token, not the
   6 N of full training); the 6 N T and 4 N T approximations are reported beside it.
-* Time per step: ``hetlora_core.client.train_lora`` (the real client path) over several steps.
+* Time per step: ``hetlora_core.client.train_lora`` (the real client path) over several steps, for
+  the defaults and, interleaved in the same run, for the path they replaced as the baseline: the
+  model's own loss over the whole batch's logits (``training.chunked_loss: false``) and its own
+  attention kernel (``model.attention: sdpa``) and the frozen weights cast by autocast in every
+  forward, plus each change alone (lm_loss.py, attention.py, frozen_cast.py).
 * Peak: the best of repeated ``torch.matmul`` of large square matrices, in float32 and bf16, with
   the same thread count, measured before and after the training run (the best is the limit).
 
@@ -19,6 +23,8 @@ trains in float32; the bf16 peak is still measured and reported, as asked, for c
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +35,7 @@ import torch  # noqa: E402
 from _common import ROOT, machine, native_bf16, table, write  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from hetlora_core import peft_bridge, runtime  # noqa: E402
+from hetlora_core import attention, frozen_cast, peft_bridge, runtime  # noqa: E402
 from hetlora_core.adapter import init_global  # noqa: E402
 from hetlora_core.client import autocast, train_lora  # noqa: E402
 from hetlora_core.config import load_config, replace  # noqa: E402
@@ -64,6 +70,7 @@ def main() -> None:
                     help="training dtype (auto: bf16 autocast only with AVX512-BF16/AMX)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both training and the peak (default 1)")
     ap.add_argument("--max-n", type=int, help="largest peak matmul (default 2048, quick 1024)")
+    ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions of every variant (median taken)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     seq, steps = args.seq or (32 if args.quick else 128), args.steps or (5 if args.quick else 3)
@@ -97,9 +104,32 @@ def main() -> None:
     finally:
         peft_bridge.detach(pm)
 
-    train_lora(model, received, client, replace(cfg, **{"training.local_steps": 1}), 0)  # warm-up
-    r = train_lora(model, received, client, cfg, 0)
-    step_s = r.seconds / steps
+    before = {"training.chunked_loss": False, "model.attention": "sdpa"}
+    variants = {  # name -> (overrides, frozen weights cast once); the first is the baseline, the last the defaults
+        "model's loss, sdpa, cast per forward (before)": (before, False),
+        "chunked loss only": ({**before, "training.chunked_loss": True}, False),
+        "auto attention only": ({**before, "model.attention": "auto"}, False),
+        "frozen weights cast once only": (before, True),
+        "defaults (all three)": ({"training.chunked_loss": True, "model.attention": "auto"}, True),
+    }
+    held_in = frozen_cast.held_in
+
+    def step(name: str, local_steps: int) -> float:
+        ov, held = variants[name]
+        frozen_cast.held_in = held_in if held else (lambda *a, **k: contextlib.nullcontext())  # type: ignore[assignment]
+        try:
+            return train_lora(model, received, client, replace(cfg, **{**ov, "training.local_steps": local_steps}), 0).seconds
+        finally:
+            frozen_cast.held_in = held_in
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for name in variants:  # warm-up: first-call set-up of each path
+        step(name, 1)
+    for _ in range(args.reps):
+        for name in variants:
+            times[name].append(step(name, steps) / steps)
+    step_of = {k: statistics.median(v) for k, v in times.items()}
+    step_s = step_of["defaults (all three)"]
     tokens = args.batch * seq
     peaks_after = {"fp32": matmul_peak(torch.float32, max_n), "bf16": matmul_peak(torch.bfloat16, max_n)}
     peak = {k: max(peaks_before[k]["gflops"], peaks_after[k]["gflops"]) for k in peaks_before}
@@ -115,6 +145,9 @@ def main() -> None:
         "peak_gflops": peak, "peaks_before": peaks_before, "peaks_after": peaks_after,
         "ratio_vs_peak_train_dtype": achieved / peak[train_dtype],
         "ratio_vs_fp32_peak": achieved / peak["fp32"], "ratio_vs_bf16_peak": achieved / peak["bf16"],
+        "variants": {k: {"step_seconds": v, "steps": times[k], "vs_before": v / step_of["model's loss, sdpa, cast per forward (before)"],
+                         "ratio_vs_peak_train_dtype": counted / v / 1e9 / peak[train_dtype]} for k, v in step_of.items()},
+        "attention_auto": attention.choose("auto", "cpu" if not torch.cuda.is_available() else "cuda", seq) or "model's own",
         "machine": machine(),
     }
     print(f"\n{cfg.model.name} ({n_base / 1e6:.1f} M params, LoRA {n_lora / 1e6:.2f} M), batch {args.batch} x {seq}, "
@@ -126,6 +159,8 @@ def main() -> None:
         ["matmul peak fp32", peak["fp32"], achieved / peak["fp32"]],
         ["matmul peak bf16", peak["bf16"], achieved / peak["bf16"]],
     ]))
+    print(table(["step variant", "s / step", "vs before", "ratio to peak"], [
+        [k, v["step_seconds"], v["vs_before"], v["ratio_vs_peak_train_dtype"]] for k, v in res["variants"].items()]))
     if not native_bf16():
         print("note: no AVX512-BF16/AMX on this CPU: bf16 matmul is emulated and slower than float32, so the "
               "float32 peak is the physical limit for the client's work here")

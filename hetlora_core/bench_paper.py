@@ -155,7 +155,8 @@ def method_config(base: HetLoRAConfig, method: str, seed: int, prof: dict[str, A
 # Settings added after runs were first recorded: left out of the hash while at their default, so
 # adding an option does not orphan the finished runs it cannot have changed. Settings removed since
 # (config.REMOVED_SETTINGS) are put back at the value that remains, for the same reason.
-LATE_DEFAULTS: dict[tuple[str, str], Any] = {("model", "vocab"): "full"}
+LATE_DEFAULTS: dict[tuple[str, str], Any] = {("model", "vocab"): "full", ("training", "chunked_loss"): True,
+                                                ("model", "attention"): "auto"}
 # Settings that cannot change a run's numbers (tested), only how its store writes and how often the
 # aggregate step reads an upload: never in the hash. (Only a store that changes an object between the
 # step's reads tells them apart: dropped when read again, the validated tensors when kept.)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import peft_bridge, precision
+from . import attention, frozen_cast, lm_loss, peft_bridge, precision
 from .adapter import LoraAdapter
 from .config import HetLoRAConfig
 from .data import Batch, ClientData, sample_batch
@@ -63,6 +63,11 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _attention(model: torch.nn.Module, cfg: HetLoRAConfig) -> contextlib.AbstractContextManager[None]:
+    """The attention kernel for this training call (``model.attention``, attention.py)."""
+    return attention.using(model, attention.choose(cfg.model.attention, precision.resolve(cfg).device, cfg.data.seq_len))
+
+
 def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: ClientData, cfg: HetLoRAConfig, rnd: int,
           reg_fn: Callable[[], torch.Tensor | None], after_step: Callable[[torch.optim.Optimizer], None] | None = None) -> tuple[float, float, int]:
     """The training loop shared by every method: returns (mean task loss, mean reg, tokens).
@@ -90,7 +95,7 @@ def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: Clie
             batch = (Batch.lm(sample_batch(client.train_ids, t.batch_size, cfg.data.seq_len, gen)) if client.train_samples is None
                      else client.train_samples.draw(t.batch_size, gen)).to(device)
             with prec.autocast():
-                loss = model(**batch.model_inputs()).loss
+                loss = lm_loss.causal_lm_loss(model, batch, prec.torch_dtype, t.chunked_loss)
             reg = reg_fn()
             total = loss.float() + (reg if reg is not None and reg.requires_grad else 0.0)
             opt.zero_grad(set_to_none=True)
@@ -138,7 +143,9 @@ def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData
         def after_step(opt: torch.optim.Optimizer) -> None:  # the prox in the metric of the AdamW step just taken
             proximal_step(A_live, B_live, ranks, cfg.pruning, cfg.ranks.r_min, opt)
 
-        with precision.checkpointing(model, cfg.model.gradient_checkpointing):
+        prec = precision.resolve(cfg)
+        with (precision.checkpointing(model, cfg.model.gradient_checkpointing), _attention(peft_model, cfg),
+              frozen_cast.held_in(peft_model, prec.torch_dtype, prec.device)):
             loss, reg, tokens = _loop(peft_model, peft_bridge.lora_parameters(peft_model), client, cfg, rnd, reg_fn,
                                       after_step if proximal else None)
         trained = peft_bridge.extract(peft_model, received.scale)
@@ -161,7 +168,8 @@ def train_full(model: torch.nn.Module, global_delta: dict[str, np.ndarray], clie
                 if n in global_delta:
                     p.add_(peft_bridge.as_tensor(global_delta[n]).to(p.device))
                     p.requires_grad_(True)
-        loss, reg, tokens = _loop(model, params, client, cfg, rnd, lambda: None)
+        with _attention(model, cfg):
+            loss, reg, tokens = _loop(model, params, client, cfg, rnd, lambda: None)
         with torch.no_grad():
             delta = {n: (p.detach() - base[n]).float().cpu().numpy() for n, p in model.named_parameters() if n in global_delta}
     finally:

@@ -79,6 +79,10 @@ class ModelConfig:
     # QLoRA: the frozen base in bitsandbytes NF4 (CUDA only); LoRA adapters stay float32.
     quantize: Literal["none", "4bit"] = "none"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    # Attention kernel for training: "auto" (eager on CPU for windows up to 512 tokens, where the
+    # fused SDPA kernel's backward was measured slower; the model's own elsewhere), "eager" or "sdpa".
+    # Evaluation keeps the model's own. See attention.py.
+    attention: Literal["auto", "eager", "sdpa"] = "auto"
 
     def __post_init__(self) -> None:
         kind = model_name_kind(self.name)
@@ -104,6 +108,8 @@ class ModelConfig:
                    f"module path, e.g. q_proj), got {bad}; 'auto' and 'all-linear' stand alone, not in a list")
         _check(self.lora_scale > 0, "model.lora_scale", f"must be > 0, got {self.lora_scale}")
         _check(self.tiny_hidden >= 8 and self.tiny_layers >= 1, "model.tiny_hidden/tiny_layers", "must be >= 8 and >= 1")
+        _check(self.attention in ("auto", "eager", "sdpa"), "model.attention",
+               f"must be 'auto', 'eager' or 'sdpa', got {self.attention!r}")
         _check(self.vocab in ("full", "corpus"), "model.vocab", f"must be 'full' or 'corpus', got {self.vocab!r}")
         _check(not (self.dtype == "float16" and self.device == "cpu"), "model.dtype",
                "'float16' is CUDA-only (it needs a gradient scaler); on cpu use auto, float32 or bfloat16")
@@ -293,6 +299,9 @@ class TrainingConfig:
     # CPU it is emulated: bf16 matmul peak 1.3 vs float32 36.9 GFLOP/s here (docs/benchmarks.md).
     bf16: bool | None = None
     threads: int = 0  # torch threads; 0 = torch's default
+    # The loss from the last hidden states a chunk of tokens at a time, without the whole batch's
+    # logits (same arithmetic, less memory traffic: lm_loss.py); false: the model's own forward.
+    chunked_loss: bool = True
 
     def __post_init__(self) -> None:
         _check(self.local_steps >= 1, "training.local_steps", f"must be >= 1, got {self.local_steps}")

@@ -37,6 +37,13 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a)
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (the model itself when not wrapped)."""
+    get = getattr(model, "get_base_model", None)
+    base = get() if callable(get) else model
+    return base if isinstance(base, torch.nn.Module) else model
+
+
 def spec_from_model(model: torch.nn.Module, target_modules: str | tuple[str, ...]) -> AdapterSpec:
     """Every Linear layer (nn.Linear, GPT-2's Conv1D) whose last name part is one of the modules
     ``target_modules`` resolves to on ``model`` (``auto``, ``all-linear`` or names; targets.py), with its (out, in)."""

@@ -1,0 +1,79 @@
+"""``model.attention`` (hetlora_core/attention.py): the auto rule, the switch for one training call
+and back, and training that agrees across kernels to rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hetlora_core import attention, peft_bridge, runtime
+from hetlora_core.adapter import init_global
+from hetlora_core.client import train_lora
+from hetlora_core.config import ConfigError, HetLoRAConfig, load_config, replace
+
+
+@pytest.fixture(scope="module")
+def cfg() -> HetLoRAConfig:
+    return load_config("configs/smoke.yaml", {"training.bf16": False, "training.threads": 1})
+
+
+@pytest.fixture(scope="module")
+def model(cfg: HetLoRAConfig) -> torch.nn.Module:
+    torch.set_num_threads(1)
+    return runtime.model(cfg)
+
+
+@pytest.mark.parametrize("setting,device,seq,want", [
+    ("auto", "cpu", 64, "eager"), ("auto", "cpu", attention.CPU_EAGER_MAX_LEN, "eager"),
+    ("auto", "cpu", attention.CPU_EAGER_MAX_LEN + 1, None), ("auto", "cuda", 64, None),
+    ("sdpa", "cpu", 64, "sdpa"), ("eager", "cuda", 4096, "eager"),
+])
+def test_auto_takes_eager_on_cpu_for_short_windows_only(setting, device, seq, want):
+    assert attention.choose(setting, device, seq) == want
+
+
+def test_a_bad_setting_is_refused_by_name():
+    with pytest.raises(ConfigError, match="model.attention.*'flash'"):
+        load_config(None, {"model.attention": "flash"})
+
+
+def test_the_kernel_is_switched_for_the_block_and_back_also_after_an_error(model, cfg):
+    own = model.config._attn_implementation
+    other = "eager" if own != "eager" else "sdpa"
+    pm = peft_bridge.attach(model, init_global(peft_bridge.spec_from_model(model, cfg.model.target_modules), 4, 2.0, 0))
+    try:
+        with attention.using(pm, other):
+            assert model.config._attn_implementation == other
+            assert all(getattr(m, "config", model.config)._attn_implementation == other for m in model.modules() if hasattr(m, "config"))
+        assert model.config._attn_implementation == own
+        with pytest.raises(RuntimeError, match="boom"), attention.using(pm, other):
+            raise RuntimeError("boom")
+        assert model.config._attn_implementation == own
+        with attention.using(pm, None):  # None: the model's own, untouched
+            assert model.config._attn_implementation == own
+    finally:
+        peft_bridge.detach(pm)
+
+
+def test_training_with_either_kernel_agrees_to_rounding(model, cfg):
+    client = runtime.clients(cfg)[runtime.client_ids(cfg)[0]]
+    g = init_global(peft_bridge.spec_from_model(model, cfg.model.target_modules), 8, 2.0, 0)
+    seen = []
+    real = attention.using
+
+    def spy(m, kernel):  # the kernel train_lora asked for
+        seen.append(kernel)
+        return real(m, kernel)
+
+    attention.using = spy
+    try:
+        runs = {k: train_lora(model, g, client, replace(cfg, **{"model.attention": k}), 0) for k in ("eager", "sdpa")}
+    finally:
+        attention.using = real
+    assert seen == ["eager", "sdpa"]
+    a, b = runs["eager"].adapter, runs["sdpa"].adapter
+    assert runs["eager"].train_loss == pytest.approx(runs["sdpa"].train_loss, rel=1e-5)
+    for m in a.A:
+        np.testing.assert_allclose(a.A[m], b.A[m], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a.B[m], b.B[m], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,166 @@
+"""The chunked causal-LM loss (hetlora_core/lm_loss.py) against the model's own forward, on the tiny
+Llama (SmolLM2's architecture) with a LoRA adapter attached: same loss and gradients, masked labels
+and padding included, full fine-tuning's output-layer gradient, and the fallback for models whose
+forward changes the logits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hetlora_core import lm_loss, peft_bridge, runtime
+from hetlora_core.adapter import init_global
+from hetlora_core.client import train_lora
+from hetlora_core.config import HetLoRAConfig, load_config, replace
+from hetlora_core.data import IGNORE, Batch
+
+
+@pytest.fixture(scope="module")
+def cfg() -> HetLoRAConfig:
+    return load_config("configs/smoke.yaml", {"training.bf16": False, "training.threads": 1})
+
+
+@pytest.fixture(scope="module")
+def model(cfg: HetLoRAConfig) -> torch.nn.Module:
+    torch.set_num_threads(1)
+    return runtime.model(cfg)
+
+
+@pytest.fixture
+def peft_model(model: torch.nn.Module, cfg: HetLoRAConfig):
+    g = init_global(peft_bridge.spec_from_model(model, cfg.model.target_modules), 8, 2.0, 0)
+    gen = np.random.default_rng(5)
+    g.B = {m: gen.standard_normal(b.shape, np.float32) * 0.3 for m, b in g.B.items()}  # B != 0: A gets gradients
+    pm = peft_bridge.attach(model, g)
+    pm.train()
+    yield pm
+    pm.eval()
+    peft_bridge.detach(pm)
+
+
+def batch(masked: bool = False, padded: bool = False) -> Batch:
+    ids = torch.randint(0, 49152, (3, 40), generator=torch.Generator().manual_seed(7))
+    labels = ids.clone()
+    mask = None
+    if masked:  # instruction data: the prompt's labels are ignored
+        labels[0, :25] = IGNORE
+        labels[2, 3:11] = IGNORE
+    if padded:  # right padding, ignored in the loss
+        mask = torch.ones_like(ids)
+        mask[1, 30:] = 0
+        labels[1, 30:] = IGNORE
+    return Batch(ids, labels, mask)
+
+
+def loss_and_grads(pm: torch.nn.Module, b: Batch, chunked: bool, dtype: torch.dtype = torch.float32) -> tuple[float, list[torch.Tensor]]:
+    params = peft_bridge.lora_parameters(pm)
+    for p in params:
+        p.grad = None
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = lm_loss.causal_lm_loss(pm, b, dtype, chunked)
+    loss.float().backward()
+    return float(loss.detach()), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("masked,padded", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("chunk", [7, 128])  # 7: many chunks and a short last one
+def test_chunked_loss_and_gradients_equal_the_models_own(peft_model, monkeypatch, masked, padded, chunk):
+    monkeypatch.setattr(lm_loss, "CHUNK_TOKENS", chunk)
+    b = batch(masked, padded)
+    own, g_own = loss_and_grads(peft_model, b, chunked=False)
+    mine, g_mine = loss_and_grads(peft_model, b, chunked=True)
+    assert lm_loss._checked.get(peft_bridge.unwrapped(peft_model)) is True  # the chunked path really ran
+    assert mine == pytest.approx(own, rel=1e-6)
+    for a, c in zip(g_own, g_mine, strict=True):
+        assert torch.count_nonzero(a) > 0
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_matches_the_models_own(peft_model):
+    b = batch(masked=True)
+    own, g_own = loss_and_grads(peft_model, b, chunked=False, dtype=torch.bfloat16)
+    mine, g_mine = loss_and_grads(peft_model, b, chunked=True, dtype=torch.bfloat16)
+    assert mine == pytest.approx(own, rel=1e-5)
+    for a, c in zip(g_own, g_mine, strict=True):  # same bf16 roundings (bit-equal on the machines measured)
+        torch.testing.assert_close(c, a, rtol=1e-2, atol=1e-6)
+
+
+def test_the_chunked_loss_is_the_formula():
+    """Against cross_entropy written out, on random tensors (not through any model)."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 9, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9), generator=gen)
+    labels[1, :4] = IGNORE
+    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
+    ref = torch.nn.functional.cross_entropy((h.reshape(-1, 16) @ w.T), targets, ignore_index=IGNORE)
+    gh_ref, gw_ref = torch.autograd.grad(ref, (h, w))
+    mine = lm_loss.chunked_cross_entropy(h, w, labels, torch.float64)
+    gh, gw = torch.autograd.grad(mine, (h, w))
+    # The softmax runs in float32 whatever the input (as the model's own loss upcasts with .float()).
+    assert float(mine) == pytest.approx(float(ref), rel=1e-6)
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-7)
+    # ignored positions (and the last one, which predicts nothing) get no gradient
+    assert torch.count_nonzero(gh[1, :3]) == 0 and torch.count_nonzero(gh[:, -1]) == 0
+
+
+def test_nothing_counted_is_nan_like_the_models_own(peft_model):
+    b = batch()
+    b = Batch(b.input_ids, torch.full_like(b.labels, IGNORE), None)
+    with torch.no_grad():
+        own = float(peft_model(**b.model_inputs()).loss)
+        mine = float(lm_loss.causal_lm_loss(peft_model, b, torch.float32))
+    assert math.isnan(own) and math.isnan(mine)
+
+
+def test_full_fine_tuning_gets_the_tied_output_layer_gradient(cfg):
+    """Full fine-tuning trains the tied embedding / output matrix: its gradient comes through both
+    the lookup and the chunked output layer."""
+    from hetlora_core.models import load_base_model
+
+    m = load_base_model(cfg.model, fresh=True)[0]
+    params = list(m.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    m.train()
+    b = batch(masked=True)
+    grads = []
+    for chunked in (False, True):
+        m.zero_grad(set_to_none=True)
+        lm_loss.causal_lm_loss(m, b, torch.float32, chunked).backward()
+        grads.append([p.grad.clone() for p in params])
+    emb = m.get_input_embeddings().weight
+    assert emb is m.get_output_embeddings().weight  # tied, as SmolLM2
+    for a, c in zip(*grads, strict=True):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-7)
+
+
+def test_a_model_that_changes_its_logits_keeps_its_own_loss(cfg):
+    """Soft-capping / a logit scale in the forward: the one-time check sees the chunked loss differ
+    and the model's own forward computes the loss (here a hook scales the logits by 20)."""
+    from hetlora_core.models import load_base_model
+
+    m = load_base_model(cfg.model, fresh=True)[0]
+    m.get_output_embeddings().register_forward_hook(lambda mod, inp, out: out * 20.0)
+    b = batch()
+    with torch.no_grad():
+        own = float(m(**b.model_inputs()).loss)
+        got = float(lm_loss.causal_lm_loss(m, b, torch.float32))
+        plain = float(lm_loss.chunked_cross_entropy(m.model(input_ids=b.input_ids)[0], m.lm_head.weight, b.labels, torch.float32))
+    assert lm_loss._checked[m] is False
+    assert got == own and abs(plain - own) > 1e-3
+
+
+def test_training_with_either_loss_gives_the_same_adapter(model, cfg):
+    client = runtime.clients(cfg)[runtime.client_ids(cfg)[0]]
+    g = init_global(peft_bridge.spec_from_model(model, cfg.model.target_modules), 8, 2.0, 0)
+    a = train_lora(model, g, client, replace(cfg, **{"training.chunked_loss": True}), 0)
+    b = train_lora(model, g, client, replace(cfg, **{"training.chunked_loss": False}), 0)
+    assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+    for m in a.adapter.A:
+        np.testing.assert_allclose(a.adapter.A[m], b.adapter.A[m], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a.adapter.B[m], b.adapter.B[m], rtol=1e-4, atol=1e-6)
