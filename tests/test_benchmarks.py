@@ -20,7 +20,7 @@ EXPECTED = {
     "bench_bytes.py": ("bytes-quick.json", []),
     "bench_cluster.py": ("cluster.json", ["up_s", "rss_total_mb"]),
     "bench_eval.py": ("eval-quick.json", ["ratio", "per_client_s", "batched_s"]),
-    "bench_flops.py": ("flops-quick.json", []),
+    "bench_flops.py": ("flops-quick.json", ["ratio_vs_peak_train_dtype", "step_seconds"]),
     "bench_pipeline_overhead.py": ("pipeline_overhead.json", ["ratio", "ratio_vs_cold", "in_process_cold_s"]),
     "bench_precision.py": ("precision-quick.json", ["auto_vs_float32", "bf16_vs_float32"]),
     "bench_pruning_form.py": ("pruning_form-quick.json", []),
@@ -55,5 +55,7 @@ def test_benchmark_quick_variant_runs(script: str, tmp_path: Path) -> None:
         assert isinstance(res[k], float) and res[k] > 0, (k, res.get(k))
     if script == "bench_pipeline_overhead.py":
         assert res["same_global_bytes"] is True  # the pipeline computed what simulate computed
+    if script == "bench_flops.py":  # every training-step variant timed, the defaults last
+        assert list(res["variants"])[-1] == "defaults (all three)" and all(v["step_seconds"] > 0 for v in res["variants"].values())
     if script == "bench_task_startup.py":
         assert res["model_free_torch_free"] is True  # the model-free tasks' start-up never pays for torch

@@ -101,7 +101,7 @@ def test_the_chunked_loss_is_the_formula():
     mine = lm_loss.chunked_cross_entropy(h, w, labels, torch.float64)
     gh, gw = torch.autograd.grad(mine, (h, w))
     # The softmax runs in float32 whatever the input (as the model's own loss upcasts with .float()).
-    assert float(mine) == pytest.approx(float(ref), rel=1e-6)
+    assert float(mine.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
     torch.testing.assert_close(gh, gh_ref, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-7)
     # ignored positions (and the last one, which predicts nothing) get no gradient
