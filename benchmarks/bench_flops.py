@@ -147,7 +147,7 @@ def main() -> None:
         "ratio_vs_fp32_peak": achieved / peak["fp32"], "ratio_vs_bf16_peak": achieved / peak["bf16"],
         "variants": {k: {"step_seconds": v, "steps": times[k], "vs_before": v / step_of["model's loss, sdpa, cast per forward (before)"],
                          "ratio_vs_peak_train_dtype": counted / v / 1e9 / peak[train_dtype]} for k, v in step_of.items()},
-        "attention_auto": attention.choose("auto", "cpu" if not torch.cuda.is_available() else "cuda", seq) or "model's own",
+        "attention_auto": attention.choose("auto", "cpu", "bfloat16" if bf16 else "float32", seq) or "model's own",
         "machine": machine(),
     }
     print(f"\n{cfg.model.name} ({n_base / 1e6:.1f} M params, LoRA {n_lora / 1e6:.2f} M), batch {args.batch} x {seq}, "

@@ -65,7 +65,8 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 def _attention(model: torch.nn.Module, cfg: HetLoRAConfig) -> contextlib.AbstractContextManager[None]:
     """The attention kernel for this training call (``model.attention``, attention.py)."""
-    return attention.using(model, attention.choose(cfg.model.attention, precision.resolve(cfg).device, cfg.data.seq_len))
+    prec = precision.resolve(cfg)
+    return attention.using(model, attention.choose(cfg.model.attention, prec.device, prec.dtype, cfg.data.seq_len))
 
 
 def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: ClientData, cfg: HetLoRAConfig, rnd: int,

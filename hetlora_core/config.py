@@ -79,8 +79,8 @@ class ModelConfig:
     # QLoRA: the frozen base in bitsandbytes NF4 (CUDA only); LoRA adapters stay float32.
     quantize: Literal["none", "4bit"] = "none"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
-    # Attention kernel for training: "auto" (eager on CPU for windows up to 512 tokens, where the
-    # fused SDPA kernel's backward was measured slower; the model's own elsewhere), "eager" or "sdpa".
+    # Attention kernel for training: "auto" (eager on CPU in bf16 for windows up to 512 tokens, where
+    # the fused SDPA kernel's backward was measured slower; the model's own elsewhere), "eager" or "sdpa".
     # Evaluation keeps the model's own. See attention.py.
     attention: Literal["auto", "eager", "sdpa"] = "auto"
 

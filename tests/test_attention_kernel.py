@@ -24,13 +24,13 @@ def model(cfg: HetLoRAConfig) -> torch.nn.Module:
     return runtime.model(cfg)
 
 
-@pytest.mark.parametrize("setting,device,seq,want", [
-    ("auto", "cpu", 64, "eager"), ("auto", "cpu", attention.CPU_EAGER_MAX_LEN, "eager"),
-    ("auto", "cpu", attention.CPU_EAGER_MAX_LEN + 1, None), ("auto", "cuda", 64, None),
-    ("sdpa", "cpu", 64, "sdpa"), ("eager", "cuda", 4096, "eager"),
+@pytest.mark.parametrize("setting,device,dtype,seq,want", [
+    ("auto", "cpu", "bfloat16", 64, "eager"), ("auto", "cpu", "bfloat16", attention.CPU_EAGER_MAX_LEN, "eager"),
+    ("auto", "cpu", "bfloat16", attention.CPU_EAGER_MAX_LEN + 1, None), ("auto", "cpu", "float32", 64, None),
+    ("auto", "cuda", "bfloat16", 64, None), ("sdpa", "cpu", "bfloat16", 64, "sdpa"), ("eager", "cuda", "float16", 4096, "eager"),
 ])
-def test_auto_takes_eager_on_cpu_for_short_windows_only(setting, device, seq, want):
-    assert attention.choose(setting, device, seq) == want
+def test_auto_takes_eager_on_cpu_in_bf16_for_short_windows_only(setting, device, dtype, seq, want):
+    assert attention.choose(setting, device, dtype, seq) == want
 
 
 def test_a_bad_setting_is_refused_by_name():
