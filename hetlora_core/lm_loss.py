@@ -12,9 +12,11 @@ shifted by one, ``-100`` ignored, the mean over counted tokens, logits in the co
 float32 before the softmax; only the order of the sums differs, so the loss agrees to rounding.
 
 Some architectures change the logits in their forward (soft-capping, a logit scale, a bias). So the
-chunked path is used for a model only after it gave the model's own loss on a short batch
-(``_agrees``, once per model object and process); otherwise, and for anything it cannot read (no
-``lm_head`` Linear, no decoder under ``base_model_prefix``), the model's own forward computes the loss.
+chunked path is used for a model only when its config names none of those, its output layer is a
+plain bias-free ``nn.Linear`` without hooks, and it gave the model's own loss on a short batch
+(``_agrees``, once per model object and process); otherwise, for anything it cannot read (no decoder
+under ``base_model_prefix``) and in float16 (see ``causal_lm_loss``), the model's own forward computes
+the loss.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from .peft_bridge import unwrapped
 
 log = logging.getLogger(__name__)
 
-# Tokens per chunk: the chunk's float32 logits (CHUNK x vocab x 4 bytes, 16 MB for a 49k vocabulary)
-# are produced and consumed while they are still in the last-level cache of a server CPU.
+# Tokens per chunk: the chunk's float32 logits (CHUNK x vocab x 4 bytes, 25 MB for a 49k vocabulary)
+# are produced and consumed while they are still in (or near) a server CPU's last-level cache;
+# 64, 256 and 512 were slower on the AVX512-BF16 EPYC (the loss alone, fwd + bwd of 8 x 128 tokens).
 CHUNK_TOKENS = 128
+_LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits")
 _AGREE_RTOL = 1e-3  # soft-capping or a logit scale moves a loss by far more; rounding by far less
 _checked: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
@@ -46,29 +50,30 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, compute_dtype: torch.dtype) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        counted = targets != IGNORE
-        n = counted.sum().to(torch.float32)  # 0 counted tokens: nan, as the model's own mean is
-        w = frozen_cast.cast(weight, compute_dtype)  # frozen on CPU: cast once per process
-        h_all = hidden.to(compute_dtype)
-        grad_h = torch.empty_like(hidden) if need_h else None
+        # Only counted positions are computed: an ignored row (a prompt, padding) costs no vocabulary
+        # matmul, and its logits, even if not finite, cannot reach the loss or a gradient.
+        rows = (targets != IGNORE).nonzero().squeeze(1)
+        n = torch.tensor(float(len(rows)), device=hidden.device)  # 0 counted tokens: nan, as the model's own mean is
+        w = frozen_cast.cast(weight, compute_dtype)  # frozen on CPU in a training call: cast once per call
+        grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s in range(0, hidden.shape[0], CHUNK_TOKENS):
-            h, t, keep = h_all[s:s + CHUNK_TOKENS], targets[s:s + CHUNK_TOKENS], counted[s:s + CHUNK_TOKENS]
-            # log_softmax, not logsumexp: the model's own loss takes it (they differ in the last bits).
-            lp = torch.log_softmax(h @ w.T, -1, dtype=torch.float32)  # = .float() then log_softmax, one pass less
-            t0 = t.clamp(min=0)  # an ignored position's target is never read: keep the gather in range
-            total -= (lp.gather(1, t0[:, None]).squeeze(1) * keep).sum()
+        for s in range(0, len(rows), CHUNK_TOKENS):
+            r = rows[s:s + CHUNK_TOKENS]
+            h, t = hidden[r].to(compute_dtype), targets[r]
+            # log_softmax, not logsumexp: the model's own loss takes it (they differ in the last bits);
+            # dtype=float32 upcasts while it reads (= .float() then log_softmax, one pass less).
+            lp = torch.log_softmax(h @ w.T, -1, dtype=torch.float32)
+            total -= lp.gather(1, t[:, None]).sum()
             if grad_h is None and grad_w is None:
                 continue
-            # d loss / d logits = (softmax - one-hot) / n on counted rows, in the order log_softmax's
-            # backward computes it (exp(lp) / n, then - 1 / n at the target), cast as autocast casts it.
-            share = keep.to(torch.float32) / n
-            g = lp.exp_().mul_(share[:, None])
-            g[torch.arange(len(t0), device=g.device), t0] -= share
+            # d loss / d logits = (softmax - one-hot) / n, in the order log_softmax's backward computes
+            # it (exp(lp) / n, then - 1 / n at the target), cast as autocast casts it.
+            g = lp.exp_().mul_(1.0 / n)
+            g[torch.arange(len(t), device=g.device), t] -= 1.0 / n
             g = g.to(compute_dtype)
             if grad_h is not None:
-                grad_h[s:s + CHUNK_TOKENS] = (g @ w).to(hidden.dtype)
+                grad_h[r] = (g @ w).to(hidden.dtype)
             if grad_w is not None:
                 grad_w += (g.T @ h).float()
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
@@ -100,6 +105,13 @@ def _parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | 
     get_head = getattr(base, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if not isinstance(decoder, torch.nn.Module) or type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    # What the short check below could miss: hooks on the output layer, logit transforms that barely
+    # move a small model's loss today (soft-capping, a logit scale) and an MoE router's auxiliary loss.
+    if head._forward_hooks or head._forward_pre_hooks:
+        return None
+    config = getattr(base, "config", None)
+    if any(getattr(config, k, None) not in (None, False, 1.0) for k in _LOGIT_CHANGES):
         return None
     return decoder, head
 
@@ -134,8 +146,10 @@ def _agrees(model: torch.nn.Module, parts: tuple[torch.nn.Module, torch.nn.Linea
 def causal_lm_loss(model: torch.nn.Module, batch: Batch, compute_dtype: torch.dtype, chunked: bool = True) -> Tensor:
     """The training loss of ``batch`` (call it inside the step's autocast, as the model's own forward).
 
-    ``chunked=False`` (``training.chunked_loss: false``): always the model's own forward."""
-    parts = _parts(model) if chunked else None
+    ``chunked=False`` (``training.chunked_loss: false``): always the model's own forward. float16
+    too: its gradient scaler multiplies the loss's gradient before the cast to float16, while here
+    the gradient is cast in forward, before any scale is known (small entries would flush to zero)."""
+    parts = _parts(model) if chunked and compute_dtype != torch.float16 else None
     if parts is not None:
         key = unwrapped(model)
         if key not in _checked:

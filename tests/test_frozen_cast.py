@@ -57,16 +57,34 @@ def test_trainable_weights_are_left_alone():
         assert lin.weight.dtype == torch.float32
 
 
-def test_the_cast_is_kept_and_made_again_after_an_in_place_change():
-    w = torch.nn.Parameter(torch.randn(8, 8), requires_grad=False)
-    a = frozen_cast.cast(w, torch.bfloat16)
-    assert frozen_cast.cast(w, torch.bfloat16) is a
-    with torch.no_grad():
-        w.add_(1.0)  # e.g. a merge into the base
-    b = frozen_cast.cast(w, torch.bfloat16)
-    assert b is not a and torch.equal(b, w.detach().to(torch.bfloat16))
+def test_a_cast_lives_for_one_training_call():
+    """Made once inside held_in; gone after it, so a write through .data between calls (peft's
+    merge does one: neither the version counter nor the address changes) is seen by the next call."""
+    lin = torch.nn.Linear(8, 8)
+    lin.weight.requires_grad_(False)
+    model = torch.nn.Sequential(lin)
+    with frozen_cast.held_in(model, torch.bfloat16, "cpu"):
+        first = lin.weight.data
+    assert frozen_cast.cast(lin.weight, torch.bfloat16) is not frozen_cast.cast(lin.weight, torch.bfloat16)  # outside: plain .to
+    lin.weight.data += 1.0
+    with frozen_cast.held_in(model, torch.bfloat16, "cpu"):
+        now = lin.weight.data
+    assert not torch.equal(now, first)
+    assert torch.equal(now, lin.weight.detach().to(torch.bfloat16))  # the cast of the written weights
     t = torch.nn.Parameter(torch.randn(8, 8))  # trainable: never kept
-    assert frozen_cast.cast(t, torch.bfloat16) is not frozen_cast.cast(t, torch.bfloat16)
+    with frozen_cast.held_in(model, torch.bfloat16, "cpu"):
+        assert frozen_cast.cast(t, torch.bfloat16) is not frozen_cast.cast(t, torch.bfloat16)
+        w = torch.nn.Parameter(torch.randn(8, 8), requires_grad=False)
+        assert frozen_cast.cast(w, torch.bfloat16) is frozen_cast.cast(w, torch.bfloat16)
+
+
+def test_a_weight_shared_by_two_linears_is_swapped_once_and_restored():
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    b.weight = a.weight
+    a.weight.requires_grad_(False)
+    with frozen_cast.held_in(torch.nn.Sequential(a, b), torch.bfloat16, "cpu"):
+        assert a.weight.dtype == torch.bfloat16
+    assert a.weight.dtype == torch.float32 and b.weight is a.weight
 
 
 def test_training_is_bit_identical_with_and_without_the_held_casts(model, cfg, monkeypatch):

@@ -71,8 +71,9 @@ def test_chunked_loss_and_gradients_equal_the_models_own(peft_model, monkeypatch
     monkeypatch.setattr(lm_loss, "CHUNK_TOKENS", chunk)
     b = batch(masked, padded)
     own, g_own = loss_and_grads(peft_model, b, chunked=False)
+    calls = spy_chunked(monkeypatch)
     mine, g_mine = loss_and_grads(peft_model, b, chunked=True)
-    assert lm_loss._checked.get(peft_bridge.unwrapped(peft_model)) is True  # the chunked path really ran
+    assert calls and lm_loss._checked.get(peft_bridge.unwrapped(peft_model)) is True  # the chunked path really ran
     assert mine == pytest.approx(own, rel=1e-6)
     for a, c in zip(g_own, g_mine, strict=True):
         assert torch.count_nonzero(a) > 0
@@ -139,22 +140,76 @@ def test_full_fine_tuning_gets_the_tied_output_layer_gradient(cfg):
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-7)
 
 
-def test_a_model_that_changes_its_logits_keeps_its_own_loss(cfg):
-    """Soft-capping / a logit scale in the forward: the one-time check sees the chunked loss differ
-    and the model's own forward computes the loss (here a hook scales the logits by 20)."""
+def spy_chunked(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = lm_loss._chunked
+    monkeypatch.setattr(lm_loss, "_chunked", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_a_model_whose_forward_changes_the_loss_keeps_its_own(cfg, monkeypatch):
+    """Something the config and the output layer do not show (here the forward scales its loss): the
+    one-time check sees the chunked loss differ, and the model's own forward computes the loss."""
     from hetlora_core.models import load_base_model
 
     m = load_base_model(cfg.model, fresh=True)[0]
-    m.get_output_embeddings().register_forward_hook(lambda mod, inp, out: out * 20.0)
+    real_forward = m.forward
+
+    def forward(*a, **k):
+        out = real_forward(*a, **k)
+        out.loss = out.loss * 1.5
+        return out
+
+    m.forward = forward
     b = batch()
     with torch.no_grad():
         own = float(m(**b.model_inputs()).loss)
         got = float(lm_loss.causal_lm_loss(m, b, torch.float32))
-        plain = float(lm_loss.chunked_cross_entropy(m.model(input_ids=b.input_ids)[0], m.lm_head.weight, b.labels, torch.float32))
     assert lm_loss._checked[m] is False
-    assert got == own and abs(plain - own) > 1e-3
+    assert got == own
+    calls = spy_chunked(monkeypatch)
+    with torch.no_grad():
+        lm_loss.causal_lm_loss(m, b, torch.float32)
+    assert calls == []  # decided once: not even tried again
 
 
+def test_output_layer_hooks_and_logit_settings_keep_the_models_own_loss(cfg, monkeypatch):
+    from hetlora_core.models import load_base_model
+
+    m = load_base_model(cfg.model, fresh=True)[0]
+    assert lm_loss._parts(m) is not None
+    hook = m.get_output_embeddings().register_forward_hook(lambda mod, inp, out: out * 20.0)
+    assert lm_loss._parts(m) is None
+    hook.remove()
+    monkeypatch.setattr(m.config, "final_logit_softcapping", 30.0, raising=False)
+    assert lm_loss._parts(m) is None
+
+
+def test_float16_keeps_the_models_own_loss(peft_model, monkeypatch):
+    """A float16 run's gradient scaler scales the loss's gradient before its cast to float16; the
+    chunked path casts in forward, so small gradient entries would flush to zero."""
+    calls = spy_chunked(monkeypatch)
+    b = batch()
+    with torch.no_grad():
+        lm_loss.causal_lm_loss(peft_model, b, torch.float16)
+        assert calls == []
+        lm_loss.causal_lm_loss(peft_model, b, torch.float32)
+    assert calls == [1]
+
+
+def test_non_finite_logits_of_ignored_positions_cannot_reach_loss_or_gradients():
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(1, 6, 8, generator=gen, requires_grad=True)
+    w = torch.randn(20, 8, generator=gen)
+    labels = torch.randint(0, 20, (1, 6), generator=gen)
+    labels[0, :3] = IGNORE  # positions 0 and 1 predict ignored labels 1 and 2
+    poisoned = h.detach().clone()
+    poisoned[0, :2] = float("inf")  # e.g. float16 overflow on a prompt row
+    x = poisoned.requires_grad_(True)
+    loss = lm_loss.chunked_cross_entropy(x, w, labels, torch.float32)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert torch.count_nonzero(x.grad[0, :2]) == 0
 def test_training_with_either_loss_gives_the_same_adapter(model, cfg):
     client = runtime.clients(cfg)[runtime.client_ids(cfg)[0]]
     g = init_global(peft_bridge.spec_from_model(model, cfg.model.target_modules), 8, 2.0, 0)
