@@ -1,15 +1,15 @@
 """Which attention kernel a training step runs: ``model.attention`` and its ``auto`` rule.
 
-Why a choice at all: transformers loads a model with PyTorch's fused SDPA kernel. On CPU its backward
-for short sequences was the largest cost of a LoRA step after the matmuls (the 2-core AVX512-BF16
-EPYC, SmolLM2, bf16: a step of 8 x 128 tokens took 2.87 s with SDPA and 2.28 s with the eager
-kernel, plain matmuls and a float32 softmax; 512 tokens 3.30 s against 2.74 s; but 1024 tokens
-3.62 s against 4.97 s, where the eager kernel's sequence x sequence scores grow too large).
-``benchmarks/bench_flops.py`` measures both on the machine at hand (its ``attention`` rows).
-In float32 on the same CPU the two kernels tied (6.69 s against 6.51 s a step, within noise). So ``auto``
-runs the eager kernel on CPU in bf16 for windows up to ``CPU_EAGER_MAX_LEN`` tokens and keeps the model's
-own kernel everywhere else (float32 CPUs, such as the AVX2-only machines, train as before; on CUDA,
-SDPA's flash and memory-efficient kernels win).
+Why a choice at all: transformers loads a model with PyTorch's fused SDPA kernel. On CPU in bf16 its
+backward is slow for short windows, and the eager kernel (plain matmuls and a float32 softmax) trains
+faster there; for long windows the eager kernel's window x window scores cost more. Measured with
+``benchmarks/bench_flops.py`` (its "eager attention only" row against the old path; SmolLM2, 1 thread,
+the 2-core AVX512-BF16 EPYC): 8 x 128 tokens 0.86x a step (``--reps 5``), 2 x 512 tokens 0.905x
+(``--seq 512 --batch 2 --reps 1``), 1 x 1024 tokens 1.30x (``--seq 1024 --batch 1 --reps 1``); in
+float32 a tie (``--dtype fp32 --reps 2``: 1.03x, within noise). So ``auto`` runs the eager kernel on
+CPU in bf16 for windows up to ``CPU_EAGER_MAX_LEN`` tokens and keeps the model's own kernel everywhere
+else (float32 CPUs, such as the AVX2-only machines, train as before; on CUDA, SDPA's flash and
+memory-efficient kernels win). Rerun those commands to check the limit on another CPU.
 
 The kernel is switched for one training call and switched back (``using``): the base model is shared
 by everything in the process, and evaluation keeps the model's own kernel. The two kernels agree to

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,10 +63,15 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _attention(model: torch.nn.Module, cfg: HetLoRAConfig) -> contextlib.AbstractContextManager[None]:
-    """The attention kernel for this training call (``model.attention``, attention.py)."""
+@contextlib.contextmanager
+def _step_kernels(model: torch.nn.Module, cfg: HetLoRAConfig) -> Iterator[None]:
+    """How this training call's steps run, not what they compute: the attention kernel
+    (``model.attention``, attention.py) and, on CPU in bf16, the frozen Linear weights held in bf16
+    (frozen_cast.py; weights that train, as in full fine-tuning, stay as they are)."""
     prec = precision.resolve(cfg)
-    return attention.using(model, attention.choose(cfg.model.attention, prec.device, prec.dtype, cfg.data.seq_len))
+    kernel = attention.choose(cfg.model.attention, prec.device, prec.dtype, cfg.data.seq_len)
+    with attention.using(model, kernel), frozen_cast.held_in(model, prec.torch_dtype, prec.device):
+        yield
 
 
 def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: ClientData, cfg: HetLoRAConfig, rnd: int,
@@ -144,9 +149,7 @@ def train_lora(model: torch.nn.Module, received: LoraAdapter, client: ClientData
         def after_step(opt: torch.optim.Optimizer) -> None:  # the prox in the metric of the AdamW step just taken
             proximal_step(A_live, B_live, ranks, cfg.pruning, cfg.ranks.r_min, opt)
 
-        prec = precision.resolve(cfg)
-        with (precision.checkpointing(model, cfg.model.gradient_checkpointing), _attention(peft_model, cfg),
-              frozen_cast.held_in(peft_model, prec.torch_dtype, prec.device)):
+        with precision.checkpointing(model, cfg.model.gradient_checkpointing), _step_kernels(peft_model, cfg):
             loss, reg, tokens = _loop(peft_model, peft_bridge.lora_parameters(peft_model), client, cfg, rnd, reg_fn,
                                       after_step if proximal else None)
         trained = peft_bridge.extract(peft_model, received.scale)
@@ -169,7 +172,7 @@ def train_full(model: torch.nn.Module, global_delta: dict[str, np.ndarray], clie
                 if n in global_delta:
                     p.add_(peft_bridge.as_tensor(global_delta[n]).to(p.device))
                     p.requires_grad_(True)
-        with _attention(model, cfg):
+        with _step_kernels(model, cfg):
             loss, reg, tokens = _loop(model, params, client, cfg, rnd, lambda: None)
         with torch.no_grad():
             delta = {n: (p.detach() - base[n]).float().cpu().numpy() for n, p in model.named_parameters() if n in global_delta}

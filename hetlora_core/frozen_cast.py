@@ -2,9 +2,9 @@
 
 Why: autocast keeps no cast of a weight that does not require grad, so a bf16 LoRA step re-casts
 every frozen float32 Linear weight of the base in every forward (read 4 bytes, write 2, per
-parameter): on the 2-core AVX512-BF16 EPYC that copy traffic was a visible share of a step
-(benchmarks/bench_flops.py). The cast is the same rounding whoever makes it, so casting each weight
-once per training call and swapping it in for the call's steps gives bit-identical results.
+parameter). The cast is the same rounding whoever makes it, so casting each weight
+once per training call and swapping it in for the call's steps gives bit-identical results. The gain
+is small: 0.985-0.996x a step in ``benchmarks/bench_flops.py`` (3 steps per call, the AVX512-BF16 EPYC).
 
 Costs and limits: the casts live for one training call (2 bytes per frozen Linear parameter beside
 the float32 weights), on CPU only. Not longer: a write through ``.data`` between calls (peft's merge

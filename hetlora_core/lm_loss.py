@@ -35,8 +35,7 @@ from .peft_bridge import unwrapped
 log = logging.getLogger(__name__)
 
 # Tokens per chunk: the chunk's float32 logits (CHUNK x vocab x 4 bytes, 25 MB for a 49k vocabulary)
-# are produced and consumed while they are still in (or near) a server CPU's last-level cache;
-# 64, 256 and 512 were slower on the AVX512-BF16 EPYC (the loss alone, fwd + bwd of 8 x 128 tokens).
+# are produced and consumed while they are still in (or near) a server CPU's last-level cache.
 CHUNK_TOKENS = 128
 _LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits")
 _AGREE_RTOL = 1e-3  # soft-capping or a logit scale moves a loss by far more; rounding by far less

@@ -102,6 +102,28 @@ def s3_store_config(s3_server: MinioServer | SeaweedServer, monkeypatch: pytest.
     return s3_store_config_for(s3_server, monkeypatch)
 
 
+# ---------------------------------------------------------------- the tiny model, float32, one thread
+
+
+@pytest.fixture(scope="module")
+def smoke_cfg():  # -> HetLoRAConfig; imported lazily: collecting tests loads no torch
+    """configs/smoke.yaml (a tiny Llama of SmolLM2's architecture, real Shakespeare clients) in
+    float32 on one thread: exact comparisons, and no oversubscription on a shared 2-core machine."""
+    from hetlora_core.config import load_config
+
+    return load_config("configs/smoke.yaml", {"training.bf16": False, "training.threads": 1})
+
+
+@pytest.fixture(scope="module")
+def smoke_model(smoke_cfg):  # -> torch.nn.Module: the process's shared base model for smoke_cfg
+    import torch
+
+    from hetlora_core import runtime
+
+    torch.set_num_threads(1)
+    return runtime.model(smoke_cfg)
+
+
 # Real Prometheus + Pushgateway (session-scoped; see tests/prometheus_server.py)
 from conftest_prometheus import prometheus, pushgateway  # noqa: E402,F401
 

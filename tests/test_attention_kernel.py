@@ -5,23 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from hetlora_core import attention, peft_bridge, runtime
 from hetlora_core.adapter import init_global
 from hetlora_core.client import train_lora
-from hetlora_core.config import ConfigError, HetLoRAConfig, load_config, replace
-
-
-@pytest.fixture(scope="module")
-def cfg() -> HetLoRAConfig:
-    return load_config("configs/smoke.yaml", {"training.bf16": False, "training.threads": 1})
-
-
-@pytest.fixture(scope="module")
-def model(cfg: HetLoRAConfig) -> torch.nn.Module:
-    torch.set_num_threads(1)
-    return runtime.model(cfg)
+from hetlora_core.config import ConfigError, load_config, replace
 
 
 @pytest.mark.parametrize("setting,device,dtype,seq,want", [
@@ -38,27 +26,27 @@ def test_a_bad_setting_is_refused_by_name():
         load_config(None, {"model.attention": "flash"})
 
 
-def test_the_kernel_is_switched_for_the_block_and_back_also_after_an_error(model, cfg):
-    own = model.config._attn_implementation
+def test_the_kernel_is_switched_for_the_block_and_back_also_after_an_error(smoke_model, smoke_cfg):
+    own = smoke_model.config._attn_implementation
     other = "eager" if own != "eager" else "sdpa"
-    pm = peft_bridge.attach(model, init_global(peft_bridge.spec_from_model(model, cfg.model.target_modules), 4, 2.0, 0))
+    pm = peft_bridge.attach(smoke_model, init_global(peft_bridge.spec_from_model(smoke_model, smoke_cfg.model.target_modules), 4, 2.0, 0))
     try:
         with attention.using(pm, other):
-            assert model.config._attn_implementation == other
-            assert all(getattr(m, "config", model.config)._attn_implementation == other for m in model.modules() if hasattr(m, "config"))
-        assert model.config._attn_implementation == own
+            assert smoke_model.config._attn_implementation == other
+            assert all(getattr(m, "config", smoke_model.config)._attn_implementation == other for m in smoke_model.modules() if hasattr(m, "config"))
+        assert smoke_model.config._attn_implementation == own
         with pytest.raises(RuntimeError, match="boom"), attention.using(pm, other):
             raise RuntimeError("boom")
-        assert model.config._attn_implementation == own
+        assert smoke_model.config._attn_implementation == own
         with attention.using(pm, None):  # None: the model's own, untouched
-            assert model.config._attn_implementation == own
+            assert smoke_model.config._attn_implementation == own
     finally:
         peft_bridge.detach(pm)
 
 
-def test_training_with_either_kernel_agrees_to_rounding(model, cfg):
-    client = runtime.clients(cfg)[runtime.client_ids(cfg)[0]]
-    g = init_global(peft_bridge.spec_from_model(model, cfg.model.target_modules), 8, 2.0, 0)
+def test_training_with_either_kernel_agrees_to_rounding(smoke_model, smoke_cfg):
+    client = runtime.clients(smoke_cfg)[runtime.client_ids(smoke_cfg)[0]]
+    g = init_global(peft_bridge.spec_from_model(smoke_model, smoke_cfg.model.target_modules), 8, 2.0, 0)
     seen = []
     real = attention.using
 
@@ -68,7 +56,7 @@ def test_training_with_either_kernel_agrees_to_rounding(model, cfg):
 
     attention.using = spy
     try:
-        runs = {k: train_lora(model, g, client, replace(cfg, **{"model.attention": k}), 0) for k in ("eager", "sdpa")}
+        runs = {k: train_lora(smoke_model, g, client, replace(smoke_cfg, **{"model.attention": k}), 0) for k in ("eager", "sdpa")}
     finally:
         attention.using = real
     assert seen == ["eager", "sdpa"]

@@ -14,27 +14,16 @@ import torch
 from hetlora_core import lm_loss, peft_bridge, runtime
 from hetlora_core.adapter import init_global
 from hetlora_core.client import train_lora
-from hetlora_core.config import HetLoRAConfig, load_config, replace
+from hetlora_core.config import HetLoRAConfig, replace
 from hetlora_core.data import IGNORE, Batch
 
 
-@pytest.fixture(scope="module")
-def cfg() -> HetLoRAConfig:
-    return load_config("configs/smoke.yaml", {"training.bf16": False, "training.threads": 1})
-
-
-@pytest.fixture(scope="module")
-def model(cfg: HetLoRAConfig) -> torch.nn.Module:
-    torch.set_num_threads(1)
-    return runtime.model(cfg)
-
-
 @pytest.fixture
-def peft_model(model: torch.nn.Module, cfg: HetLoRAConfig):
-    g = init_global(peft_bridge.spec_from_model(model, cfg.model.target_modules), 8, 2.0, 0)
+def peft_model(smoke_model: torch.nn.Module, smoke_cfg: HetLoRAConfig):
+    g = init_global(peft_bridge.spec_from_model(smoke_model, smoke_cfg.model.target_modules), 8, 2.0, 0)
     gen = np.random.default_rng(5)
     g.B = {m: gen.standard_normal(b.shape, np.float32) * 0.3 for m, b in g.B.items()}  # B != 0: A gets gradients
-    pm = peft_bridge.attach(model, g)
+    pm = peft_bridge.attach(smoke_model, g)
     pm.train()
     yield pm
     pm.eval()
@@ -118,12 +107,12 @@ def test_nothing_counted_is_nan_like_the_models_own(peft_model):
     assert math.isnan(own) and math.isnan(mine)
 
 
-def test_full_fine_tuning_gets_the_tied_output_layer_gradient(cfg):
+def test_full_fine_tuning_gets_the_tied_output_layer_gradient(smoke_cfg):
     """Full fine-tuning trains the tied embedding / output matrix: its gradient comes through both
     the lookup and the chunked output layer."""
     from hetlora_core.models import load_base_model
 
-    m = load_base_model(cfg.model, fresh=True)[0]
+    m = load_base_model(smoke_cfg.model, fresh=True)[0]
     params = list(m.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -147,12 +136,12 @@ def spy_chunked(monkeypatch) -> list[int]:
     return calls
 
 
-def test_a_model_whose_forward_changes_the_loss_keeps_its_own(cfg, monkeypatch):
+def test_a_model_whose_forward_changes_the_loss_keeps_its_own(smoke_cfg, monkeypatch):
     """Something the config and the output layer do not show (here the forward scales its loss): the
     one-time check sees the chunked loss differ, and the model's own forward computes the loss."""
     from hetlora_core.models import load_base_model
 
-    m = load_base_model(cfg.model, fresh=True)[0]
+    m = load_base_model(smoke_cfg.model, fresh=True)[0]
     real_forward = m.forward
 
     def forward(*a, **k):
@@ -173,10 +162,10 @@ def test_a_model_whose_forward_changes_the_loss_keeps_its_own(cfg, monkeypatch):
     assert calls == []  # decided once: not even tried again
 
 
-def test_output_layer_hooks_and_logit_settings_keep_the_models_own_loss(cfg, monkeypatch):
+def test_output_layer_hooks_and_logit_settings_keep_the_models_own_loss(smoke_cfg, monkeypatch):
     from hetlora_core.models import load_base_model
 
-    m = load_base_model(cfg.model, fresh=True)[0]
+    m = load_base_model(smoke_cfg.model, fresh=True)[0]
     assert lm_loss._parts(m) is not None
     hook = m.get_output_embeddings().register_forward_hook(lambda mod, inp, out: out * 20.0)
     assert lm_loss._parts(m) is None
@@ -210,11 +199,11 @@ def test_non_finite_logits_of_ignored_positions_cannot_reach_loss_or_gradients()
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
     assert torch.count_nonzero(x.grad[0, :2]) == 0
-def test_training_with_either_loss_gives_the_same_adapter(model, cfg):
-    client = runtime.clients(cfg)[runtime.client_ids(cfg)[0]]
-    g = init_global(peft_bridge.spec_from_model(model, cfg.model.target_modules), 8, 2.0, 0)
-    a = train_lora(model, g, client, replace(cfg, **{"training.chunked_loss": True}), 0)
-    b = train_lora(model, g, client, replace(cfg, **{"training.chunked_loss": False}), 0)
+def test_training_with_either_loss_gives_the_same_adapter(smoke_model, smoke_cfg):
+    client = runtime.clients(smoke_cfg)[runtime.client_ids(smoke_cfg)[0]]
+    g = init_global(peft_bridge.spec_from_model(smoke_model, smoke_cfg.model.target_modules), 8, 2.0, 0)
+    a = train_lora(smoke_model, g, client, replace(smoke_cfg, **{"training.chunked_loss": True}), 0)
+    b = train_lora(smoke_model, g, client, replace(smoke_cfg, **{"training.chunked_loss": False}), 0)
     assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
     for m in a.adapter.A:
         np.testing.assert_allclose(a.adapter.A[m], b.adapter.A[m], rtol=1e-4, atol=1e-6)
