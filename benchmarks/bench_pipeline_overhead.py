@@ -49,6 +49,8 @@ from hetlora_core.cli import parse_sets  # noqa: E402
 from hetlora_core.config import load_config, replace  # noqa: E402
 from hetlora_core.simulate import simulate  # noqa: E402
 
+NO_WARM_UP = "warm-no-warm-up"  # the warm server with local.warm_up: false
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,8 +60,9 @@ def main() -> None:
                     help="config override (repeatable), e.g. training.local_steps=12")
     ap.add_argument("--out", default=str(ROOT / "bench-out"), help="where the JSON result goes")
     ap.add_argument("--name", default="pipeline_overhead", help="JSON file name (without .json)")
-    ap.add_argument("--warm", choices=("both", "on", "off"), default="both",
-                    help="pipeline runs with the warm task server (on), without (off: every task starts from scratch), or both")
+    ap.add_argument("--warm", choices=("both", "on", "off", "warm-up"), default="both",
+                    help="pipeline runs with the warm task server (on), without (off: every task starts from scratch), or both; "
+                         "warm-up: with the server, and with the server but local.warm_up=false (its warm-up's A/B)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="rounds per run (1: the round pays the warm server's start-up alone; the default config has 2)")
     ap.add_argument("--reps", type=int, default=1, help="repetitions (in-process and pipeline interleaved; medians reported)")
@@ -69,7 +72,7 @@ def main() -> None:
     cfg = load_config(args.config or (ROOT / "configs/smoke.yaml" if args.quick else None), parse_sets(tuple(args.sets)))
     cfg = replace(cfg, **{"federation.rounds": args.rounds, "experiment": "bench-overhead"})
     n_tasks = (2 * cfg.federation.clients_per_round + 2) * args.rounds  # train + prune per client, aggregate, evaluate
-    modes = {"both": ("cold", "warm"), "on": ("warm",), "off": ("cold",)}[args.warm]
+    modes = {"both": ("cold", "warm"), "on": ("warm",), "off": ("cold",), "warm-up": ("warm", NO_WARM_UP)}[args.warm]
     pipes: dict[str, float] = {}
     same: dict[str, bool] = {}
     runtime.clients(cfg), runtime.model(cfg)  # warm the on-disk caches (model, tokens)
@@ -99,9 +102,9 @@ def main() -> None:
                 inprocs.append(time.perf_counter() - t)
                 a, _ = st.get_artifact(st.LocalStore(Path(tmp) / f"inproc-{rep}" / "store"), st.global_prefix(cfg.experiment, args.rounds - 1))
                 for mode in modes:  # each its own experiment in the bucket (a second run would otherwise resume)
-                    run_cfg = replace(s3, experiment=f"{cfg.experiment}-{mode}-{rep}")
+                    run_cfg = replace(s3, experiment=f"{cfg.experiment}-{mode}-{rep}", **{"local.warm_up": mode != NO_WARM_UP})
                     t = time.perf_counter()
-                    run_local(run_cfg, Path(tmp) / f"kfp-{mode}-{rep}", warm=mode == "warm")
+                    run_local(run_cfg, Path(tmp) / f"kfp-{mode}-{rep}", warm=mode != "cold")
                     runs[mode].append(time.perf_counter() - t)
                     b, _ = st.get_artifact(st.open_store(run_cfg.store), st.global_prefix(run_cfg.experiment, args.rounds - 1))
                     same[mode] = same.get(mode, True) and a == b
@@ -123,7 +126,7 @@ def main() -> None:
     print(f"{args.rounds} round(s), {cfg.model.name}, {cfg.federation.clients_per_round} clients x {cfg.training.local_steps} steps: "
           f"in-process {inproc:.1f} s (cold process {cold:.1f} s)")
     for mode, p in pipes.items():
-        what = "warm task server" if mode == "warm" else "every task from scratch"
+        what = {"warm": "warm task server", "cold": "every task from scratch", NO_WARM_UP: "warm task server without its warm-up"}[mode]
         print(f"  kfp.local + MinIO, {what}: {p:.1f} s ({n_tasks} tasks); ratio {p / inproc:.2f} vs warm, {p / cold:.2f} vs cold "
               f"(targets 1.3 default config, 1.15 paper work); fixed cost {(p - inproc) / n_tasks:.1f} s per task; "
               f"same global: {same[mode]}")

@@ -431,6 +431,10 @@ class LocalConfig:
     # imported torch, transformers and peft once (hetlora_core/warm.py): ~2 s per task instead of
     # ~10 s of imports. false: every task imports everything itself (`hetlora run --no-warm`).
     warm_tasks: bool = True
+    # The warm server runs one tiny LoRA update and evaluation on made-up tokens before it forks
+    # (hetlora_core/warm_up.py), so each task skips the first call's one-time costs (~0.3 s a model
+    # task on 2 CPU cores). false: the server only imports and loads the model.
+    warm_up: bool = True
 
 
 @dataclass(frozen=True)

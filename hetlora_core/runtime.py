@@ -38,6 +38,15 @@ def _model(mcfg: ModelConfig, dcfg: DataConfig | None) -> torch.nn.Module:
     return place(base, mcfg, resolve_model(mcfg, TrainingConfig()))
 
 
+def forget_models() -> None:
+    """Drop this process's loaded base models (the next ``model`` call loads afresh): for a process
+    whose copy may have been left modified, e.g. by a failed warm-up (hetlora_core/warm_up.py)."""
+    from .models import _load_cached
+
+    _model.cache_clear()
+    _load_cached.cache_clear()
+
+
 def tokenizer(cfg: HetLoRAConfig) -> Any:
     """The tokenizer every data path uses, and that export writes beside the adapter."""
     return _tokenizer_for(cfg.model)

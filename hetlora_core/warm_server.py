@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import warm
+from .warm_up import warm_up
 
 # What a model-side task imports on its way to the real work, beyond the steps themselves
 # (each step imports most of these lazily). A name missing in this version is skipped.
@@ -49,6 +50,11 @@ PRELOAD = (
     "hetlora_core.runtime", "hetlora_core.models", "hetlora_core.client", "hetlora_core.evaluation",
     "hetlora_core.peft_bridge", "hetlora_core.precision", "hetlora_core.rouge", "hetlora_core.reporting",
     "hetlora_core.folder_data", "hetlora_core.data", "hetlora_core.vocab", "hetlora_core.threads",
+    # Every step opens the store and most decode adapters: the S3 client (minio, urllib3, pycryptodome)
+    # took ~0.15 s of every task's import time when it was left to the child (a kfp.local round's 16
+    # tasks: ~2.5 s), the LoRA method and its strategies ~15 ms. Importing them starts no thread and
+    # opens no connection, so the children still start with nothing to share but code.
+    "hetlora_core.store.s3", "hetlora_core.methods.lora", "hetlora_core.methods.full_ft", "hetlora_core.strategies",
 )
 # torch's thread count before preload_model set it to one (0: untouched, nothing to restore).
 fresh_threads = 0
@@ -108,8 +114,15 @@ def preload_model(config_path: str) -> str:
 
         tqdm.tqdm.monitor_interval = 0
     t0 = time.perf_counter()
-    runtime.model(cfg)
-    return f"base model {cfg.model.name} preloaded in {time.perf_counter() - t0:.2f} s"
+    model = runtime.model(cfg)
+    note = f"base model {cfg.model.name} preloaded in {time.perf_counter() - t0:.2f} s"
+    if not cfg.local.warm_up:
+        return f"{note}; no warm-up (local.warm_up: false)"
+    try:
+        return f"{note}; {warm_up(cfg, model)}"
+    except Exception as e:  # noqa: BLE001 - the tasks then load the model themselves, as without a preload
+        runtime.forget_models()
+        return f"base model not preloaded: its warm-up failed: {type(e).__name__}: {e}"
 
 
 def os_threads() -> int:
