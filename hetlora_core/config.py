@@ -432,8 +432,8 @@ class LocalConfig:
     # ~10 s of imports. false: every task imports everything itself (`hetlora run --no-warm`).
     warm_tasks: bool = True
     # The warm server runs one tiny LoRA update and evaluation on made-up tokens before it forks
-    # (hetlora_core/warm_up.py), so each task skips the first call's one-time costs (~0.3 s a model
-    # task on 2 CPU cores). false: the server only imports and loads the model.
+    # (hetlora_core/warm_up.py), so each task skips the first call's one-time costs (docs/benchmarks.md:
+    # 0.94x a 2-round local run at the paper's work). false: the server only imports and loads the model.
     warm_up: bool = True
 
 

@@ -50,10 +50,10 @@ PRELOAD = (
     "hetlora_core.runtime", "hetlora_core.models", "hetlora_core.client", "hetlora_core.evaluation",
     "hetlora_core.peft_bridge", "hetlora_core.precision", "hetlora_core.rouge", "hetlora_core.reporting",
     "hetlora_core.folder_data", "hetlora_core.data", "hetlora_core.vocab", "hetlora_core.threads",
-    # Every step opens the store and most decode adapters: the S3 client (minio, urllib3, pycryptodome)
-    # took ~0.15 s of every task's import time when it was left to the child (a kfp.local round's 16
-    # tasks: ~2.5 s), the LoRA method and its strategies ~15 ms. Importing them starts no thread and
-    # opens no connection, so the children still start with nothing to share but code.
+    # Every step opens the store and most decode adapters: left to the child, importing the S3 client
+    # (minio, urllib3, pycryptodome) was most of a prune task's time in the server (its executor
+    # 0.18-0.22 s before, 0.08-0.13 s after: the task logs of bench_pipeline_overhead.py --keep).
+    # Importing them starts no thread and opens no connection: the children still share only code.
     "hetlora_core.store.s3", "hetlora_core.methods.lora", "hetlora_core.methods.full_ft", "hetlora_core.strategies",
 )
 # torch's thread count before preload_model set it to one (0: untouched, nothing to restore).

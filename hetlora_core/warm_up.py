@@ -2,18 +2,18 @@
 made-up tokens, in the server before it forks (hetlora_core/warm_server.py).
 
 Why: a forked task inherits the server's memory, so what a model task pays once per process is paid
-here once per run instead of once per task. Measured in a child of the server (bench_pipeline_overhead's
-train task, SmolLM2, bf16 on CPU): ~0.3 s of a ~1.1 s train task went to first-call costs that a
-second call in the same process does not pay: the chunked loss's one-time check against the model's
-own loss (lm_loss._agrees, ~0.15 s), peft's injection of the LoRA layers for a new shape (~0.1 s;
-peft_bridge keeps them per shape), and the first forward/backward's set-up.
+here once per run instead of once per task: the chunked loss's one-time check against the model's
+own loss (lm_loss._agrees: two short forwards), peft's injection of the LoRA layers for a new shape
+(peft_bridge keeps them per shape), and the first forward/backward's set-up. Two rounds at the paper's
+work per client through kfp.local took 0.94x the time of the same server without its warm-up
+(benchmarks/bench_pipeline_overhead.py --warm warm-up; docs/benchmarks.md).
 
 What it must not do: start a thread (a fork copies none, and a lock held by one would hang the
 child), change the base model, or leave the server's freed memory in its heap. Every call runs at one
 torch thread (no OpenMP pool), the update takes no optimiser step on the base weights (LoRA only,
 detached afterwards), and the freed heap is handed back to the OS (``malloc_trim``): a child writing
 into pages the server had touched copies each one first (copy-on-write), which made warmed children
-slower than cold ones (1.5 s against 1.1 s a train task) until the trim.
+slower than cold ones until the trim (an ad-hoc measurement while this was built).
 """
 
 from __future__ import annotations
