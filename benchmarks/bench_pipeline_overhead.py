@@ -102,7 +102,7 @@ def main() -> None:
                 inprocs.append(time.perf_counter() - t)
                 a, _ = st.get_artifact(st.LocalStore(Path(tmp) / f"inproc-{rep}" / "store"), st.global_prefix(cfg.experiment, args.rounds - 1))
                 for mode in modes:  # each its own experiment in the bucket (a second run would otherwise resume)
-                    run_cfg = replace(s3, experiment=f"{cfg.experiment}-{mode}-{rep}", **{"local.warm_up": mode != NO_WARM_UP})
+                    run_cfg = replace(s3, experiment=f"{cfg.experiment}-{mode}-{rep}", **{"local.warm_up": cfg.local.warm_up and mode != NO_WARM_UP})
                     t = time.perf_counter()
                     run_local(run_cfg, Path(tmp) / f"kfp-{mode}-{rep}", warm=mode != "cold")
                     runs[mode].append(time.perf_counter() - t)

@@ -82,42 +82,49 @@ def _loop(model: torch.nn.Module, params: list[torch.nn.Parameter], client: Clie
     differentiable one is added to the loss, one computed without grad is only reported.
     ``after_step``: run after each optimiser step that was taken (the proximal form's shrinkage)."""
     t = cfg.training
-    gen = torch.Generator().manual_seed(client_seed(cfg.federation.seed, rnd, client.client_id))
+    seed = client_seed(cfg.federation.seed, rnd, client.client_id)
+    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     prec, device = precision.resolve(cfg), _device_of(model)
     # float16 on CUDA: scale the loss so small gradients do not underflow (disabled: a no-op).
     scaler = torch.amp.GradScaler("cuda", enabled=prec.needs_scaler)
     losses, regs, tokens = [], [], 0
     deadline = time.monotonic() + cfg.federation.client_timeout_s
-    model.train()
-    try:
-        for step in range(t.local_steps):
-            if time.monotonic() > deadline:
-                raise ClientTimeout(f"client {client.client_id}: {step} of {t.local_steps} local steps done when "
-                                    f"federation.client_timeout_s={cfg.federation.client_timeout_s} passed")
-            failpoint("train_step", round=rnd, client=client.client_id, step=step)  # tests: a slow or dying client
-            # Text: random windows, their own labels (unchanged); instruction data: masked, padded samples.
-            # Sampled on the CPU generator (same windows on every device), then moved.
-            batch = (Batch.lm(sample_batch(client.train_ids, t.batch_size, cfg.data.seq_len, gen)) if client.train_samples is None
-                     else client.train_samples.draw(t.batch_size, gen)).to(device)
-            with prec.autocast():
-                loss = lm_loss.causal_lm_loss(model, batch, prec.torch_dtype, t.chunked_loss)
-            reg = reg_fn()
-            total = loss.float() + (reg if reg is not None and reg.requires_grad else 0.0)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scale = scaler.get_scale() if after_step is not None else 0.0  # 1.0 when the scaler is disabled
-            scaler.step(opt)  # plain opt.step() when the scaler is disabled
-            scaler.update()
-            # A float16 step with inf/nan gradients is skipped and the scale lowered: then skip the
-            # proximal step too, as AdamW's own decoupled decay is skipped with the step.
-            if after_step is not None and scaler.get_scale() >= scale:
-                after_step(opt)
-            losses.append(float(loss.detach()))
-            regs.append(float(reg.detach()) if reg is not None else 0.0)
-            tokens += batch.num_tokens()
-    finally:
-        model.eval()  # also after a timeout or a crash: the shared base model must stay in eval mode
+    # Dropout (a base model's own, or LoRA's) draws from torch's global generator: seeded per client
+    # for the loop and restored after, so a client's update does not depend on what its process ran
+    # before (a warm server's child, a task of its own, an in-process round: hetlora_core/warm_up.py).
+    devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            torch.manual_seed(seed)
+            model.train()
+            for step in range(t.local_steps):
+                if time.monotonic() > deadline:
+                    raise ClientTimeout(f"client {client.client_id}: {step} of {t.local_steps} local steps done when "
+                                        f"federation.client_timeout_s={cfg.federation.client_timeout_s} passed")
+                failpoint("train_step", round=rnd, client=client.client_id, step=step)  # tests: a slow or dying client
+                # Text: random windows, their own labels (unchanged); instruction data: masked, padded samples.
+                # Sampled on the CPU generator (same windows on every device), then moved.
+                batch = (Batch.lm(sample_batch(client.train_ids, t.batch_size, cfg.data.seq_len, gen)) if client.train_samples is None
+                         else client.train_samples.draw(t.batch_size, gen)).to(device)
+                with prec.autocast():
+                    loss = lm_loss.causal_lm_loss(model, batch, prec.torch_dtype, t.chunked_loss)
+                reg = reg_fn()
+                total = loss.float() + (reg if reg is not None and reg.requires_grad else 0.0)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                scale = scaler.get_scale() if after_step is not None else 0.0  # 1.0 when the scaler is disabled
+                scaler.step(opt)  # plain opt.step() when the scaler is disabled
+                scaler.update()
+                # A float16 step with inf/nan gradients is skipped and the scale lowered: then skip the
+                # proximal step too, as AdamW's own decoupled decay is skipped with the step.
+                if after_step is not None and scaler.get_scale() >= scale:
+                    after_step(opt)
+                losses.append(float(loss.detach()))
+                regs.append(float(reg.detach()) if reg is not None else 0.0)
+                tokens += batch.num_tokens()
+        finally:
+            model.eval()  # also after a timeout or a crash: the shared base model must stay in eval mode
     return sum(losses) / len(losses), sum(regs) / len(regs), tokens
 
 

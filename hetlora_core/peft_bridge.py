@@ -135,6 +135,12 @@ KEPT_MAX = 64
 KEPT_SHARE = 0.25
 
 
+def forget_kept() -> None:
+    """Drop every kept LoRA layer set (and with it the base models they hold alive): for a process
+    letting go of a model it may have left modified (warm_server, after a failed warm-up)."""
+    _KEPT.clear()
+
+
 def _shape_key(model: torch.nn.Module, cfg: LoraConfig) -> tuple[Any, ...]:
     p = next(model.parameters())  # LoRA layers are made on the base weights' device, their dtype from its
     return (id(model), str(p.device), str(p.dtype), tuple(sorted(cfg.target_modules or ())), cfg.r,

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import warm
-from .warm_up import warm_up
+from .warm_up import release_free_heap, warm_up
 
 # What a model-side task imports on its way to the real work, beyond the steps themselves
 # (each step imports most of these lazily). A name missing in this version is skipped.
@@ -81,6 +81,11 @@ GPU_DEVICE_NODES = ("nvidia*", "kfd", "dxg")
 MODEL_ENV = ("HETLORA_CACHE", "HETLORA_PREBUILT_CACHE", "HF_HOME", "HF_HUB_CACHE")
 
 
+def gpu_present() -> bool:
+    """A GPU torch could use: a device node (GPU_DEVICE_NODES), or a Mac (MPS)."""
+    return sys.platform == "darwin" or any(any(Path("/dev").glob(g)) for g in GPU_DEVICE_NODES)
+
+
 def model_preload_refusal(cfg: Any) -> str | None:
     """Why the base model of ``cfg`` must not be loaded before forking (None: it may). CUDA: a
     context does not survive a fork, and with a GPU device node present (GPU_DEVICE_NODES) even
@@ -88,7 +93,7 @@ def model_preload_refusal(cfg: Any) -> str | None:
     tokenised corpus (the tokenizer's thread pool must not run before a fork)."""
     if cfg.model.device == "cuda" or cfg.model.quantize != "none":
         return f"model.device {cfg.model.device}, model.quantize {cfg.model.quantize}: needs CUDA"
-    if cfg.model.device == "auto" and any(any(Path("/dev").glob(g)) for g in GPU_DEVICE_NODES):
+    if cfg.model.device == "auto" and gpu_present():
         return "a GPU device is present (model.device auto may pick it)"
     if cfg.model.vocab != "full":
         return f"model.vocab {cfg.model.vocab}: needs the tokenised corpus"
@@ -99,7 +104,7 @@ def preload_model(config_path: str) -> str:
     """Load the run's base model into this process's cache (hetlora_core.runtime), or say why not."""
     import torch
 
-    from . import runtime
+    from . import peft_bridge, runtime
     from .config import config_from_dict
 
     cfg = config_from_dict(json.loads(Path(config_path).read_text()))
@@ -118,10 +123,13 @@ def preload_model(config_path: str) -> str:
     note = f"base model {cfg.model.name} preloaded in {time.perf_counter() - t0:.2f} s"
     if not cfg.local.warm_up:
         return f"{note}; no warm-up (local.warm_up: false)"
+    if gpu_present():  # model.device: cpu on a GPU machine: a backward here would start a thread per GPU
+        return f"{note}; no warm-up (a GPU device is present)"
     try:
         return f"{note}; {warm_up(cfg, model)}"
     except Exception as e:  # noqa: BLE001 - the tasks then load the model themselves, as without a preload
         runtime.forget_models()
+        peft_bridge.forget_kept()
         return f"base model not preloaded: its warm-up failed: {type(e).__name__}: {e}"
 
 
@@ -287,6 +295,7 @@ def serve(path: str, parent: int | None = None, do_preload: bool = True, config_
     gc.collect()
     gc.freeze()
     gc.enable()
+    release_free_heap()  # after the last collection: what it freed must not be copied by every child (warm_up.py)
     print(f"warm task server {os.getpid()}: listening on {path}; preloaded in {time.perf_counter() - t0:.2f} s"
           + (f" (not importable: {', '.join(failed)})" if failed else "") + model_note + f"; {os_threads()} OS thread(s)", flush=True)
     wake_r, wake_w = socket.socketpair()

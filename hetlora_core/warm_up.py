@@ -9,40 +9,65 @@ work per client through kfp.local took 0.94x the time of the same server without
 (benchmarks/bench_pipeline_overhead.py --warm warm-up; docs/benchmarks.md).
 
 What it must not do: start a thread (a fork copies none, and a lock held by one would hang the
-child), change the base model, or leave the server's freed memory in its heap. Every call runs at one
-torch thread (no OpenMP pool), the update takes no optimiser step on the base weights (LoRA only,
-detached afterwards), and the freed heap is handed back to the OS (``malloc_trim``): a child writing
-into pages the server had touched copies each one first (copy-on-write), which made warmed children
-slower than cold ones until the trim (an ad-hoc measurement while this was built).
+child), change the base model, change what a task computes, or leave the server's freed memory in its
+heap. Every call runs at one torch thread (no OpenMP pool); no warm-up where a GPU device is present
+(the first backward of a process starts one autograd thread per GPU it can see, and a child forked
+after that fails its own backward); the update takes no optimiser step on the base weights (LoRA only,
+detached afterwards); dropout draws from a generator seeded per client (client._loop), so a child
+that finds its LoRA layers kept here trains as a task that injects them; fault-injection points are
+off meanwhile (a test's ``train_step:exit`` must hit a task, not the server). The server hands its
+freed heap back to the OS after its last collection (``release_free_heap``): a child writing into
+pages the server had touched copies each one first (copy-on-write), which made warmed children slower
+than cold ones until the trim (an ad-hoc measurement while this was built).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import ctypes.util
+import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from .config import HetLoRAConfig, replace
 
 WARM_CLIENT = "warm-up"
 WARM_LEN = 32  # tokens per made-up window
+# Above this many parameters the warm-up is skipped: at one thread its few short forwards and one
+# backward take longer than a run of such a model on a CPU (if anyone runs one) would save.
+WARM_MAX_PARAMS = 2_000_000_000
+WARM_MAX_SHAPES = 8  # LoRA shapes kept ahead (each an injection, ~0.1 s of Python)
 
 
 def warm_ranks(cfg: HetLoRAConfig) -> list[int]:
-    """The LoRA shapes a round's tasks attach first: each tier's rank (train, own-rank evaluation)
-    and r_max (the global's evaluation). Other assignments draw ranks per client: r_max only."""
-    tiers = {t.rank for t in cfg.ranks.tiers} if cfg.ranks.assignment == "tiers" else set()
-    return sorted(tiers | {cfg.ranks.r_max})
+    """The LoRA shapes a round's tasks attach first: the tiers' (or the explicit list's) ranks (train,
+    own-rank evaluation) and r_max (the global's evaluation); at most WARM_MAX_SHAPES, r_max kept.
+    Uniform ranks are drawn per client: r_max only."""
+    a = cfg.ranks
+    listed = {t.rank for t in a.tiers} if a.assignment == "tiers" else set(a.explicit) if a.assignment == "explicit" else set()
+    return sorted(sorted(listed - {a.r_max})[:WARM_MAX_SHAPES - 1] + [a.r_max])
+
+
+@contextlib.contextmanager
+def _no_failpoints() -> Iterator[None]:
+    saved = os.environ.pop("HETLORA_FAILPOINTS", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["HETLORA_FAILPOINTS"] = saved
 
 
 def warm_up(cfg: HetLoRAConfig, model: Any) -> str:
     """Run the LoRA code paths once on ``model`` (the preloaded base model); returns what was done.
 
-    Raises whatever training or evaluation raises: the caller then drops the preloaded model, so the
-    tasks load their own rather than share one a failure may have left in an unknown state."""
+    The caller has checked that no GPU device is present (warm_server.preload_model). Raises whatever
+    training or evaluation raises: the caller then drops the preloaded model, so the tasks load their
+    own rather than share one a failure may have left in an unknown state."""
     import torch
 
+    from . import peft_bridge
     from .client import train_lora
     from .data import ClientData
     from .evaluation import evaluate
@@ -51,37 +76,38 @@ def warm_up(cfg: HetLoRAConfig, model: Any) -> str:
     method = method_for(cfg)
     if not method.trains_lora:  # full fine-tuning: a step would cost an optimiser state of the whole model
         return "no warm-up (not a LoRA method)"
+    params = sum(p.numel() for p in model.parameters())
+    if params > WARM_MAX_PARAMS:
+        return f"no warm-up ({params / 1e9:.1f}B parameters: slower at one thread than what it saves)"
     t0 = time.perf_counter()
-    # Short windows: the one-time costs do not grow with the length, the warm-up's own time does (a
-    # model of a few billion parameters takes seconds per 32 tokens at one thread).
+    # Short windows: the one-time costs do not grow with the length, the warm-up's own time does.
     n = min(cfg.data.seq_len, WARM_LEN)
     small = replace(cfg, **{"training.threads": 1, "training.local_steps": 1, "training.batch_size": 1,
                             "data.seq_len": n, "data.eval_max_tokens": n})
     # Made-up text (whatever the run's data format: only the code paths matter here): two training
-    # windows and one held-out window of token ids every vocabulary has.
-    ids = torch.arange(2 * n + 2) % 256
+    # windows and one held-out window of token ids the model's vocabulary has.
+    ids = torch.arange(2 * n + 2) % min(256, int(model.get_input_embeddings().num_embeddings))
     client = ClientData(WARM_CLIENT, "", "", ids, ids.clone(), 0)
     glob = method_for(small).initial_global(method.model_spec(model))
     ranks = warm_ranks(cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train_lora(model, glob.truncate(ranks[0]), client, small, 0)
-        for r in ranks:  # injects and keeps each shape (peft_bridge's reuse), and runs an evaluation forward
-            evaluate(model, glob.truncate(r), [client], small)
+        with _no_failpoints():
+            train_lora(model, glob.truncate(ranks[0]), client, small, 0)
+            evaluate(model, glob.truncate(ranks[-1]), [client], small)
+            for r in ranks[1:-1]:  # the other shapes: injected and kept (peft_bridge's reuse), no forward
+                peft_bridge.detach(peft_bridge.attach(model, glob.truncate(r), reuse=True))
     finally:
         torch.set_num_threads(threads)
-    trimmed = release_free_heap()
-    return (f"warmed up in {time.perf_counter() - t0:.2f} s (ranks {', '.join(map(str, ranks))})"
-            + ("" if trimmed else "; free heap not released (no glibc malloc_trim)"))
+    return f"warmed up in {time.perf_counter() - t0:.2f} s (ranks {', '.join(map(str, ranks))})"
 
 
 def release_free_heap() -> bool:
-    """Give the heap's free pages back to the OS (glibc ``malloc_trim(0)``); False where there is none."""
-    name = ctypes.util.find_library("c")
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim(0)``, looked up in the C library
+    this process already loaded); False where there is none (musl, macOS)."""
     try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     except OSError:
         trim = None
     if trim is None:

@@ -368,6 +368,34 @@ def test_same_seed_same_adapter_and_rounds_draw_different_batches(model, cfg, on
                 client_seed(0, 0, "other--client")}) == 4
 
 
+def test_dropout_is_seeded_per_client_and_the_global_generator_restored(model, cfg, one_client, monkeypatch):
+    """A base model's dropout draws from torch's global generator: the same client update whatever the
+    process drew before (a warm server's child finds LoRA layers kept by its warm-up and skips the
+    injection's draws), and the caller's generator state as it was."""
+    c = train_cfg(cfg, **{"training.local_steps": 2})
+    received = random_global(model, cfg).truncate(4)
+
+    def update(before: int) -> LoraAdapter:
+        torch.manual_seed(before)
+        torch.rand(before)  # a process's history
+        res = train_lora(model, received, one_client, c, 0)
+        assert res.adapter is not None
+        return res.adapter
+
+    no_dropout = update(1)
+    for m in (m for m in model.modules() if hasattr(m, "attention_dropout")):
+        monkeypatch.setattr(m, "attention_dropout", 0.5)
+    first, second = update(1), update(2)
+    # the dropout is live (else this test could not fail), and seeded per client
+    assert any(not np.array_equal(first.A[m], no_dropout.A[m]) for m in received.modules)
+    assert all(np.array_equal(first.A[m], second.A[m]) and np.array_equal(first.B[m], second.B[m]) for m in received.modules)
+    torch.manual_seed(7)
+    want = torch.rand(3)
+    torch.manual_seed(7)
+    train_lora(model, received, one_client, c, 0)
+    assert torch.equal(torch.rand(3), want)
+
+
 def test_base_model_untouched_after_training_and_after_a_failure(model, cfg, one_client, monkeypatch):
     snap = snapshot(model)
     received = random_global(model, cfg).truncate(4)

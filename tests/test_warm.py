@@ -274,6 +274,7 @@ def test_delegated_train_uploads_the_same_bytes(real_server: warm.WarmServer, tm
         assert report["status"] == "trained", report
         trained[mode] = (report, st.get_artifact(store, st.trained_prefix("warm", 0, cid))[0])
     assert trained["warm"] == trained["in-process"]
+    assert "warmed up in" in Path(real_server.log_path or "").read_text()  # the child was a warmed server's
 
 
 def test_delegated_step_raises_the_same_config_error(real_server: warm.WarmServer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -283,7 +284,7 @@ def test_delegated_step_raises_the_same_config_error(real_server: warm.WarmServe
     with pytest.raises(ConfigError, match="training.lr") as e:
         train_task(json.dumps({"training": {"lr": "fast"}}), 0, "c")
     assert isinstance(e.value.__cause__, warm.RemoteTraceback) and "config_of" in str(e.value.__cause__)
-    assert "preloaded" in Path(real_server.log_path or "").read_text()
+    assert "base model tiny preloaded" in Path(real_server.log_path or "").read_text()
 
 
 @pytest.mark.slow

@@ -7,9 +7,13 @@ test_delegated_train_uploads_the_same_bytes (its server warms up)."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 import textwrap
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +23,17 @@ from tiny_round import tiny_round
 
 from hetlora_core import lm_loss, peft_bridge, runtime
 from hetlora_core.config import config_from_dict
-from hetlora_core.warm_up import WARM_LEN, warm_ranks, warm_up
+from hetlora_core.warm_up import WARM_LEN, WARM_MAX_SHAPES, release_free_heap, warm_ranks, warm_up
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = tiny_round("warm-up")
 
 
-def test_warm_up_leaves_the_model_as_it_was_with_its_shapes_kept() -> None:
+def test_warm_up_leaves_the_model_as_it_was_with_its_shapes_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Empty caches: earlier tests of this process may have filled them for the same model.
+    monkeypatch.setattr(peft_bridge, "_KEPT", OrderedDict())
+    monkeypatch.setattr(lm_loss, "_checked", weakref.WeakKeyDictionary())
+    monkeypatch.setenv("HETLORA_FAILPOINTS", "train_step:raise")  # off during the warm-up: it would fail
     cfg = config_from_dict(CFG)
     model = runtime.model(cfg)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -33,7 +41,7 @@ def test_warm_up_leaves_the_model_as_it_was_with_its_shapes_kept() -> None:
     threads = torch.get_num_threads()
     note = warm_up(cfg, model)
     assert note.startswith("warmed up in") and "(ranks 2, 4)" in note, note
-    assert "not released" not in note, note  # glibc's malloc_trim is found on Linux
+    assert os.environ["HETLORA_FAILPOINTS"] == "train_step:raise"  # given back
     assert torch.get_num_threads() == threads
     # No LoRA layer left in the model, no weight changed, nothing left trainable, eval mode.
     assert [n for n, _ in model.named_modules()] == modules
@@ -46,10 +54,17 @@ def test_warm_up_leaves_the_model_as_it_was_with_its_shapes_kept() -> None:
     assert lm_loss._checked.get(model) is True
 
 
-def test_warm_ranks_are_the_tiers_and_r_max() -> None:
+def test_warm_ranks_are_the_listed_ranks_and_r_max_and_bounded() -> None:
     assert warm_ranks(config_from_dict(CFG)) == [2, 4]
     uniform = config_from_dict({**CFG, "ranks": {"r_min": 2, "r_max": 8, "assignment": "uniform"}})
     assert warm_ranks(uniform) == [8]
+    explicit = config_from_dict({**CFG, "data": {**CFG["data"], "num_clients": 22},
+                                 "ranks": {"r_min": 1, "r_max": 20, "assignment": "explicit", "explicit": list(range(1, 21)) + [3, 3]}})
+    assert warm_ranks(explicit) == [*range(1, WARM_MAX_SHAPES), 20]
+
+
+def test_heap_release_finds_glibc() -> None:
+    assert release_free_heap() == (sys.platform == "linux" and platform.libc_ver()[0] == "glibc")
 
 
 def test_full_fine_tuning_is_not_warmed_up() -> None:
@@ -59,17 +74,21 @@ def test_full_fine_tuning_is_not_warmed_up() -> None:
 
 PRELOAD = textwrap.dedent('''
     import json, sys
-    from hetlora_core import runtime, warm_server
+    from hetlora_core import peft_bridge, runtime, warm_server
     mode, path = sys.argv[1], sys.argv[2]
     if mode == "fails":
+        real = warm_server.warm_up
         def broken(cfg, model):
+            real(cfg, model)  # LoRA layers kept, then a failure
             raise RuntimeError("warm-up broke")
         warm_server.warm_up = broken
+    if mode == "gpu":
+        warm_server.GPU_DEVICE_NODES = ("null",)  # /dev/null stands in for a GPU's device node
     warm_server.preload()
     before = warm_server.os_threads()
     note = warm_server.preload_model(path)
     print(json.dumps({"note": note, "threads_before": before, "threads_after": warm_server.os_threads(),
-                      "cached": runtime._model.cache_info().currsize}))
+                      "cached": runtime._model.cache_info().currsize, "kept": len(peft_bridge._KEPT)}))
 ''')
 
 
@@ -93,7 +112,15 @@ def test_server_warm_up_starts_no_thread(tmp_path: Path) -> None:
 def test_a_failed_warm_up_drops_the_preloaded_model(tmp_path: Path) -> None:
     got = _preload(tmp_path, "fails", CFG)
     assert got["note"] == "base model not preloaded: its warm-up failed: RuntimeError: warm-up broke", got
-    assert got["cached"] == 0, got  # the tasks load their own
+    assert got["cached"] == 0 and got["kept"] == 0, got  # the tasks load their own; nothing holds the old one
+
+
+def test_no_warm_up_where_a_gpu_is_present(tmp_path: Path) -> None:
+    """model.device: cpu on a GPU machine: the model is preloaded, but a backward in the server would
+    start autograd's per-GPU threads, and every child's own backward would then fail."""
+    got = _preload(tmp_path, "gpu", {**CFG, "model": {**CFG["model"], "device": "cpu"}})
+    assert got["note"].endswith("no warm-up (a GPU device is present)") and got["cached"] == 1, got
+    assert got["kept"] == 0, got
 
 
 def test_warm_up_can_be_turned_off(tmp_path: Path) -> None:
