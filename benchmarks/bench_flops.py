@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from _common import ROOT, machine, native_bf16, table, write  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from hetlora_core import attention, frozen_cast, peft_bridge, runtime  # noqa: E402
+from hetlora_core import attention, frozen_cast, lm_loss, peft_bridge, runtime  # noqa: E402
 from hetlora_core.adapter import init_global  # noqa: E402
 from hetlora_core.client import autocast, train_lora  # noqa: E402
 from hetlora_core.config import load_config, replace  # noqa: E402
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both training and the peak (default 1)")
     ap.add_argument("--max-n", type=int, help="largest peak matmul (default 2048, quick 1024)")
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions of every variant (median taken)")
+    ap.add_argument("--chunks", type=int, nargs="*", default=[], metavar="TOKENS",
+                    help="extra variants: the defaults with the chunked loss at TOKENS tokens a chunk (lm_loss.CHUNK_TOKENS)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     seq, steps = args.seq or (32 if args.quick else 128), args.steps or (5 if args.quick else 3)
@@ -116,15 +118,18 @@ def main() -> None:
         "frozen weights cast once only": (before, True),
         "defaults (all three)": ({"training.chunked_loss": True, "model.attention": "auto"}, True),
     }
-    held_in = frozen_cast.held_in
+    chunk_of = {f"defaults, {n}-token loss chunks": n for n in args.chunks}
+    variants |= {name: variants["defaults (all three)"] for name in chunk_of}
+    held_in, default_chunk = frozen_cast.held_in, lm_loss.CHUNK_TOKENS
 
     def step(name: str, local_steps: int) -> float:
         ov, held = variants[name]
         frozen_cast.held_in = held_in if held else (lambda *a, **k: contextlib.nullcontext())  # type: ignore[assignment]
+        lm_loss.CHUNK_TOKENS = chunk_of.get(name, default_chunk)
         try:
             return train_lora(model, received, client, replace(cfg, **{**ov, "training.local_steps": local_steps}), 0).seconds
         finally:
-            frozen_cast.held_in = held_in
+            frozen_cast.held_in, lm_loss.CHUNK_TOKENS = held_in, default_chunk
 
     times: dict[str, list[float]] = {k: [] for k in variants}
     for name in variants:  # warm-up: first-call set-up of each path

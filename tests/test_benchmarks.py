@@ -47,7 +47,8 @@ def test_benchmark_quick_variant_runs(script: str, tmp_path: Path) -> None:
 
         if why := missing_prerequisites():  # a running cluster: the benchmark waits or says why (RealCluster.claim)
             skip_or_fail(f"real cluster unavailable: {why}")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path)],
+    extra = ["--chunks", "64"] if script == "bench_flops.py" else []  # its loss chunk variants run too
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / name).read_text())
@@ -56,7 +57,8 @@ def test_benchmark_quick_variant_runs(script: str, tmp_path: Path) -> None:
     if script == "bench_pipeline_overhead.py":
         assert res["same_global_bytes"] is True  # the pipeline computed what simulate computed
     if script == "bench_flops.py":  # every training-step variant timed; the headline figure is the defaults'
-        assert len(res["variants"]) == 5 and all(v["step_seconds"] > 0 for v in res["variants"].values())
+        assert len(res["variants"]) == 6 and all(v["step_seconds"] > 0 for v in res["variants"].values())
+        assert "defaults, 64-token loss chunks" in res["variants"]
         assert res["step_seconds"] == res["variants"]["defaults (all three)"]["step_seconds"]
     if script == "bench_task_startup.py":
         assert res["model_free_torch_free"] is True  # the model-free tasks' start-up never pays for torch
