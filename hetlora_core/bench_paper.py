@@ -163,7 +163,9 @@ LATE_DEFAULTS: dict[tuple[str, str], Any] = {("model", "vocab"): "full", ("train
 # Settings that cannot change a run's numbers (tested), only how its store writes and how often the
 # aggregate step reads an upload: never in the hash. (Only a store that changes an object between the
 # step's reads tells them apart: dropped when read again, the validated tensors when kept.)
-OPERATIONAL: tuple[tuple[str, str], ...] = (("store", "fsync"), ("strategy", "keep_uploads_mb"))
+# local.warm_up: the paper bench runs in-process (no warm server), and a warmed child trains the same
+# bytes as a task of its own (tests/test_warm.py, test_client.py's dropout seeding).
+OPERATIONAL: tuple[tuple[str, str], ...] = (("store", "fsync"), ("strategy", "keep_uploads_mb"), ("local", "warm_up"))
 # Operational too, but hashed ever since runs were first recorded: hashed as the value they were
 # recorded with, whatever it is now, so their folders keep their names (kubeflow.pipeline_root's
 # default became "" when KFP 2.17 was seen to ignore it in the compiled pipeline).
