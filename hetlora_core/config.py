@@ -433,7 +433,7 @@ class LocalConfig:
     warm_tasks: bool = True
     # The warm server runs one tiny LoRA update and evaluation on made-up tokens before it forks
     # (hetlora_core/warm_up.py), so each task skips the first call's one-time costs (docs/benchmarks.md:
-    # 0.94x a 2-round local run at the paper's work). false: the server only imports and loads the model.
+    # 0.95x a 2-round local run of the default config). false: the server only imports and loads the model.
     warm_up: bool = True
 
 

@@ -4,9 +4,10 @@ made-up tokens, in the server before it forks (hetlora_core/warm_server.py).
 Why: a forked task inherits the server's memory, so what a model task pays once per process is paid
 here once per run instead of once per task: the chunked loss's one-time check against the model's
 own loss (lm_loss._agrees: two short forwards), peft's injection of the LoRA layers for a new shape
-(peft_bridge keeps them per shape), and the first forward/backward's set-up. Two rounds at the paper's
-work per client through kfp.local took 0.94x the time of the same server without its warm-up
-(benchmarks/bench_pipeline_overhead.py --warm warm-up; docs/benchmarks.md).
+(peft_bridge keeps them per shape), and the first forward/backward's set-up. Two rounds of the default
+config through kfp.local took 0.95x the time of the same server without its warm-up, in two runs; at
+the paper's work per client the difference was within the noise (benchmarks/bench_pipeline_overhead.py
+--warm warm-up; docs/benchmarks.md).
 
 What it must not do: start a thread (a fork copies none, and a lock held by one would hang the
 child), change the base model, change what a task computes, or leave the server's freed memory in its
