@@ -1,5 +1,6 @@
-"""The warm task server's warm-up: one tiny local update and one evaluation per LoRA shape, on
-made-up tokens, in the server before it forks (hetlora_core/warm_server.py).
+"""The warm task server's warm-up: one tiny local update and one evaluation on made-up tokens, and
+peft's LoRA layers kept for each shape a round starts with, in the server before it forks
+(hetlora_core/warm_server.py).
 
 Why: a forked task inherits the server's memory, so what a model task pays once per process is paid
 here once per run instead of once per task: the chunked loss's one-time check against the model's
@@ -38,7 +39,7 @@ WARM_LEN = 32  # tokens per made-up window
 # Above this many parameters the warm-up is skipped: at one thread its few short forwards and one
 # backward take longer than a run of such a model on a CPU (if anyone runs one) would save.
 WARM_MAX_PARAMS = 2_000_000_000
-WARM_MAX_SHAPES = 8  # LoRA shapes kept ahead (each an injection, ~0.1 s of Python)
+WARM_MAX_SHAPES = 8  # LoRA shapes kept ahead (each a peft injection: benchmarks/bench_attach.py)
 
 
 def warm_ranks(cfg: HetLoRAConfig) -> list[int]:
@@ -74,22 +75,22 @@ def warm_up(cfg: HetLoRAConfig, model: Any) -> str:
     from .evaluation import evaluate
     from .methods import method_for
 
-    method = method_for(cfg)
+    # Short windows: the one-time costs do not grow with the length, the warm-up's own time does.
+    n = min(cfg.data.seq_len, WARM_LEN)
+    small = replace(cfg, **{"training.threads": 1, "training.local_steps": 1, "training.batch_size": 1,
+                            "data.seq_len": n, "data.eval_max_tokens": n})
+    method = method_for(small)
     if not method.trains_lora:  # full fine-tuning: a step would cost an optimiser state of the whole model
         return "no warm-up (not a LoRA method)"
     params = sum(p.numel() for p in model.parameters())
     if params > WARM_MAX_PARAMS:
         return f"no warm-up ({params / 1e9:.1f}B parameters: slower at one thread than what it saves)"
     t0 = time.perf_counter()
-    # Short windows: the one-time costs do not grow with the length, the warm-up's own time does.
-    n = min(cfg.data.seq_len, WARM_LEN)
-    small = replace(cfg, **{"training.threads": 1, "training.local_steps": 1, "training.batch_size": 1,
-                            "data.seq_len": n, "data.eval_max_tokens": n})
     # Made-up text (whatever the run's data format: only the code paths matter here): two training
     # windows and one held-out window of token ids the model's vocabulary has.
     ids = torch.arange(2 * n + 2) % min(256, int(model.get_input_embeddings().num_embeddings))
     client = ClientData(WARM_CLIENT, "", "", ids, ids.clone(), 0)
-    glob = method_for(small).initial_global(method.model_spec(model))
+    glob = method.initial_global(method.model_spec(model))
     ranks = warm_ranks(cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
