@@ -155,7 +155,8 @@ def method_config(base: HetLoRAConfig, method: str, seed: int, prof: dict[str, A
 # Settings added after runs were first recorded: left out of the hash while at their default, so
 # adding an option does not orphan the finished runs it cannot have changed. Settings removed since
 # (config.REMOVED_SETTINGS) are put back at the value that remains, for the same reason.
-# training.chunked_loss and model.attention are the exception, accepted: they change a run's numbers
+# training.chunked_loss (the training loss and evaluation's log-likelihoods) and
+# model.attention are the exception, accepted: they change a run's numbers
 # at rounding level only (the same arithmetic in another order or kernel; tests/test_lm_loss.py,
 # test_attention_kernel.py), as any change of torch or of the code's summation order would.
 LATE_DEFAULTS: dict[tuple[str, str], Any] = {("model", "vocab"): "full", ("training", "chunked_loss"): True,

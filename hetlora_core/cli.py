@@ -31,11 +31,20 @@ def load_cfg(config: str | None, sets: tuple[str, ...], trains_here: bool = Fals
     failed task mid-round."""
     try:
         cfg = load_config(config, parse_sets(sets))
-        if trains_here:
-            from .precision import resolve
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    if trains_here:
+        check_trains_here(cfg)
+    return cfg
 
-            resolve(cfg)
-        return cfg
+
+def check_trains_here(cfg: HetLoRAConfig) -> None:
+    """``load_cfg``'s machine check on its own (it imports torch: ~1 s), for a command that starts
+    other work first (``hetlora run`` its warm server)."""
+    from .precision import resolve
+
+    try:
+        resolve(cfg)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
 

@@ -300,7 +300,8 @@ class TrainingConfig:
     bf16: bool | None = None
     threads: int = 0  # torch threads; 0 = torch's default
     # The loss from the last hidden states a chunk of tokens at a time, without the whole batch's
-    # logits (same arithmetic, less memory traffic: lm_loss.py); false: the model's own forward.
+    # logits (same arithmetic, less memory traffic: lm_loss.py), and evaluation's log-likelihoods
+    # likewise (evaluation.py); false: the model's own forward for both.
     chunked_loss: bool = True
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import peft_bridge
+from . import lm_loss, peft_bridge
 from .adapter import LoraAdapter, Ranks
 from .config import HetLoRAConfig
 from .data import IGNORE, Batch, ClientData, eval_batch
@@ -33,45 +33,67 @@ def eval_rows(model: torch.nn.Module, seq_len: int, device: str) -> int:
     return max(1, min(want, LOGIT_BUDGET // max(1, seq_len * vocab))) if vocab else want
 
 
+# Tokens per chunk of the output layer on a GPU (on a CPU: lm_loss.CHUNK_TOKENS, sized for its cache):
+# few large products, as a forward's whole logits were, within LOGIT_BUDGET.
+CUDA_CHUNK_TOKENS = 4096
+
+
+def _logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor,
+              prec: Precision, chunked: bool) -> torch.Tensor:
+    """log p(next token) at every position but the last (rows, length - 1), float32; 0 where the
+    target is IGNORE. ``chunked`` (training.chunked_loss): the output layer chunk by chunk on the
+    decoder's hidden states (lm_loss.target_logprobs) where lm_loss.checked_parts allows it, else
+    the model's own logits, as before."""
+    kwargs = {} if mask is None else {"attention_mask": mask}
+    with prec.autocast():
+        parts = lm_loss.checked_parts(model, Batch(ids, ids, mask), prec.torch_dtype) if chunked else None
+        if parts is None:
+            logits = model(input_ids=ids, **kwargs).logits
+        else:
+            hidden = parts[0](input_ids=ids, **kwargs)[0][:, :-1]
+    if parts is None:
+        lp = torch.log_softmax(logits[:, :-1], -1, dtype=torch.float32)  # no separate float32 copy of the logits
+        return lp.gather(-1, targets.clamp_min(0)[..., None])[..., 0].masked_fill(targets == IGNORE, 0.0)
+    chunk = CUDA_CHUNK_TOKENS if prec.device == "cuda" else lm_loss.CHUNK_TOKENS
+    flat = lm_loss.target_logprobs(hidden.reshape(-1, hidden.shape[-1]), parts[1].weight, targets.reshape(-1), prec.torch_dtype, chunk)
+    return flat.view(targets.shape)
+
+
 @torch.no_grad()
-def row_nll(model: torch.nn.Module, windows: torch.Tensor, prec: Precision, rows: int = EVAL_BATCH) -> torch.Tensor:
+def row_nll(model: torch.nn.Module, windows: torch.Tensor, prec: Precision, rows: int = EVAL_BATCH,
+            chunked: bool = True) -> torch.Tensor:
     """Each text window's summed next-token negative log-likelihood (one float64 per row, each
     token's term in float32 as before), in forward passes of ``rows`` rows: the windows of several
-    clients evaluated together."""
+    clients evaluated together. ``chunked``: see ``_logprobs``."""
     device = next(model.parameters()).device
     parts = []
     for i in range(0, windows.shape[0], rows):
         part = windows[i:i + rows].to(device)
-        with prec.autocast():
-            logits = model(input_ids=part).logits
-        lp = torch.log_softmax(logits[:, :-1], -1, dtype=torch.float32)  # no separate float32 copy of the logits
-        parts.append(-lp.gather(-1, part[:, 1:, None])[..., 0].double().sum(-1))
-        del logits, lp
+        parts.append(-_logprobs(model, part, None, part[:, 1:], prec, chunked).double().sum(-1))
     return torch.cat(parts).cpu() if parts else torch.empty(0, dtype=torch.float64)  # one device sync, not one per pass
 
 
 @torch.no_grad()
-def nll(model: torch.nn.Module, windows: torch.Tensor | Batch, bf16: bool | Precision) -> tuple[float, int]:
+def nll(model: torch.nn.Module, windows: torch.Tensor | Batch, bf16: bool | Precision, chunked: bool = True) -> tuple[float, int]:
     """Summed next-token negative log-likelihood and the number of predicted tokens. A ``Batch``
     with masked labels (instruction data) counts only its answer tokens; text windows count all.
 
-    ``bf16``: the precision decision (precision.py); a bool is the old CPU-only form (True: bf16 autocast)."""
+    ``bf16``: the precision decision (precision.py); a bool is the old CPU-only form (True: bf16 autocast).
+    ``chunked``: see ``_logprobs``."""
     prec = bf16 if isinstance(bf16, Precision) else Precision("cpu", "bfloat16" if bf16 else "float32", "caller")
     device = next(model.parameters()).device
     total, count = 0.0, 0
     b = windows if isinstance(windows, Batch) else Batch.lm(windows)
     for i in range(0, b.input_ids.shape[0], EVAL_BATCH):
         part = b.rows(i, i + EVAL_BATCH).to(device)
-        with prec.autocast():
-            logits = model(input_ids=part.input_ids, attention_mask=part.attention_mask).logits
-        lp = torch.log_softmax(logits[:, :-1].float(), -1)
         tgt = part.labels[:, 1:]
+        lp = _logprobs(model, part.input_ids, part.attention_mask, tgt, prec, chunked)
         if part.attention_mask is None:  # text windows: every next token counts (the reference computation)
-            total -= float(lp.gather(-1, tgt[..., None]).sum())
+            total -= float(lp.sum())
             count += tgt.numel()
         else:  # instruction data: answer tokens only (labels IGNORE on prompt and padding)
             keep = tgt != IGNORE
-            total -= float(lp.gather(-1, tgt.clamp_min(0)[..., None])[..., 0][keep].sum())
+            total -= float(lp[keep].sum())
             count += int(keep.sum())
     return total, count
 
@@ -137,8 +159,8 @@ def _group_nll(model: torch.nn.Module, clients: Sequence[ClientData], cfg: HetLo
     inputs = {c.client_id: eval_batch(c, cfg.data) for c in clients}
     windows = [x for x in inputs.values() if isinstance(x, torch.Tensor)]
     if len(windows) < len(inputs) or len({w.shape[1] for w in windows}) != 1:
-        return {cid: nll(model, x, prec) for cid, x in inputs.items()}
-    per_row = row_nll(model, torch.cat(windows), prec, eval_rows(model, windows[0].shape[1], prec.device))
+        return {cid: nll(model, x, prec, cfg.training.chunked_loss) for cid, x in inputs.items()}
+    per_row = row_nll(model, torch.cat(windows), prec, eval_rows(model, windows[0].shape[1], prec.device), cfg.training.chunked_loss)
     out, start = {}, 0
     for cid, w in zip(inputs, windows, strict=True):
         n = w.shape[0]

@@ -142,19 +142,47 @@ def _agrees(model: torch.nn.Module, parts: tuple[torch.nn.Module, torch.nn.Linea
     return ok
 
 
+def checked_parts(model: torch.nn.Module, batch: Batch, compute_dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """(decoder, output layer) when the output layer may run chunk by chunk on the decoder's hidden
+    states for ``model``: readable (``_parts``) and checked against the model's own loss on a short
+    piece of ``batch`` (``_agrees``, once per model object and process); None: use its own forward.
+    Call it in the autocast the computation runs in."""
+    parts = _parts(model)
+    if parts is None:
+        return None
+    key = unwrapped(model)
+    if key not in _checked:
+        _checked[key] = _agrees(model, parts, batch, compute_dtype)
+    return parts if _checked[key] else None
+
+
+@torch.no_grad()
+def target_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, compute_dtype: torch.dtype,
+                    chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
+    """log p(targets[i]) for each row i of ``hidden`` (n, d) under the output matrix ``weight``
+    (vocab, d), float32, 0 where the target is IGNORE; ``chunk_tokens`` rows at a time, so a whole
+    batch's logits never exist (evaluation.py: at SmolLM2's vocabulary they were ~300 MB per pass,
+    fresh memory that every pass faulted in again). The arithmetic of a forward's logits followed
+    by ``log_softmax(dtype=float32)``: logits in the compute dtype, upcast while the softmax reads them."""
+    out = torch.zeros(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    rows = (targets != IGNORE).nonzero().squeeze(1)
+    w = weight.to(compute_dtype)  # once per call (a no-op in float32)
+    for s in range(0, len(rows), chunk_tokens):
+        r = rows[s:s + chunk_tokens]
+        lp = torch.log_softmax(hidden[r].to(compute_dtype) @ w.T, -1, dtype=torch.float32)
+        out[r] = lp.gather(1, targets[r][:, None])[:, 0]
+    return out
+
+
 def causal_lm_loss(model: torch.nn.Module, batch: Batch, compute_dtype: torch.dtype, chunked: bool = True) -> Tensor:
     """The training loss of ``batch`` (call it inside the step's autocast, as the model's own forward).
 
     ``chunked=False`` (``training.chunked_loss: false``): always the model's own forward. float16
     too: its gradient scaler multiplies the loss's gradient before the cast to float16, while here
     the gradient is cast in forward, before any scale is known (small entries would flush to zero)."""
-    parts = _parts(model) if chunked and compute_dtype != torch.float16 else None
+    parts = checked_parts(model, batch, compute_dtype) if chunked and compute_dtype != torch.float16 else None
     if parts is not None:
-        key = unwrapped(model)
-        if key not in _checked:
-            _checked[key] = _agrees(model, parts, batch, compute_dtype)
-        if _checked[key]:
-            return _chunked(parts, batch, compute_dtype)
+        return _chunked(parts, batch, compute_dtype)
     loss: Tensor = model(**batch.model_inputs()).loss
     return loss
 

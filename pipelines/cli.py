@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from hetlora_core.cli import config_option, fail, load_cfg, main, quiet_libraries, set_option, verbose_option
+from hetlora_core.cli import check_trains_here, config_option, fail, load_cfg, main, quiet_libraries, set_option, verbose_option
 
 __all__ = ["main"]
 
@@ -38,12 +38,19 @@ def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool, no_w
     from hetlora_core.run import RoundFailed, RunConfigMismatch, summary_line
     from hetlora_core.store import StoreError
 
-    from .runners import run_local
+    from .warm_exec import run_server  # no kfp: the server is started before the driver imports it
 
-    cfg = load_cfg(config, sets, trains_here=True)  # kfp.local trains on this machine
+    cfg = load_cfg(config, sets)
     quiet_libraries(verbose)
     try:
-        res = run_local(cfg, out, verbose=verbose, warm=False if no_warm else None)
+        # The warm server first: its preload (imports, the model, its warm-up: ~4 s) runs on another
+        # core while this process checks the machine (torch's import), imports kfp and the runners and
+        # compiles round 1. A machine that cannot serve the config stops it at once.
+        with run_server(cfg, out, cfg.local.warm_tasks and not no_warm):
+            check_trains_here(cfg)  # kfp.local trains on this machine
+            from .runners import run_local
+
+            res = run_local(cfg, out, verbose=verbose, server_started=True)
     except (RoundFailed, RunConfigMismatch, StoreError, ConfigError, ModelError, DataError) as e:
         fail(str(e))
     click.echo(f"{summary_line(res, Path(out))}, plot: {Path(out) / 'perplexity.png'}")

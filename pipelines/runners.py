@@ -26,12 +26,10 @@ from hetlora_core.datasource import client_ids
 from hetlora_core.progress import Progress
 from hetlora_core.run import PipelineFailed, RoundFailed, RoundRunner, check_or_record_config, local_config
 from hetlora_core.steps.plan import RoundPlan, load_plan, plan_round
-from hetlora_core.warm import local_server
 
 from .round import build_evaluate_pipeline, build_round_pipeline, compile_evaluate, compile_round, eval_groups, tier_groups
 from .task_logs import TaskLogs, captured
-from .warm_exec import STEPS as EXECUTOR_STEPS
-from .warm_exec import tasks_via_server
+from .warm_exec import run_server, tasks_via_server
 
 log = logging.getLogger("hetlora")
 
@@ -208,20 +206,20 @@ class KubeflowExecutor:
 
 
 def run_local(cfg: HetLoRAConfig, out_dir: str | Path, verbose: bool = False, progress: bool = True,
-              warm: bool | None = None) -> dict[str, Any]:
+              warm: bool | None = None, server_started: bool = False) -> dict[str, Any]:
     """Run (or resume) every round through kfp.local; results.json and the plot in ``out_dir``,
     one log file per task under ``out_dir/logs``. ``warm`` (None: ``local.warm_tasks``): the
     tasks fork from one warm task server of this run (hetlora_core/warm.py; its own log is
     ``out_dir/logs/warm-server.log``), each task's whole kfp executor included (pipelines/warm_exec.py),
-    instead of importing kfp, torch and transformers each."""
+    instead of importing kfp, torch and transformers each. ``server_started``: the caller already
+    runs that server (``warm_exec.run_server``, entered with the same config and ``out_dir``)."""
     out = Path(out_dir).resolve()
     cfg = local_config(cfg, out)
     shown = Progress(cfg.federation.rounds) if progress else None
     executor = KfpLocalExecutor(out / "pipeline-root", out / "logs", verbose, shown.line if shown else None)
-    # Started before the first round and stopped after the last (also on an error or Ctrl-C); the
-    # server's environment holds neither the server key nor store credentials (warm.server_env).
-    with local_server(out, (cfg.store.server_key_env,), cfg.local.warm_tasks if warm is None else warm,
-                      out / "logs" / "warm-server.log", cfg.to_json(), steps=EXECUTOR_STEPS):
+    enabled = not server_started and (cfg.local.warm_tasks if warm is None else warm)
+    # Started before the first round and stopped after the last (also on an error or Ctrl-C).
+    with run_server(cfg, out, enabled):
         return RoundRunner(cfg, executor, out, shown).run()
 
 

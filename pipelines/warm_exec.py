@@ -22,11 +22,15 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hetlora_core import warm
 
 from .task_logs import _replaced
+
+if TYPE_CHECKING:
+    from hetlora_core.config import HetLoRAConfig
 
 # The server-side step (registered by the driver at the server's start: WarmServer(steps=...)).
 STEP = "kfp_executor"
@@ -81,6 +85,23 @@ def tasks_via_server() -> Iterator[bool]:
 
     with _replaced(handler, "replace_python_executable", through_server):
         yield True
+
+
+@contextlib.contextmanager
+def run_server(cfg: HetLoRAConfig, out_dir: str | Path, enabled: bool = True) -> Iterator[str]:
+    """The warm task server of the local run of ``cfg`` in ``out_dir`` (its log:
+    ``out_dir/logs/warm-server.log``), from here until the block ends (also on an error or Ctrl-C);
+    yields its socket path ('' when disabled or not started). ``run_local`` enters it itself unless
+    told its caller did: ``hetlora run`` starts it before importing kfp and the runners, so the
+    server's preload (~4 s of imports, the model, the warm-up) overlaps the driver's own start.
+    Security: the server's environment holds neither the server key nor store credentials
+    (warm.server_env withholds them; its config is the credential-free run config)."""
+    from hetlora_core.run import local_config  # lazily: task processes import this module too
+
+    out = Path(out_dir).resolve()
+    with warm.local_server(out, (cfg.store.server_key_env,), enabled, out / "logs" / "warm-server.log",
+                           local_config(cfg, out).to_json(), steps=STEPS) as path:
+        yield path
 
 
 if __name__ == "__main__":

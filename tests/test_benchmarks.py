@@ -19,7 +19,7 @@ EXPECTED = {
     "bench_attach.py": ("attach-quick.json", ["ratio", "inject_s", "kept_s"]),
     "bench_bytes.py": ("bytes-quick.json", []),
     "bench_cluster.py": ("cluster.json", ["up_s", "rss_total_mb"]),
-    "bench_eval.py": ("eval-quick.json", ["ratio", "per_client_s", "batched_s"]),
+    "bench_eval.py": ("eval-quick.json", ["ratio", "chunked_ratio", "per_client_s", "batched_whole_s", "batched_s"]),
     "bench_flops.py": ("flops-quick.json", ["ratio_vs_peak_train_dtype", "step_seconds"]),
     "bench_pipeline_overhead.py": ("pipeline_overhead.json", ["ratio", "ratio_vs_cold", "in_process_cold_s"]),
     "bench_precision.py": ("precision-quick.json", ["auto_vs_float32", "bf16_vs_float32"]),
@@ -47,7 +47,8 @@ def test_benchmark_quick_variant_runs(script: str, tmp_path: Path) -> None:
 
         if why := missing_prerequisites():  # a running cluster: the benchmark waits or says why (RealCluster.claim)
             skip_or_fail(f"real cluster unavailable: {why}")
-    extra = ["--chunks", "64"] if script == "bench_flops.py" else []  # its loss chunk variants run too
+    extra = {"bench_flops.py": ["--chunks", "64"],  # its loss chunk variants run too
+             "bench_pipeline_overhead.py": ["--also", "started", "cli"]}.get(script, [])  # and its like-for-like arms
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -56,6 +57,8 @@ def test_benchmark_quick_variant_runs(script: str, tmp_path: Path) -> None:
         assert isinstance(res[k], float) and res[k] > 0, (k, res.get(k))
     if script == "bench_pipeline_overhead.py":
         assert res["same_global_bytes"] is True  # the pipeline computed what simulate computed
+        assert set(res["same_by_mode"]) == {"cold", "warm", "warm-started", "cli"}  # every arm ran and agreed
+        assert res["baseline_by_mode"]["cli"] == "in-process, cold process"
     if script == "bench_flops.py":  # every training-step variant timed; the headline figure is the defaults'
         assert len(res["variants"]) == 6 and all(v["step_seconds"] > 0 for v in res["variants"].values())
         assert "defaults, 64-token loss chunks" in res["variants"]

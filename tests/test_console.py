@@ -94,6 +94,10 @@ def test_hetlora_run_console_is_quiet_and_a_failed_task_shows_its_tail(tmp_path:
     logs = sorted(p.name for p in (tmp_path / "ok" / "logs" / "round-0000").iterdir())
     assert "driver.log" in logs and any(n.endswith("aggregate-round.log") for n in logs), logs
     assert sum(n.startswith(tuple("0123456789")) and "train-client" in n for n in logs) == 2
+    # The run's warm server (started by the CLI before the runners) served the tasks.
+    assert "listening on" in (tmp_path / "ok" / "logs" / "warm-server.log").read_text()
+    train_log = next(p for p in (tmp_path / "ok" / "logs" / "round-0000").iterdir() if "train-client" in p.name)
+    assert "ran in the warm task server" in train_log.read_text()
 
     bad = hetlora_run(tmp_path / "bad", env={"HETLORA_FAILPOINTS": "aggregate_start@round=0:raise"})
     assert bad.returncode == 1
@@ -150,3 +154,25 @@ def test_kfp_local_indent_cannot_pile_up_print_wrappers(tmp_path: Path) -> None:
         assert builtins.print is original
     logs.close()
     assert logging_utils.indented_print is not None and builtins.print is original
+
+
+@pytest.mark.parametrize(("flag", "enabled"), [((), True), (("--no-warm",), False)])
+def test_hetlora_run_starts_the_warm_server_before_importing_kfp(tmp_path: Path, flag: tuple[str, ...], enabled: bool) -> None:
+    """The server's preload (~4 s of imports, the model, its warm-up) overlaps the driver's own
+    imports only when ``hetlora run`` starts it before importing kfp and the runners."""
+    probe = (
+        "import contextlib, sys\n"
+        "import hetlora_kfp.pipelines.warm_exec as we\n"
+        "from hetlora_kfp.pipelines.cli import main\n"
+        "@contextlib.contextmanager\n"
+        "def seen(cfg, out, enabled=True):\n"
+        "    print('kfp imported:', 'kfp' in sys.modules, 'enabled:', enabled, flush=True)\n"
+        "    raise SystemExit(3)\n"
+        "    yield ''\n"
+        "we.run_server = seen\n"
+        "main(sys.argv[1:])\n"
+    )
+    got = subprocess.run([sys.executable, "-c", probe, "run", "-c", "configs/smoke.yaml", "--out", str(tmp_path), *flag],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert got.returncode == 3, got.stderr[-2000:]
+    assert f"kfp imported: False enabled: {enabled}" in got.stdout, got.stdout + got.stderr[-2000:]

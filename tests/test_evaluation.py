@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hetlora_core import evaluation, peft_bridge, runtime
+from hetlora_core import evaluation, lm_loss, peft_bridge, runtime
 from hetlora_core.adapter import LoraAdapter, init_global
 from hetlora_core.config import HetLoRAConfig, load_config, replace
 from hetlora_core.data import eval_batch, eval_windows
@@ -122,15 +122,17 @@ def test_clients_windows_go_through_the_model_together(model, clients, cfg):
     """Every client's windows in shared forward passes (fewer, fuller calls: launch-bound on a GPU),
     with each client's figure equal to evaluating it alone."""
     g = random_global(model, cfg)
-    calls: list[int] = []
-    hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
-                                       with_kwargs=True)
+    calls: list[tuple[int, int]] = []
+    decoder = lm_loss._parts(model)[0]  # every forward runs it: the model's own, or the chunked path's
+    hook = decoder.register_forward_hook(lambda m, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)),
+                                         with_kwargs=True)
     try:
         together = evaluate(model, g, clients, cfg)
     finally:
         hook.remove()
+    passes = [r for r, n in calls if n == cfg.data.seq_len]  # not lm_loss's one short check of the chunked path
     rows = sum(eval_windows(c.heldout_ids, cfg.data.seq_len, cfg.data.eval_max_tokens).shape[0] for c in clients)
-    assert sum(calls) == rows and len(calls) == math.ceil(rows / evaluation.EVAL_BATCH) < len(clients)
+    assert sum(passes) == rows and len(passes) == math.ceil(rows / evaluation.EVAL_BATCH) < len(clients)
     for c in clients:
         alone = nll(model_with := peft_bridge.attach(model, g), eval_batch(c, cfg.data), bf16=False)
         peft_bridge.detach(model_with)
@@ -162,3 +164,44 @@ def test_eval_rows_keep_the_logits_within_budget(model, cfg, monkeypatch):
         peft_bridge.detach(pm)
     monkeypatch.setattr(evaluation, "LOGIT_BUDGET", 5 * 16 * vocab)
     assert evaluation.eval_rows(model, 16, "cuda") == 5 and evaluation.eval_rows(model, 4096, "cuda") == 1
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_chunked_output_layer_gives_the_models_own_perplexity(model, clients, cfg, bf16, monkeypatch):
+    """The output layer a chunk of tokens at a time (lm_loss.target_logprobs) against the model's own
+    logits over whole passes (training.chunked_loss: false): the same perplexities to rounding; and
+    the output layer never runs on a whole pass (its logits, ~300 MB a pass at SmolLM2's vocabulary,
+    were fresh memory faulted in on every pass)."""
+    g = random_global(model, cfg)
+    on = replace(cfg, **{"training.bf16": bf16, "data.eval_max_tokens": 200})
+    head = model.get_output_embeddings()
+    rows: list[int] = []
+    forward = head.forward
+
+    def counted(x: torch.Tensor) -> torch.Tensor:  # not a hook: a hooked output layer is never chunked (lm_loss._parts)
+        rows.append(x.shape[0] * x.shape[1])
+        return forward(x)
+
+    monkeypatch.setattr(head, "forward", counted)
+    ranks = {c.client_id: 2 + i % 3 for i, c in enumerate(clients)}
+    chunked = evaluate(model, g, clients, on, ranks=ranks)
+    assert max(rows, default=0) <= 16  # at most the one short check (lm_loss._agrees): no whole pass
+    own = evaluate(model, g, clients, replace(on, **{"training.chunked_loss": False}), ranks=ranks)
+    assert max(rows) > lm_loss.CHUNK_TOKENS  # the model's own forward ran the output layer on whole passes
+    assert chunked.tokens == own.tokens and chunked.per_client_tokens == own.per_client_tokens
+    assert chunked.ppl == pytest.approx(own.ppl, rel=1e-5 if not bf16 else 2e-3)
+    for c in clients:
+        assert chunked.per_client[c.client_id] == pytest.approx(own.per_client[c.client_id], rel=1e-5 if not bf16 else 2e-3)
+
+
+def test_chunked_logprobs_skip_ignored_targets_and_cover_every_chunk() -> None:
+    """Across several chunks, with ignored targets: each row's log-probability as log_softmax of
+    the full logits gives it, 0 where the target is ignored."""
+    gen = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(300, 16, generator=gen), torch.randn(50, 16, generator=gen)
+    targets = torch.randint(0, 50, (300,), generator=gen)
+    targets[::7] = -100
+    got = lm_loss.target_logprobs(hidden, weight, targets, torch.float32, chunk_tokens=64)
+    want = torch.log_softmax(hidden @ weight.T, -1).gather(1, targets.clamp_min(0)[:, None])[:, 0]
+    keep = targets != -100
+    assert torch.allclose(got[keep], want[keep], atol=1e-5) and bool((got[~keep] == 0).all())

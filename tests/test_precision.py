@@ -162,18 +162,20 @@ def test_gradient_checkpointing_trains_the_same_adapter() -> None:
         np.testing.assert_allclose(a.B[k], b.B[k], atol=1e-5)
 
 
-def test_cli_refuses_an_unservable_request_before_any_round(tmp_path: Path) -> None:
-    """model.quantize: 4bit on a machine without CUDA/bitsandbytes: one line naming the field."""
+@pytest.mark.parametrize("command", ["simulate", "run"])
+def test_cli_refuses_an_unservable_request_before_any_round(tmp_path: Path, command: str) -> None:
+    """model.quantize: 4bit on a machine without CUDA/bitsandbytes: one line naming the field
+    (``run`` checks after starting its warm server, which is then stopped: nothing is left running)."""
     from click.testing import CliRunner
-
-    from hetlora_core.cli import main
+    from hetlora_kfp.pipelines.cli import main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: 4bit may be servable here")
-    out = CliRunner().invoke(main, ["simulate", "-c", "configs/smoke.yaml", "--set", "model.quantize=4bit",
+    out = CliRunner().invoke(main, [command, "-c", "configs/smoke.yaml", "--set", "model.quantize=4bit",
                                     "--set", "model.name=smollm2-135m", "--out", str(tmp_path)])
     assert out.exit_code != 0 and "model.quantize: '4bit' needs a CUDA device" in out.output
     assert "Traceback" not in out.output and not (tmp_path / "store").exists()
+    assert not list(tmp_path.glob("warm-*"))  # the run's warm server stopped and its socket directory removed
 
 
 def test_place_prepares_a_kbit_model_and_keeps_the_base_frozen() -> None:
