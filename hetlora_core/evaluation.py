@@ -33,20 +33,18 @@ def eval_rows(model: torch.nn.Module, seq_len: int, device: str) -> int:
     return max(1, min(want, LOGIT_BUDGET // max(1, seq_len * vocab))) if vocab else want
 
 
-# Tokens per chunk of the output layer on a GPU (on a CPU: lm_loss.CHUNK_TOKENS, sized for its cache):
-# few large products, as a forward's whole logits were, within LOGIT_BUDGET.
-CUDA_CHUNK_TOKENS = 4096
-
-
 def _logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor,
               prec: Precision, chunked: bool) -> torch.Tensor:
     """log p(next token) at every position but the last (rows, length - 1), float32; 0 where the
-    target is IGNORE. ``chunked`` (training.chunked_loss): the output layer chunk by chunk on the
-    decoder's hidden states (lm_loss.target_logprobs) where lm_loss.checked_parts allows it, else
-    the model's own logits, as before."""
+    target is IGNORE. ``chunked`` (training.chunked_loss), on a CPU: the output layer chunk by chunk
+    on the decoder's hidden states (lm_loss.target_logprobs) where lm_loss.checked_parts allows it;
+    else the model's own logits, as before. Not on a GPU: there a pass's logits are bounded by
+    LOGIT_BUDGET (eval_rows) and each chunk would cost a device sync (the chunked path was not
+    measured on one)."""
     kwargs = {} if mask is None else {"attention_mask": mask}
     with prec.autocast():
-        parts = lm_loss.checked_parts(model, Batch(ids, ids, mask), prec.torch_dtype) if chunked else None
+        use = chunked and prec.device == "cpu"
+        parts = lm_loss.checked_parts(model, Batch(ids, ids, mask), prec.torch_dtype) if use else None
         if parts is None:
             logits = model(input_ids=ids, **kwargs).logits
         else:
@@ -54,8 +52,7 @@ def _logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | No
     if parts is None:
         lp = torch.log_softmax(logits[:, :-1], -1, dtype=torch.float32)  # no separate float32 copy of the logits
         return lp.gather(-1, targets.clamp_min(0)[..., None])[..., 0].masked_fill(targets == IGNORE, 0.0)
-    chunk = CUDA_CHUNK_TOKENS if prec.device == "cuda" else lm_loss.CHUNK_TOKENS
-    flat = lm_loss.target_logprobs(hidden.reshape(-1, hidden.shape[-1]), parts[1].weight, targets.reshape(-1), prec.torch_dtype, chunk)
+    flat = lm_loss.target_logprobs(hidden.reshape(-1, hidden.shape[-1]), parts[1].weight, targets.reshape(-1), prec.torch_dtype)
     return flat.view(targets.shape)
 
 

@@ -41,12 +41,13 @@ def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool, no_w
     from .warm_exec import run_server  # no kfp: the server is started before the driver imports it
 
     cfg = load_cfg(config, sets)
-    quiet_libraries(verbose)
     try:
         # The warm server first: its preload (imports, the model, its warm-up: ~4 s) runs on another
         # core while this process checks the machine (torch's import), imports kfp and the runners and
-        # compiles round 1. A machine that cannot serve the config stops it at once.
+        # compiles round 1. A machine that cannot serve the config stops it at once (its log stays in
+        # OUT/logs, nothing else is written).
         with run_server(cfg, out, cfg.local.warm_tasks and not no_warm):
+            quiet_libraries(verbose)  # imports transformers' utilities: after the server's start
             check_trains_here(cfg)  # kfp.local trains on this machine
             from .runners import run_local
 
