@@ -15,7 +15,7 @@ from hetlora_core import client as client_mod
 from hetlora_core import peft_bridge, runtime
 from hetlora_core.adapter import LoraAdapter, init_global
 from hetlora_core.client import client_seed, train_full, train_lora
-from hetlora_core.config import HetLoRAConfig, ModelConfig, load_config, replace
+from hetlora_core.config import HetLoRAConfig, ModelConfig, replace
 from hetlora_core.evaluation import nll
 from hetlora_core.models import load_base_model
 from hetlora_core.peft_bridge import spec_from_model
@@ -26,16 +26,13 @@ SCALE = 2.0
 
 
 @pytest.fixture(scope="module")
-def cfg() -> HetLoRAConfig:
-    # The smoke config (tiny Llama, real Shakespeare clients), float32 and one thread: exact
-    # comparisons and no oversubscription on a shared 2-core machine.
-    return load_config("configs/smoke.yaml", {"training.bf16": False, "training.threads": 1})
+def cfg(smoke_cfg: HetLoRAConfig) -> HetLoRAConfig:
+    return smoke_cfg  # conftest: the tiny Llama with real Shakespeare clients, float32, one thread
 
 
 @pytest.fixture(scope="module")
-def model(cfg: HetLoRAConfig) -> torch.nn.Module:
-    torch.set_num_threads(1)
-    return runtime.model(cfg)
+def model(smoke_model: torch.nn.Module) -> torch.nn.Module:
+    return smoke_model
 
 
 @pytest.fixture(scope="module")

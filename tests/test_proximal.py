@@ -152,14 +152,13 @@ def test_reported_penalty_is_the_same_value_without_grad(score, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def cfg() -> HetLoRAConfig:
-    return load_config("configs/smoke.yaml", {"training.bf16": False, "training.threads": 1})
+def cfg(smoke_cfg: HetLoRAConfig) -> HetLoRAConfig:
+    return smoke_cfg  # conftest: the tiny Llama with real Shakespeare clients, float32, one thread
 
 
 @pytest.fixture(scope="module")
-def model(cfg: HetLoRAConfig) -> torch.nn.Module:
-    torch.set_num_threads(1)
-    return runtime.model(cfg)
+def model(smoke_model: torch.nn.Module) -> torch.nn.Module:
+    return smoke_model
 
 
 @pytest.fixture(scope="module")
