@@ -30,8 +30,9 @@ def run(config: str | None, sets: tuple[str, ...], out: str, verbose: bool, no_w
 
     The console shows one progress display; each task's full output is in OUT/logs/round-NNNN/
     (a failed task's last lines are printed with its name; -v prints everything as it comes).
-    The train and evaluate tasks fork from one warm task server of the run (imports paid once;
-    --no-warm turns it off)."""
+    Every task runs in a child forked from one warm task server of the run, started first: its
+    imports, the base model and a short warm-up are paid once, while this process starts
+    (its log: OUT/logs/warm-server.log; --no-warm turns it off)."""
     from hetlora_core.config import ConfigError
     from hetlora_core.corpus import DataError
     from hetlora_core.model_source import ModelError
