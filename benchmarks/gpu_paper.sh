@@ -14,6 +14,7 @@
 #                                         #   the same warm machine (call 3) it continues: finished runs are skipped,
 #                                         #   unfinished ones resume after their last committed round
 #   benchmarks/gpu_paper.sh report DIR    # here: docs/results-gpu.md (+ -full-gpu.md) from the runs brought back
+#                                         #   (NOTE="..." or DIR/note.txt: a sentence for its machine section)
 #
 # `run` runs the profile's LoRA methods over its seeds on GPU_WORKERS processes and, with FT_WORKERS > 0,
 # full fine-tuning for FT_SEEDS seed(s) beside them (off by default: each of its uploads is the whole
@@ -145,7 +146,11 @@ report)
   # hetlora_rankaware was removed after docs/results-gpu.md's runs (bench_paper.REMOVED_METHODS): records of it are
   # still reported, in their old place (without --methods, --no-run adds them by itself)
   [ -z "$gm" ] || [ ! -d runs/bench-gpu/gpu/runs/hetlora_rankaware ] || gm=${gm/recon_svd,/recon_svd,hetlora_rankaware,}
-  $VPY -m hetlora_core.bench_cli bench paper --profile "$P_GPU" ${gm:+--methods "$gm"} --no-run -o runs/bench-gpu/gpu --report "$DOCS/results-gpu.md"
+  # NOTE (or DIR/note.txt): what the records cannot tell, e.g. which calls (cards) ran which runs (bench.json
+  # names its run's machine only in records made after docs/results-gpu's runs)
+  NOTE=${NOTE:-$(cat "$src/note.txt" 2>/dev/null || true)}
+  $VPY -m hetlora_core.bench_cli bench paper --profile "$P_GPU" ${gm:+--methods "$gm"} --no-run -o runs/bench-gpu/gpu --report "$DOCS/results-gpu.md" \
+      ${NOTE:+--note "$NOTE"}
   [ ! -d runs/bench-gpu/full ] || $VPY -m hetlora_core.bench_cli bench paper --profile "$P_FULL" --no-run -o runs/bench-gpu/full \
       --report "$DOCS/results-full-gpu.md"
   [ ! -d runs/bench-gpu/speech ] || $VPY -m hetlora_core.bench_cli bench paper --profile "$P_FULL" --task next-speech --no-run \

@@ -60,11 +60,13 @@ def register(main: click.Group) -> None:
     @click.option("--no-run", is_flag=True, help="Only write the report from the runs already finished under --out.")
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
                   help="Override the profile's model.device (default: the profile's; gpu: auto = CUDA when present).")
+    @click.option("--note", default=None, help="A sentence for the report's machine section: what the run records cannot "
+                  "tell (e.g. that the runs came from device calls on different cards).")
     @threads_opt
     @click.option("--verbose", "-v", is_flag=True, help="Keep the libraries' warnings and progress bars (workers too).")
     def paper(profile: str, out: str, report: str, methods: str, seeds: int | None, sweep: bool, vocab: str, task: str,
               workers: int, deadline_min: float | None, stop_min: float | None, no_run: bool, device: str | None,
-              threads: int, verbose: bool) -> None:
+              note: str | None, threads: int, verbose: bool) -> None:
         """Run HetLoRA, HomLoRA at r_min and r_max, zero-padding, the ablations, Recon+SVD and full
         fine-tuning on the same clients, seeds and local steps, and write the report with plots.
 
@@ -77,7 +79,7 @@ def register(main: click.Group) -> None:
         run_paper(profile, Path(out), Path(report), [m for m in methods.split(",") if m] or None, seeds, sweep, cmd,
                   log=lambda s: click.echo(f"[bench {time.strftime('%H:%M:%S')}] {s}", err=True), vocab=vocab,
                   workers=workers, deadline_s=deadline_min * 60 if deadline_min else None, run=not no_run, task=task,
-                  device=device, stop_s=stop_min * 60 if stop_min else None, verbose=verbose)
+                  device=device, stop_s=stop_min * 60 if stop_min else None, verbose=verbose, note=note)
 
     @bench.command("sweep")
     @profile_opt

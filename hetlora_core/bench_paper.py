@@ -30,6 +30,7 @@ import click
 from .bench_jobs import Job, run_jobs
 from .config import REMOVED_SETTINGS, HetLoRAConfig, replace
 from .config_load import RANK_AWARE_EVIDENCE
+from .report_runs import run_machine
 
 Overrides = dict[str, Any]
 
@@ -269,7 +270,7 @@ def run_one(cfg: HetLoRAConfig, run_dir: Path, meta: dict[str, Any], log: Callab
             "train_loss", "train_seconds", "eval_seconds", "participants", "rouge_l")
     rec = {**meta, "config": cfg.to_dict(), "wall_seconds": time.perf_counter() - w, "cpu_seconds": time.process_time() - c,
            "resumed_at_round": start, "baseline_ppl": res["baseline_ppl"], "params": trainable_params(cfg),
-           "precision": res.get("precision"),
+           "precision": res.get("precision"), "machine": run_machine(machine()),  # a report may join runs of several machines
            "rounds": [{k: r.get(k) for k in keep} for r in res["rounds"]]}
     st.atomic_write(done, json.dumps(rec, indent=1).encode())  # bench.json marks the run done: never half-written
     log(f"done {run_dir}: ppl {rec['baseline_ppl']:.2f} -> {rec['rounds'][-1]['global_ppl']:.2f} "
@@ -398,7 +399,7 @@ def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None =
               sweep: bool = False, command: str = "", log: Callable[[str], None] = print,
               vocab: str = "full", workers: int = 1, deadline_s: float | None = None, run: bool = True,
               task: str = "lm", device: str | None = None, stop_s: float | None = None,
-              verbose: bool = False) -> dict[str, Any]:
+              verbose: bool = False, note: str | None = None) -> dict[str, Any]:
     """Run every (method, seed) of ``profile`` (resumable) and write the report and plots.
 
     ``workers``: processes sharing the machine (bench_jobs.py); ``deadline_s``: seconds from now
@@ -408,7 +409,8 @@ def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None =
     overrides the profile's ``model.device`` (e.g. the gpu-tiny check on a GPU); ``stop_s``: seconds
     from now at which the caller stops the bench (a device call's limit): a run whose method's
     earlier runs took longer than the time left is not started (``_fit_to_stop``); ``verbose``: the
-    worker processes keep the libraries' warnings and progress bars."""
+    worker processes keep the libraries' warnings and progress bars; ``note``: a sentence for the
+    report's machine section (what the records cannot tell, e.g. that their calls used other cards)."""
     from .bench_task import task_overrides
     from .report import write_report
 
@@ -465,7 +467,7 @@ def run_paper(profile: str, out: Path, report: Path, methods: list[str] | None =
             "base": base.to_dict(), "full_ft_lr": prof["full_ft_lr"], "sweep": sweep_summary, "out": str(out),
             "methods": methods, "labels": {m: label_of(m) for m in methods}, "missing": missing, "task": task,
             "removed": {m: REMOVED_METHODS[m][3] for m in methods if m in REMOVED_METHODS},
-            "planned_runs": len(planned), "defaults_note": prof.get("defaults_note")}
+            "planned_runs": len(planned), "defaults_note": prof.get("defaults_note"), "note": note}
     write_report(records, meta, report)
     log(f"report: {report} ({len(records)} of {len(planned)} runs)")
     return {"records": records, "meta": meta}

@@ -10,6 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .report_runs import machine_lines, note_lines, resumed_lines, wall_cell
+
 # HetLoRA against these; "paper" says what the paper reports (HETLORA.md headline table).
 # hetlora_rankaware is a removed method (bench_paper.REMOVED_METHODS): kept for reports of its records.
 COMPARE = [("homlora_rmin", "HetLoRA better"), ("homlora_rmax", "HetLoRA better (r_max overfits)"),
@@ -54,6 +56,7 @@ def summarize(records: list[dict[str, Any]], methods: list[str], labels: dict[st
             "base_ppl": statistics.fmean(r["baseline_ppl"] for r in recs),
             "bytes_round": statistics.fmean(x["bytes_up"] + x["bytes_down"] for r in recs for x in r["rounds"]),
             "params": recs[0]["params"], "wall": statistics.fmean(r["wall_seconds"] for r in recs),
+            "resumed": [int(r.get("resumed_at_round") or 0) for r in recs],  # rounds committed before its last attempt
             "cpu": statistics.fmean(r["cpu_seconds"] for r in recs),
             # client ranks before round 0 (initial) and after each round; mean over all clients
             "rank_traces": [[_initial(r), *[x["client_ranks"] for x in r["rounds"]]] for r in recs],
@@ -371,7 +374,9 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
          + f"), {sum(r['cpu_seconds'] for r in records) / 60:.1f} min of "
          f"process CPU time. With one torch thread the CPU time is about what the profile takes on quiet cores; two threads "
          f"on two quiet cores should take less (not measured: the machine was never quiet). " + _invocation(meta)
+         + (" Resumed runs (* in the table) count only their rounds after the resume." if any(r.get("resumed_at_round") for r in records) else "")
          + (f" The sweep behind the settings took another {_sweep_minutes(meta['sweep']):.1f} min." if meta.get("sweep") else ""),
+         *machine_lines(records, {m: s["label"] for m, s in S.items()}), *note_lines(meta.get("note")),
          "", "## Settings and why", "",
          _data_line(b, meta.get("task", "lm")),
          f"- Ranks: r_min {b['ranks']['r_min']}, r_max {b['ranks']['r_max']}, tiers "
@@ -426,10 +431,10 @@ def write_report(records: list[dict[str, Any]], meta: dict[str, Any], report: Pa
         rcol = (_fmt(s["rouge_ms"][0], s["rouge_ms"][1], nd=4) if s["rouge_ms"] else "-") + " | " if rouge else ""
         L.append(f"| {s['label']} | {_fmt(*s['final_ms'])} | {_fmt(*s['best_ms'])} | {_fmt(*s['personal_ms'])} | {rcol}"
                  f"{'-' if r1 is None else r1} | {'-' if r2 is None else r2} | {s['params']['per_client_mean']:,.0f} | "
-                 f"{s['bytes_round'] / 1e6:.2f} | {s['wall']:.0f} |")
+                 f"{s['bytes_round'] / 1e6:.2f} | {wall_cell(s['resumed'], s['wall'])} |")
     L += ["", "Own-rank perplexity: each client evaluated with the global adapter truncated to its own (possibly pruned) rank."
           + (" ROUGE-L: F-measure of the global adapter's greedy answers to each client's first held-out prompts after the last "
-             "round (full fine-tuning is not scored)." if rouge else ""), ""]
+             "round (full fine-tuning is not scored)." if rouge else ""), "", *resumed_lines(S, b["federation"]["rounds"])]
     removed = [(m, why) for m, why in (meta.get("removed") or {}).items() if m in S]  # bench_paper.REMOVED_METHODS
     if removed:
         L += ["**No longer in the code**: " + "; ".join(f"{S[m]['label']} (`{m}`): {why}" for m, why in removed) + ".", ""]

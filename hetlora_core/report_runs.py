@@ -36,7 +36,8 @@ def machine_lines(records: list[dict[str, Any]], labels: dict[str, str]) -> list
 
 def note_lines(note: str | None) -> list[str]:
     """A note given with ``bench paper --note`` (what the records cannot tell, e.g. calls on other cards)."""
-    return [f"- Note (given with `--note` when this report was written): {note.strip()}"] if note and note.strip() else []
+    text = " ".join((note or "").split())  # one markdown bullet: a newline or blank line in it would end the list
+    return [f"- Note (given with `--note` when this report was written): {text}"] if text else []
 
 
 def wall_cell(resumed: list[int], wall: float) -> str:
@@ -47,9 +48,13 @@ def wall_cell(resumed: list[int], wall: float) -> str:
 
 def resumed_lines(summary: dict[str, dict[str, Any]], rounds: int) -> list[str]:
     """The footnote for starred wall times: which runs resumed, after which round."""
-    hit = {s["label"]: [r for r in s["resumed"] if r] for s in summary.values() if any(s["resumed"])}
+    hit = {s["label"]: (s["resumed"], s["seeds"]) for s in summary.values() if any(s["resumed"])}
     if not hit:
         return []
-    return ["\\* Resumed after a stopped call: " + "; ".join(
-        f"{lab} ({len(rs)} run(s), after {', '.join(str(r) for r in rs)} of {rounds} rounds)" for lab, rs in hit.items())
-        + ". Their wall time covers only the rounds run after the resume, so it is not the cost of a whole run.", ""]
+    parts = []
+    for lab, (resumed, seeds) in hit.items():
+        at = [(seed, r) for seed, r in zip(seeds, resumed, strict=True) if r]
+        parts.append(f"{lab} ({len(at)} of {len(resumed)} run(s): " + ", ".join(f"seed {seed} after {r}" for seed, r in at)
+                     + f" of {rounds} rounds)")
+    return ["\\* Resumed after a stopped call: " + "; ".join(parts) + ". Their wall time covers only the rounds run after "
+            "the resume, so it is not the cost of a whole run (a starred cell is the mean over the method's runs, whole or not).", ""]

@@ -78,6 +78,31 @@ def test_report_is_well_formed(bench):
         "perplexity.png", "ranks.png", "bytes.png", "params.png"}
 
 
+def test_each_run_names_its_machine_and_the_report_lists_them(bench):
+    """A report can join runs of several device calls (another card, a continuation): each record
+    names where it ran, and the report counts runs per machine instead of trusting one meta file."""
+    recs = bench["res"]["records"]
+    assert all(r["machine"]["cpu"] and "torch" in r["machine"] for r in recs)
+    text = bench["report"].read_text()
+    cpu = recs[0]["machine"]["cpu"]
+    line = next(ln for ln in text.splitlines() if ln.startswith("- Machines, per run record:"))
+    assert line.startswith(f"- Machines, per run record: CPU {cpu}: {len(recs)} run(s) (") and "HetLoRA 1," in line
+    assert "Resumed after a stopped call" not in text and "*" not in text.split("## Results")[1].split("Own-rank")[0]
+
+
+def test_machines_of_mixed_records_are_counted_and_old_records_said_unrecorded():
+    from hetlora_core.report_runs import machine_lines, note_lines
+
+    h100 = {"gpu": "NVIDIA H100", "cpu": "Xeon", "torch": "2.11"}
+    recs = [{"method": "full_ft", "machine": h100}, {"method": "full_ft", "machine": h100}, {"method": "hetlora"}]
+    (line,) = machine_lines(recs, {"full_ft": "full fine-tuning", "hetlora": "HetLoRA"})
+    assert line == ("- Machines, per run record: NVIDIA H100 (CPU Xeon): 2 run(s) (full fine-tuning 2); not recorded "
+                    "(records from before runs named their machine): 1 run(s) (HetLoRA 1).")
+    assert machine_lines([{"method": "hetlora"}], {}) == []  # no record names one: the invocation's line stands alone
+    assert note_lines("two\n\ncards ") == ["- Note (given with `--note` when this report was written): two cards"]
+    assert note_lines("  ") == [] and note_lines(None) == []
+
+
 def test_sweep_summary_is_applied(bench):
     summary = json.loads((bench["out"] / "sweep" / "summary.json").read_text())
     assert set(summary["choices"]) == {"training.lr"} and len(summary["rows"]) == 2
@@ -115,9 +140,11 @@ def test_cli_group(bench):
     assert CliRunner().invoke(main, ["bench", "sweep", "--help"]).exit_code == 0
     report = bench["out"] / "cli.md"
     r = CliRunner().invoke(main, ["bench", "paper", "--profile", "tiny", "--out", str(bench["out"]), "--report", str(report),
-                                  "--methods", "hetlora,homlora_rmin"])
+                                  "--methods", "hetlora,homlora_rmin", "--note", "runs of two calls on two cards"])
     assert r.exit_code == 0, r.output
-    assert "| HetLoRA |" in report.read_text() and (bench["out"] / "cli" / "perplexity.png").is_file()
+    text = report.read_text()
+    assert "| HetLoRA |" in text and (bench["out"] / "cli" / "perplexity.png").is_file()
+    assert "- Note (given with `--note` when this report was written): runs of two calls on two cards" in text
     bad = CliRunner().invoke(main, ["bench", "paper", "--profile", "tiny", "--out", str(bench["out"]), "--methods", "nope"])
     assert bad.exit_code != 0 and "unknown method" in bad.output
 
@@ -175,6 +202,12 @@ def test_no_run_still_reports_the_recorded_runs_of_a_removed_method(tmp_path, me
     assert "| HetLoRA rank-aware | 58.94 ± 0.80 |" in text and "| HetLoRA | 54.30 ± 0.41 |" in text
     assert "HetLoRA vs HetLoRA rank-aware" in text and "**No longer in the code**: HetLoRA rank-aware (`hetlora_rankaware`)" in text
     assert not any("hetlora_rankaware seed 0" in m or "hetlora_rankaware seed 1" in m for m in res["meta"]["missing"])
+    if methods is None:  # full fine-tuning's three runs were resumed after a call's time limit (after 17, 18, 17 rounds)
+        row = next(ln for ln in text.splitlines() if ln.startswith("| full fine-tuning |"))
+        assert row.endswith(" | 82* |")  # the mean of the three resumed attempts' 93, 62 and 91 s
+        assert ("\\* Resumed after a stopped call: full fine-tuning (3 of 3 run(s): seed 0 after 17, seed 1 after 18, "
+                "seed 2 after 17 of 20 rounds)") in text
+        assert "Resumed runs (* in the table) count only their rounds after the resume." in text
 
 
 def test_store_fsync_and_kept_uploads_are_operational_not_part_of_a_runs_hash():
