@@ -2,7 +2,7 @@
 in-process (hetlora simulate, local store), as a ratio of medians over ``--reps`` interleaved runs.
 
     .venv/bin/python benchmarks/bench_pipeline_overhead.py            # default config (SmolLM2)
-    .venv/bin/python benchmarks/bench_pipeline_overhead.py --quick    # configs/smoke.yaml (tiny)
+    .venv/bin/python benchmarks/bench_pipeline_overhead.py --quick    # configs/smoke.yaml (tiny), one thread each side
     .venv/bin/python benchmarks/bench_pipeline_overhead.py --set training.local_steps=12  # more work
     .venv/bin/python benchmarks/bench_pipeline_overhead.py --reps 3 --warm on  # medians of 3 interleaved runs
     .venv/bin/python benchmarks/bench_pipeline_overhead.py --rounds 2 --warm on  # the default config's 2 rounds
@@ -103,6 +103,11 @@ def main() -> None:
     ap.add_argument("--keep", default=None, metavar="DIR",
                     help="run in DIR and keep it (the runs' task logs, e.g. to see where a round's time goes) instead of a temporary folder")
     args = ap.parse_args()
+    # --quick checks that the pipeline computes what simulate computes, byte for byte: both sides then train on one
+    # thread, since on some CPUs (AMX) bf16 results depend on the thread count, and by default the in-process
+    # clients take every core while the pipeline's tasks share them (docs/benchmarks.md, the third machine).
+    if args.quick and not any(x.startswith("training.threads=") for x in args.sets):
+        args.sets.append("training.threads=1")
     cfg = load_config(args.config or (ROOT / "configs/smoke.yaml" if args.quick else None), parse_sets(tuple(args.sets)))
     cfg = replace(cfg, **{"federation.rounds": args.rounds, "experiment": "bench-overhead"})
     n_tasks = (2 * cfg.federation.clients_per_round + 2) * args.rounds  # train + prune per client, aggregate, evaluate
