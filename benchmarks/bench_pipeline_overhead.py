@@ -8,7 +8,10 @@ in-process (hetlora simulate, local store), as a ratio of medians over ``--reps`
     .venv/bin/python benchmarks/bench_pipeline_overhead.py --rounds 2 --warm on  # the default config's 2 rounds
     .venv/bin/python benchmarks/bench_pipeline_overhead.py --rounds 2 --warm on --also started cli  # + the two like-for-like arms
 
-Both runs use the same config and seeds and must produce the same global adapter (checked). The
+Both runs use the same config and seeds and must produce the same global adapter (checked: ``same global``).
+On CPUs whose bf16 results depend on the thread count (the AMX Xeon of docs/benchmarks.md) they do so
+only with equal threads on both sides (``--set training.threads=1``; ``--quick`` sets it): by default the
+in-process clients take every core and the pipeline's concurrent tasks share them. The
 model and tokenised data are cached on disk before timing, so neither side pays the one-time GGUF
 conversion. Two baselines, both timed in this run:
   * in-process, warm: ``simulate`` inside this process, model already in memory (the pure compute);
