@@ -14,8 +14,18 @@
   forward, plus each change alone (lm_loss.py, the eager kernel of attention.py, frozen_cast.py).
   ``--seq 512 --batch 2`` / ``--seq 1024 --batch 1`` measure where ``model.attention: auto`` stops
   taking the eager kernel (attention.CPU_EAGER_MAX_LEN).
+* ``defaults + compiled decoder layers``: the defaults with every decoder layer wrapped by
+  ``torch.compile`` (inductor fuses the norms, RoPE, SiLU, softmax and casts around the products).
+  That is ``training.compile: true`` (compiled.py): how far fusing the non-matmul work moves the step,
+  at the price of its compile time (reported: the first call, compile + one step, once per process),
+  against the matmul floor below. ``--no-compile`` leaves it out; where inductor cannot build (no C++
+  compiler) the reason is reported instead.
 * Peak: the best of repeated ``torch.matmul`` of large square matrices, in float32 and bf16, with
   the same thread count, measured before and after the training run (the best is the limit).
+* Matmul floor (``_matmul_floor.py``): the defaults' step recorded below autograd and each of its
+  matrix products replayed alone at its real shapes and strides. ``counted FLOPs / floor / peak`` is
+  the ceiling of this step's utilisation on this machine: what it would reach if everything but
+  the products took no time. A target above the ceiling is out of reach of any fusion of the rest.
 
 The ratio that matters is achieved FLOP/s / peak in the dtype the client trains in. On CPUs without
 bf16 matmul units (no AVX512-BF16/AMX) the bf16 "peak" is far below float32's, and ``--dtype auto``
@@ -35,9 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from _common import ROOT, machine, native_bf16, table, write  # noqa: E402
+from _matmul_floor import floor  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from hetlora_core import attention, frozen_cast, lm_loss, peft_bridge, runtime  # noqa: E402
+from hetlora_core import attention, compiled, frozen_cast, lm_loss, peft_bridge, runtime  # noqa: E402
 from hetlora_core.adapter import init_global  # noqa: E402
 from hetlora_core.client import autocast, train_lora  # noqa: E402
 from hetlora_core.config import load_config, replace  # noqa: E402
@@ -75,6 +86,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions of every variant (median taken)")
     ap.add_argument("--chunks", type=int, nargs="*", default=[], metavar="TOKENS",
                     help="extra variants: the defaults with the chunked loss at TOKENS tokens a chunk (lm_loss.CHUNK_TOKENS)")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the compiled-decoder-layers variant")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     seq, steps = args.seq or (32 if args.quick else 128), args.steps or (5 if args.quick else 3)
@@ -120,6 +132,11 @@ def main() -> None:
     }
     chunk_of = {f"defaults, {n}-token loss chunks": n for n in args.chunks}
     variants |= {name: variants["defaults (all three)"] for name in chunk_of}
+    compiled_name = "defaults + compiled decoder layers"
+    compile_error = None if args.no_compile else compiled.unusable("cpu")
+    if not args.no_compile and compile_error is None:
+        ov, held = variants["defaults (all three)"]
+        variants[compiled_name] = ({**ov, "training.compile": True}, held)
     held_in, default_chunk = frozen_cast.held_in, lm_loss.CHUNK_TOKENS
 
     def step(name: str, local_steps: int) -> float:
@@ -132,11 +149,16 @@ def main() -> None:
             frozen_cast.held_in, lm_loss.CHUNK_TOKENS = held_in, default_chunk
 
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for name in variants:  # warm-up: first-call set-up of each path
+    compile_s = None
+    for name in variants:  # warm-up: first-call set-up of each path (for the compiled one: its compile)
+        t0 = time.perf_counter()
         step(name, 1)
+        if name == compiled_name:
+            compile_s = time.perf_counter() - t0
     for _ in range(args.reps):
         for name in variants:
             times[name].append(step(name, steps) / steps)
+    mm = floor(lambda: step("defaults (all three)", 1))  # one step's products, replayed alone
     step_of = {k: statistics.median(v) for k, v in times.items()}
     step_s = step_of["defaults (all three)"]
     tokens = args.batch * seq
@@ -156,6 +178,11 @@ def main() -> None:
         "ratio_vs_fp32_peak": achieved / peak["fp32"], "ratio_vs_bf16_peak": achieved / peak["bf16"],
         "variants": {k: {"step_seconds": v, "steps": times[k], "vs_before": v / step_of["model's loss, sdpa, cast per forward (before)"],
                          "ratio_vs_peak_train_dtype": counted / v / 1e9 / peak[train_dtype]} for k, v in step_of.items()},
+        "compile_seconds": compile_s, "compile_error": compile_error,
+        "matmul_floor_seconds": mm["seconds"], "matmul_floor_flops": mm["flops"],
+        "matmul_share_of_step": mm["seconds"] / step_s,
+        "ratio_ceiling_vs_peak_train_dtype": counted / mm["seconds"] / 1e9 / peak[train_dtype],
+        "matmul_products": mm["products"], "fused_not_replayed": mm["fused_not_replayed"],
         "attention_auto": attention.choose("auto", "cpu", "bfloat16" if bf16 else "float32", seq) or "model's own",
         "machine": machine(),
     }
@@ -170,6 +197,16 @@ def main() -> None:
     ]))
     print(table(["step variant", "s / step", "vs before", "ratio to peak"], [
         [k, v["step_seconds"], v["vs_before"], v["ratio_vs_peak_train_dtype"]] for k, v in res["variants"].items()]))
+    if compile_s is not None:
+        print(f"compiled decoder layers: first call (compile + 1 step) {compile_s:.1f} s, once per process")
+    elif compile_error:
+        print(f"compiled decoder layers: left out, torch.compile failed: {compile_error}")
+    print(f"matmul floor: the step's {sum(r['count'] for r in mm['products'])} products alone take {mm['seconds']:.2f} s "
+          f"({mm['seconds'] / step_s:.0%} of the step, {mm['flops'] / 1e9:.1f} GFLOP): utilisation ceiling "
+          f"{res['ratio_ceiling_vs_peak_train_dtype']:.3f} of the {train_dtype} peak"
+          + (f"; fused kernels not replayed: {mm['fused_not_replayed']}" if mm["fused_not_replayed"] else ""))
+    print(table(["product (sizes, transposed)", "count", "s", "GFLOP/s"], [
+        [f"{r['op']} {r['sizes']} {r['transposed']}", r["count"], r["seconds"], r["gflops"]] for r in mm["products"][:8]]))
     if not native_bf16():
         print("note: no AVX512-BF16/AMX on this CPU: bf16 matmul is emulated and slower than float32, so the "
               "float32 peak is the physical limit for the client's work here")

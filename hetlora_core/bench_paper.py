@@ -161,7 +161,7 @@ def method_config(base: HetLoRAConfig, method: str, seed: int, prof: dict[str, A
 # at rounding level only (the same arithmetic in another order or kernel; tests/test_lm_loss.py,
 # test_attention_kernel.py), as any change of torch or of the code's summation order would.
 LATE_DEFAULTS: dict[tuple[str, str], Any] = {("model", "vocab"): "full", ("training", "chunked_loss"): True,
-                                                ("model", "attention"): "auto"}
+                                                ("model", "attention"): "auto", ("training", "compile"): False}
 # Settings that cannot change a run's numbers (tested), only how its store writes and how often the
 # aggregate step reads an upload: never in the hash. (Only a store that changes an object between the
 # step's reads tells them apart: dropped when read again, the validated tensors when kept.)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import attention, frozen_cast, lm_loss, peft_bridge, precision
+from . import attention, compiled, frozen_cast, lm_loss, peft_bridge, precision
 from .adapter import LoraAdapter
 from .config import HetLoRAConfig
 from .data import Batch, ClientData, sample_batch
@@ -67,10 +67,12 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 def _step_kernels(model: torch.nn.Module, cfg: HetLoRAConfig) -> Iterator[None]:
     """How this training call's steps run, not what they compute: the attention kernel
     (``model.attention``, attention.py) and, on CPU in bf16, the frozen Linear weights held in bf16
-    (frozen_cast.py; weights that train, as in full fine-tuning, stay as they are)."""
+    (frozen_cast.py; weights that train, as in full fine-tuning, stay as they are); with
+    ``training.compile``, the decoder layers through torch.compile (compiled.py)."""
     prec = precision.resolve(cfg)
     kernel = attention.choose(cfg.model.attention, prec.device, prec.dtype, cfg.data.seq_len)
-    with attention.using(model, kernel), frozen_cast.held_in(model, prec.torch_dtype, prec.device):
+    with attention.using(model, kernel), frozen_cast.held_in(model, prec.torch_dtype, prec.device), \
+            compiled.compiled_layers(model, cfg.training.compile):
         yield
 
 

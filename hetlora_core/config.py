@@ -303,6 +303,11 @@ class TrainingConfig:
     # logits (same arithmetic, less memory traffic: lm_loss.py), and evaluation's log-likelihoods
     # likewise (evaluation.py); false: the model's own forward for both.
     chunked_loss: bool = True
+    # Run the model's decoder layers through torch.compile while a client trains (compiled.py): fused
+    # elementwise work, 0.62-0.69x a bf16 step on an AMX CPU (benchmarks/bench_flops.py), for a compile
+    # of ~24 s once per process (~5 s from inductor's disk cache). Pays for long local training, not for
+    # a few steps per pipeline task; results agree with eager to rounding.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check(self.local_steps >= 1, "training.local_steps", f"must be >= 1, got {self.local_steps}")

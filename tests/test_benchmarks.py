@@ -60,8 +60,13 @@ def test_benchmark_quick_variant_runs(script: str, tmp_path: Path) -> None:
         assert set(res["same_by_mode"]) == {"cold", "warm", "warm-started", "cli"}  # every arm ran and agreed
         assert res["baseline_by_mode"]["cli"] == "in-process, cold process"
     if script == "bench_flops.py":  # every training-step variant timed; the headline figure is the defaults'
-        assert len(res["variants"]) == 6 and all(v["step_seconds"] > 0 for v in res["variants"].values())
+        compiled = "defaults + compiled decoder layers" in res["variants"]
+        assert compiled == (res["compile_seconds"] is not None) != bool(res["compile_error"])  # timed, or why not
+        assert len(res["variants"]) == 6 + compiled and all(v["step_seconds"] > 0 for v in res["variants"].values())
         assert "defaults, 64-token loss chunks" in res["variants"]
         assert res["step_seconds"] == res["variants"]["defaults (all three)"]["step_seconds"]
+        # the matmul floor replays the defaults' products: about the counted FLOPs, less time than the step
+        assert 0.9 < res["matmul_floor_flops"] / res["flops_per_step_counted"] < 1.1
+        assert 0 < res["matmul_floor_seconds"] < res["step_seconds"] and res["ratio_ceiling_vs_peak_train_dtype"] > 0
     if script == "bench_task_startup.py":
         assert res["model_free_torch_free"] is True  # the model-free tasks' start-up never pays for torch
