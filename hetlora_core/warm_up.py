@@ -77,8 +77,10 @@ def warm_up(cfg: HetLoRAConfig, model: Any) -> str:
 
     # Short windows: the one-time costs do not grow with the length, the warm-up's own time does.
     n = min(cfg.data.seq_len, WARM_LEN)
+    # training.compile off: inductor starts compile worker threads/processes, which must not exist before
+    # the fork, and would compile for shapes no task uses
     small = replace(cfg, **{"training.threads": 1, "training.local_steps": 1, "training.batch_size": 1,
-                            "data.seq_len": n, "data.eval_max_tokens": n})
+                            "data.seq_len": n, "data.eval_max_tokens": n, "training.compile": False})
     method = method_for(small)
     if not method.trains_lora:  # full fine-tuning: a step would cost an optimiser state of the whole model
         return "no warm-up (not a LoRA method)"

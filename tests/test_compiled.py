@@ -17,6 +17,14 @@ from hetlora_core.client import train_lora
 from hetlora_core.config import HetLoRAConfig, replace
 from hetlora_core.peft_bridge import spec_from_model
 
+# a cold compile of the tiny Llama at two ranks (~20-40 s with an empty inductor cache)
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compiled, "_warned", set())  # each fallback warns once per process: here once per test
+
 
 @pytest.fixture(scope="module")
 def cfg(smoke_cfg: HetLoRAConfig) -> HetLoRAConfig:
@@ -47,6 +55,8 @@ def _close(a: LoraAdapter, b: LoraAdapter) -> None:
 
 def test_compiled_training_runs_compiled_and_agrees_with_eager(smoke_model: torch.nn.Module, cfg: HetLoRAConfig,
                                                                received: LoraAdapter) -> None:
+    if why := compiled.unusable("cpu"):
+        pytest.skip(f"torch.compile cannot build on this machine: {why}")
     layers = compiled.blocks(smoke_model)
     assert layers and all(type(m).__name__ == "LlamaDecoderLayer" for m in layers)
     torch._dynamo.reset()
@@ -54,7 +64,8 @@ def test_compiled_training_runs_compiled_and_agrees_with_eager(smoke_model: torc
     eager = _train(smoke_model, received, cfg, on=False)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # off: nothing compiled
     fused = _train(smoke_model, received, cfg, on=True)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > frames  # on: dynamo captured the layers
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames
+    assert 0 < graphs <= 2, graphs  # on: dynamo captured the layers, one graph serving all of them
     assert all(m._compiled_call_impl is None for m in layers)  # and they run eagerly again after the call
     _close(fused, eager)
     # a rank change (another tier, or a pruned client) recompiles and still agrees
@@ -78,9 +89,7 @@ def test_a_failing_compiler_falls_back_to_eager(smoke_model: torch.nn.Module, cf
                                                 caplog: pytest.LogCaptureFixture) -> None:
     import torch._inductor.config as inductor
 
-    torch._dynamo.reset()
-    for layer in compiled.blocks(smoke_model):  # a fresh compile, not the one made above
-        layer.__dict__.pop(compiled._ATTR, None)
+    torch._dynamo.reset()  # a fresh compile, not the one made above
     monkeypatch.setattr(inductor, "fx_graph_cache", False)  # no cached kernels: the compiler must run
     monkeypatch.setattr(inductor.cpp, "cxx", (None, "/nonexistent/c++"))
     compiled.unusable.cache_clear()  # probe again, with the broken compiler

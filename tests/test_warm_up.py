@@ -109,6 +109,13 @@ def test_server_warm_up_starts_no_thread(tmp_path: Path) -> None:
     assert got["threads_after"] == got["threads_before"], got
 
 
+def test_server_warm_up_compiles_nothing(tmp_path: Path) -> None:
+    """training.compile: the warm-up still trains eagerly (inductor's compile workers would be threads
+    and processes before the fork)."""
+    got = _preload(tmp_path, "ok", {**CFG, "training": {**CFG.get("training", {}), "compile": True}})
+    assert "warmed up in" in got["note"] and got["threads_after"] == got["threads_before"], got
+
+
 def test_a_failed_warm_up_drops_the_preloaded_model(tmp_path: Path) -> None:
     got = _preload(tmp_path, "fails", CFG)
     assert got["note"] == "base model not preloaded: its warm-up failed: RuntimeError: warm-up broke", got
