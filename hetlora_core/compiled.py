@@ -4,11 +4,11 @@ Why: with bf16 matmul units the products of a LoRA step are fast and the rest of
 RoPE, SiLU, the attention softmax, casts: memory-bound elementwise work) dominates it. Inductor fuses
 that work into a few generated kernels per layer. Measured with ``benchmarks/bench_flops.py`` (its
 ``defaults + compiled decoder layers`` row; SmolLM2, rank 16, batch 8 x 128, bf16, 1 thread, the 2-core
-AMX Xeon, two runs): 0.62x and 0.69x the defaults' step (1.64 vs 2.63 s, 1.94 vs 2.81 s), 0.29-0.36
-of the bf16 peak instead of 0.20-0.22.
+AMX Xeon, three runs): 0.59x-0.69x the defaults' step (1.64 vs 2.63 s, 1.94 vs 2.81 s, 1.65 vs 2.78 s),
+0.29-0.36 of the bf16 peak instead of 0.19-0.22.
 
-Cost: the compile, once per process and model: 24 s on that machine for SmolLM2 with an empty
-inductor cache, 4.6 s when its on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, default under /tmp) holds it. So it
+Cost: the compile, once per process and model: 38 s on that machine for SmolLM2 with an empty
+inductor cache at one compile thread (24 s with two), 4.6 s when its on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, default under /tmp) holds it. So it
 pays for long local training (many steps per call, or many calls in one process such as ``hetlora
 simulate``), not for the default config's three small steps per pipeline task, hence off by default.
 

@@ -304,8 +304,8 @@ class TrainingConfig:
     # likewise (evaluation.py); false: the model's own forward for both.
     chunked_loss: bool = True
     # Run the model's decoder layers through torch.compile while a client trains (compiled.py): fused
-    # elementwise work, 0.62-0.69x a bf16 step on an AMX CPU (benchmarks/bench_flops.py), for a compile
-    # of ~24 s once per process (~5 s from inductor's disk cache). Pays for long local training, not for
+    # elementwise work, 0.59-0.69x a bf16 step on an AMX CPU (benchmarks/bench_flops.py), for a compile
+    # of ~24-38 s once per process (~5 s from inductor's disk cache). Pays for long local training, not for
     # a few steps per pipeline task; results agree with eager to rounding.
     compile: bool = False
 
